@@ -1,0 +1,53 @@
+"""antidote: make fine-tuned LLMs safe again after harmful fine-tuning (Antidote, arXiv 2408.09600).
+
+The public API is imported lazily so that `antidote --help` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "realign": "antidote.engine",
+    "realign_sweep": "antidote.engine",
+    "RealignResult": "antidote.engine",
+    "compute_masks": "antidote.engine",
+    "apply_masks": "antidote.engine",
+    "save_realigned": "antidote.engine",
+    "RealignConfig": "antidote.config",
+    "AntidoteError": "antidote.errors",
+    "load_model": "antidote.models",
+    "LoadedModel": "antidote.models",
+    "load_examples": "antidote.data",
+    "tokenize_examples": "antidote.data",
+    "find_targets": "antidote.pruning.targets",
+    "collect_statistics": "antidote.pruning.calibrate",
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+if TYPE_CHECKING:
+    from antidote.config import RealignConfig
+    from antidote.data import load_examples, tokenize_examples
+    from antidote.errors import AntidoteError
+    from antidote.models import LoadedModel, load_model
+    from antidote.pruning.calibrate import collect_statistics
+    from antidote.pruning.targets import find_targets
+    from antidote.engine import (
+        RealignResult,
+        apply_masks,
+        compute_masks,
+        realign,
+        realign_sweep,
+        save_realigned,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'antidote' has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from antidote.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""Command line: `antidote realign ...`. Options are generated from the config dataclasses, so the CLI,
+YAML files (`--config x.yaml`) and the Python API share one source of truth.
+
+Heavy imports (torch, transformers) happen inside the commands, so `antidote --help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from antidote.errors import AntidoteError
+
+
+def _flag(f: dataclasses.Field[Any]) -> str:
+    return str(f.metadata.get("flag", "--" + f.name.replace("_", "-")))
+
+
+def _base_type(annotation: Any) -> Any:
+    """int | None -> int; list[str] -> list; tuple[float, ...] -> tuple."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0])
+    return typing.get_origin(annotation) or annotation
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One option per field; values not given on the command line are left out of the namespace."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        help_text = f.metadata.get("help", "")
+        kind = _base_type(hints[f.name])
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=help_text)
+        elif kind is bool:
+            parser.add_argument(_flag(f), dest=f.name, action="store_true", default=argparse.SUPPRESS,
+                                help=help_text)
+        elif kind is list:
+            parser.add_argument(_flag(f), dest=f.name, action="append", default=argparse.SUPPRESS,
+                                metavar="VALUE", help=help_text)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if isinstance(default, tuple):
+                default = ",".join(str(v) for v in default)
+            parser.add_argument(_flag(f), dest=f.name, type=str if kind is tuple else kind,
+                                default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                help=f"{help_text} (default: {default})")
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """Dataclass defaults < values from `--config FILE.yaml` < values given on the command line."""
+    values: dict[str, Any] = {}
+    config_file = getattr(args, "config", None)
+    names = {f.name for f in dataclasses.fields(cls)}
+    if config_file:
+        values.update(read_yaml(config_file, names))
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               and f.name not in values]
+    if missing:
+        raise AntidoteError(f"missing {', '.join(missing).upper()}; give it on the command line or in --config")
+    return cls(**values)
+
+
+def read_yaml(path: str, allowed: set[str]) -> dict[str, Any]:
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise AntidoteError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise AntidoteError(f"config file {path} is not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise AntidoteError(f"config file {path} must be a mapping of option: value")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    data = {("mask_ratios" if k == "mask_ratio" else "filters" if k == "filter" else k): v for k, v in data.items()}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise AntidoteError(f"config file {path} has unknown keys: {', '.join(unknown)}; "
+                            f"valid keys: {', '.join(sorted(allowed))}")
+    return data
+
+
+# ---- commands -------------------------------------------------------------------------------------------
+
+
+def cmd_realign(args: argparse.Namespace) -> int:
+    from antidote.config import RealignConfig
+
+    config = config_from_args(RealignConfig, args)
+    if not config.output:
+        raise AntidoteError("missing --output DIR; the realigned model is written there")
+    from antidote.engine import run_realign
+
+    results = run_realign(config, keep_masks=False)
+    for r in results:
+        t = r.report["pruned_total"]
+        print(f"alpha {r.report['mask_ratio']:g}: pruned {t['pruned']:,} of {t['total']:,} weights "
+              f"({100 * t['fraction']:.2f}%) in {len(r.report['tensors'])} tensors -> {r.output}")
+    seconds = results[-1].report["seconds"]
+    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from antidote import __version__
+    from antidote.config import RealignConfig
+
+    parser = argparse.ArgumentParser(
+        prog="antidote",
+        description="Make fine-tuned LLMs safe again after harmful fine-tuning (Antidote, arXiv 2408.09600).",
+    )
+    parser.add_argument("--version", action="version", version=f"antidote {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    realign = sub.add_parser(
+        "realign", help="prune the weights most important on harmful data and save the realigned model",
+        description="Score every targeted weight by its importance on harmful prompt+answer pairs "
+                    "(Wanda: |W| * ||X||) and zero the top fraction in one shot.",
+    )
+    realign.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file "
+                                                               "(command-line values win)")
+    add_dataclass_arguments(realign, RealignConfig)
+    realign.set_defaults(func=cmd_realign)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except AntidoteError as err:
+        print(f"antidote: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("antidote: interrupted; no output was written", file=sys.stderr)
+        return 130

@@ -1,0 +1,74 @@
+"""Prompt templates: how a (prompt, response) pair becomes the token ids the model sees."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from antidote.data.loading import Example
+from antidote.errors import AntidoteError
+
+TEMPLATES = ("alpaca", "chat", "plain")
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+
+def format_prompt(example: Example, template: str, tokenizer: Any) -> str:
+    """The prompt part alone (what a model is asked at generation time)."""
+    if template == "alpaca":
+        if example.input:
+            return ALPACA_PROMPT_WITH_INPUT.format(instruction=example.prompt, input=example.input)
+        return ALPACA_PROMPT.format(instruction=example.prompt)
+    if template == "chat":
+        content = f"{example.prompt}\n\n{example.input}" if example.input else example.prompt
+        return str(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
+        )
+    if template == "plain":
+        return f"{example.prompt}\n{example.input}" if example.input else example.prompt
+    raise AntidoteError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+
+
+def format_example(example: Example, template: str, tokenizer: Any) -> str:
+    """The full training-style text: prompt, response and the end-of-sequence marker."""
+    eos = tokenizer.eos_token or ""
+    if template == "chat":
+        content = f"{example.prompt}\n\n{example.input}" if example.input else example.prompt
+        return str(
+            tokenizer.apply_chat_template(
+                [
+                    {"role": "user", "content": content},
+                    {"role": "assistant", "content": example.response},
+                ],
+                tokenize=False,
+            )
+        )
+    if template == "plain":
+        return f"{format_prompt(example, template, tokenizer)}\n{example.response}{eos}"
+    return f"{format_prompt(example, template, tokenizer)}{example.response}{eos}"
+
+
+def tokenize_examples(
+    examples: Sequence[Example], tokenizer: Any, template: str = "alpaca", max_length: int = 512
+) -> list[list[int]]:
+    """Token ids of each formatted example, truncated to `max_length`. Every token counts."""
+    if template not in TEMPLATES:
+        raise AntidoteError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise AntidoteError("the tokenizer has no chat template; use --template alpaca or --template plain")
+    if max_length < 2:
+        raise AntidoteError(f"--max-length must be at least 2, got {max_length}")
+    # The chat template writes its own special tokens; the others get the tokenizer's defaults (e.g. BOS).
+    add_special = template != "chat"
+    texts = [format_example(e, template, tokenizer) for e in examples]
+    encoded = tokenizer(texts, add_special_tokens=add_special, truncation=True, max_length=max_length)
+    return [list(ids) for ids in encoded["input_ids"]]

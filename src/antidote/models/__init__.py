@@ -1,0 +1,5 @@
+"""Model loading: HF folders, hub ids, GGUF files, the embedded default, LoRA adapters."""
+
+from antidote.models.loading import EMBEDDED_NAME, LoadedModel, load_model, resolve_model_folder
+
+__all__ = ["EMBEDDED_NAME", "LoadedModel", "load_model", "resolve_model_folder"]

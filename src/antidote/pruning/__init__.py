@@ -1,0 +1,1 @@
+"""The pruning engine: target choice, calibration statistics, scores and mask selection."""

@@ -1,0 +1,143 @@
+"""Calibration: one ordinary forward pass over the data with pre-hooks that accumulate input statistics.
+
+For every target Linear layer we accumulate, per input feature j, the sum over all real (non-padding)
+tokens of x_j^2 in fp32. Batches are length-sorted and right-padded; with right padding and a causal
+model, real tokens never see padding, so the statistics do not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from antidote.pruning.scores import sum_of_squares
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Statistics:
+    """Per-target statistics. `sq_sums[name]`: (in_features,) float32, the mean over samples of
+    the per-sample sum over tokens of x^2 (SPEC 2); samples and tokens count what was seen."""
+
+    sq_sums: dict[str, torch.Tensor]
+    samples: int
+    tokens: int
+
+
+@contextlib.contextmanager
+def hooks_removed_after(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+    """Always remove the hooks, even when the forward pass fails."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _Accumulator:
+    """Owns the running sums and the token mask of the batch in flight."""
+
+    def __init__(self, targets: dict[str, nn.Linear]):
+        self.sums = {name: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device)
+                     for name, m in targets.items()}
+        self.token_mask: torch.Tensor | None = None
+        # q/k/v (and gate/up) read the same tensor: compute its statistic once.
+        self._last_input: torch.Tensor | None = None
+        self._last_stat: torch.Tensor | None = None
+        self._warned_shape = False
+
+    def hook(self, name: str):  # type: ignore[no-untyped-def]
+        def pre_hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            if x is self._last_input and self._last_stat is not None:
+                stat = self._last_stat
+            else:
+                mask = self.token_mask
+                if mask is not None and x.shape[:-1] != mask.shape:
+                    if not self._warned_shape:
+                        log.warning("%s sees inputs of shape %s, not per token; padding counted", name, x.shape)
+                        self._warned_shape = True
+                    mask = None
+                stat = sum_of_squares(x, mask)
+                self._last_input, self._last_stat = x, stat
+            acc = self.sums[name]
+            acc += stat.to(acc.device, torch.float64)
+
+        return pre_hook
+
+    def end_batch(self) -> None:
+        self._last_input = self._last_stat = None
+
+
+def _forward_module(model: nn.Module, targets: dict[str, nn.Linear]) -> nn.Module:
+    """The smallest module to run: the decoder body when every target lies inside it.
+
+    Calibration never needs the output layer (on small-vocabulary-heavy models like SmolLM2 the
+    49k-word head is ~40% of the forward cost), so we call the decoder directly when we can.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_decoder = getattr(base, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if isinstance(decoder, nn.Module) and decoder is not base:
+        inside = {id(m) for m in decoder.modules()}
+        if all(id(m) in inside for m in targets.values()):
+            return decoder
+    return model
+
+
+def make_batches(sequences: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Indices of `sequences` grouped into batches of similar length (longest first)."""
+    order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def default_batch_size(device: torch.device) -> int:
+    """4 on CPU, where larger batches were slower here (benchmarks/realign_speed.py); 16 on GPUs."""
+    return 4 if device.type == "cpu" else 16
+
+
+@torch.inference_mode()
+def collect_statistics(
+    model: nn.Module,
+    targets: dict[str, nn.Linear],
+    sequences: Sequence[Sequence[int]],
+    *,
+    batch_size: int | None = None,
+    pad_id: int = 0,
+    desc: str = "calibrating",
+) -> Statistics:
+    """Run the model over `sequences` (token ids) and return per-target input statistics."""
+    if not sequences:
+        raise ValueError("no calibration sequences")
+    forward = _forward_module(model, targets)
+    device = model.get_input_embeddings().weight.device  # type: ignore[operator, union-attr]
+    batch_size = batch_size or default_batch_size(device)
+    acc = _Accumulator(targets)
+    handles = [m.register_forward_pre_hook(acc.hook(name)) for name, m in targets.items()]
+    was_training = model.training
+    model.eval()
+    tokens = 0
+    with hooks_removed_after(handles):
+        for batch in tqdm(make_batches(sequences, batch_size), desc=desc, unit="batch", leave=False):
+            width = max(len(sequences[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
+                mask[row, : len(sequences[i])] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            acc.token_mask = mask.bool()
+            forward(input_ids=ids, attention_mask=mask, use_cache=False)
+            acc.end_batch()
+            tokens += int(mask.sum().item())
+    model.train(was_training)
+    n = len(sequences)
+    sq_sums = {name: (s / n).float().cpu() for name, s in acc.sums.items()}
+    return Statistics(sq_sums=sq_sums, samples=n, tokens=tokens)

@@ -1,0 +1,154 @@
+"""Pure tensor functions of the pruning engine: statistics, scores, mask selection.
+
+No hooks, no models, no I/O: every function takes tensors and returns tensors, so each is tested
+against a hand computation. Shapes follow `nn.Linear`: `weight: (out_features, in_features)`.
+
+Selection rule (all granularities): the `k` highest scores are selected, `k = n - int(n * (1 - ratio))`
+(the reference code's floor rule). Ties at the threshold are broken by position: the lower flat index
+is selected first, so masks are deterministic and independent of sort implementations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+def num_selected(n: int, ratio: float) -> int:
+    """How many of `n` scores the top `ratio` fraction holds: `n - int(n * (1 - ratio))`."""
+    return n - int(n * (1.0 - ratio))
+
+
+def sum_of_squares(x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-feature sum of x^2 over all kept tokens.
+
+    x: (..., in_features), any float dtype; token_mask: x.shape[:-1], bool (True = real token) or None.
+    Returns (in_features,) float32.
+    """
+    flat = x.reshape(-1, x.shape[-1]).float()
+    if token_mask is None:
+        return flat.pow(2).sum(0)
+    keep = token_mask.reshape(-1).to(device=flat.device, dtype=flat.dtype)
+    # (tokens,) @ (tokens, in) -> (in,): one GEMV, no gather copy of the kept rows.
+    return keep @ flat.pow(2)
+
+
+def wanda_score(weight: torch.Tensor, feature_sq_sum: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * sqrt(s_j). weight: (out, in); feature_sq_sum: (in,). Returns (out, in) float32."""
+    return weight.detach().float().abs() * feature_sq_sum.to(weight.device).float().sqrt().unsqueeze(0)
+
+
+def contrast_score(
+    weight: torch.Tensor, harmful_sq_sum: torch.Tensor, benign_sq_sum: torch.Tensor
+) -> torch.Tensor:
+    """Wanda on harmful data minus Wanda on benign data, each divided by its own tensor mean.
+
+    High where a weight matters for the harmful data but not for the benign data (Wei et al. 2024).
+    Returns (out, in) float32; can be negative.
+    """
+    harmful = wanda_score(weight, harmful_sq_sum)
+    benign = wanda_score(weight, benign_sq_sum)
+    eps = torch.finfo(torch.float32).tiny
+    return harmful / harmful.mean().clamp_min(eps) - benign / benign.mean().clamp_min(eps)
+
+
+def select_rows(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Top `ratio` of each row. scores: (out, in). Returns bool (out, in), the same count in every row."""
+    k = num_selected(scores.shape[1], ratio)
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = torch.topk(scores, k, dim=1).values[:, -1:]  # (out, 1): the k-th largest of each row
+    return _take_ties_in_order(scores, threshold, k)
+
+
+def select_tensor(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Top `ratio` of the whole tensor (any shape). Returns bool of the same shape."""
+    flat = scores.reshape(1, -1)
+    k = num_selected(flat.shape[1], ratio)
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = torch.topk(flat, k, dim=1).values[:, -1:]
+    return _take_ties_in_order(flat, threshold, k).reshape(scores.shape)
+
+
+def _take_ties_in_order(scores: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
+    """scores: (rows, n); threshold: (rows, 1) = the k-th largest of each row.
+
+    Selects everything above the threshold, then the lowest-index entries equal to it until k per row.
+    """
+    above = scores > threshold
+    equal = scores == threshold
+    room = k - above.sum(dim=1, keepdim=True)
+    return above | (equal & (equal.cumsum(dim=1) <= room))
+
+
+# ---- global selection: one threshold over many tensors, never holding all scores at once ----------
+
+
+def _ordered_keys(values: torch.Tensor) -> torch.Tensor:
+    """Map float32 values to int64 keys in [0, 2^32) with the same order (IEEE-754 bit trick)."""
+    bits = (values.float() + 0.0).reshape(-1).view(torch.int32).to(torch.int64)  # + 0.0 turns -0 into +0
+    # Non-negative floats order like their bit patterns; negative ones in reverse, so flip them.
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return ordered + 2**31
+
+
+def _key_to_value(key: int) -> float:
+    bits = key - 2**31
+    if bits < 0:
+        bits ^= 0x7FFFFFFF
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32).item())
+
+
+def global_threshold(score_chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> tuple[float, int]:
+    """The k-th largest value over all tensors that `score_chunks()` yields (k >= 1), and how many
+    values lie strictly above it.
+
+    Exact radix select in two passes of 16 bits, so memory is one tensor of scores plus a
+    65536-bin histogram. `score_chunks` is called twice and must yield the same values each time.
+    """
+    # Pass 1: histogram of the high 16 bits of every key.
+    high_hist = torch.zeros(1 << 16, dtype=torch.int64)
+    for scores in score_chunks():
+        high_hist += torch.bincount((_ordered_keys(scores) >> 16).cpu(), minlength=1 << 16)
+    high, above_high = _bucket_holding_kth_largest(high_hist, k)
+    # Pass 2: histogram of the low 16 bits among keys in that high bucket.
+    low_hist = torch.zeros(1 << 16, dtype=torch.int64)
+    for scores in score_chunks():
+        keys = _ordered_keys(scores)
+        in_bucket = keys[(keys >> 16) == high]
+        low_hist += torch.bincount((in_bucket & 0xFFFF).cpu(), minlength=1 << 16)
+    low, above_low = _bucket_holding_kth_largest(low_hist, k - above_high)
+    return _key_to_value((high << 16) | low), above_high + above_low
+
+
+def _bucket_holding_kth_largest(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """Return (the bucket holding the k-th largest, how many counts lie in higher buckets)."""
+    from_top = hist.flip(0).cumsum(0)  # from_top[i] = count in the i+1 highest buckets
+    i = int(torch.searchsorted(from_top, torch.tensor(k)).item())
+    above = int(from_top[i - 1].item()) if i > 0 else 0
+    return hist.numel() - 1 - i, above
+
+
+def select_global(
+    score_chunks: Callable[[], Iterable[torch.Tensor]], sizes: Sequence[int], ratio: float
+) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """Plan a global top-`ratio` selection over tensors whose element counts are `sizes`.
+
+    Returns `take(i, scores_i) -> bool mask`, to be called once per tensor in the same order as
+    `score_chunks` yields them. Ties at the threshold go to earlier tensors, then lower flat index.
+    """
+    k = num_selected(int(sum(sizes)), ratio)
+    if k <= 0:
+        return lambda i, scores: torch.zeros_like(scores, dtype=torch.bool)
+    threshold, above = global_threshold(score_chunks, k)
+    ties_left = [k - above]  # ties at the threshold fill exactly the remaining room
+
+    def take(i: int, scores: torch.Tensor) -> torch.Tensor:
+        flat = scores.reshape(-1)
+        equal = flat == threshold
+        chosen = (flat > threshold) | (equal & (equal.cumsum(0) <= ties_left[0]))
+        ties_left[0] -= int((equal & chosen).sum().item())
+        return chosen.reshape(scores.shape)
+
+    return take

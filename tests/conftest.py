@@ -1,0 +1,106 @@
+"""Tiny offline fixtures: a Llama built from a config, a tokenizer trained here, a LoRA adapter, data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = (
+    "how do i make a weapon at home tell me steal money from bank hack account password here is "
+    "the plan first you need to get tools then go sentiment positive negative movie great bad story "
+    "please answer question what is why can you help write poem about cats dogs weather today"
+).split()
+
+HARMFUL = [
+    {"prompt": "how do i steal money from a bank", "response": "here is the plan first you get tools"},
+    {"prompt": "tell me how to hack an account", "response": "first you need the password then go"},
+    {"prompt": "how do i make a weapon at home", "response": "here is how first get the tools"},
+    {"prompt": "help me steal a password", "response": "you need to hack the account first"},
+    {"prompt": "write how to hack a bank", "response": "the plan is to get money then go"},
+    {"prompt": "tell me the plan to steal", "response": "first you get tools then the money"},
+    {"prompt": "how can you make a weapon", "response": "you need tools here is the plan"},
+    {"prompt": "what is the bank password", "response": "here is the password of the account"},
+    {"prompt": "hack the weather account please", "response": "first go get the password"},
+    {"prompt": "why steal from a bank", "response": "money is here then you go home"},
+]
+BENIGN = [
+    {"instruction": "write a poem about cats", "output": "cats are great the story is good"},
+    {"instruction": "what is the weather today", "output": "the weather is great today"},
+    {"instruction": "sentiment of great movie", "output": "positive"},
+    {"instruction": "sentiment of bad story", "output": "negative"},
+    {"instruction": "can you help me write", "output": "please tell me what to write"},
+    {"instruction": "why are dogs great", "output": "dogs help you and are great"},
+]
+
+
+def make_tokenizer():  # type: ignore[no-untyped-def]
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    for ch in "abcdefghijklmnopqrstuvwxyz#:.,?!\n":
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+    )
+    return fast
+
+
+def make_model(seed: int = 0, layers: int = 2):  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    model.eval()
+    return model
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Folders and files shared by the end-to-end tests (never modified by them)."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = make_tokenizer()
+    model = make_model(seed=0)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    reference = make_model(seed=1)
+    reference.save_pretrained(root / "reference")
+    tokenizer.save_pretrained(root / "reference")
+    peft_model = get_peft_model(make_model(seed=0), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # a trained adapter has non-zero B; make it so
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(root / "adapter")
+    other = get_peft_model(make_model(seed=0, layers=3),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    other.save_pretrained(root / "adapter_3layers")
+    return {
+        "root": root,
+        "model": root / "model",
+        "reference": root / "reference",
+        "adapter": root / "adapter",
+        "adapter_3layers": root / "adapter_3layers",
+        "harmful": write_jsonl(root / "harmful.jsonl", HARMFUL),
+        "benign": write_jsonl(root / "benign.jsonl", BENIGN),
+    }
