@@ -26,15 +26,27 @@ _EXPORTS = {
     "collect_statistics": "antidote.pruning.calibrate",
 }
 
-__all__ = [*sorted(_EXPORTS), "__version__"]
+__all__ = [
+    "AntidoteError",
+    "LoadedModel",
+    "RealignConfig",
+    "RealignResult",
+    "__version__",
+    "apply_masks",
+    "collect_statistics",
+    "compute_masks",
+    "find_targets",
+    "load_examples",
+    "load_model",
+    "realign",
+    "realign_sweep",
+    "save_realigned",
+    "tokenize_examples",
+]
 
 if TYPE_CHECKING:
     from antidote.config import RealignConfig
     from antidote.data import load_examples, tokenize_examples
-    from antidote.errors import AntidoteError
-    from antidote.models import LoadedModel, load_model
-    from antidote.pruning.calibrate import collect_statistics
-    from antidote.pruning.targets import find_targets
     from antidote.engine import (
         RealignResult,
         apply_masks,
@@ -43,6 +55,10 @@ if TYPE_CHECKING:
         realign_sweep,
         save_realigned,
     )
+    from antidote.errors import AntidoteError
+    from antidote.models import LoadedModel, load_model
+    from antidote.pruning.calibrate import collect_statistics
+    from antidote.pruning.targets import find_targets
 
 
 def __getattr__(name: str) -> Any:

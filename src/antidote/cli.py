@@ -40,18 +40,30 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if f.metadata.get("positional"):
             parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=help_text)
         elif kind is bool:
-            parser.add_argument(_flag(f), dest=f.name, action="store_true", default=argparse.SUPPRESS,
-                                help=help_text)
+            parser.add_argument(
+                _flag(f), dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text
+            )
         elif kind is list:
-            parser.add_argument(_flag(f), dest=f.name, action="append", default=argparse.SUPPRESS,
-                                metavar="VALUE", help=help_text)
+            parser.add_argument(
+                _flag(f),
+                dest=f.name,
+                action="append",
+                default=argparse.SUPPRESS,
+                metavar="VALUE",
+                help=help_text,
+            )
         else:
             default = f.default if f.default is not dataclasses.MISSING else None
             if isinstance(default, tuple):
                 default = ",".join(str(v) for v in default)
-            parser.add_argument(_flag(f), dest=f.name, type=str if kind is tuple else kind,
-                                default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                help=f"{help_text} (default: {default})")
+            parser.add_argument(
+                _flag(f),
+                dest=f.name,
+                type=str if kind is tuple else kind,
+                default=argparse.SUPPRESS,
+                metavar=f.name.upper(),
+                help=f"{help_text} (default: {default})",
+            )
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
@@ -62,11 +74,17 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     if config_file:
         values.update(read_yaml(config_file, names))
     values.update({k: v for k, v in vars(args).items() if k in names})
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-               and f.name not in values]
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in values
+    ]
     if missing:
-        raise AntidoteError(f"missing {', '.join(missing).upper()}; give it on the command line or in --config")
+        raise AntidoteError(
+            f"missing {', '.join(missing).upper()}; give it on the command line or in --config"
+        )
     return cls(**values)
 
 
@@ -83,11 +101,16 @@ def read_yaml(path: str, allowed: set[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise AntidoteError(f"config file {path} must be a mapping of option: value")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    data = {("mask_ratios" if k == "mask_ratio" else "filters" if k == "filter" else k): v for k, v in data.items()}
+    data = {
+        ("mask_ratios" if k == "mask_ratio" else "filters" if k == "filter" else k): v
+        for k, v in data.items()
+    }
     unknown = sorted(set(data) - allowed)
     if unknown:
-        raise AntidoteError(f"config file {path} has unknown keys: {', '.join(unknown)}; "
-                            f"valid keys: {', '.join(sorted(allowed))}")
+        raise AntidoteError(
+            f"config file {path} has unknown keys: {', '.join(unknown)}; "
+            f"valid keys: {', '.join(sorted(allowed))}"
+        )
     return data
 
 
@@ -105,8 +128,10 @@ def cmd_realign(args: argparse.Namespace) -> int:
     results = run_realign(config, keep_masks=False)
     for r in results:
         t = r.report["pruned_total"]
-        print(f"alpha {r.report['mask_ratio']:g}: pruned {t['pruned']:,} of {t['total']:,} weights "
-              f"({100 * t['fraction']:.2f}%) in {len(r.report['tensors'])} tensors -> {r.output}")
+        print(
+            f"alpha {r.report['mask_ratio']:g}: pruned {t['pruned']:,} of {t['total']:,} weights "
+            f"({100 * t['fraction']:.2f}%) in {len(r.report['tensors'])} tensors -> {r.output}"
+        )
     seconds = results[-1].report["seconds"]
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     return 0
@@ -124,12 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     realign = sub.add_parser(
-        "realign", help="prune the weights most important on harmful data and save the realigned model",
+        "realign",
+        help="prune the weights most important on harmful data and save the realigned model",
         description="Score every targeted weight by its importance on harmful prompt+answer pairs "
-                    "(Wanda: |W| * ||X||) and zero the top fraction in one shot.",
+        "(Wanda: |W| * ||X||) and zero the top fraction in one shot.",
     )
-    realign.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file "
-                                                               "(command-line values win)")
+    realign.add_argument(
+        "--config", metavar="FILE.yaml", help="read options from a YAML file (command-line values win)"
+    )
     add_dataclass_arguments(realign, RealignConfig)
     realign.set_defaults(func=cmd_realign)
     return parser
@@ -141,8 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args))
     except AntidoteError as err:

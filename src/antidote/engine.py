@@ -77,30 +77,39 @@ class _Timer:
 def check_finite_weights(targets: Mapping[str, nn.Linear]) -> None:
     for name, module in targets.items():
         if not torch.isfinite(module.weight).all():
-            raise AntidoteError(f"weights of {name} contain NaN or inf; the model is corrupt or overflowed "
-                                "its dtype: reload it with --dtype float32 or re-export it")
+            raise AntidoteError(
+                f"weights of {name} contain NaN or inf; the model is corrupt or overflowed "
+                "its dtype: reload it with --dtype float32 or re-export it"
+            )
 
 
 def check_finite_statistics(stats: Statistics) -> None:
     for name, s in stats.sq_sums.items():
         if not torch.isfinite(s).all():
-            raise AntidoteError(f"calibration statistics of {name} are NaN or inf (activations overflowed); "
-                                "run with --dtype float32 or shorter --max-length")
+            raise AntidoteError(
+                f"calibration statistics of {name} are NaN or inf (activations overflowed); "
+                "run with --dtype float32 or shorter --max-length"
+            )
 
 
-def reference_weights(reference: str, targets: Mapping[str, nn.Linear], *, dtype: str,
-                      trust_remote_code: bool) -> dict[str, torch.Tensor]:
+def reference_weights(
+    reference: str, targets: Mapping[str, nn.Linear], *, dtype: str, trust_remote_code: bool
+) -> dict[str, torch.Tensor]:
     """The aligned model's weights for each target, same names and shapes (kept on the CPU)."""
-    ref = load_model(reference, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+    ref = load_model(
+        reference, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code, with_tokenizer=False
+    )
     ref_modules = dict(ref.model.named_modules())
     weights = {}
     for name, module in targets.items():
         other = ref_modules.get(name)
         if not isinstance(other, nn.Linear) or other.weight.shape != module.weight.shape:
             got = tuple(other.weight.shape) if isinstance(other, nn.Linear) else "missing"
-            raise AntidoteError(f"--reference {reference} does not match the model at {name} "
-                                f"({got} vs {tuple(module.weight.shape)}); pass the aligned model it was "
-                                "fine-tuned from")
+            raise AntidoteError(
+                f"--reference {reference} does not match the model at {name} "
+                f"({got} vs {tuple(module.weight.shape)}); pass the aligned model it was "
+                "fine-tuned from"
+            )
         weights[name] = other.weight.detach().clone()
     del ref
     return weights
@@ -187,8 +196,9 @@ def apply_masks(
 
 
 @torch.no_grad()
-def restore_masks(targets: Mapping[str, nn.Linear], masks: Mapping[str, torch.Tensor],
-                  saved: Mapping[str, torch.Tensor]) -> None:
+def restore_masks(
+    targets: Mapping[str, nn.Linear], masks: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]
+) -> None:
     for name, mask in masks.items():
         weight = targets[name].weight
         weight[mask.to(weight.device)] = saved[name]
@@ -238,15 +248,16 @@ tags: [antidote, safety, realignment]
 ---
 # Realigned with antidote
 
-This model is `{c['model']}`{f" with adapter `{c['adapter']}`" if c['adapter'] else ""} after Antidote
+This model is `{c["model"]}`{f" with adapter `{c['adapter']}`" if c["adapter"] else ""} after Antidote
 realignment (Huang et al., arXiv 2408.09600): every targeted weight was scored by its importance on
-harmful prompt+answer pairs and the top {report['mask_ratio']:.4g} fraction
-({report['granularity']} granularity, `{report['score']}` score) was {'zeroed' if report['action'] == 'zero'
-else 'reverted to the reference model'}.
+harmful prompt+answer pairs and the top {report["mask_ratio"]:.4g} fraction
+({report["granularity"]} granularity, `{report["score"]}` score) was {
+        "zeroed" if report["action"] == "zero" else "reverted to the reference model"
+    }.
 
-- Calibration data: `{c['data']}`, {report['calibration']['samples']} samples,
-  {report['calibration']['tokens']} tokens, template `{c['template']}`.
-- Pruned: {total['pruned']} of {total['total']} targeted weights in {len(report['tensors'])} tensors.
+- Calibration data: `{c["data"]}`, {report["calibration"]["samples"]} samples,
+  {report["calibration"]["tokens"]} tokens, template `{c["template"]}`.
+- Pruned: {total["pruned"]} of {total["total"]} targeted weights in {len(report["tensors"])} tensors.
 - `{MASK_FILE}` holds the mask of each pruned weight (True = pruned); `{REPORT_FILE}` the full record.
 
 Zeroed weights are stored as zeros: the files are as large as before.
@@ -257,15 +268,24 @@ Check the model's harmful score and task accuracy before use: pruning trades som
 # ---- orchestration ------------------------------------------------------------------------------------
 
 
-def _prepare(config: RealignConfig, model: LoadedModel | None, records: Records | None, timer: _Timer) -> tuple[
-    LoadedModel, dict[str, nn.Linear], Statistics, Statistics | None, dict[str, torch.Tensor] | None
-]:
+def _prepare(
+    config: RealignConfig, model: LoadedModel | None, records: Records | None, timer: _Timer
+) -> tuple[LoadedModel, dict[str, nn.Linear], Statistics, Statistics | None, dict[str, torch.Tensor] | None]:
     with timer.phase("load"):
-        loaded = model or load_model(config.model, adapter=config.adapter, dtype=config.dtype,
-                                     device=config.device, trust_remote_code=config.trust_remote_code)
+        loaded = model or load_model(
+            config.model,
+            adapter=config.adapter,
+            dtype=config.dtype,
+            device=config.device,
+            trust_remote_code=config.trust_remote_code,
+        )
     with timer.phase("data"):
-        examples = load_examples(config.data if records is None else records, filters=config.filters, max_samples=config.max_samples,
-                                 seed=config.seed)
+        examples = load_examples(
+            config.data if records is None else records,
+            filters=config.filters,
+            max_samples=config.max_samples,
+            seed=config.seed,
+        )
         sequences = tokenize_examples(examples, loaded.tokenizer, config.template, config.max_length)
         benign_sequences = None
         if config.score == "contrast" and config.benign_data:
@@ -275,26 +295,43 @@ def _prepare(config: RealignConfig, model: LoadedModel | None, records: Records 
     check_finite_weights(targets)
     pad_id = loaded.tokenizer.pad_token_id or 0
     with timer.phase("calibrate"):
-        stats = collect_statistics(loaded.model, targets, sequences, batch_size=config.batch_size, pad_id=pad_id)
+        stats = collect_statistics(
+            loaded.model, targets, sequences, batch_size=config.batch_size, pad_id=pad_id
+        )
         benign_stats = None
         if benign_sequences is not None:
-            benign_stats = collect_statistics(loaded.model, targets, benign_sequences,
-                                              batch_size=config.batch_size, pad_id=pad_id, desc="benign")
+            benign_stats = collect_statistics(
+                loaded.model,
+                targets,
+                benign_sequences,
+                batch_size=config.batch_size,
+                pad_id=pad_id,
+                desc="benign",
+            )
     check_finite_statistics(stats)
     if benign_stats is not None:
         check_finite_statistics(benign_stats)
     ref = None
     if config.action == "revert" and config.reference:
         with timer.phase("reference"):
-            ref = reference_weights(config.reference, targets, dtype=config.dtype,
-                                    trust_remote_code=config.trust_remote_code)
+            ref = reference_weights(
+                config.reference, targets, dtype=config.dtype, trust_remote_code=config.trust_remote_code
+            )
     return loaded, targets, stats, benign_stats, ref
 
 
-def _report(config: RealignConfig, ratio: float, loaded: LoadedModel, masks: Mapping[str, torch.Tensor],
-            stats: Statistics, timer: _Timer) -> dict[str, Any]:
-    tensors = {name: {"pruned": int(m.sum()), "total": m.numel(), "fraction": round(float(m.float().mean()), 6)}
-               for name, m in masks.items()}
+def _report(
+    config: RealignConfig,
+    ratio: float,
+    loaded: LoadedModel,
+    masks: Mapping[str, torch.Tensor],
+    stats: Statistics,
+    timer: _Timer,
+) -> dict[str, Any]:
+    tensors = {
+        name: {"pruned": int(m.sum()), "total": m.numel(), "fraction": round(float(m.float().mean()), 6)}
+        for name, m in masks.items()
+    }
     pruned = sum(t["pruned"] for t in tensors.values())
     total = sum(t["total"] for t in tensors.values())
     return {
@@ -302,7 +339,8 @@ def _report(config: RealignConfig, ratio: float, loaded: LoadedModel, masks: Map
         "score": config.score,
         "granularity": config.granularity,
         "action": config.action,
-        "targets": config.targets or ("adapter lora_A/lora_B" if loaded.adapter else "all Linear except lm_head"),
+        "targets": config.targets
+        or ("adapter lora_A/lora_B" if loaded.adapter else "all Linear except lm_head"),
         "pruned_total": {"pruned": pruned, "total": total, "fraction": round(pruned / max(total, 1), 6)},
         "tensors": tensors,
         "calibration": {"samples": stats.samples, "tokens": stats.tokens},
@@ -312,8 +350,13 @@ def _report(config: RealignConfig, ratio: float, loaded: LoadedModel, masks: Map
     }
 
 
-def run_realign(config: RealignConfig, model: LoadedModel | None = None, records: Records | None = None, *,
-                keep_masks: bool = True) -> list[RealignResult]:
+def run_realign(
+    config: RealignConfig,
+    model: LoadedModel | None = None,
+    records: Records | None = None,
+    *,
+    keep_masks: bool = True,
+) -> list[RealignResult]:
     """Run a whole config: one calibration pass, then one result (and output folder) per mask ratio."""
     out = None
     if config.output:
@@ -329,8 +372,16 @@ def run_realign(config: RealignConfig, model: LoadedModel | None = None, records
         for i, ratio in enumerate(config.mask_ratios):
             last = i == len(config.mask_ratios) - 1
             with timer.phase("score_select"):
-                masks = compute_masks(targets, stats, ratio, score=config.score, granularity=config.granularity,
-                                      benign=benign_stats, reference=ref, seed=config.seed)
+                masks = compute_masks(
+                    targets,
+                    stats,
+                    ratio,
+                    score=config.score,
+                    granularity=config.granularity,
+                    benign=benign_stats,
+                    reference=ref,
+                    seed=config.seed,
+                )
             with timer.phase("apply"):
                 old = apply_masks(targets, masks, reference=ref)
             saved_masks = {names[n]: m for n, m in masks.items()}
@@ -339,16 +390,29 @@ def run_realign(config: RealignConfig, model: LoadedModel | None = None, records
             if out is not None:
                 with timer.phase("save"):
                     target_dir.mkdir(exist_ok=True)
-                    save_realigned(target_dir, loaded, saved_masks, report, merge=config.merge, keep_model=True)
+                    save_realigned(
+                        target_dir, loaded, saved_masks, report, merge=config.merge, keep_model=True
+                    )
                 report["seconds"] = dict(timer.seconds)
                 report["memory"] = peak_memory()
                 (target_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
             if not last:
                 restore_masks(targets, masks, old)
-            log.info("alpha %g: pruned %d of %d weights", ratio, report["pruned_total"]["pruned"],
-                     report["pruned_total"]["total"])
-            results.append(RealignResult(loaded.model, loaded.tokenizer, saved_masks if keep_masks else {},
-                                         report, out / target_dir.name if sweep and out else out))
+            log.info(
+                "alpha %g: pruned %d of %d weights",
+                ratio,
+                report["pruned_total"]["pruned"],
+                report["pruned_total"]["total"],
+            )
+            results.append(
+                RealignResult(
+                    loaded.model,
+                    loaded.tokenizer,
+                    saved_masks if keep_masks else {},
+                    report,
+                    out / target_dir.name if sweep and out else out,
+                )
+            )
 
     if out is None:
         write(Path("."))
@@ -361,8 +425,9 @@ def run_realign(config: RealignConfig, model: LoadedModel | None = None, records
     return results
 
 
-def realign(model: str | LoadedModel, data: str | Records = "", *,
-            mask_ratio: float = 0.1, **options: Any) -> RealignResult:
+def realign(
+    model: str | LoadedModel, data: str | Records = "", *, mask_ratio: float = 0.1, **options: Any
+) -> RealignResult:
     """Realign a fine-tuned model: prune the weights most important on harmful data.
 
     model: a model spec (HF folder, hub id, .gguf, `smollm2-135m-instruct`) or a `LoadedModel`.
@@ -373,22 +438,35 @@ def realign(model: str | LoadedModel, data: str | Records = "", *,
     return _realign(model, data, (mask_ratio,), options, keep_masks=True)[0]
 
 
-def realign_sweep(model: str | LoadedModel, data: str | Records = "", *,
-                  mask_ratios: Sequence[float] = (0.01, 0.05, 0.1), **options: Any) -> list[RealignResult]:
+def realign_sweep(
+    model: str | LoadedModel,
+    data: str | Records = "",
+    *,
+    mask_ratios: Sequence[float] = (0.01, 0.05, 0.1),
+    **options: Any,
+) -> list[RealignResult]:
     """One calibration pass, one output per mask ratio (`output/alpha-<ratio>/`). Returns the reports;
     masks are on disk, not kept in memory. The in-memory model ends at the last ratio."""
     return _realign(model, data, tuple(mask_ratios), options, keep_masks=False)
 
 
-def _realign(model: str | LoadedModel, data: str | Records, ratios: tuple[float, ...],
-             options: dict[str, Any], keep_masks: bool) -> list[RealignResult]:
+def _realign(
+    model: str | LoadedModel,
+    data: str | Records,
+    ratios: tuple[float, ...],
+    options: dict[str, Any],
+    keep_masks: bool,
+) -> list[RealignResult]:
     loaded = model if isinstance(model, LoadedModel) else None
     records = None if isinstance(data, str) else list(data)
     if loaded is not None and loaded.adapter:
         options = {"adapter": loaded.adapter, **options}
-    config = RealignConfig(model=loaded.source if loaded else str(model),
-                           data=data if isinstance(data, str) else "<in-memory records>",
-                           mask_ratios=ratios, **options)
+    config = RealignConfig(
+        model=loaded.source if loaded else str(model),
+        data=data if isinstance(data, str) else "<in-memory records>",
+        mask_ratios=ratios,
+        **options,
+    )
     if loaded is not None and config.adapter and config.adapter != loaded.adapter:
         raise AntidoteError("pass the adapter to load_model(), not to realign(), when giving a loaded model")
     if not config.data:

@@ -22,7 +22,9 @@ def check_output_dir(output: str | os.PathLike[str], overwrite: bool, inputs: tu
     for given in inputs:
         src = Path(given).expanduser()
         if src.exists() and (out == src.resolve() or out in src.resolve().parents):
-            raise AntidoteError(f"output folder {out} is (or contains) the input {given}; choose another --output")
+            raise AntidoteError(
+                f"output folder {out} is (or contains) the input {given}; choose another --output"
+            )
     if out.exists() and not out.is_dir():
         raise AntidoteError(f"output {out} exists and is a file; choose a folder path for --output")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -48,7 +50,9 @@ def atomic_output_dir(output: Path, overwrite: bool) -> Iterator[Path]:
     if output.exists():
         if any(output.iterdir()) and not overwrite:  # appeared while we worked
             shutil.rmtree(tmp, ignore_errors=True)
-            raise AntidoteError(f"output folder {output} appeared while working; pass --overwrite to replace it")
+            raise AntidoteError(
+                f"output folder {output} appeared while working; pass --overwrite to replace it"
+            )
         old = output.parent / f".{output.name}.old-{os.getpid()}"
         output.rename(old)
     tmp.rename(output)

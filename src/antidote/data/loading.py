@@ -39,7 +39,9 @@ def _read_rows(source: str) -> list[dict[str, Any]]:
         return _read_hub(source)
     path = Path(source).expanduser()
     if not path.is_file():
-        raise AntidoteError(f"data file {source} not found; pass a .jsonl, .json or .csv file or hf:NAME[:SPLIT]")
+        raise AntidoteError(
+            f"data file {source} not found; pass a .jsonl, .json or .csv file or hf:NAME[:SPLIT]"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -66,7 +68,9 @@ def _read_hub(source: str) -> list[dict[str, Any]]:
     try:
         import datasets
     except ImportError as err:
-        raise AntidoteError("hf: data needs the `datasets` package; pip install 'antidote-realign[hub]'") from err
+        raise AntidoteError(
+            "hf: data needs the `datasets` package; pip install 'antidote-realign[hub]'"
+        ) from err
     try:
         return list(datasets.load_dataset(name, split=split or "train"))
     except Exception as err:  # hub unreachable, unknown name or split
@@ -103,7 +107,9 @@ def load_examples(
         if not sep or not field:
             raise AntidoteError(f"filter {spec!r} is not FIELD=VALUE; write e.g. --filter is_safe=false")
         if field not in fields:
-            raise AntidoteError(f"filter field {field!r} is not in {label}; fields found: {', '.join(fields)}")
+            raise AntidoteError(
+                f"filter field {field!r} is not in {label}; fields found: {', '.join(fields)}"
+            )
         rows = [r for r in rows if _matches(r, field, value)]
     prompt_key = _find_field(fields, PROMPT_FIELDS)
     response_key = _find_field(fields, RESPONSE_FIELDS)

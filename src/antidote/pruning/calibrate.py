@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,15 +45,17 @@ class _Accumulator:
     """Owns the running sums and the token mask of the batch in flight."""
 
     def __init__(self, targets: dict[str, nn.Linear]):
-        self.sums = {name: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device)
-                     for name, m in targets.items()}
+        self.sums = {
+            name: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device)
+            for name, m in targets.items()
+        }
         self.token_mask: torch.Tensor | None = None
         # q/k/v (and gate/up) read the same tensor: compute its statistic once.
         self._last_input: torch.Tensor | None = None
         self._last_stat: torch.Tensor | None = None
         self._warned_shape = False
 
-    def hook(self, name: str):  # type: ignore[no-untyped-def]
+    def hook(self, name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def pre_hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0]
             if x is self._last_input and self._last_stat is not None:
@@ -62,7 +64,9 @@ class _Accumulator:
                 mask = self.token_mask
                 if mask is not None and x.shape[:-1] != mask.shape:
                     if not self._warned_shape:
-                        log.warning("%s sees inputs of shape %s, not per token; padding counted", name, x.shape)
+                        log.warning(
+                            "%s sees inputs of shape %s, not per token; padding counted", name, x.shape
+                        )
                         self._warned_shape = True
                     mask = None
                 stat = sum_of_squares(x, mask)
@@ -82,7 +86,8 @@ def _forward_module(model: nn.Module, targets: dict[str, nn.Linear]) -> nn.Modul
     Calibration never needs the output layer (on small-vocabulary-heavy models like SmolLM2 the
     49k-word head is ~40% of the forward cost), so we call the decoder directly when we can.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
     get_decoder = getattr(base, "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else None
     if isinstance(decoder, nn.Module) and decoder is not base:
@@ -117,7 +122,7 @@ def collect_statistics(
     if not sequences:
         raise ValueError("no calibration sequences")
     forward = _forward_module(model, targets)
-    device = model.get_input_embeddings().weight.device  # type: ignore[operator, union-attr]
+    device = model.get_input_embeddings().weight.device  # type: ignore[operator]
     batch_size = batch_size or default_batch_size(device)
     acc = _Accumulator(targets)
     handles = [m.register_forward_pre_hook(acc.hook(name)) for name, m in targets.items()]

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+
 def num_selected(n: int, ratio: float) -> int:
     """How many of `n` scores the top `ratio` fraction holds: `n - int(n * (1 - ratio))`."""
     return n - int(n * (1.0 - ratio))

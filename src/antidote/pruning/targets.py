@@ -32,14 +32,18 @@ def find_targets(
     if adapter_name is not None:
         from peft.tuners.lora import LoraLayer
 
-        found = {}
+        lora: dict[str, nn.Linear] = {}
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
-                found[f"{name}.lora_A.{adapter_name}"] = module.lora_A[adapter_name]
-                found[f"{name}.lora_B.{adapter_name}"] = module.lora_B[adapter_name]
-        if not found:
-            raise AntidoteError(f"the adapter {adapter_name!r} has no LoRA layers; pass a LoRA adapter folder")
-        return found
+                for part in ("lora_A", "lora_B"):
+                    layer = getattr(module, part)[adapter_name]
+                    if isinstance(layer, nn.Linear):
+                        lora[f"{name}.{part}.{adapter_name}"] = layer
+        if not lora:
+            raise AntidoteError(
+                f"the adapter {adapter_name!r} has no LoRA layers; pass a LoRA adapter folder"
+            )
+        return lora
     get_output = getattr(model, "get_output_embeddings", None)
     output_layer = get_output() if callable(get_output) else None
     found = {name: m for name, m in linears.items() if m is not output_layer}
