@@ -1,0 +1,72 @@
+"""End to end on the embedded SmolLM2-135M (slow: dequantizes the GGUF once, ~30 s, then cached)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from antidote.cli import main
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "harmful_qa"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter on q/k/v with non-zero B, standing in for a harmful fine-tune."""
+    from peft import LoraConfig, get_peft_model
+
+    from antidote.models import load_model
+
+    loaded = load_model("smollm2-135m-instruct", device="cpu")
+    peft_model = get_peft_model(
+        loaded.model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj"])
+    )
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+    out = tmp_path_factory.mktemp("smol") / "adapter"
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the checkout")
+def test_realign_embedded_model_with_adapter_and_merge(smollm2_adapter: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = SHARED / "beavertails_30k_train_unsafe_200.jsonl"
+    out = tmp_path / "realigned"
+    code = main(
+        [
+            "realign",
+            "smollm2-135m-instruct",
+            "--adapter",
+            str(smollm2_adapter),
+            "--data",
+            str(data),
+            "--max-samples",
+            "16",
+            "--output",
+            str(out),
+            "--merge",
+            "--mask-ratio",
+            "0.2",
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "realign_report.json").read_text())
+    assert report["calibration"]["samples"] == 16 and len(report["tensors"]) == 30 * 3 * 2
+    masks = load_file(out / "antidote_mask.safetensors")
+    lora = load_file(smollm2_adapter / "adapter_model.safetensors")
+    assert set(masks) == set(lora)
+    assert all(int(m.sum()) == m.shape[0] * (m.shape[1] - int(m.shape[1] * 0.8)) for m in masks.values())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    generated = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == ids["input_ids"].shape[1] + 4
