@@ -99,3 +99,15 @@ def test_device_map_auto_model_gives_same_statistics(tmp_path) -> None:  # type:
     b = collect_statistics(plain, find_targets(plain), seqs, batch_size=4)
     for name in a.sq_sums:
         torch.testing.assert_close(a.sq_sums[name], b.sq_sums[name])
+
+
+def test_bfloat16_compute_stays_close_to_float32_and_is_reported() -> None:
+    model = make_model()
+    targets = find_targets(model)
+    seqs = sequences()
+    exact = collect_statistics(model, targets, seqs, batch_size=4)
+    fast = collect_statistics(model, targets, seqs, batch_size=4, compute_dtype=torch.bfloat16)
+    assert exact.compute_dtype == "float32" and fast.compute_dtype == "bfloat16"
+    assert all(fast.sq_sums[n].dtype == torch.float32 for n in targets)  # accumulated in fp32 regardless
+    for name in targets:
+        torch.testing.assert_close(fast.sq_sums[name], exact.sq_sums[name], rtol=0.1, atol=1e-3)

@@ -102,6 +102,14 @@ class RealignConfig:
         default=False, metadata={"help": "with --adapter: write a merged full model instead of an adapter"}
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing non-empty output folder"})
+    compute_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "precision of the calibration forward: auto (bfloat16 autocast where the hardware "
+            "multiplies bf16 natively, e.g. AMX CPUs and recent GPUs; else the model's dtype), float32, "
+            "bfloat16, float16. Statistics are always accumulated in fp32"
+        },
+    )
     dtype: str = field(default="auto", metadata={"help": "auto (as saved), float32, bfloat16 or float16"})
     device: str = field(
         default="auto", metadata={"help": "auto (GPUs with device_map=auto, else CPU), cpu, cuda, cuda:1 ..."}
@@ -123,6 +131,7 @@ class RealignConfig:
         _one_of("--granularity", self.granularity, GRANULARITIES)
         _one_of("--action", self.action, ACTIONS)
         _one_of("--template", self.template, TEMPLATES)
+        _one_of("--compute-dtype", self.compute_dtype, ("auto", "float32", "bfloat16", "float16"))
         if self.action == "revert" and not self.reference:
             raise AntidoteError(
                 "--action revert needs --reference MODEL (the aligned model before fine-tuning)"

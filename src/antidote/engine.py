@@ -27,7 +27,7 @@ from antidote.data import load_examples, tokenize_examples
 from antidote.errors import AntidoteError
 from antidote.models import LoadedModel, load_model
 from antidote.outputs import atomic_output_dir, check_output_dir
-from antidote.pruning.calibrate import Statistics, collect_statistics
+from antidote.pruning.calibrate import Statistics, collect_statistics, resolve_compute_dtype
 from antidote.pruning.scores import (
     contrast_score,
     select_global,
@@ -180,14 +180,16 @@ def apply_masks(
     masks: Mapping[str, torch.Tensor],
     *,
     reference: Mapping[str, torch.Tensor] | None = None,
+    keep_old: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Set masked weights to zero (or to `reference`), in place. Returns the old values of the masked
-    entries per module (1-D), which `restore_masks` puts back."""
+    """Set masked weights to zero (or to `reference`), in place. With `keep_old`, returns the old values
+    of the masked entries per module (1-D), which `restore_masks` puts back; else an empty dict."""
     saved = {}
     for name, mask in masks.items():
         weight = targets[name].weight
         m = mask.to(weight.device)
-        saved[name] = weight[m].clone()
+        if keep_old:
+            saved[name] = weight[m].clone()
         if reference is None:
             weight.masked_fill_(m, 0)
         else:
@@ -204,9 +206,20 @@ def restore_masks(
         weight[mask.to(weight.device)] = saved[name]
 
 
+def peak_rss_mib() -> float:
+    """VmHWM from /proc (ru_maxrss is inherited across fork+exec, so a child would report its parent's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_memory() -> dict[str, float]:
     """Peak resident memory of this process (MiB) and, on CUDA, peak allocated GPU memory (MiB)."""
-    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    out = {"peak_rss_mib": round(peak_rss_mib(), 1)}
     if torch.cuda.is_available():
         out["peak_cuda_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
@@ -294,9 +307,16 @@ def _prepare(
     targets = find_targets(loaded.model, adapter_name=loaded.adapter_name, pattern=config.targets)
     check_finite_weights(targets)
     pad_id = loaded.tokenizer.pad_token_id or 0
+    device = loaded.model.get_input_embeddings().weight.device  # type: ignore[operator]
+    compute_dtype = resolve_compute_dtype(config.compute_dtype, device)
     with timer.phase("calibrate"):
         stats = collect_statistics(
-            loaded.model, targets, sequences, batch_size=config.batch_size, pad_id=pad_id
+            loaded.model,
+            targets,
+            sequences,
+            batch_size=config.batch_size,
+            pad_id=pad_id,
+            compute_dtype=compute_dtype,
         )
         benign_stats = None
         if benign_sequences is not None:
@@ -306,6 +326,7 @@ def _prepare(
                 benign_sequences,
                 batch_size=config.batch_size,
                 pad_id=pad_id,
+                compute_dtype=compute_dtype,
                 desc="benign",
             )
     check_finite_statistics(stats)
@@ -343,7 +364,11 @@ def _report(
         or ("adapter lora_A/lora_B" if loaded.adapter else "all Linear except lm_head"),
         "pruned_total": {"pruned": pruned, "total": total, "fraction": round(pruned / max(total, 1), 6)},
         "tensors": tensors,
-        "calibration": {"samples": stats.samples, "tokens": stats.tokens},
+        "calibration": {
+            "samples": stats.samples,
+            "tokens": stats.tokens,
+            "compute_dtype": stats.compute_dtype,
+        },
         "seconds": dict(timer.seconds),
         "memory": peak_memory(),
         "config": {**config.to_dict(), "model": loaded.source, "resolved_model_folder": loaded.folder},
@@ -383,7 +408,7 @@ def run_realign(
                     seed=config.seed,
                 )
             with timer.phase("apply"):
-                old = apply_masks(targets, masks, reference=ref)
+                old = apply_masks(targets, masks, reference=ref, keep_old=not last)
             saved_masks = {names[n]: m for n, m in masks.items()}
             report = _report(config, ratio, loaded, saved_masks, stats, timer)
             target_dir = folder / f"alpha-{ratio:g}" if sweep else folder

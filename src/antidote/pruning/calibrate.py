@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ class Statistics:
     sq_sums: dict[str, torch.Tensor]
     samples: int
     tokens: int
+    compute_dtype: str = "float32"
 
 
 @contextlib.contextmanager
@@ -103,6 +105,26 @@ def make_batches(sequences: Sequence[Sequence[int]], batch_size: int) -> list[li
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices natively (CUDA with bf16, or a CPU with AMX/AVX512-BF16)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+    return False
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """ "auto" -> bf16 where the hardware is fast at it, else None (the model's own dtype)."""
+    if name == "auto":
+        return torch.bfloat16 if fast_bfloat16(device) else None
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 def default_batch_size(device: torch.device) -> int:
     """4 on CPU, where larger batches were slower here (benchmarks/realign_speed.py); 16 on GPUs."""
     return 4 if device.type == "cpu" else 16
@@ -116,9 +138,14 @@ def collect_statistics(
     *,
     batch_size: int | None = None,
     pad_id: int = 0,
+    compute_dtype: torch.dtype | None = None,
     desc: str = "calibrating",
 ) -> Statistics:
-    """Run the model over `sequences` (token ids) and return per-target input statistics."""
+    """Run the model over `sequences` (token ids) and return per-target input statistics.
+
+    compute_dtype: run the forward under autocast to this dtype (e.g. bf16: about 2x faster on CPUs with
+    AMX); the statistics are still accumulated in fp32/fp64. None runs in the model's own dtype.
+    """
     if not sequences:
         raise ValueError("no calibration sequences")
     forward = _forward_module(model, targets)
@@ -129,7 +156,12 @@ def collect_statistics(
     was_training = model.training
     model.eval()
     tokens = 0
-    with hooks_removed_after(handles):
+    autocast = (
+        torch.autocast(device.type, dtype=compute_dtype)
+        if compute_dtype is not None and compute_dtype != next(model.parameters()).dtype
+        else contextlib.nullcontext()
+    )
+    with hooks_removed_after(handles), autocast:
         for batch in tqdm(make_batches(sequences, batch_size), desc=desc, unit="batch", leave=False):
             width = max(len(sequences[i]) for i in batch)
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -145,4 +177,7 @@ def collect_statistics(
     model.train(was_training)
     n = len(sequences)
     sq_sums = {name: (s / n).float().cpu() for name, s in acc.sums.items()}
-    return Statistics(sq_sums=sq_sums, samples=n, tokens=tokens)
+    used = compute_dtype if isinstance(autocast, torch.autocast) else next(model.parameters()).dtype
+    return Statistics(
+        sq_sums=sq_sums, samples=n, tokens=tokens, compute_dtype=str(used).removeprefix("torch.")
+    )

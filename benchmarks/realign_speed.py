@@ -1,0 +1,176 @@
+"""Realignment speed and memory on the embedded SmolLM2-135M, measured side by side in one run.
+
+Prints three ratios (targets from issue 2):
+  (a) realign time (calibrate + score/select + apply) / the fastest plain decoder forward over the
+      same samples at batch size 1, 4 or 8 (the floor: one pass over the calibration tokens)   <= 1.3
+  (b) speed-up of our calibration over a per-sample (batch size 1) loop like the reference code's
+      (decoder layers only, a hook per layer summing x^2, no shared-input reuse)                 >= 1.4
+  (c) peak RSS of a whole `antidote realign` run (own process: load, realign, save) / fp32 model size
+                                                                                                 <= 1.5
+Usage: python benchmarks/realign_speed.py [--samples 128] [--batch-sizes 1,4,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+DATA = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "data"
+    / "harmful_qa"
+    / "beavertails_30k_train_unsafe_200.jsonl"
+)
+
+
+def plain_decoder_pass(decoder: torch.nn.Module, sequences: list[list[int]], batch_size: int) -> float:
+    from antidote.pruning.calibrate import make_batches
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in make_batches(sequences, batch_size):
+            width = max(len(sequences[i]) for i in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+                mask[row, : len(sequences[i])] = 1
+            decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+    return time.perf_counter() - start
+
+
+def reference_style_loop(decoder: torch.nn.Module, targets: dict, sequences: list[list[int]]) -> float:
+    """One sample at a time, one hook per layer computing its own sum of x^2 (as the authors' code)."""
+    sums = {name: torch.zeros(m.in_features) for name, m in targets.items()}
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def pre_hook(module, args):  # type: ignore[no-untyped-def]
+            x = args[0].float()
+            sums[name].add_(x.reshape(-1, x.shape[-1]).pow(2).sum(0))
+
+        return pre_hook
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for seq in sequences:
+            decoder(input_ids=torch.tensor([seq]), use_cache=False)
+    elapsed = time.perf_counter() - start
+    for h in handles:
+        h.remove()
+    return elapsed
+
+
+CHILD = """
+import json, sys
+import antidote.engine, antidote.models  # the imports a CLI run makes
+from antidote.engine import peak_rss_mib, run_realign
+base = peak_rss_mib()
+from antidote.config import RealignConfig
+cfg = RealignConfig(model="smollm2-135m-instruct", data=sys.argv[1], max_samples=int(sys.argv[2]),
+                    output=sys.argv[3], batch_size=int(sys.argv[4]), dtype="float32", device="cpu",
+                    compute_dtype=sys.argv[5])
+report = run_realign(cfg, keep_masks=False)[0].report
+print(json.dumps({"baseline_rss_mib": base, "report": report}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument(
+        "--batch-sizes", default="1,4,8", help="batch sizes tried for the plain forward floor"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=0, help="realign batch size (default: the engine's)"
+    )
+    args = parser.parse_args()
+
+    from antidote.data import load_examples, tokenize_examples
+    from antidote.models import load_model
+    from antidote.pruning.calibrate import _forward_module, default_batch_size
+    from antidote.pruning.targets import find_targets
+
+    loaded = load_model("smollm2-135m-instruct", dtype="float32", device="cpu")
+    model = loaded.model
+    examples = load_examples(str(DATA), max_samples=args.samples, seed=0)
+    sequences = tokenize_examples(examples, loaded.tokenizer, "alpaca", 512)
+    targets = find_targets(model)
+    decoder = _forward_module(model, targets)
+    batch_size = args.batch_size or default_batch_size(torch.device("cpu"))
+    n_tokens = sum(len(s) for s in sequences)
+    model_mib = sum(p.numel() for p in model.parameters()) * 4 / 2**20
+    print(
+        f"{len(sequences)} samples, {n_tokens} tokens; {torch.get_num_threads()} threads; "
+        f"fp32 model {model_mib:.0f} MiB; realign batch size {batch_size}",
+        flush=True,
+    )
+
+    plain_decoder_pass(decoder, sequences[:4], 4)  # warm-up
+    floors: dict[tuple[str, int], float] = {}
+    for bs in (int(b) for b in args.batch_sizes.split(",")):
+        floors["float32", bs] = plain_decoder_pass(decoder, sequences, bs)
+        print(f"plain decoder forward, float32, batch size {bs}: {floors['float32', bs]:.1f} s", flush=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        floors["bfloat16", batch_size] = plain_decoder_pass(decoder, sequences, batch_size)
+    print(
+        f"plain decoder forward, bf16 autocast, batch size {batch_size}: "
+        f"{floors['bfloat16', batch_size]:.1f} s",
+        flush=True,
+    )
+    ref_loop = reference_style_loop(decoder, targets, sequences)
+    print(f"reference-style per-sample calibration loop (float32): {ref_loop:.1f} s", flush=True)
+    del loaded, model, decoder, targets
+
+    runs = {}
+    for compute in ("float32", "bfloat16"):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [
+                sys.executable,
+                "-c",
+                CHILD,
+                str(DATA),
+                str(args.samples),
+                f"{tmp}/out",
+                str(batch_size),
+                compute,
+            ]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        runs[compute] = json.loads(done.stdout.strip().splitlines()[-1])
+        seconds = json.dumps(runs[compute]["report"]["seconds"])
+        print(f"antidote realign, compute {compute} (own process): {seconds}", flush=True)
+
+    best = min(floors, key=floors.__getitem__)
+    print(f"\nresults, measured in this run (floor: plain forward, {best[0]}, batch size {best[1]})")
+    for compute, run in runs.items():
+        sec = run["report"]["seconds"]
+        realign_s = sec["calibrate"] + sec["score_select"] + sec["apply"]
+        peak, base = run["report"]["memory"]["peak_rss_mib"], run["baseline_rss_mib"]
+        print(f"[compute {compute}]")
+        print(
+            f"  (a) realign / fastest plain forward: {realign_s:.1f} / {floors[best]:.1f} = "
+            f"{realign_s / floors[best]:.2f}   (target <= 1.3)"
+        )
+        print(
+            f"  (b) speed-up over reference-style bs-1 fp32 loop: {ref_loop:.1f} / {sec['calibrate']:.1f} = "
+            f"{ref_loop / sec['calibrate']:.2f}   (target >= 1.4)"
+        )
+        print(
+            f"  (c) peak RSS / fp32 model size: {peak:.0f} / {model_mib:.0f} = {peak / model_mib:.2f}   "
+            f"(target <= 1.5); importing torch+transformers alone: {base:.0f} MiB; "
+            f"(peak - that) / model = {(peak - base) / model_mib:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
