@@ -415,8 +415,10 @@ def run_realign(
             if out is not None:
                 with timer.phase("save"):
                     target_dir.mkdir(exist_ok=True)
+                    # A merge destroys the in-memory adapter model: work on a copy unless nobody needs it.
+                    keep_model = keep_masks or not last
                     save_realigned(
-                        target_dir, loaded, saved_masks, report, merge=config.merge, keep_model=True
+                        target_dir, loaded, saved_masks, report, merge=config.merge, keep_model=keep_model
                     )
                 report["seconds"] = dict(timer.seconds)
                 report["memory"] = peak_memory()
@@ -471,7 +473,8 @@ def realign_sweep(
     **options: Any,
 ) -> list[RealignResult]:
     """One calibration pass, one output per mask ratio (`output/alpha-<ratio>/`). Returns the reports;
-    masks are on disk, not kept in memory. The in-memory model ends at the last ratio."""
+    masks are on disk, not kept in memory. The in-memory model ends at the last ratio (with
+    `merge=True`, merged into its base model)."""
     return _realign(model, data, tuple(mask_ratios), options, keep_masks=False)
 
 
