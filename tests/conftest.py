@@ -106,12 +106,12 @@ def make_tokenizer():  # type: ignore[no-untyped-def]
     return fast
 
 
-def make_model(seed: int = 0, layers: int = 2):  # type: ignore[no-untyped-def]
+def make_model(seed: int = 0, layers: int = 2, hidden_size: int = 32):  # type: ignore[no-untyped-def]
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=64,
         num_hidden_layers=layers,
         num_attention_heads=4,

@@ -18,6 +18,11 @@ def run(*args: object) -> int:
     return main(["realign", *map(str, args)])
 
 
+def realign_tiny(tiny: dict[str, Path], out: Path, *extra: object) -> int:
+    """Realign the tiny full model on the tiny harmful data into `out`."""
+    return run(tiny["model"], "--data", tiny["harmful"], "--output", out, *extra)
+
+
 def folder_digest(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
@@ -84,11 +89,8 @@ def test_full_model_output_reloads_with_masked_weights_zero(tiny, tmp_path) -> N
 
     out = tmp_path / "full"
     assert (
-        run(
-            tiny["model"],
-            "--data",
-            tiny["harmful"],
-            "--output",
+        realign_tiny(
+            tiny,
             out,
             "--granularity",
             "global",
@@ -115,10 +117,10 @@ def test_full_model_output_reloads_with_masked_weights_zero(tiny, tmp_path) -> N
 
 def test_sweep_writes_one_output_per_ratio_equal_to_single_runs(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "sweep"
-    assert run(tiny["model"], "--data", tiny["harmful"], "--output", out, "--mask-ratio", "0.05,0.2") == 0
+    assert realign_tiny(tiny, out, "--mask-ratio", "0.05,0.2") == 0
     assert (out / "sweep_report.json").is_file()
     single = tmp_path / "single"
-    assert run(tiny["model"], "--data", tiny["harmful"], "--output", single, "--mask-ratio", "0.2") == 0
+    assert realign_tiny(tiny, single, "--mask-ratio", "0.2") == 0
     a = load_file(out / "alpha-0.2" / "model.safetensors")
     b = load_file(single / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in b)  # the 0.05 pass left no trace in the 0.2 output
@@ -131,11 +133,8 @@ def test_random_score_same_seed_same_masks(tiny, tmp_path) -> None:  # type: ign
     masks = []
     for seed, name in ((3, "a"), (3, "b"), (4, "c")):
         assert (
-            run(
-                tiny["model"],
-                "--data",
-                tiny["harmful"],
-                "--output",
+            realign_tiny(
+                tiny,
                 tmp_path / name,
                 "--score",
                 "random",
@@ -151,7 +150,7 @@ def test_random_score_same_seed_same_masks(tiny, tmp_path) -> None:  # type: ign
 
 def test_magnitude_score_masks_largest_weights_per_row(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "mag"
-    assert run(tiny["model"], "--data", tiny["harmful"], "--output", out, "--score", "magnitude") == 0
+    assert realign_tiny(tiny, out, "--score", "magnitude") == 0
     before = load_file(tiny["model"] / "model.safetensors")
     masks = load_file(out / "antidote_mask.safetensors")
     w = before["model.layers.1.mlp.down_proj.weight"]
@@ -164,11 +163,8 @@ def test_magnitude_score_masks_largest_weights_per_row(tiny, tmp_path) -> None: 
 def test_revert_sets_masked_weights_to_reference(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "revert"
     assert (
-        run(
-            tiny["model"],
-            "--data",
-            tiny["harmful"],
-            "--output",
+        realign_tiny(
+            tiny,
             out,
             "--action",
             "revert",
@@ -202,9 +198,9 @@ def test_existing_output_needs_overwrite(tiny, tmp_path, capsys) -> None:  # typ
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    assert run(tiny["model"], "--data", tiny["harmful"], "--output", out) == 2
+    assert realign_tiny(tiny, out) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").read_text() == "precious"
-    assert run(tiny["model"], "--data", tiny["harmful"], "--output", out, "--overwrite") == 0
+    assert realign_tiny(tiny, out, "--overwrite") == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
 
@@ -291,17 +287,9 @@ def _write(path: Path, text: str) -> Path:
 
 
 def _other_shape(p: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import make_model
 
-    cfg = LlamaConfig(
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(p / "other")
+    make_model(hidden_size=48).save_pretrained(p / "other")
     return p / "other"
 
 
