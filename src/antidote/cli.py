@@ -72,7 +72,8 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     config_file = getattr(args, "config", None)
     names = {f.name for f in dataclasses.fields(cls)}
     if config_file:
-        values.update(read_yaml(config_file, names))
+        aliases = {_flag(f).lstrip("-").replace("-", "_"): f.name for f in dataclasses.fields(cls)}
+        values.update(read_yaml(config_file, names, aliases))
     values.update({k: v for k, v in vars(args).items() if k in names})
     missing = [
         f.name
@@ -88,7 +89,8 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     return cls(**values)
 
 
-def read_yaml(path: str, allowed: set[str]) -> dict[str, Any]:
+def read_yaml(path: str, allowed: set[str], aliases: dict[str, str]) -> dict[str, Any]:
+    """Read a YAML mapping; keys may be field names or CLI flag names (`mask-ratio`, `mask_ratio`)."""
     import yaml
 
     file = Path(path)
@@ -101,10 +103,7 @@ def read_yaml(path: str, allowed: set[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise AntidoteError(f"config file {path} must be a mapping of option: value")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    data = {
-        ("mask_ratios" if k == "mask_ratio" else "filters" if k == "filter" else k): v
-        for k, v in data.items()
-    }
+    data = {aliases.get(k, k): v for k, v in data.items()}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise AntidoteError(
