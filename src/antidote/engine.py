@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from antidote.config import RealignConfig
@@ -28,6 +27,7 @@ from antidote.errors import AntidoteError
 from antidote.models import LoadedModel, load_model
 from antidote.outputs import atomic_output_dir, check_output_dir
 from antidote.pruning.calibrate import Statistics, collect_statistics, resolve_compute_dtype
+from antidote.pruning.maskfile import PackedMask, write_mask_file
 from antidote.pruning.scores import (
     contrast_score,
     select_global,
@@ -147,7 +147,7 @@ def target_scores(
             raise AntidoteError(f"unknown score {score!r}")
 
 
-def compute_masks(
+def iter_masks(
     targets: Mapping[str, nn.Linear],
     stats: Statistics,
     ratio: float,
@@ -157,21 +157,30 @@ def compute_masks(
     benign: Statistics | None = None,
     reference: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
-) -> dict[str, torch.Tensor]:
-    """Module name -> bool mask (out, in) on the CPU, True for the top-`ratio` scores."""
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (module name, bool mask (out, in) on the weight's device), one target at a time, True for
+    the top-`ratio` scores. Only one tensor of scores exists at a time."""
 
     def scores() -> Iterator[tuple[str, torch.Tensor]]:
         return target_scores(targets, stats, score=score, benign=benign, reference=reference, seed=seed)
 
     if granularity == "row":
-        return {name: select_rows(s, ratio).cpu() for name, s in scores()}
-    if granularity == "layer":
-        return {name: select_tensor(s, ratio).cpu() for name, s in scores()}
-    if granularity == "global":
+        yield from ((name, select_rows(s, ratio)) for name, s in scores())
+    elif granularity == "layer":
+        yield from ((name, select_tensor(s, ratio)) for name, s in scores())
+    elif granularity == "global":
         sizes = [m.weight.numel() for m in targets.values()]
         take = select_global(lambda: (s for _, s in scores()), sizes, ratio)
-        return {name: take(i, s).cpu() for i, (name, s) in enumerate(scores())}
-    raise AntidoteError(f"unknown granularity {granularity!r}")
+        yield from ((name, take(i, s)) for i, (name, s) in enumerate(scores()))
+    else:
+        raise AntidoteError(f"unknown granularity {granularity!r}")
+
+
+def compute_masks(
+    targets: Mapping[str, nn.Linear], stats: Statistics, ratio: float, **options: Any
+) -> dict[str, torch.Tensor]:
+    """Module name -> bool mask (out, in) on the CPU; `options` as for `iter_masks`."""
+    return {name: mask.cpu() for name, mask in iter_masks(targets, stats, ratio, **options)}
 
 
 @torch.no_grad()
@@ -228,7 +237,7 @@ def peak_memory() -> dict[str, float]:
 def save_realigned(
     folder: Path,
     loaded: LoadedModel,
-    masks: Mapping[str, torch.Tensor],
+    masks: Mapping[str, PackedMask],
     report: Mapping[str, Any],
     *,
     merge: bool = False,
@@ -248,7 +257,7 @@ def save_realigned(
         model.save_pretrained(folder)  # type: ignore[operator]
         if not loaded.adapter:
             loaded.tokenizer.save_pretrained(folder)
-    save_file({k: v.contiguous() for k, v in masks.items()}, str(folder / MASK_FILE))
+    write_mask_file(folder / MASK_FILE, masks)
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     (folder / "README.md").write_text(model_card(report))
 
@@ -345,12 +354,12 @@ def _report(
     config: RealignConfig,
     ratio: float,
     loaded: LoadedModel,
-    masks: Mapping[str, torch.Tensor],
+    masks: Mapping[str, PackedMask],
     stats: Statistics,
     timer: _Timer,
 ) -> dict[str, Any]:
     tensors = {
-        name: {"pruned": int(m.sum()), "total": m.numel(), "fraction": round(float(m.float().mean()), 6)}
+        name: {"pruned": m.pruned, "total": m.numel, "fraction": round(m.pruned / m.numel, 6)}
         for name, m in masks.items()
     }
     pruned = sum(t["pruned"] for t in tensors.values())
@@ -396,8 +405,10 @@ def run_realign(
     def write(folder: Path) -> None:
         for i, ratio in enumerate(config.mask_ratios):
             last = i == len(config.mask_ratios) - 1
-            with timer.phase("score_select"):
-                masks = compute_masks(
+            packed: dict[str, PackedMask] = {}
+            old: dict[str, torch.Tensor] = {}
+            with timer.phase("prune"):  # score, select and apply one tensor at a time
+                for name, mask in iter_masks(
                     targets,
                     stats,
                     ratio,
@@ -406,11 +417,10 @@ def run_realign(
                     benign=benign_stats,
                     reference=ref,
                     seed=config.seed,
-                )
-            with timer.phase("apply"):
-                old = apply_masks(targets, masks, reference=ref, keep_old=not last)
-            saved_masks = {names[n]: m for n, m in masks.items()}
-            report = _report(config, ratio, loaded, saved_masks, stats, timer)
+                ):
+                    old.update(apply_masks(targets, {name: mask}, reference=ref, keep_old=not last))
+                    packed[names[name]] = PackedMask.pack(mask)
+            report = _report(config, ratio, loaded, packed, stats, timer)
             target_dir = folder / f"alpha-{ratio:g}" if sweep else folder
             if out is not None:
                 with timer.phase("save"):
@@ -418,28 +428,20 @@ def run_realign(
                     # A merge destroys the in-memory adapter model: work on a copy unless nobody needs it.
                     keep_model = keep_masks or not last
                     save_realigned(
-                        target_dir, loaded, saved_masks, report, merge=config.merge, keep_model=keep_model
+                        target_dir, loaded, packed, report, merge=config.merge, keep_model=keep_model
                     )
                 report["seconds"] = dict(timer.seconds)
                 report["memory"] = peak_memory()
                 (target_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
             if not last:
-                restore_masks(targets, masks, old)
-            log.info(
-                "alpha %g: pruned %d of %d weights",
-                ratio,
-                report["pruned_total"]["pruned"],
-                report["pruned_total"]["total"],
-            )
-            results.append(
-                RealignResult(
-                    loaded.model,
-                    loaded.tokenizer,
-                    saved_masks if keep_masks else {},
-                    report,
-                    out / target_dir.name if sweep and out else out,
-                )
-            )
+                by_saved = {saved: module for module, saved in names.items()}
+                for saved, bits in packed.items():
+                    restore_masks(targets, {by_saved[saved]: bits.unpack()}, old)
+            total = report["pruned_total"]
+            log.info("alpha %g: pruned %d of %d weights", ratio, total["pruned"], total["total"])
+            masks = {k: m.unpack() for k, m in packed.items()} if keep_masks else {}
+            output = out / target_dir.name if sweep and out else out
+            results.append(RealignResult(loaded.model, loaded.tokenizer, masks, report, output))
 
     if out is None:
         write(Path("."))

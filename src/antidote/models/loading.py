@@ -63,10 +63,21 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def _content_key(path: Path, chunk: int = 1 << 20) -> str:
+    """Identify a file by its size and its first and last MiB, not by where it lies: two virtualenvs
+    holding the same embedded model share one cache entry instead of rebuilding it in turn."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(chunk))
+        f.seek(max(size - chunk, 0))
+        digest.update(f.read(chunk))
+    return digest.hexdigest()[:16]
+
+
 def gguf_to_folder(gguf: Path, name: str | None = None) -> Path:
     """Dequantize a GGUF file into a cached safetensors model folder (once) and return that folder."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = _content_key(gguf)
     folder = cache_dir() / (name or f"{gguf.stem}-{key}")
     marker = folder / "antidote_source.json"
     if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
