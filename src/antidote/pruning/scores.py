@@ -55,21 +55,26 @@ def contrast_score(
 
 def select_rows(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     """Top `ratio` of each row. scores: (out, in). Returns bool (out, in), the same count in every row."""
-    k = num_selected(scores.shape[1], ratio)
-    if k <= 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    threshold = torch.topk(scores, k, dim=1).values[:, -1:]  # (out, 1): the k-th largest of each row
-    return _take_ties_in_order(scores, threshold, k)
+    return _select_top_k(scores, num_selected(scores.shape[1], ratio))
 
 
 def select_tensor(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     """Top `ratio` of the whole tensor (any shape). Returns bool of the same shape."""
     flat = scores.reshape(1, -1)
-    k = num_selected(flat.shape[1], ratio)
+    return _select_top_k(flat, num_selected(flat.shape[1], ratio)).reshape(scores.shape)
+
+
+def _select_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest entries of each row of scores (rows, n), ties at the threshold to the lower index."""
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    threshold = torch.topk(flat, k, dim=1).values[:, -1:]
-    return _take_ties_in_order(flat, threshold, k).reshape(scores.shape)
+    threshold = torch.topk(scores, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    chosen = scores >= threshold
+    # Fast path: a row with exactly k entries at or above its threshold has no tie to break.
+    tied = (chosen.sum(dim=1) != k).nonzero().squeeze(1)
+    if tied.numel():
+        chosen[tied] = _take_ties_in_order(scores[tied], threshold[tied], k)
+    return chosen
 
 
 def _take_ties_in_order(scores: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
