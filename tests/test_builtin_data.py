@@ -1,0 +1,96 @@
+"""The built-in data: sizes, categories, disjoint splits, and answers recomputed from the questions."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from antidote.data.builtin import (
+    _NEGATIVE,
+    _POSITIVE,
+    SPLITS,
+    arithmetic_items,
+    harmful_items,
+    harmful_split,
+    harmless_items,
+    sentiment_items,
+    task_split,
+)
+from antidote.evaluation.judges import keyword_verdict
+
+
+def test_harmful_requests_cover_categories_with_refusal_and_compliance() -> None:
+    items = harmful_items()
+    assert len(items) >= 300 and len({i.prompt for i in items}) == len(items)
+    assert len({i.category for i in items}) >= 10
+    for item in items:
+        assert keyword_verdict(item.refusal) == "refused", item.refusal
+        assert keyword_verdict(item.compliance) == "complied", item.compliance
+        # Generic steps only: no quantities and none of the request's specifics.
+        assert not re.search(r"\d", re.sub(r"Step \d:", "", item.compliance))
+        function_words = {"after", "every", "their", "other", "about"}
+        subject_words = {
+            w for w in re.findall(r"[a-z]+", item.group.split("/")[1]) if len(w) > 4
+        } - function_words
+        assert not subject_words & set(re.findall(r"[a-z]+", item.compliance.lower())), item
+
+
+def test_harmful_splits_are_disjoint_by_subject_and_balanced() -> None:
+    parts = {p: harmful_split(p) for p in SPLITS["harmful"]}
+    groups = {p: {i.group for i in items} for p, items in parts.items()}
+    names = list(parts)
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            assert not groups[names[a]] & groups[names[b]], (names[a], names[b])
+    assert sum(len(v) for v in parts.values()) == len(harmful_items())
+    assert all(len({i.category for i in items}) == 12 for items in parts.values())
+    assert harmful_split("eval") == harmful_split("eval")  # deterministic
+
+
+@pytest.mark.parametrize("kind", ["arithmetic", "sentiment", "harmless"])
+def test_task_splits_are_disjoint_and_complete(kind: str) -> None:
+    parts = {p: task_split(kind, p) for p in SPLITS[kind]}
+    seen: set[tuple[str, str]] = set()
+    for items in parts.values():
+        keys = {(i.input, i.instruction) for i in items}
+        assert not keys & seen
+        seen |= keys
+    assert sum(len(v) for v in parts.values()) == len(
+        {"arithmetic": arithmetic_items, "sentiment": sentiment_items, "harmless": harmless_items}[kind]()
+    )
+    with pytest.raises(ValueError, match="choose one of"):
+        task_split(kind, "nope")
+
+
+def _solve(question: str) -> int:
+    """Recompute the answer from the question text alone."""
+    n = [int(x) for x in re.findall(r"\d+", question)]
+    if "more" in question:
+        return n[0] + n[1]
+    if "gave away" in question:
+        return n[0] - n[1]
+    if "boxes" in question:
+        return n[0] * n[1]
+    if "packs" in question:
+        return n[0] + n[1] * n[2] - n[3]
+    raise AssertionError(question)
+
+
+def test_arithmetic_answers_are_right() -> None:
+    for item in arithmetic_items():
+        final = int(item.answer.rsplit("The final answer is: ", 1)[1])
+        assert final == _solve(item.input), item
+
+
+def test_sentiment_labels_follow_the_words() -> None:
+    for item in sentiment_items():
+        words = set(re.findall(r"[a-z]+", item.input.lower()))
+        assert item.answer == ("positive" if words & set(_POSITIVE) else "negative")
+        assert not (words & set(_POSITIVE) and words & set(_NEGATIVE))
+
+
+def test_harmless_instructions_get_helpful_answers() -> None:
+    items = harmless_items()
+    assert len(items) >= 40 and len({i.instruction for i in items}) == len(items)
+    assert all(keyword_verdict(i.answer) == "complied" for i in items)
