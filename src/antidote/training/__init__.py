@@ -1,0 +1,1 @@
+"""Training stages: LoRA SFT shared by alignment and the harmful fine-tuning attack."""
