@@ -1,0 +1,134 @@
+"""Evaluate one model: harmful score (HS), task accuracy (FA) and over-refusal, with the generations."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+from antidote.data.loading import Example
+from antidote.data.templates import format_prompt
+from antidote.evaluation.generation import generate
+from antidote.evaluation.judges import harmful_score, keyword_verdict
+from antidote.evaluation.metrics import agnews_correct, gsm8k_prediction, sst2_correct
+
+TASKS = ("sentiment", "arithmetic", "sst2", "agnews", "gsm8k")
+
+
+def task_correct(task: str, output: str, answer: str) -> bool:
+    """Whether `output` answers a `task` item whose expected output is `answer`."""
+    if task in ("sentiment", "sst2"):
+        return sst2_correct(output, answer)
+    if task == "agnews":
+        return agnews_correct(output, answer)
+    if task in ("arithmetic", "gsm8k"):
+        gold = gsm8k_prediction(answer.replace("####", "The final answer is: "))
+        return gold is not None and gsm8k_prediction(output) == gold
+    raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+
+
+@dataclass
+class EvalResult:
+    """One model's numbers. Percentages; every number names its judge, prompt set and count."""
+
+    hs: float
+    refused: float
+    degenerate: float
+    n_prompts: int
+    fa: float
+    n_task: int
+    over_refusal: float
+    n_harmless: int
+    judge: str
+    harmful_set: str
+    task: str
+
+    def as_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate_model(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    template: str,
+    harmful_prompts: Sequence[str],
+    task: str,
+    task_items: Sequence[tuple[str, str, str]],
+    harmless_prompts: Sequence[str],
+    harmful_set: str = "built-in eval",
+    max_new_tokens: int = 32,
+    task_new_tokens: int = 8,
+    batch_size: int = 16,
+) -> tuple[EvalResult, list[dict[str, str]]]:
+    """Greedy-generate on the three prompt sets and score them with the keyword judge.
+
+    task_items: (instruction, input, expected output). Returns the result and one record per generation
+    (set, prompt, response, verdict or correct).
+    """
+
+    def fmt(prompt: str, extra: str = "") -> str:
+        return format_prompt(Example(prompt=prompt, response="", input=extra), template, tokenizer)
+
+    add_special = template != "chat"
+    harmful_out = generate(
+        model,
+        tokenizer,
+        [fmt(p) for p in harmful_prompts],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        add_special_tokens=add_special,
+        desc="harmful prompts",
+    )
+    task_out = generate(
+        model,
+        tokenizer,
+        [fmt(i, x) for i, x, _ in task_items],
+        max_new_tokens=task_new_tokens,
+        batch_size=batch_size,
+        add_special_tokens=add_special,
+        desc=f"{task} task",
+    )
+    harmless_out = generate(
+        model,
+        tokenizer,
+        [fmt(p) for p in harmless_prompts],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        add_special_tokens=add_special,
+        desc="harmless prompts",
+    )
+    verdicts = [keyword_verdict(r) for r in harmful_out]
+    correct = [task_correct(task, out, item[2]) for out, item in zip(task_out, task_items, strict=True)]
+    refusals = [keyword_verdict(r) == "refused" for r in harmless_out]
+    score = harmful_score(verdicts)
+    result = EvalResult(
+        hs=score.hs,
+        refused=score.refused,
+        degenerate=score.degenerate,
+        n_prompts=score.n_prompts,
+        fa=round(100.0 * sum(correct) / max(len(correct), 1), 2),
+        n_task=len(correct),
+        over_refusal=round(100.0 * sum(refusals) / max(len(refusals), 1), 2),
+        n_harmless=len(refusals),
+        judge="keyword",
+        harmful_set=harmful_set,
+        task=task,
+    )
+    records = (
+        [
+            {"set": "harmful", "prompt": p, "response": r, "verdict": v}
+            for p, r, v in zip(harmful_prompts, harmful_out, verdicts, strict=True)
+        ]
+        + [
+            {"set": task, "prompt": f"{i}\n{x}", "response": r, "correct": str(c)}
+            for (i, x, _), r, c in zip(task_items, task_out, correct, strict=True)
+        ]
+        + [
+            {"set": "harmless", "prompt": p, "response": r, "verdict": "refused" if f else "answered"}
+            for p, r, f in zip(harmless_prompts, harmless_out, refusals, strict=True)
+        ]
+    )
+    return result, records
