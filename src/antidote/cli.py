@@ -136,6 +136,23 @@ def cmd_realign(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    import time as _time
+
+    from antidote.experiments.demo import DemoConfig, run_demo
+    from antidote.outputs import atomic_output_dir, check_output_dir
+
+    output = args.output or f"runs/demo-{_time.strftime('%Y%m%d-%H%M%S')}"
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(output, args.overwrite)
+    config = DemoConfig.quick() if args.quick else DemoConfig()
+    with atomic_output_dir(out, args.overwrite) as tmp:
+        run_demo(tmp, config, models_dir=tmp / "models")
+    print((out / "results.md").read_text())
+    print(f"everything is in {out}: results, summary, table, plot, generations and models/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from antidote import __version__
     from antidote.config import RealignConfig
@@ -158,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dataclass_arguments(realign, RealignConfig)
     realign.set_defaults(func=cmd_realign)
+    demo = sub.add_parser(
+        "demo",
+        help="align -> attack -> realign -> evaluate the embedded SmolLM2 on built-in data (CPU, ~15 min)",
+        description="Shows, on held-out prompts, an aligned model broken by a poisoned fine-tune and "
+        "repaired by Antidote, with the cost in task accuracy.",
+    )
+    demo.add_argument("--output", help="run folder (default: a new runs/demo-<time>)")
+    demo.add_argument("--overwrite", action="store_true", help="replace an existing non-empty run folder")
+    demo.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage (~2 min)")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -87,7 +87,7 @@ def train_lora(
     pairs: Sequence[tuple[str, str]],
     config: TrainConfig,
     desc: str = "training",
-) -> tuple[nn.Module, list[float]]:
+) -> tuple[Any, list[float]]:
     """Add a fresh LoRA adapter to `model` and train it on the pairs. Returns (PeftModel, step losses)."""
     from peft import LoraConfig, get_peft_model
 
