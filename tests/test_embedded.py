@@ -70,3 +70,21 @@ def test_realign_embedded_model_with_adapter_and_merge(smollm2_adapter: Path, tm
     ids = tokenizer("The capital of France is", return_tensors="pt")
     generated = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] == ids["input_ids"].shape[1] + 4
+
+
+def test_demo_quick_end_to_end(tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in rows] == ["base", "aligned", "attacked", "realigned"]
+    for r in rows:
+        assert {"model", "hs", "fa", "over_refusal", "seconds", "judge", "n_prompts"} <= set(r)
+        assert r["judge"] == "keyword" and r["n_prompts"] == 8
+    assert (out / "tradeoff.png").stat().st_size > 1000 and (out / "results.md").is_file()
+    aligned = AutoModelForCausalLM.from_pretrained(out / "models" / "aligned")
+    PeftModel.from_pretrained(aligned, out / "models" / "realigned")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["operating_point"]["mask_ratio"] in (0.05, 0.2)
