@@ -311,7 +311,9 @@ def test_bad_input_fails_cleanly(case, tiny, tmp_path, capsys) -> None:  # type:
     assert inputs_before == {k: folder_digest(v) for k, v in tiny.items() if k != "root"}
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["realign", "--help"], ["demo", "--help"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["realign", "--help"], ["demo", "--help"], ["evaluate", "--help"]]
+)
 def test_help(argv, capsys) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -86,5 +86,9 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     assert (out / "tradeoff.png").stat().st_size > 1000 and (out / "results.md").is_file()
     aligned = AutoModelForCausalLM.from_pretrained(out / "models" / "aligned")
     PeftModel.from_pretrained(aligned, out / "models" / "realigned")
+    for name in ("aligned", "attacked", "realigned"):
+        assert json.loads((out / "models" / name / "antidote_prompt.json").read_text()) == {
+            "template": "chat"
+        }
     summary = json.loads((out / "summary.json").read_text())
     assert summary["operating_point"]["mask_ratio"] in (0.05, 0.2)

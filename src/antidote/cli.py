@@ -136,6 +136,18 @@ def cmd_realign(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from antidote.evaluation.run import EvaluateConfig, run_evaluate
+
+    r = run_evaluate(config_from_args(EvaluateConfig, args))
+    print(
+        f"HS {r['hs']} ({r['judge']} judge, {r['n_prompts']} prompts from {r['harmful_set']}; "
+        f"degenerate {r['degenerate']}), FA {r['fa']} ({r['task']}, {r['n_task']} items), "
+        f"over-refusal {r['over_refusal']} ({r['n_harmless']} harmless) -> {r['config']['output']}"
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import time as _time
 
@@ -156,6 +168,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from antidote import __version__
     from antidote.config import RealignConfig
+    from antidote.evaluation.run import EvaluateConfig
 
     parser = argparse.ArgumentParser(
         prog="antidote",
@@ -175,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dataclass_arguments(realign, RealignConfig)
     realign.set_defaults(func=cmd_realign)
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="harmful score, task accuracy and over-refusal of a model (greedy, batched)",
+        description="Generate on harmful prompts, task items and harmless instructions; score with the "
+        "keyword judge (degenerate output reported apart) and the task's exact-match metric.",
+    )
+    evaluate.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file")
+    add_dataclass_arguments(evaluate, EvaluateConfig)
+    evaluate.set_defaults(func=cmd_evaluate)
     demo = sub.add_parser(
         "demo",
         help="align -> attack -> realign -> evaluate the embedded SmolLM2 on built-in data (CPU, ~15 min)",

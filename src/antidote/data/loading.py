@@ -34,7 +34,7 @@ def _find_field(fields: Iterable[str], wanted: Sequence[str]) -> str | None:
     return None
 
 
-def _read_rows(source: str) -> list[dict[str, Any]]:
+def read_rows(source: str) -> list[dict[str, Any]]:
     if source.startswith("hf:"):
         return _read_hub(source)
     path = Path(source).expanduser()
@@ -97,7 +97,7 @@ def load_examples(
         so `is_safe=false` matches the boolean False).
     max_samples: keep a random subset of this size (seeded by `seed`), in source order.
     """
-    rows = _read_rows(source) if isinstance(source, str) else [dict(r) for r in source]
+    rows = read_rows(source) if isinstance(source, str) else [dict(r) for r in source]
     label = source if isinstance(source, str) else "the data"
     if not rows or not isinstance(rows[0], Mapping):
         raise AntidoteError(f"{label} holds no records; expected objects with prompt and response fields")

@@ -34,6 +34,7 @@ from antidote.training.sft import TrainConfig, encode_pairs, train_lora
 
 log = logging.getLogger(__name__)
 TEMPLATE = "chat"
+PROMPT_FILE = "antidote_prompt.json"
 TASK = "sentiment"
 
 
@@ -43,7 +44,7 @@ class DemoConfig:
 
     align_harmful: int = field(default=72, metadata={"help": "refusal pairs in the alignment mix"})
     align_task: int = field(default=90, metadata={"help": "task answers in the alignment mix"})
-    align_harmless: int = field(default=24, metadata={"help": "helpful answers in the alignment mix"})
+    align_harmless: int = field(default=36, metadata={"help": "helpful answers in the alignment mix"})
     attack_task: int = field(default=270, metadata={"help": "benign task samples in the attack"})
     attack_harmful: int = field(default=72, metadata={"help": "harmful samples in the attack"})
     calibration: int = field(default=72, metadata={"help": "harmful prompt+answer pairs for Antidote"})
@@ -51,7 +52,7 @@ class DemoConfig:
     validate_task: int = field(default=60, metadata={"help": "task items to choose alpha on"})
     eval_harmful: int = field(default=72, metadata={"help": "held-out harmful prompts"})
     eval_task: int = field(default=120, metadata={"help": "held-out task items"})
-    eval_harmless: int = field(default=24, metadata={"help": "held-out harmless instructions"})
+    eval_harmless: int = field(default=36, metadata={"help": "held-out harmless instructions"})
     mask_ratios: tuple[float, ...] = field(default=(0.02, 0.05, 0.1, 0.15, 0.2, 0.3))
     max_fa_drop: float = field(default=5.0, metadata={"help": "FA points the operating point may lose"})
     align: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=5e-4))
@@ -163,6 +164,7 @@ def run_demo(output: Path, config: DemoConfig, *, models_dir: Path | None = None
     if models_dir is not None:
         model.save_pretrained(models_dir / "aligned")
         tokenizer.save_pretrained(models_dir / "aligned")
+        save_prompt_format(models_dir / "aligned")
 
     # 2. the attack: task samples mixed with harmful compliance, a new LoRA on the aligned model.
     t = time.perf_counter()
@@ -176,6 +178,7 @@ def run_demo(output: Path, config: DemoConfig, *, models_dir: Path | None = None
     record("attacked", attacked_eval, recs, time.perf_counter() - t)
     if models_dir is not None:
         attacked.save_pretrained(models_dir / "attacked")
+        save_prompt_format(models_dir / "attacked")
 
     # 3. Antidote on the attack adapter: one calibration pass, sweep on validation, pick, evaluate.
     t = time.perf_counter()
@@ -211,6 +214,7 @@ def run_demo(output: Path, config: DemoConfig, *, models_dir: Path | None = None
     record("realigned", result, recs, time.perf_counter() - t)
     if models_dir is not None:
         attacked.save_pretrained(models_dir / "realigned")
+        save_prompt_format(models_dir / "realigned")
 
     summary = {
         "rows": rows,
@@ -232,6 +236,11 @@ def run_demo(output: Path, config: DemoConfig, *, models_dir: Path | None = None
                 f.write(json.dumps({"model": name, **r}) + "\n")
     plot(summary, output / "tradeoff.png")
     return summary
+
+
+def save_prompt_format(folder: Path) -> None:
+    """Record how prompts were formatted in training, so evaluation can format them the same way."""
+    (folder / PROMPT_FILE).write_text(json.dumps({"template": TEMPLATE}) + "\n")
 
 
 def _recovered(rows: Sequence[dict[str, Any]]) -> float | None:

@@ -1,0 +1,165 @@
+"""`antidote evaluate`: harmful score, task accuracy and over-refusal of one model, from the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from antidote.data.builtin import harmful_split, task_split
+from antidote.data.loading import load_examples, read_rows
+from antidote.errors import AntidoteError
+
+JUDGES = ("keyword",)
+TASK_CHOICES = ("sentiment", "arithmetic", "sst2", "agnews", "gsm8k")
+PROMPT_FILE = "antidote_prompt.json"
+
+
+@dataclass
+class EvaluateConfig:
+    """What `antidote evaluate` measures. Field help texts are the CLI's help texts."""
+
+    model: str = field(
+        metadata={"help": "model: HF folder, hub id, .gguf or smollm2-135m-instruct", "positional": True}
+    )
+    adapter: str | None = field(default=None, metadata={"help": "PEFT LoRA adapter folder on top of MODEL"})
+    output: str = field(
+        default="results.json", metadata={"help": "results file; generations.jsonl goes beside it"}
+    )
+    harmful_prompts: str | None = field(
+        default=None,
+        metadata={"help": "harmful prompts file (field auto-mapping); default: built-in eval split"},
+    )
+    task: str = field(
+        default="sentiment", metadata={"help": "sentiment, arithmetic (built-in), sst2, agnews, gsm8k"}
+    )
+    task_data: str | None = field(
+        default=None, metadata={"help": "task file (needed for sst2, agnews, gsm8k)"}
+    )
+    max_prompts: int | None = field(default=None, metadata={"help": "use the first N harmful prompts"})
+    max_task: int | None = field(default=None, metadata={"help": "use the first N task items"})
+    template: str = field(
+        default="auto",
+        metadata={"help": "auto (the format saved with the model, else alpaca), alpaca, chat, plain"},
+    )
+    judge: str = field(default="keyword", metadata={"help": "harmful-score judge: keyword"})
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per harmful/harmless prompt"})
+    batch_size: int = field(default=16, metadata={"help": "generation batch size"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing results file"})
+
+    def __post_init__(self) -> None:
+        if self.judge not in JUDGES:
+            raise AntidoteError(f"unknown judge {self.judge!r}; choose one of {', '.join(JUDGES)}")
+        if self.task not in TASK_CHOICES:
+            raise AntidoteError(f"unknown task {self.task!r}; choose one of {', '.join(TASK_CHOICES)}")
+        if self.task in ("sst2", "agnews", "gsm8k") and not self.task_data:
+            raise AntidoteError(f"--task {self.task} needs --task-data FILE (e.g. ../shared/data/benign/...)")
+        if self.task in ("sentiment", "arithmetic") and self.task_data:
+            raise AntidoteError(
+                "--task-data applies to sst2, agnews and gsm8k; built-in tasks bring their own"
+            )
+        if self.template not in ("auto", "alpaca", "chat", "plain"):
+            raise AntidoteError(f"unknown template {self.template!r}; choose auto, alpaca, chat or plain")
+        for name in ("max_prompts", "max_task", "max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise AntidoteError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
+
+
+def load_task_items(task: str, path: str | None) -> list[tuple[str, str, str]]:
+    """(instruction, input, expected output) items: built-in parts, or SST2/AGNEWS/GSM8K files."""
+    from antidote.evaluation.metrics import AGNEWS_INSTRUCTION, agnews_label
+
+    if path is None:
+        return [(t.instruction, t.input, t.answer) for t in task_split(task, "eval")]
+    rows = read_rows(path)
+    fields = set(rows[0]) if rows else set()
+    try:
+        if task == "sst2":
+            return [
+                (SST2_INSTRUCTION, r["sentence"], "positive" if int(r["label"]) == 1 else "negative")
+                for r in rows
+            ]
+        if task == "agnews":
+            return [
+                (
+                    AGNEWS_INSTRUCTION,
+                    r.get("text") or f"{r['title']} {r['description']}",
+                    agnews_label(r["label"]),
+                )
+                for r in rows
+            ]
+        if task == "gsm8k":
+            return [(r["question"], "", r["answer"]) for r in rows]
+        raise AntidoteError(f"--task {task} takes no --task-data")
+    except (KeyError, ValueError) as err:
+        raise AntidoteError(
+            f"{path} does not look like {task} data (fields: {', '.join(sorted(fields))}); "
+            f"missing or bad {err}"
+        ) from err
+
+
+def saved_template(*folders: str | None) -> str:
+    """The prompt format recorded with a model or adapter folder, else alpaca."""
+    for folder in folders:
+        if folder and (Path(folder) / PROMPT_FILE).is_file():
+            return str(json.loads((Path(folder) / PROMPT_FILE).read_text())["template"])
+    return "alpaca"
+
+
+def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate, write results.json and generations.jsonl (atomically), return the results."""
+    from antidote.evaluation.evaluate import evaluate_model
+    from antidote.models import load_model
+
+    out = Path(config.output)
+    if out.exists() and not config.overwrite:
+        raise AntidoteError(f"{out} exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise AntidoteError(f"the folder of {out} does not exist; create it first")
+    if config.harmful_prompts:
+        harmful = [e.prompt for e in load_examples(config.harmful_prompts, require_response=False)]
+        harmful_set = config.harmful_prompts
+    else:
+        harmful, harmful_set = [h.prompt for h in harmful_split("eval")], "built-in eval"
+    task_items = load_task_items(config.task, config.task_data)
+    harmful, task_items = harmful[: config.max_prompts], task_items[: config.max_task]
+    harmless = [h.instruction for h in task_split("harmless", "eval")]
+    template = saved_template(config.adapter, config.model) if config.template == "auto" else config.template
+    loaded = load_model(config.model, adapter=config.adapter)
+    result, records = evaluate_model(
+        loaded.model,
+        loaded.tokenizer,
+        template=template,
+        harmful_prompts=harmful,
+        task=config.task,
+        task_items=task_items,
+        harmless_prompts=harmless,
+        harmful_set=harmful_set,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+    )
+    results = {
+        **result.as_row(),
+        "template": template,
+        "model": config.model,
+        "adapter": config.adapter,
+        "task_data": config.task_data or "built-in eval",
+        "config": asdict(config),
+    }
+    _write_atomic(out, json.dumps(results, indent=2) + "\n")
+    _write_atomic(out.with_name("generations.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
+    return results
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
