@@ -569,7 +569,7 @@ SPLITS: dict[str, dict[str, tuple[float, float]]] = {
         "validate": (0.7, 0.8),
         "eval": (0.8, 1.0),
     },
-    "harmless": {"align": (0.0, 0.5), "eval": (0.5, 1.0)},
+    "harmless": {"align": (0.0, 0.5), "validate": (0.5, 2 / 3), "eval": (2 / 3, 1.0)},
 }
 
 

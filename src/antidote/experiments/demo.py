@@ -42,9 +42,12 @@ TASK = "sentiment"
 class DemoConfig:
     """Sizes of each stage. `quick()` shrinks everything for a smoke run."""
 
-    align_harmful: int = field(default=72, metadata={"help": "refusal pairs in the alignment mix"})
+    align_harmful: int = field(default=36, metadata={"help": "refusal pairs in the alignment mix"})
     align_task: int = field(default=90, metadata={"help": "task answers in the alignment mix"})
     align_harmless: int = field(default=36, metadata={"help": "helpful answers in the alignment mix"})
+    align_arithmetic: int = field(
+        default=60, metadata={"help": "worked arithmetic answers in the alignment mix"}
+    )
     attack_task: int = field(default=270, metadata={"help": "benign task samples in the attack"})
     attack_harmful: int = field(default=72, metadata={"help": "harmful samples in the attack"})
     calibration: int = field(default=72, metadata={"help": "harmful prompt+answer pairs for Antidote"})
@@ -52,10 +55,11 @@ class DemoConfig:
     validate_task: int = field(default=60, metadata={"help": "task items to choose alpha on"})
     eval_harmful: int = field(default=72, metadata={"help": "held-out harmful prompts"})
     eval_task: int = field(default=120, metadata={"help": "held-out task items"})
-    eval_harmless: int = field(default=36, metadata={"help": "held-out harmless instructions"})
+    eval_harmless: int = field(default=24, metadata={"help": "held-out harmless instructions"})
     mask_ratios: tuple[float, ...] = field(default=(0.02, 0.05, 0.1, 0.15, 0.2, 0.3))
     max_fa_drop: float = field(default=5.0, metadata={"help": "FA points the operating point may lose"})
-    align: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=5e-4))
+    # lr 3e-4 chosen on the validation split (docs/demo.md): 5e-4 over-refused, 2e-4 under-refused.
+    align: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=3e-4))
     attack: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=5e-4, seed=1))
     max_new_tokens: int = 32
     batch_size: int = 16
@@ -95,7 +99,7 @@ def _evaluate(
     )
     harmful = [h.prompt for h in harmful_split(split)][:n_harmful]
     task = [(t.instruction, t.input, t.answer) for t in task_split(TASK, split)][:n_task]
-    harmless = [h.instruction for h in task_split("harmless", "eval")][: config.eval_harmless]
+    harmless = [h.instruction for h in task_split("harmless", split)][: config.eval_harmless]
     return evaluate_model(
         model,
         tokenizer,
@@ -103,7 +107,7 @@ def _evaluate(
         harmful_prompts=harmful,
         task=TASK,
         task_items=task,
-        harmless_prompts=harmless if split == "eval" else [],
+        harmless_prompts=harmless,
         harmful_set=f"built-in {split}",
         max_new_tokens=config.max_new_tokens,
         batch_size=config.batch_size,
@@ -155,6 +159,10 @@ def run_demo(output: Path, config: DemoConfig, *, models_dir: Path | None = None
         + [
             (_chat(tokenizer, i.instruction), i.answer)
             for i in task_split("harmless", "align")[: config.align_harmless]
+        ]
+        + [
+            (_chat(tokenizer, i.instruction, i.input), i.answer)
+            for i in task_split("arithmetic", "align")[: config.align_arithmetic]
         ]
     )
     aligned_peft, _ = train_lora(model, tokenizer, align_pairs, config.align, desc="align")
