@@ -72,34 +72,20 @@ def evaluate_model(
     def fmt(prompt: str, extra: str = "") -> str:
         return format_prompt(Example(prompt=prompt, response="", input=extra), template, tokenizer)
 
-    add_special = template != "chat"
-    harmful_out = generate(
-        model,
-        tokenizer,
-        [fmt(p) for p in harmful_prompts],
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        add_special_tokens=add_special,
-        desc="harmful prompts",
-    )
-    task_out = generate(
-        model,
-        tokenizer,
-        [fmt(i, x) for i, x, _ in task_items],
-        max_new_tokens=task_new_tokens,
-        batch_size=batch_size,
-        add_special_tokens=add_special,
-        desc=f"{task} task",
-    )
-    harmless_out = generate(
-        model,
-        tokenizer,
-        [fmt(p) for p in harmless_prompts],
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        add_special_tokens=add_special,
-        desc="harmless prompts",
-    )
+    def run(prompts: list[str], new_tokens: int, desc: str) -> list[str]:
+        return generate(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=new_tokens,
+            batch_size=batch_size,
+            add_special_tokens=template != "chat",
+            desc=desc,
+        )  # the chat template adds its own
+
+    harmful_out = run([fmt(p) for p in harmful_prompts], max_new_tokens, "harmful prompts")
+    task_out = run([fmt(i, x) for i, x, _ in task_items], task_new_tokens, f"{task} task")
+    harmless_out = run([fmt(p) for p in harmless_prompts], max_new_tokens, "harmless prompts")
     verdicts = [keyword_verdict(r) for r in harmful_out]
     correct = [task_correct(task, out, item[2]) for out, item in zip(task_out, task_items, strict=True)]
     refusals = [keyword_verdict(r) == "refused" for r in harmless_out]
