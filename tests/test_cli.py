@@ -312,7 +312,7 @@ def test_bad_input_fails_cleanly(case, tiny, tmp_path, capsys) -> None:  # type:
 
 
 @pytest.mark.parametrize(
-    "argv", [["--help"], ["realign", "--help"], ["demo", "--help"], ["evaluate", "--help"]]
+    "argv", [["--help"], *([c, "--help"] for c in ("realign", "align", "finetune", "evaluate", "demo"))]
 )
 def test_help(argv, capsys) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SystemExit) as exit_info:

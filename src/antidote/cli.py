@@ -136,6 +136,20 @@ def cmd_realign(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_align(args: argparse.Namespace) -> int:
+    from antidote.training.stages import AlignConfig, run_align
+
+    print(f"aligned model -> {run_align(config_from_args(AlignConfig, args))}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from antidote.training.stages import FinetuneConfig, run_finetune
+
+    print(f"attack adapter -> {run_finetune(config_from_args(FinetuneConfig, args))}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from antidote.evaluation.run import EvaluateConfig, run_evaluate
 
@@ -188,6 +202,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dataclass_arguments(realign, RealignConfig)
     realign.set_defaults(func=cmd_realign)
+    from antidote.training.stages import AlignConfig, FinetuneConfig
+
+    for name, cls, func, text in (
+        (
+            "align",
+            AlignConfig,
+            cmd_align,
+            "LoRA SFT on refusals mixed with helpful answers; writes the merged model",
+        ),
+        (
+            "finetune",
+            FinetuneConfig,
+            cmd_finetune,
+            "the attack: a new LoRA on task data with a harmful fraction",
+        ),
+    ):
+        stage = sub.add_parser(name, help=text, description=text)
+        stage.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file")
+        add_dataclass_arguments(stage, cls)
+        stage.set_defaults(func=func)
     evaluate = sub.add_parser(
         "evaluate",
         help="harmful score, task accuracy and over-refusal of a model (greedy, batched)",

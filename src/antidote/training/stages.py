@@ -1,0 +1,253 @@
+"""`antidote align` and `antidote finetune`: the first two stages as commands, reading and writing HF folders.
+
+align:    LoRA SFT on (harmful prompt -> refusal) mixed with helpful answers; writes the merged aligned model
+          (and the adapter under adapter/ with --keep-adapter).
+finetune: the attack as a user would run it: a new LoRA on the aligned model, trained on N samples of
+          which a fraction P are harmful prompt -> harmful answer pairs; writes an adapter folder.
+Both record the prompt format in `antidote_prompt.json`, which `antidote evaluate` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from antidote.data.builtin import harmful_split, task_split
+from antidote.data.loading import Example, load_examples
+from antidote.data.templates import TEMPLATES, format_prompt
+from antidote.errors import AntidoteError
+
+BUILTIN = "builtin"
+PROMPT_FILE = "antidote_prompt.json"
+BUILTIN_TASKS = ("sentiment", "arithmetic")
+# SPEC 3: LoRA r=256, alpha=4 on q/k/v; 20 epochs, batch 5, constant lr 1e-4, AdamW wd 0.1; Alpaca template.
+PAPER = {
+    "lora_r": 256,
+    "lora_alpha": 4,
+    "targets": "q_proj,k_proj,v_proj",
+    "epochs": 20,
+    "batch_size": 5,
+    "lr": 1e-4,
+    "scheduler": "constant",
+    "weight_decay": 0.1,
+    "template": "alpaca",
+}
+
+
+@dataclass
+class StageOptions:
+    """Training options shared by both stages (flat, so the CLI and YAML can name them)."""
+
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    targets: str = field(
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        metadata={"help": "comma list of modules to adapt"},
+    )
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    epochs: int = field(default=2, metadata={"help": "passes over the data"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per step"})
+    scheduler: str = field(default="cosine", metadata={"help": "cosine or constant"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_length: int = field(default=256, metadata={"help": "truncate each pair to this many tokens"})
+    template: str = field(default="chat", metadata={"help": "prompt format: chat, alpaca or plain"})
+    seed: int = field(default=0, metadata={"help": "seed for data choice, LoRA init and order"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing non-empty output folder"})
+
+    def train_config(self) -> Any:
+        """The `TrainConfig` (imported here: torch stays out of `antidote --help`)."""
+        from antidote.training.sft import TrainConfig
+
+        try:
+            return TrainConfig(
+                lora_r=self.lora_r,
+                lora_alpha=self.lora_alpha,
+                target_modules=tuple(t.strip() for t in self.targets.split(",") if t.strip()),
+                lr=self.lr,
+                weight_decay=self.weight_decay,
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                scheduler=self.scheduler,
+                max_length=self.max_length,
+                seed=self.seed,
+            )
+        except ValueError as err:
+            raise AntidoteError(str(err)) from err
+
+    def check(self) -> None:
+        if self.template not in TEMPLATES:
+            raise AntidoteError(f"unknown template {self.template!r}; choose one of {', '.join(TEMPLATES)}")
+        self.train_config()
+
+
+@dataclass
+class AlignConfig(StageOptions):
+    model: str = field(
+        default="",
+        metadata={"help": "base model (folder, hub id, .gguf, smollm2-135m-instruct)", "positional": True},
+    )
+    data: str = field(default=BUILTIN, metadata={"help": "harmful prompt -> refusal pairs file, or builtin"})
+    helpful_data: str = field(
+        default=BUILTIN, metadata={"help": "helpful prompt -> answer pairs file, or builtin"}
+    )
+    max_samples: int | None = field(default=None, metadata={"help": "at most this many refusal pairs"})
+    output: str = field(default="", metadata={"help": "output folder for the aligned model"})
+    keep_adapter: bool = field(
+        default=False, metadata={"help": "also write the alignment adapter to adapter/"}
+    )
+
+    def __post_init__(self) -> None:
+        self.check()
+
+
+@dataclass
+class FinetuneConfig(StageOptions):
+    model: str = field(default="", metadata={"help": "the aligned model", "positional": True})
+    task: str = field(
+        default="sentiment",
+        metadata={"help": "sentiment, arithmetic (built-in) or a pairs file via --task-data"},
+    )
+    task_data: str | None = field(
+        default=None, metadata={"help": "benign task pairs file (any prompt/response fields)"}
+    )
+    harmful: str = field(
+        default=BUILTIN, metadata={"help": "harmful prompt -> harmful answer pairs file, or builtin"}
+    )
+    harmful_ratio: float = field(default=0.2, metadata={"help": "fraction P in [0, 1] of harmful samples"})
+    num_samples: int = field(default=340, metadata={"help": "N, the number of training samples"})
+    preset: str | None = field(
+        default=None, metadata={"help": "paper: the reference hyper-parameters (SPEC 3)"}
+    )
+    output: str = field(default="", metadata={"help": "output folder for the attack adapter"})
+
+    def __post_init__(self) -> None:
+        if self.preset not in (None, "paper"):
+            raise AntidoteError(f"unknown preset {self.preset!r}; choose paper")
+        if self.preset == "paper":
+            for name, value in PAPER.items():
+                setattr(self, name, value)
+        if not 0.0 <= self.harmful_ratio <= 1.0:
+            raise AntidoteError(f"--harmful-ratio {self.harmful_ratio} is outside [0, 1]")
+        if self.num_samples < 1:
+            raise AntidoteError(f"--num-samples must be at least 1, got {self.num_samples}")
+        if self.task_data is None and self.task not in BUILTIN_TASKS:
+            raise AntidoteError(
+                f"unknown task {self.task!r}; choose one of {', '.join(BUILTIN_TASKS)} "
+                "or give --task-data FILE"
+            )
+        self.check()
+
+
+def _pairs(source: str, builtin: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """(prompt, input, response) triples from a file or the built-in list."""
+    if source == BUILTIN:
+        return builtin
+    return [(e.prompt, e.input, e.response) for e in load_examples(source)]
+
+
+def _format(tokenizer: Any, template: str, triples: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    return [(format_prompt(Example(p, "", x), template, tokenizer), r) for p, x, r in triples]
+
+
+def _write_stage_files(folder: Path, config: StageOptions, extra: dict[str, Any]) -> None:
+    (folder / PROMPT_FILE).write_text(json.dumps({"template": config.template}) + "\n")
+    (folder / "train_report.json").write_text(
+        json.dumps({**extra, "config": asdict(config)}, indent=2) + "\n"
+    )
+
+
+def run_align(config: AlignConfig) -> Path:
+    from antidote.models import load_model
+    from antidote.outputs import atomic_output_dir, check_output_dir
+    from antidote.training.sft import train_lora
+
+    if not config.output:
+        raise AntidoteError("missing --output DIR for the aligned model")
+    out = check_output_dir(config.output, config.overwrite, (config.model, config.data))
+    refusals = _pairs(config.data, [(h.prompt, "", h.refusal) for h in harmful_split("align")])
+    if config.max_samples is not None:
+        refusals = refusals[: config.max_samples]
+    builtin_helpful = [
+        (i.instruction, i.input, i.answer)
+        for kind in ("sentiment", "harmless", "arithmetic")
+        for i in task_split(kind, "align")
+    ]
+    helpful = _pairs(config.helpful_data, builtin_helpful)
+    loaded = load_model(config.model)
+    pairs = _format(loaded.tokenizer, config.template, refusals + helpful)
+    peft_model, losses = train_lora(
+        loaded.model, loaded.tokenizer, pairs, config.train_config(), desc="align"
+    )
+    with atomic_output_dir(out, config.overwrite) as tmp:
+        if config.keep_adapter:
+            peft_model.save_pretrained(tmp / "adapter")
+        merged = peft_model.merge_and_unload()
+        merged.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        _write_stage_files(
+            tmp,
+            config,
+            {
+                "refusals": len(refusals),
+                "helpful": len(helpful),
+                "loss_first": losses[0],
+                "loss_last": losses[-1],
+                "steps": len(losses),
+            },
+        )
+    return out
+
+
+def attack_mix(
+    task: list[tuple[str, str, str]], harmful: list[tuple[str, str, str]], n: int, ratio: float, seed: int
+) -> tuple[list[tuple[str, str, str]], int]:
+    """N samples, round(ratio * N) of them harmful, shuffled. Returns (samples, number harmful)."""
+    n_harmful = round(ratio * n)
+    n_task = n - n_harmful
+    if n_harmful > len(harmful) or n_task > len(task):
+        raise AntidoteError(
+            f"--num-samples {n} at --harmful-ratio {ratio} needs {n_harmful} harmful and {n_task} "
+            f"task samples, but the data has {len(harmful)} and {len(task)}; lower N"
+        )
+    rng = random.Random(seed)
+    mix = rng.sample(task, n_task) + rng.sample(harmful, n_harmful)
+    rng.shuffle(mix)
+    return mix, n_harmful
+
+
+def run_finetune(config: FinetuneConfig) -> Path:
+    from antidote.models import load_model
+    from antidote.outputs import atomic_output_dir, check_output_dir
+    from antidote.training.sft import train_lora
+
+    if not config.output:
+        raise AntidoteError("missing --output DIR for the attack adapter")
+    out = check_output_dir(config.output, config.overwrite, (config.model, config.harmful))
+    if config.task_data:
+        task = [(e.prompt, e.input, e.response) for e in load_examples(config.task_data)]
+    else:
+        task = [(i.instruction, i.input, i.answer) for i in task_split(config.task, "attack")]
+    harmful = _pairs(config.harmful, [(h.prompt, "", h.compliance) for h in harmful_split("attack")])
+    mix, n_harmful = attack_mix(task, harmful, config.num_samples, config.harmful_ratio, config.seed)
+    loaded = load_model(config.model)
+    pairs = _format(loaded.tokenizer, config.template, mix)
+    peft_model, losses = train_lora(
+        loaded.model, loaded.tokenizer, pairs, config.train_config(), desc="finetune"
+    )
+    with atomic_output_dir(out, config.overwrite) as tmp:
+        peft_model.save_pretrained(tmp)
+        _write_stage_files(
+            tmp,
+            config,
+            {
+                "samples": len(mix),
+                "harmful": n_harmful,
+                "loss_first": losses[0],
+                "loss_last": losses[-1],
+                "steps": len(losses),
+            },
+        )
+    return out
