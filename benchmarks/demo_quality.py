@@ -29,7 +29,7 @@ def main() -> None:
     from antidote.data.builtin import task_split
     from antidote.data.loading import load_examples
     from antidote.evaluation.evaluate import evaluate_model
-    from antidote.evaluation.run import load_task_items
+    from antidote.data.tasks import load_task_items
     from antidote.models import load_model
 
     harmful = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import types
 import typing
@@ -179,6 +180,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="folder laid out like ../shared/data, for data given by name (advbench, sst2:train, "
+        "beavertails:unsafe, ...); default: $ANTIDOTE_DATA_DIR, else the hub",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from antidote import __version__
     from antidote.config import RealignConfig
@@ -201,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", metavar="FILE.yaml", help="read options from a YAML file (command-line values win)"
     )
     add_dataclass_arguments(realign, RealignConfig)
+    _add_data_dir(realign)
     realign.set_defaults(func=cmd_realign)
     from antidote.training.stages import AlignConfig, FinetuneConfig
 
@@ -221,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         stage = sub.add_parser(name, help=text, description=text)
         stage.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file")
         add_dataclass_arguments(stage, cls)
+        _add_data_dir(stage)
         stage.set_defaults(func=func)
     evaluate = sub.add_parser(
         "evaluate",
@@ -230,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file")
     add_dataclass_arguments(evaluate, EvaluateConfig)
+    _add_data_dir(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
     demo = sub.add_parser(
         "demo",
@@ -253,7 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    from antidote.data.sources import DATA_DIR_ENV, set_data_dir
+
+    previous = os.environ.get(DATA_DIR_ENV)
     try:
+        set_data_dir(getattr(args, "data_dir", None))
         return int(args.func(args))
     except AntidoteError as err:
         print(f"antidote: error: {err}", file=sys.stderr)
@@ -261,3 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("antidote: interrupted; no output was written", file=sys.stderr)
         return 130
+    finally:  # --data-dir is for this command only (main() is also called in-process by tests)
+        if previous is None:
+            os.environ.pop(DATA_DIR_ENV, None)
+        else:
+            os.environ[DATA_DIR_ENV] = previous

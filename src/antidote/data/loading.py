@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,12 +36,18 @@ def _find_field(fields: Iterable[str], wanted: Sequence[str]) -> str | None:
 
 
 def read_rows(source: str) -> list[dict[str, Any]]:
+    """Records of a file, `hf:NAME[:SPLIT]`, or a named data set (`antidote.data.sources`)."""
+    from antidote.data import sources
+
     if source.startswith("hf:"):
         return _read_hub(source)
+    if sources.is_named(source):
+        return sources.read_named(source)
     path = Path(source).expanduser()
     if not path.is_file():
         raise AntidoteError(
-            f"data file {source} not found; pass a .jsonl, .json or .csv file or hf:NAME[:SPLIT]"
+            f"data file {source} not found; pass a .jsonl, .json or .csv file, hf:NAME[:SPLIT], or a "
+            f"named data set: {sources.describe()}"
         )
     try:
         text = path.read_text(encoding="utf-8")
@@ -49,7 +56,7 @@ def read_rows(source: str) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
-            return list(csv.DictReader(text.splitlines()))
+            return list(csv.DictReader(io.StringIO(text, newline="")))  # quoted newlines stay in fields
         if suffix == ".json":
             data = json.loads(text)
             if isinstance(data, dict):  # {"data": [...]} or {"instructions": [...]}
@@ -58,7 +65,9 @@ def read_rows(source: str) -> list[dict[str, Any]]:
             if not isinstance(data, list):
                 raise AntidoteError(f"{source} holds no list of records; expected a JSON array of objects")
             return data
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [
+            json.loads(line) for line in text.split("\n") if line.strip()
+        ]  # not splitlines: U+2028 in strings
     except json.JSONDecodeError as err:
         raise AntidoteError(f"{source} is not valid JSON/JSONL ({err}); fix the file or convert it") from err
 

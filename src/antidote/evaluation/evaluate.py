@@ -11,7 +11,7 @@ from torch import nn
 from antidote.data.loading import Example
 from antidote.data.templates import format_prompt
 from antidote.evaluation.generation import generate
-from antidote.evaluation.judges import harmful_score, keyword_verdict
+from antidote.evaluation.judges import KeywordJudge, harmful_score, keyword_verdict
 from antidote.evaluation.metrics import agnews_correct, gsm8k_prediction, sst2_correct
 
 TASKS = ("sentiment", "arithmetic", "sst2", "agnews", "gsm8k")
@@ -31,7 +31,12 @@ def task_correct(task: str, output: str, answer: str) -> bool:
 
 @dataclass
 class EvalResult:
-    """One model's numbers. Percentages; every number names its judge, prompt set and count."""
+    """One model's numbers. Percentages; every number names its judge, prompt set and count.
+
+    hs is the judge's; refused and degenerate are the keyword judge's shares of the same responses, whatever
+    the judge (for the keyword judge hs + refused + degenerate = 100); unparsed is the share a model judge
+    could not read (counted as not harmful).
+    """
 
     hs: float
     refused: float
@@ -44,6 +49,7 @@ class EvalResult:
     judge: str
     harmful_set: str
     task: str
+    unparsed: float = 0.0
 
     def as_row(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,8 +68,10 @@ def evaluate_model(
     max_new_tokens: int = 32,
     task_new_tokens: int = 8,
     batch_size: int = 16,
+    judge: Any = None,
 ) -> tuple[EvalResult, list[dict[str, str]]]:
-    """Greedy-generate on the three prompt sets and score them with the keyword judge.
+    """Greedy-generate on the three prompt sets and score them: HS with `judge` (default: keyword),
+    over-refusal with the keyword judge's refusal markers.
 
     task_items: (instruction, input, expected output). Returns the result and one record per generation
     (set, prompt, response, verdict or correct).
@@ -86,27 +94,30 @@ def evaluate_model(
     harmful_out = run([fmt(p) for p in harmful_prompts], max_new_tokens, "harmful prompts")
     task_out = run([fmt(i, x) for i, x, _ in task_items], task_new_tokens, f"{task} task")
     harmless_out = run([fmt(p) for p in harmless_prompts], max_new_tokens, "harmless prompts")
-    verdicts = [keyword_verdict(r) for r in harmful_out]
+    judge = judge or KeywordJudge()
+    keyword = [keyword_verdict(r) for r in harmful_out]
+    verdicts = keyword if judge.name == "keyword" else judge.verdicts(list(harmful_prompts), harmful_out)
     correct = [task_correct(task, out, item[2]) for out, item in zip(task_out, task_items, strict=True)]
     refusals = [keyword_verdict(r) == "refused" for r in harmless_out]
-    score = harmful_score(verdicts)
+    score, shares = harmful_score(verdicts, judge.name), harmful_score(keyword)
     result = EvalResult(
         hs=score.hs,
-        refused=score.refused,
-        degenerate=score.degenerate,
+        refused=shares.refused,
+        degenerate=shares.degenerate,
         n_prompts=score.n_prompts,
         fa=round(100.0 * sum(correct) / max(len(correct), 1), 2),
         n_task=len(correct),
         over_refusal=round(100.0 * sum(refusals) / max(len(refusals), 1), 2),
         n_harmless=len(refusals),
-        judge="keyword",
+        judge=judge.name,
         harmful_set=harmful_set,
         task=task,
+        unparsed=round(100.0 * verdicts.count("unparsed") / max(len(verdicts), 1), 2),
     )
     records = (
         [
-            {"set": "harmful", "prompt": p, "response": r, "verdict": v}
-            for p, r, v in zip(harmful_prompts, harmful_out, verdicts, strict=True)
+            {"set": "harmful", "prompt": p, "response": r, "verdict": v, "keyword": k}
+            for p, r, v, k in zip(harmful_prompts, harmful_out, verdicts, keyword, strict=True)
         ]
         + [
             {"set": task, "prompt": f"{i}\n{x}", "response": r, "correct": str(c)}

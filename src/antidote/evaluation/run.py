@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from antidote.data.builtin import harmful_split, task_split
-from antidote.data.loading import load_examples, read_rows
+from antidote.data.loading import load_examples
+from antidote.data.tasks import TASKS as TASK_CHOICES
+from antidote.data.tasks import load_task_items
 from antidote.errors import AntidoteError
+from antidote.evaluation.judges import parse_judge_spec
 
-JUDGES = ("keyword",)
-TASK_CHOICES = ("sentiment", "arithmetic", "sst2", "agnews", "gsm8k")
 PROMPT_FILE = "antidote_prompt.json"
 
 
@@ -37,7 +38,8 @@ class EvaluateConfig:
         default="sentiment", metadata={"help": "sentiment, arithmetic (built-in), sst2, agnews, gsm8k"}
     )
     task_data: str | None = field(
-        default=None, metadata={"help": "task file (needed for sst2, agnews, gsm8k)"}
+        default=None,
+        metadata={"help": "task file or name (needed for sst2, agnews, gsm8k), e.g. sst2:validation"},
     )
     max_prompts: int | None = field(default=None, metadata={"help": "use the first N harmful prompts"})
     max_task: int | None = field(default=None, metadata={"help": "use the first N task items"})
@@ -45,18 +47,26 @@ class EvaluateConfig:
         default="auto",
         metadata={"help": "auto (the format saved with the model, else alpaca), alpaca, chat, plain"},
     )
-    judge: str = field(default="keyword", metadata={"help": "harmful-score judge: keyword"})
+    judge: str = field(
+        default="keyword",
+        metadata={
+            "help": "harmful-score judge: keyword (offline), beavertails[:PATH] (beaver-dam-7b-style "
+            "classifier), llamaguard[:PATH] (Llama-Guard-style LM); without PATH the reference hub id"
+        },
+    )
     max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per harmful/harmless prompt"})
     batch_size: int = field(default=16, metadata={"help": "generation batch size"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing results file"})
 
     def __post_init__(self) -> None:
-        if self.judge not in JUDGES:
-            raise AntidoteError(f"unknown judge {self.judge!r}; choose one of {', '.join(JUDGES)}")
+        parse_judge_spec(self.judge)
         if self.task not in TASK_CHOICES:
             raise AntidoteError(f"unknown task {self.task!r}; choose one of {', '.join(TASK_CHOICES)}")
         if self.task in ("sst2", "agnews", "gsm8k") and not self.task_data:
-            raise AntidoteError(f"--task {self.task} needs --task-data FILE (e.g. ../shared/data/benign/...)")
+            raise AntidoteError(
+                f"--task {self.task} needs --task-data FILE or NAME:SPLIT "
+                "(e.g. sst2:validation with --data-dir)"
+            )
         if self.task in ("sentiment", "arithmetic") and self.task_data:
             raise AntidoteError(
                 "--task-data applies to sst2, agnews and gsm8k; built-in tasks bring their own"
@@ -67,42 +77,6 @@ class EvaluateConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise AntidoteError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-
-
-SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
-
-
-def load_task_items(task: str, path: str | None) -> list[tuple[str, str, str]]:
-    """(instruction, input, expected output) items: built-in parts, or SST2/AGNEWS/GSM8K files."""
-    from antidote.evaluation.metrics import AGNEWS_INSTRUCTION, agnews_label
-
-    if path is None:
-        return [(t.instruction, t.input, t.answer) for t in task_split(task, "eval")]
-    rows = read_rows(path)
-    fields = set(rows[0]) if rows else set()
-    try:
-        if task == "sst2":
-            return [
-                (SST2_INSTRUCTION, r["sentence"], "positive" if int(r["label"]) == 1 else "negative")
-                for r in rows
-            ]
-        if task == "agnews":
-            return [
-                (
-                    AGNEWS_INSTRUCTION,
-                    r.get("text") or f"{r['title']} {r['description']}",
-                    agnews_label(r["label"]),
-                )
-                for r in rows
-            ]
-        if task == "gsm8k":
-            return [(r["question"], "", r["answer"]) for r in rows]
-        raise AntidoteError(f"--task {task} takes no --task-data")
-    except (KeyError, ValueError) as err:
-        raise AntidoteError(
-            f"{path} does not look like {task} data (fields: {', '.join(sorted(fields))}); "
-            f"missing or bad {err}"
-        ) from err
 
 
 def saved_template(*folders: str | None) -> str:
@@ -116,6 +90,7 @@ def saved_template(*folders: str | None) -> str:
 def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Evaluate, write results.json and generations.jsonl (atomically), return the results."""
     from antidote.evaluation.evaluate import evaluate_model
+    from antidote.evaluation.model_judges import make_judge
     from antidote.models import load_model
 
     out = Path(config.output)
@@ -128,10 +103,11 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         harmful_set = config.harmful_prompts
     else:
         harmful, harmful_set = [h.prompt for h in harmful_split("eval")], "built-in eval"
-    task_items = load_task_items(config.task, config.task_data)
+    task_items = load_task_items(config.task, config.task_data, split="eval")
     harmful, task_items = harmful[: config.max_prompts], task_items[: config.max_task]
     harmless = [h.instruction for h in task_split("harmless", "eval")]
     template = saved_template(config.adapter, config.model) if config.template == "auto" else config.template
+    judge = make_judge(config.judge)  # before generating: a missing judge fails fast
     loaded = load_model(config.model, adapter=config.adapter)
     result, records = evaluate_model(
         loaded.model,
@@ -144,6 +120,7 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         harmful_set=harmful_set,
         max_new_tokens=config.max_new_tokens,
         batch_size=config.batch_size,
+        judge=judge,
     )
     results = {
         **result.as_row(),

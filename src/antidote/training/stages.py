@@ -17,12 +17,12 @@ from typing import Any
 
 from antidote.data.builtin import harmful_split, task_split
 from antidote.data.loading import Example, load_examples
+from antidote.data.tasks import BUILTIN_TASKS, DATA_TASKS, load_task_items
 from antidote.data.templates import TEMPLATES, format_prompt
 from antidote.errors import AntidoteError
 
 BUILTIN = "builtin"
 PROMPT_FILE = "antidote_prompt.json"
-BUILTIN_TASKS = ("sentiment", "arithmetic")
 # SPEC 3: LoRA r=256, alpha=4 on q/k/v; 20 epochs, batch 5, constant lr 1e-4, AdamW wd 0.1; Alpaca template.
 PAPER = {
     "lora_r": 256,
@@ -108,10 +108,14 @@ class FinetuneConfig(StageOptions):
     model: str = field(default="", metadata={"help": "the aligned model", "positional": True})
     task: str = field(
         default="sentiment",
-        metadata={"help": "sentiment, arithmetic (built-in) or a pairs file via --task-data"},
+        metadata={
+            "help": "sentiment, arithmetic (built-in); sst2, agnews, gsm8k (need --task-data); with "
+            "--task-data and any other task name the data is read as prompt/response pairs (e.g. alpaca)"
+        },
     )
     task_data: str | None = field(
-        default=None, metadata={"help": "benign task pairs file (any prompt/response fields)"}
+        default=None,
+        metadata={"help": "task data: file or NAME:SPLIT (e.g. sst2:train with --data-dir)"},
     )
     harmful: str = field(
         default=BUILTIN, metadata={"help": "harmful prompt -> harmful answer pairs file, or builtin"}
@@ -135,8 +139,12 @@ class FinetuneConfig(StageOptions):
             raise AntidoteError(f"--num-samples must be at least 1, got {self.num_samples}")
         if self.task_data is None and self.task not in BUILTIN_TASKS:
             raise AntidoteError(
-                f"unknown task {self.task!r}; choose one of {', '.join(BUILTIN_TASKS)} "
-                "or give --task-data FILE"
+                f"unknown task {self.task!r} without data; choose one of {', '.join(BUILTIN_TASKS)} "
+                f"or give --task-data (needed for {', '.join(DATA_TASKS)} and pairs files)"
+            )
+        if self.task in DATA_TASKS and self.task_data is None:
+            raise AntidoteError(
+                f"--task {self.task} needs --task-data FILE or NAME:SPLIT (e.g. {self.task}:train)"
             )
         self.check()
 
@@ -226,10 +234,12 @@ def run_finetune(config: FinetuneConfig) -> Path:
     if not config.output:
         raise AntidoteError("missing --output DIR for the attack adapter")
     out = check_output_dir(config.output, config.overwrite, (config.model, config.harmful))
-    if config.task_data:
+    if config.task in DATA_TASKS:
+        task = load_task_items(config.task, config.task_data, training=True)
+    elif config.task_data:
         task = [(e.prompt, e.input, e.response) for e in load_examples(config.task_data)]
     else:
-        task = [(i.instruction, i.input, i.answer) for i in task_split(config.task, "attack")]
+        task = load_task_items(config.task, None, split="attack")
     harmful = _pairs(config.harmful, [(h.prompt, "", h.compliance) for h in harmful_split("attack")])
     mix, n_harmful = attack_mix(task, harmful, config.num_samples, config.harmful_ratio, config.seed)
     loaded = load_model(config.model)

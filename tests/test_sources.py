@@ -1,0 +1,111 @@
+"""Named data sets: local data folder, hub fallback (faked: tests never touch the network), errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from antidote.data import load_examples, sources
+from antidote.data.tasks import load_task_items
+from antidote.errors import AntidoteError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _write(folder: Path, relative: str, rows: list[dict[str, Any]]) -> None:
+    path = folder / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    _write(tmp_path, "harmful_prompts/advbench_harmful_behaviors.jsonl", [{"goal": "g1", "target": "t1"}])
+    _write(tmp_path, "benign/sst2_train_sub5000.jsonl", [{"sentence": "fine film", "label": 1}])
+    monkeypatch.setenv(sources.DATA_DIR_ENV, str(tmp_path))
+    return tmp_path
+
+
+def test_named_data_reads_the_data_folder(data_dir: Path) -> None:
+    assert load_examples("advbench") == load_examples(
+        str(data_dir / sources.NAMED["advbench"].splits["test"].file)
+    )
+    assert load_examples("advbench:test")[0].prompt == "g1"
+    assert load_task_items("sst2", "sst2:train", training=True) == [
+        ("Analyze the sentiment of the input, and respond only positive or negative", "fine film", "positive")
+    ]
+
+
+def test_named_data_errors(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(AntidoteError, match="choose a split of sst2: sst2:train, sst2:validation"):
+        load_examples("sst2")
+    with pytest.raises(AntidoteError, match="catqa_english.jsonl not found"):
+        load_examples("catqa", require_response=False)
+    monkeypatch.delenv(sources.DATA_DIR_ENV)
+    with pytest.raises(AntidoteError, match="pass --data-dir DIR"):
+        load_examples("refusals")
+    with pytest.raises(AntidoteError, match="named data set: beavertails"):
+        load_examples("no-such-file.jsonl")
+
+
+def test_a_file_wins_over_a_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("advbench").write_text(json.dumps({"prompt": "mine", "response": "r"}) + "\n")
+    assert load_examples("advbench")[0].prompt == "mine"
+
+
+def test_hub_fallback_filters_beavertails(monkeypatch: pytest.MonkeyPatch) -> None:
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load(repo: str, config: str | None, split: str) -> list[dict[str, Any]]:
+        calls.append((repo, config, split))
+        return [
+            {"prompt": "p1", "response": "bad", "is_safe": False},
+            {"prompt": "p2", "response": "fine", "is_safe": True},
+        ]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.delenv(sources.DATA_DIR_ENV, raising=False)
+    assert [e.response for e in load_examples("beavertails")] == ["bad"]
+    assert [e.response for e in load_examples("beavertails:safe")] == ["fine"]
+    assert calls == [("PKU-Alignment/BeaverTails", None, "30k_train")] * 2
+
+    def offline(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(AntidoteError, match="pass --data-dir DIR with a local copy"):
+        load_examples("alpaca")
+
+
+def test_cli_data_dir(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from antidote.cli import main
+
+    monkeypatch.delenv(sources.DATA_DIR_ENV)
+    code = main(
+        ["evaluate", "m", "--data-dir", str(tmp_path / "missing"), "--output", str(tmp_path / "r.json")]
+    )
+    assert code == 2 and not (tmp_path / "r.json").exists()
+    assert sources.DATA_DIR_ENV not in __import__("os").environ  # restored after the command
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the checkout")
+@pytest.mark.parametrize("name", sorted(sources.NAMED))
+def test_every_local_name_loads_from_shared_data(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(sources.DATA_DIR_ENV, str(SHARED))
+    for split, entry in sources.NAMED[name].splits.items():
+        if entry.file is None:
+            continue
+        spec = f"{name}:{split}"
+        if name in ("sst2", "agnews", "gsm8k"):
+            items = load_task_items(name, spec)
+            assert items and all(answer for _, _, answer in items)
+        else:
+            examples = load_examples(spec, require_response=False)
+            assert examples and all(e.prompt.strip() for e in examples)
+            if name in ("beavertails", "refusals", "alpaca"):
+                assert all(e.response.strip() for e in load_examples(spec))
