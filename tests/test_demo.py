@@ -29,11 +29,11 @@ def test_operating_point_is_lowest_hs_within_the_fa_budget() -> None:
         {"mask_ratio": 0.2, "hs": 10.0, "fa": 50.0},
         {"mask_ratio": 0.15, "hs": 40.0, "fa": 88.0},
     ]
-    chosen, why = choose_operating_point(sweep, result(80.0, 90.0), max_fa_drop=5.0)
+    chosen, why = choose_operating_point(sweep, result(80.0, 90.0).fa, max_fa_drop=5.0)
     assert (
         chosen["mask_ratio"] == 0.1 and "at most 5.0 FA points" in why
     )  # 0.2 loses 40 points; tie -> smaller
-    chosen, why = choose_operating_point(sweep, result(80.0, 99.0), max_fa_drop=5.0)
+    chosen, why = choose_operating_point(sweep, result(80.0, 99.0).fa, max_fa_drop=5.0)
     assert chosen["mask_ratio"] == 0.2 and why.startswith("no ratio kept")
 
 

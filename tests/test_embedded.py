@@ -86,9 +86,14 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     assert (out / "tradeoff.png").stat().st_size > 1000 and (out / "results.md").is_file()
     aligned = AutoModelForCausalLM.from_pretrained(out / "models" / "aligned")
     PeftModel.from_pretrained(aligned, out / "models" / "realigned")
-    for name in ("aligned", "attacked", "realigned"):
+    for name in ("base", "aligned", "attacked", "realigned"):
         assert json.loads((out / "models" / name / "antidote_prompt.json").read_text()) == {
             "template": "chat"
         }
+    base = load_file(out / "models" / "base" / "model.safetensors")  # saved before alignment changed it
+    merged = load_file(out / "models" / "aligned" / "model.safetensors")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(base[q], merged[q])
+    assert torch.equal(base["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["operating_point"]["mask_ratio"] in (0.05, 0.2)

@@ -99,7 +99,7 @@ def test_real_task_files_load(task: str, file: str) -> None:
         (["--judge", "gpt"], "choose one of keyword"),
         (["--task", "poems"], "choose one of"),
         (["--task", "sst2"], "needs --task-data"),
-        (["--task", "sentiment", "--task-data", "x.jsonl"], "applies to"),
+        (["--task", "sentiment", "--task-data", "x.jsonl"], "data file x.jsonl not found"),
         (["--max-prompts", "0"], "at least 1"),
     ],
 )

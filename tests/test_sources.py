@@ -42,7 +42,7 @@ def test_named_data_reads_the_data_folder(data_dir: Path) -> None:
 def test_named_data_errors(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(AntidoteError, match="choose a split of sst2: sst2:train, sst2:validation"):
         load_examples("sst2")
-    with pytest.raises(AntidoteError, match="catqa_english.jsonl not found"):
+    with pytest.raises(AntidoteError, match=r"catqa_english\.jsonl not found"):
         load_examples("catqa", require_response=False)
     monkeypatch.delenv(sources.DATA_DIR_ENV)
     with pytest.raises(AntidoteError, match="pass --data-dir DIR"):

@@ -180,6 +180,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from antidote.experiments.pipeline import load_run_config, run_pipeline
+
+    config = load_run_config(args.config_file, run_dir=args.run_dir, data_dir=args.data_dir)
+    summary = run_pipeline(config)
+    print((Path(summary["run_dir"]) / "results.md").read_text())
+    print(
+        f"everything is in {summary['run_dir']}: results.json, summary.json, results.md, tradeoff.png "
+        "and stages/"
+    )
+    return 0
+
+
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
@@ -237,8 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "evaluate",
         help="harmful score, task accuracy and over-refusal of a model (greedy, batched)",
-        description="Generate on harmful prompts, task items and harmless instructions; score with the "
-        "keyword judge (degenerate output reported apart) and the task's exact-match metric.",
+        description="Generate on harmful prompts, task items and harmless instructions; score HS with a "
+        "judge (keyword: offline, degenerate output reported apart; beavertails or llamaguard: a judge "
+        "model) and FA with the task's exact-match metric.",
     )
     evaluate.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file")
     add_dataclass_arguments(evaluate, EvaluateConfig)
@@ -254,6 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace an existing non-empty run folder")
     demo.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage (~2 min)")
     demo.set_defaults(func=cmd_demo)
+    run = sub.add_parser(
+        "run",
+        help="the whole pipeline from a YAML config, with a stage cache (reruns resume)",
+        description="align -> finetune (attack) -> realign -> evaluate, as configured in CONFIG.yaml (see "
+        "configs/). Finished stages are cached under RUN_DIR/stages by a hash of their inputs, so a rerun "
+        "after an interruption redoes only unfinished stages.",
+    )
+    run.add_argument("config_file", metavar="CONFIG.yaml", help="the run config")
+    run.add_argument("--run-dir", help="run folder (overrides run_dir in the config)")
+    run.add_argument(
+        "--data-dir", help="folder laid out like ../shared/data (overrides data_dir in the config)"
+    )
+    run.set_defaults(func=cmd_run)
     return parser
 
 

@@ -25,6 +25,7 @@ class Split:
     file: str | None = None  # path under the data folder
     hub: tuple[str, str | None, str] | None = None  # (data set, config, split) for datasets.load_dataset
     filters: tuple[tuple[str, Any], ...] = ()  # (field, value) rows must match (hub copies only)
+    builtin: tuple[str, str] | None = None  # (kind, part) of the project's own data
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ NAMED: dict[str, Named] = {
                 "harmful_qa/beavertails_30k_train_unsafe_200.jsonl", BEAVERTAILS, (("is_safe", False),)
             ),
             "safe": Split(None, BEAVERTAILS, (("is_safe", True),)),
+            # 140 other unsafe rows, ~10 per harm category (artkit's sample; 5 prompts shared with unsafe)
+            "sample140": Split("harmful_qa/beavertails_30k_train_sample140_artkit.jsonl"),
         },
         default_split="unsafe",
     ),
@@ -103,6 +106,49 @@ NAMED: dict[str, Named] = {
 }
 
 
+HARMFUL_PARTS = ("align", "attack", "calibrate", "validate", "eval")
+TASK_PARTS = ("align", "attack", "validate", "eval")
+NAMED.update(
+    {
+        "builtin-harmful": Named(
+            "built-in harmful requests with compliant (non-actionable) answers",
+            {p: Split(builtin=("harmful", p)) for p in HARMFUL_PARTS},
+        ),
+        "builtin-refusals": Named(
+            "built-in harmful requests with refusals",
+            {p: Split(builtin=("refusals", p)) for p in HARMFUL_PARTS},
+        ),
+        "builtin-sentiment": Named(
+            "built-in sentiment task", {p: Split(builtin=("sentiment", p)) for p in TASK_PARTS}
+        ),
+        "builtin-arithmetic": Named(
+            "built-in arithmetic task", {p: Split(builtin=("arithmetic", p)) for p in TASK_PARTS}
+        ),
+        "builtin-harmless": Named(
+            "built-in harmless instructions with answers",
+            {p: Split(builtin=("harmless", p)) for p in ("align", "validate", "eval")},
+        ),
+    }
+)
+
+
+def _builtin_rows(kind: str, part: str) -> list[dict[str, Any]]:
+    from antidote.data.builtin import harmful_split, task_split
+
+    if kind in ("harmful", "refusals"):
+        return [
+            {
+                "prompt": h.prompt,
+                "response": h.compliance if kind == "harmful" else h.refusal,
+                "category": h.category,
+            }
+            for h in harmful_split(part)
+        ]
+    return [
+        {"instruction": t.instruction, "input": t.input, "output": t.answer} for t in task_split(kind, part)
+    ]
+
+
 def data_dir() -> Path | None:
     value = os.environ.get(DATA_DIR_ENV)
     return Path(value).expanduser() if value else None
@@ -137,6 +183,8 @@ def read_named(source: str) -> list[dict[str, Any]]:
             f"{source}: choose a split of {name}: {', '.join(f'{name}:{s}' for s in named.splits)}"
         )
     entry = named.splits[split]
+    if entry.builtin is not None:
+        return _builtin_rows(*entry.builtin)
     folder = data_dir()
     if folder is not None and entry.file is not None:
         path = folder / entry.file

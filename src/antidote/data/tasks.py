@@ -28,11 +28,11 @@ def load_task_items(
         if task not in BUILTIN_TASKS:
             raise AntidoteError(f"--task {task} needs data: --task-data FILE or NAME:SPLIT")
         return [(t.instruction, t.input, t.answer) for t in task_split(task, split)]
-    if task in BUILTIN_TASKS:
-        raise AntidoteError(f"--task {task} is built in and takes no --task-data")
     rows = read_rows(source)
     fields = set(rows[0]) if rows else set()
     try:
+        if task in BUILTIN_TASKS:  # e.g. builtin-sentiment:validate
+            return [(r["instruction"], r.get("input") or "", r["output"]) for r in rows]
         if task == "sst2":
             return [
                 (SST2_INSTRUCTION, r["sentence"], "positive" if int(r["label"]) == 1 else "negative")

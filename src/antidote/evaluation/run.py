@@ -41,7 +41,12 @@ class EvaluateConfig:
         default=None,
         metadata={"help": "task file or name (needed for sst2, agnews, gsm8k), e.g. sst2:validation"},
     )
+    harmless_prompts: str | None = field(
+        default=None,
+        metadata={"help": "harmless instructions for over-refusal (file or name); default: built-in eval"},
+    )
     max_prompts: int | None = field(default=None, metadata={"help": "use the first N harmful prompts"})
+    max_harmless: int | None = field(default=None, metadata={"help": "use the first N harmless prompts"})
     max_task: int | None = field(default=None, metadata={"help": "use the first N task items"})
     template: str = field(
         default="auto",
@@ -67,13 +72,9 @@ class EvaluateConfig:
                 f"--task {self.task} needs --task-data FILE or NAME:SPLIT "
                 "(e.g. sst2:validation with --data-dir)"
             )
-        if self.task in ("sentiment", "arithmetic") and self.task_data:
-            raise AntidoteError(
-                "--task-data applies to sst2, agnews and gsm8k; built-in tasks bring their own"
-            )
         if self.template not in ("auto", "alpaca", "chat", "plain"):
             raise AntidoteError(f"unknown template {self.template!r}; choose auto, alpaca, chat or plain")
-        for name in ("max_prompts", "max_task", "max_new_tokens", "batch_size"):
+        for name in ("max_prompts", "max_task", "max_harmless", "max_new_tokens", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise AntidoteError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -87,8 +88,10 @@ def saved_template(*folders: str | None) -> str:
     return "alpaca"
 
 
-def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate, write results.json and generations.jsonl (atomically), return the results."""
+def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
+    """Evaluate, write results.json and generations.jsonl (atomically), return the results.
+
+    judge: an already loaded judge (the pipeline shares one over many models); default: config.judge."""
     from antidote.evaluation.evaluate import evaluate_model
     from antidote.evaluation.model_judges import make_judge
     from antidote.models import load_model
@@ -105,9 +108,13 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         harmful, harmful_set = [h.prompt for h in harmful_split("eval")], "built-in eval"
     task_items = load_task_items(config.task, config.task_data, split="eval")
     harmful, task_items = harmful[: config.max_prompts], task_items[: config.max_task]
-    harmless = [h.instruction for h in task_split("harmless", "eval")]
+    if config.harmless_prompts:
+        harmless = [e.prompt for e in load_examples(config.harmless_prompts, require_response=False)]
+    else:
+        harmless = [h.instruction for h in task_split("harmless", "eval")]
+    harmless = harmless[: config.max_harmless]
     template = saved_template(config.adapter, config.model) if config.template == "auto" else config.template
-    judge = make_judge(config.judge)  # before generating: a missing judge fails fast
+    judge = judge or make_judge(config.judge)  # before generating: a missing judge fails fast
     loaded = load_model(config.model, adapter=config.adapter)
     result, records = evaluate_model(
         loaded.model,
@@ -128,6 +135,7 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         "model": config.model,
         "adapter": config.adapter,
         "task_data": config.task_data or "built-in eval",
+        "harmless_set": config.harmless_prompts or "built-in eval",
         "config": asdict(config),
     }
     _write_atomic(out, json.dumps(results, indent=2) + "\n")

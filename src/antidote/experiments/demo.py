@@ -115,16 +115,16 @@ def _evaluate(
 
 
 def choose_operating_point(
-    sweep: Sequence[dict[str, Any]], attacked: EvalResult, max_fa_drop: float
+    sweep: Sequence[dict[str, Any]], attacked_fa: float, max_fa_drop: float
 ) -> tuple[dict[str, Any], str]:
     """The ratio with the lowest validation HS among those losing at most `max_fa_drop` FA points
     (ties: the smaller ratio). If none qualifies, the one with the lowest HS, said so in the reason."""
-    allowed = [s for s in sweep if s["fa"] >= attacked.fa - max_fa_drop]
+    allowed = [s for s in sweep if s["fa"] >= attacked_fa - max_fa_drop]
     if allowed:
         best = min(allowed, key=lambda s: (s["hs"], s["mask_ratio"]))
         return best, (
             f"lowest validation HS ({best['hs']}) among ratios losing at most {max_fa_drop} FA points "
-            f"against the attacked model (validation FA {attacked.fa})"
+            f"against the attacked model (validation FA {attacked_fa})"
         )
     best = min(sweep, key=lambda s: (s["hs"], s["mask_ratio"]))
     return best, f"no ratio kept validation FA within {max_fa_drop} points; took the lowest validation HS"
@@ -147,6 +147,10 @@ def run_demo(output: Path, config: DemoConfig, *, models_dir: Path | None = None
     tokenizer = loaded.tokenizer
     result, recs = _evaluate(model, tokenizer, config, "eval")
     record("base", result, recs, time.perf_counter() - start)
+    if models_dir is not None:  # before alignment: merging the alignment LoRA changes these weights
+        model.save_pretrained(models_dir / "base")
+        tokenizer.save_pretrained(models_dir / "base")
+        save_prompt_format(models_dir / "base")
 
     # 1. alignment: refusals + helpful answers, merged.
     t = time.perf_counter()
@@ -215,7 +219,7 @@ def run_demo(output: Path, config: DemoConfig, *, models_dir: Path | None = None
         restore_masks(targets, masks, old)
         sweep.append({"mask_ratio": ratio, "hs": val.hs, "fa": val.fa, "degenerate": val.degenerate})
         log.info("alpha %g: validation HS %.1f FA %.1f", ratio, val.hs, val.fa)
-    chosen, why = choose_operating_point(sweep[1:], attacked_val, config.max_fa_drop)
+    chosen, why = choose_operating_point(sweep[1:], attacked_val.fa, config.max_fa_drop)
     masks = compute_masks(targets, stats, chosen["mask_ratio"])
     apply_masks(targets, masks)
     result, recs = _evaluate(attacked, tokenizer, config, "eval")

@@ -93,13 +93,30 @@ class AlignConfig(StageOptions):
     helpful_data: str = field(
         default=BUILTIN, metadata={"help": "helpful prompt -> answer pairs file, or builtin"}
     )
-    max_samples: int | None = field(default=None, metadata={"help": "at most this many refusal pairs"})
+    max_samples: int | None = field(
+        default=None, metadata={"help": "at most this many refusal pairs (a seeded random subset)"}
+    )
+    max_helpful: int | None = field(default=None, metadata={"help": "at most this many helpful pairs"})
+    task: str | None = field(
+        default=None,
+        metadata={"help": "also mix in answers to this task (sst2, agnews, gsm8k, ...) from --task-data"},
+    )
+    task_data: str | None = field(default=None, metadata={"help": "task data, e.g. sst2:train"})
+    max_task: int | None = field(default=None, metadata={"help": "at most this many task answers"})
     output: str = field(default="", metadata={"help": "output folder for the aligned model"})
     keep_adapter: bool = field(
         default=False, metadata={"help": "also write the alignment adapter to adapter/"}
     )
 
     def __post_init__(self) -> None:
+        if (self.task is None) != (self.task_data is None):
+            raise AntidoteError(
+                "--task and --task-data go together (e.g. --task sst2 --task-data sst2:train)"
+            )
+        for name in ("max_samples", "max_helpful", "max_task"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise AntidoteError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         self.check()
 
 
@@ -156,6 +173,14 @@ def _pairs(source: str, builtin: list[tuple[str, str, str]]) -> list[tuple[str, 
     return [(e.prompt, e.input, e.response) for e in load_examples(source)]
 
 
+def _subset(items: list[Any], n: int | None, seed: int) -> list[Any]:
+    """A seeded random subset of `n` items in their original order (all of them when n is None)."""
+    if n is None or n >= len(items):
+        return items
+    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in keep]
+
+
 def _format(tokenizer: Any, template: str, triples: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
     return [(format_prompt(Example(p, "", x), template, tokenizer), r) for p, x, r in triples]
 
@@ -176,16 +201,22 @@ def run_align(config: AlignConfig) -> Path:
         raise AntidoteError("missing --output DIR for the aligned model")
     out = check_output_dir(config.output, config.overwrite, (config.model, config.data))
     refusals = _pairs(config.data, [(h.prompt, "", h.refusal) for h in harmful_split("align")])
-    if config.max_samples is not None:
-        refusals = refusals[: config.max_samples]
+    refusals = _subset(refusals, config.max_samples, config.seed)
     builtin_helpful = [
         (i.instruction, i.input, i.answer)
         for kind in ("sentiment", "harmless", "arithmetic")
         for i in task_split(kind, "align")
     ]
-    helpful = _pairs(config.helpful_data, builtin_helpful)
+    helpful = _subset(_pairs(config.helpful_data, builtin_helpful), config.max_helpful, config.seed)
+    task: list[tuple[str, str, str]] = []
+    if config.task is not None:
+        if config.task in DATA_TASKS + BUILTIN_TASKS:
+            task = load_task_items(config.task, config.task_data, training=True)
+        else:
+            task = _pairs(str(config.task_data), [])
+        task = _subset(task, config.max_task, config.seed)
     loaded = load_model(config.model)
-    pairs = _format(loaded.tokenizer, config.template, refusals + helpful)
+    pairs = _format(loaded.tokenizer, config.template, refusals + helpful + task)
     peft_model, losses = train_lora(
         loaded.model, loaded.tokenizer, pairs, config.train_config(), desc="align"
     )
@@ -201,6 +232,7 @@ def run_align(config: AlignConfig) -> Path:
             {
                 "refusals": len(refusals),
                 "helpful": len(helpful),
+                "task": len(task),
                 "loss_first": losses[0],
                 "loss_last": losses[-1],
                 "steps": len(losses),
