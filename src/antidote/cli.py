@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from antidote.config import read_yaml_mapping
 from antidote.errors import AntidoteError
 
 
@@ -92,19 +93,7 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
 
 def read_yaml(path: str, allowed: set[str], aliases: dict[str, str]) -> dict[str, Any]:
     """Read a YAML mapping; keys may be field names or CLI flag names (`mask-ratio`, `mask_ratio`)."""
-    import yaml
-
-    file = Path(path)
-    if not file.is_file():
-        raise AntidoteError(f"config file {path} not found")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise AntidoteError(f"config file {path} is not valid YAML ({err})") from err
-    if not isinstance(data, dict):
-        raise AntidoteError(f"config file {path} must be a mapping of option: value")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    data = {aliases.get(k, k): v for k, v in data.items()}
+    data = {aliases.get(k, k): v for k, v in read_yaml_mapping(path).items()}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise AntidoteError(
@@ -198,7 +187,7 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
         "--data-dir",
         metavar="DIR",
         help="folder laid out like ../shared/data, for data given by name (advbench, sst2:train, "
-        "beavertails:unsafe, ...); default: $ANTIDOTE_DATA_DIR, else the hub",
+        "beavertails:unsafe, ...); default: a run config's data_dir, $ANTIDOTE_DATA_DIR, else the hub",
     )
 
 
@@ -277,9 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("config_file", metavar="CONFIG.yaml", help="the run config")
     run.add_argument("--run-dir", help="run folder (overrides run_dir in the config)")
-    run.add_argument(
-        "--data-dir", help="folder laid out like ../shared/data (overrides data_dir in the config)"
-    )
+    _add_data_dir(run)
     run.set_defaults(func=cmd_run)
     return parser
 

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from antidote.config import RealignConfig
+from antidote.config import RealignConfig, read_yaml_mapping
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import parse_judge_spec
 from antidote.evaluation.run import EvaluateConfig
@@ -65,18 +65,7 @@ class RunConfig:
 
 def load_run_config(path: str, **overrides: Any) -> RunConfig:
     """Read and check a run config: unknown keys anywhere are named, bad values fail before any work."""
-    import yaml
-
-    file = Path(path)
-    if not file.is_file():
-        raise AntidoteError(f"config file {path} not found")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise AntidoteError(f"config file {path} is not valid YAML ({err})") from err
-    if not isinstance(data, dict):
-        raise AntidoteError(f"config file {path} must be a mapping of key: value")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    data = read_yaml_mapping(path)
     allowed = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(data) - allowed)
     if unknown:
