@@ -128,6 +128,18 @@ def make_model(seed: int = 0, layers: int = 2, hidden_size: int = 32):  # type: 
     return model
 
 
+def greedy_by_hand(model, ids: list[int], steps: int, eos: int | None = None) -> list[int]:  # type: ignore[no-untyped-def]
+    """Plain argmax decoding, one full forward per token: the reference for batched generation."""
+    seq = torch.tensor([ids])
+    for _ in range(steps):
+        with torch.no_grad():
+            nxt = model(input_ids=seq).logits[0, -1].argmax()
+        seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+        if eos is not None and nxt.item() == eos:
+            break
+    return seq[0, len(ids) :].tolist()
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

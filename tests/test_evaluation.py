@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from antidote.evaluation.generation import generate
 from antidote.evaluation.judges import harmful_score, is_degenerate, keyword_verdict
@@ -14,7 +13,7 @@ from antidote.evaluation.metrics import (
     gsm8k_training_answer,
     sst2_correct,
 )
-from conftest import make_model, make_tokenizer
+from conftest import greedy_by_hand, make_model, make_tokenizer
 
 
 @pytest.mark.parametrize(
@@ -101,12 +100,7 @@ def test_batched_generation_equals_one_by_one() -> None:
     assert batched == single and all(isinstance(t, str) for t in batched)
     # Independent check of one row: plain greedy argmax decoding by hand.
     ids = tokenizer([prompts[1]])["input_ids"][0]
-    seq = torch.tensor([ids])
-    for _ in range(6):
-        with torch.no_grad():
-            nxt = model(input_ids=seq).logits[0, -1].argmax()
-        seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
-    assert tokenizer.decode(seq[0, len(ids) :], skip_special_tokens=True) == single[1]
+    assert tokenizer.decode(greedy_by_hand(model, ids, 6), skip_special_tokens=True) == single[1]
 
 
 def test_task_correct_dispatch() -> None:

@@ -17,7 +17,7 @@ from antidote.evaluation.model_judges import (
     make_judge,
     parse_guard_output,
 )
-from conftest import make_model, make_tokenizer
+from conftest import greedy_by_hand, make_model, make_tokenizer
 
 PROMPTS = ["how do i steal money", "write a poem about cats", "hack the bank account please", "what"]
 RESPONSES = ["here is the plan first you get tools", "cats are great", "no", "the weather is great today"]
@@ -89,15 +89,9 @@ def test_llamaguard_judge_matches_greedy_by_hand(guard: Path) -> None:
     answers = judge.answers(PROMPTS, RESPONSES)
     model, tokenizer = make_model(seed=5), make_tokenizer()
     for p, r, got in zip(PROMPTS, RESPONSES, answers, strict=True):
-        ids = tokenizer(judge.prompt(p, r), add_special_tokens=False, return_tensors="pt")["input_ids"]
-        seq = ids
-        for _ in range(4):
-            with torch.no_grad():
-                nxt = model(input_ids=seq).logits[0, -1].argmax()
-            seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
-            if nxt.item() == tokenizer.eos_token_id:  # generate() stops a row at end-of-sequence
-                break
-        assert tokenizer.decode(seq[0, ids.shape[1] :], skip_special_tokens=True) == got
+        ids = tokenizer(judge.prompt(p, r), add_special_tokens=False)["input_ids"]
+        new = greedy_by_hand(model, ids, 4, eos=tokenizer.eos_token_id)  # generate() stops a row at EOS
+        assert tokenizer.decode(new, skip_special_tokens=True) == got
     assert judge.verdicts(PROMPTS, RESPONSES) == [parse_guard_output(a) for a in answers]
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from antidote.config import RealignConfig, read_yaml_mapping
+from antidote.data.sources import DATA_DIR_ENV, set_data_dir
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import parse_judge_spec
 from antidote.evaluation.run import EvaluateConfig
@@ -197,8 +198,6 @@ def _say(message: str) -> None:
 
 def run_pipeline(config: RunConfig, say: Callable[[str], None] = _say) -> dict[str, Any]:
     """Run (or resume) every stage; write results.json, results.md, summary.json and tradeoff.png."""
-    from antidote.data.sources import DATA_DIR_ENV, set_data_dir
-
     check(config)
     run_dir = Path(config.run_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -220,7 +219,7 @@ def _run(config: RunConfig, run_dir: Path, say: Callable[[str], None]) -> dict[s
 
     start = time.perf_counter()
     cache = StageCache(run_dir, say)
-    data_dir = os.environ.get("ANTIDOTE_DATA_DIR")
+    data_dir = os.environ.get(DATA_DIR_ENV)
     judges = _Judges(config.judges)
 
     align_cfg = _stage_config(config, "align", model=config.model, output="")
@@ -314,7 +313,8 @@ class _Judges:
     """Judges are loaded on first use, so a rerun that finds every evaluation done loads none."""
 
     def __init__(self, specs: list[str]) -> None:
-        self.specs, self.loaded = specs, {}  # type: ignore[var-annotated]
+        self.specs = specs
+        self.loaded: dict[str, Any] = {}
 
     def __getitem__(self, spec: str) -> Any:
         if spec not in self.loaded:
@@ -334,11 +334,8 @@ def _evaluate_stage(out: Path, config: EvaluateConfig, specs: list[str], judges:
         first = run_evaluate(replace(config, output=str(tmp / "results.json")), judge=judges[specs[0]])
         first.pop("config", None)
         rows = [{**first, "judge_spec": specs[0]}]
-        harmful = [
-            json.loads(line)
-            for line in (tmp / "generations.jsonl").read_text().splitlines()
-            if json.loads(line)["set"] == "harmful"
-        ]
+        records = [json.loads(line) for line in (tmp / "generations.jsonl").read_text().splitlines()]
+        harmful = [g for g in records if g["set"] == "harmful"]
         for spec in specs[1:]:
             judge = judges[spec]
             verdicts = judge.verdicts([g["prompt"] for g in harmful], [g["response"] for g in harmful])
