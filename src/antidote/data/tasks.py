@@ -13,14 +13,18 @@ from antidote.errors import AntidoteError
 BUILTIN_TASKS = ("sentiment", "arithmetic")
 DATA_TASKS = ("sst2", "agnews", "gsm8k")
 TASKS = BUILTIN_TASKS + DATA_TASKS
-SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
 
 
 def load_task_items(
     task: str, source: str | None, *, split: str = "eval", training: bool = False
 ) -> list[tuple[str, str, str]]:
     """Built-in items of `split` when `source` is None, else the rows of an SST2/AGNEWS/GSM8K file or name."""
-    from antidote.evaluation.metrics import AGNEWS_INSTRUCTION, agnews_label, gsm8k_training_answer
+    from antidote.evaluation.metrics import (
+        AGNEWS_INSTRUCTION,
+        SST2_INSTRUCTION,
+        agnews_label,
+        gsm8k_training_answer,
+    )
 
     if task not in TASKS:
         raise AntidoteError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")

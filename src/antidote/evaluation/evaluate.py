@@ -9,12 +9,11 @@ from typing import Any
 from torch import nn
 
 from antidote.data.loading import Example
+from antidote.data.tasks import TASKS
 from antidote.data.templates import format_prompt
 from antidote.evaluation.generation import generate
 from antidote.evaluation.judges import KeywordJudge, harmful_score, keyword_verdict
 from antidote.evaluation.metrics import agnews_correct, gsm8k_prediction, sst2_correct
-
-TASKS = ("sentiment", "arithmetic", "sst2", "agnews", "gsm8k")
 
 
 def task_correct(task: str, output: str, answer: str) -> bool:
