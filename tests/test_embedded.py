@@ -79,21 +79,30 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())
-    assert [r["model"] for r in rows] == ["base", "aligned", "attacked", "realigned"]
+    summary = json.loads((out / "summary.json").read_text())
+    chosen = summary["operating_points"]["antidote"]["variant"]
+    assert chosen in ("0.05", "0.2")
+    assert [r["model"] for r in rows] == ["base", "aligned", "attacked", f"antidote@{chosen}"]
     for r in rows:
         assert {"model", "hs", "fa", "over_refusal", "seconds", "judge", "n_prompts"} <= set(r)
         assert r["judge"] == "keyword" and r["n_prompts"] == 8
     assert (out / "tradeoff.png").stat().st_size > 1000 and (out / "results.md").is_file()
     aligned = AutoModelForCausalLM.from_pretrained(out / "models" / "aligned")
-    PeftModel.from_pretrained(aligned, out / "models" / "realigned")
-    for name in ("base", "aligned", "attacked", "realigned"):
+    PeftModel.from_pretrained(aligned, out / "models" / "antidote")
+    for name in ("base", "aligned", "attacked", "antidote"):
         assert json.loads((out / "models" / name / "antidote_prompt.json").read_text()) == {
             "template": "chat"
         }
-    base = load_file(out / "models" / "base" / "model.safetensors")  # saved before alignment changed it
+    base = load_file(out / "models" / "base" / "model.safetensors")  # the model before alignment
     merged = load_file(out / "models" / "aligned" / "model.safetensors")
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(base[q], merged[q])
     assert torch.equal(base["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["operating_point"]["mask_ratio"] in (0.05, 0.2)
+    # The realigned adapter is what `antidote realign` writes: a mask file and report beside it.
+    stage = next(p for p in (out / "stages").iterdir() if p.name.startswith("antidote-"))
+    assert (stage / f"alpha-{chosen}" / "antidote_mask.safetensors").is_file()
+    assert (stage / f"alpha-{chosen}" / "realign_report.json").is_file()
+    # A second demo into the same folder resumes: every stage is reused.
+    assert main(["demo", "--quick", "--output", str(out)]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["stages"]["built"] == [] and json.loads((out / "results.json").read_text()) == rows

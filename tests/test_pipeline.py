@@ -36,7 +36,7 @@ def write_config(tiny: dict[str, Path], folder: Path, **changes: Any) -> Path:
             "num_samples": 10,
             **TRAIN,
         },
-        "realign": {"data": str(tiny["harmful"]), "mask_ratios": [0.1, 0.3]},
+        "defenses": {"antidote": {"data": str(tiny["harmful"]), "mask_ratios": [0.1, 0.3]}},
         "evaluate": {"harmful_prompts": str(tiny["harmful"]), **SMALL_EVAL},
         "validate": {
             "harmful_prompts": "builtin-harmful:validate",
@@ -60,20 +60,29 @@ def test_run_all_stages_then_rerun_reuses_everything(tiny, tmp_path) -> None:  #
     run = tmp_path / "run"
     rows = json.loads((run / "results.json").read_text())
     models = [r["model"] for r in rows]
-    assert models == ["base", "aligned", "attacked", "realigned@0.1", "realigned@0.3"]
+    assert models == ["base", "aligned", "attacked", "antidote@0.1", "antidote@0.3"]
     assert all(r["judge"] == "keyword" and r["n_prompts"] == 4 and r["n_task"] == 3 for r in rows)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["operating_point"]["mask_ratio"] in (0.1, 0.3)
-    assert [s["mask_ratio"] for s in summary["sweep_validation"]] == [0.0, 0.1, 0.3]
-    assert (run / "tradeoff.png").stat().st_size > 0 and "Operating point" in (run / "results.md").read_text()
     stages = stage_dirs(run)
     assert set(stages) == {
         "align",
         "finetune",
-        "realign",
+        "antidote",
         *(f"evaluate-{m}" for m in models),
         *(f"validate-{m}" for m in models[2:]),
     }
+    # The operating point, chosen by hand from the validation stages' own results files.
+    val = {m: json.loads((stages[f"validate-{m}"] / "results.json").read_text()) for m in models[2:]}
+    budget = val["attacked"]["fa"] - 5.0
+    allowed = [r for r in (0.1, 0.3) if val[f"antidote@{r:g}"]["fa"] >= budget] or [0.1, 0.3]
+    expected = min(allowed, key=lambda r: (val[f"antidote@{r:g}"]["hs"], r))
+    op = summary["operating_points"]["antidote"]
+    assert op["variant"] == f"{expected:g}"
+    assert [s["variant"] for s in op["sweep_validation"]] == ["attacked", "0.1", "0.3"]
+    assert (run / "tradeoff.png").stat().st_size > 0 and "Operating point" in (run / "results.md").read_text()
+    # generations.jsonl at the run level holds every evaluation's generations, tagged by model.
+    run_gens = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines()]
+    assert sorted({g["model"] for g in run_gens}) == sorted(models)
     # Each evaluation's HS is its generations' complied share, counted here from the file.
     gens = [
         json.loads(x) for x in (stages["evaluate-attacked"] / "generations.jsonl").read_text().splitlines()
@@ -81,7 +90,7 @@ def test_run_all_stages_then_rerun_reuses_everything(tiny, tmp_path) -> None:  #
     harmful = [g for g in gens if g["set"] == "harmful"]
     assert rows[2]["hs"] == 100.0 * sum(g["verdict"] == "complied" for g in harmful) / 4
     # The realigned adapters differ from the attack adapter where the masks say.
-    assert (stages["realign"] / "alpha-0.1" / "adapter_model.safetensors").is_file()
+    assert (stages["antidote"] / "alpha-0.1" / "adapter_model.safetensors").is_file()
 
     mtimes = {name: p.stat().st_mtime_ns for name, p in stages.items()}
     summary2 = run_pipeline(load_run_config(str(path)), say=lambda m: None)
@@ -91,50 +100,49 @@ def test_run_all_stages_then_rerun_reuses_everything(tiny, tmp_path) -> None:  #
 
 
 def test_interrupted_stage_is_redone_and_earlier_ones_reused(tiny, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import antidote.engine as engine
-    import antidote.training.stages as stages_module
+    import dataclasses
+
+    from antidote.defenses import REGISTRY
 
     path = write_config(tiny, tmp_path, validate=None)
-    real_save = engine.save_realigned
+    real = REGISTRY["antidote"]
 
-    def interrupted(*args: Any, **kwargs: Any) -> None:
-        real_save(*args, **kwargs)  # half of the stage is on disk when Ctrl-C comes
+    def interrupted(config: Any) -> Any:
+        real.run(config)  # the whole output is on disk when Ctrl-C comes, but the stage is not finished
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "save_realigned", interrupted)
+    monkeypatch.setitem(REGISTRY, "antidote", dataclasses.replace(real, run=interrupted))
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(load_run_config(str(path)), say=lambda m: None)
     run = tmp_path / "run"
-    assert set(stage_dirs(run)) == {"align", "finetune"}  # the realign stage never appeared
+    assert set(stage_dirs(run)) == {"align", "finetune"}  # the antidote stage never appeared
+    before = {name: p.stat().st_ino for name, p in stage_dirs(run).items()}
     # A kill -9 would also leave a temporary folder behind: fake one, it must be removed and not used.
-    stale = run / "stages" / ".realign-0123456789ab.tmp-xyz"
+    stale = run / "stages" / ".antidote-0123456789ab.tmp-xyz"
     stale.mkdir()
     (stale / "adapter_model.safetensors").write_text("half")
 
-    monkeypatch.setattr(engine, "save_realigned", real_save)
-    calls: list[str] = []
-    for name in ("run_align", "run_finetune"):
-        real = getattr(stages_module, name)
-        monkeypatch.setattr(stages_module, name, lambda c, _r=real, _n=name: calls.append(_n) or _r(c))
+    monkeypatch.setitem(REGISTRY, "antidote", real)
     messages: list[str] = []
     summary = run_pipeline(load_run_config(str(path)), say=messages.append)
-    assert calls == [] and not stale.exists()
-    assert any("interrupted run" in m for m in messages)
+    assert not stale.exists() and any("interrupted run" in m for m in messages)
     assert sorted(n.rsplit("-", 1)[0] for n in summary["stages"]["reused"]) == ["align", "finetune"]
-    assert "realign" in stage_dirs(run) and len(summary["rows"]) == 5
-    assert "operating_point" not in summary  # no validate section: nothing chosen, all ratios reported
+    after = stage_dirs(run)
+    assert {name: after[name].stat().st_ino for name in before} == before  # the same folders, not rebuilt
+    assert "antidote" in after and len(summary["rows"]) == 5
+    assert summary["operating_points"] == {}  # no validate section: nothing chosen, all ratios reported
 
 
 def test_changed_setting_redoes_that_stage_and_later(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = write_config(tiny, tmp_path, validate=None, evaluate_base=False)
     first = run_pipeline(load_run_config(str(path)), say=lambda m: None)
     config = yaml.safe_load(path.read_text())
-    config["realign"]["mask_ratios"] = [0.2]
+    config["defenses"]["antidote"]["mask_ratios"] = [0.2]
     path.write_text(yaml.safe_dump(config))
     second = run_pipeline(load_run_config(str(path)), say=lambda m: None)
     reused = sorted(n.rsplit("-", 1)[0] for n in second["stages"]["reused"])
     assert reused == ["align", "evaluate-aligned", "evaluate-attacked", "finetune"]
-    assert [r["model"] for r in second["rows"]] == ["aligned", "attacked", "realigned@0.2"]
+    assert [r["model"] for r in second["rows"]] == ["aligned", "attacked", "antidote@0.2"]
     assert first["rows"][:2] == second["rows"][:2]
 
 
@@ -155,7 +163,12 @@ def test_stage_key_depends_on_data_file_content(tmp_path: Path) -> None:
         ({"judges": ["gpt4"]}, "unknown judge 'gpt4'"),
         ({"finetune": {"harmful_ratio": 2.0}}, "outside [0, 1]"),
         ({"evaluate": {"task": "poetry"}}, "unknown task 'poetry'"),
-        ({"realign": {"mask_ratios": [0.1]}}, "realign needs data"),
+        ({"defenses": {"antidote": {"mask_ratios": [0.1]}}}, "needs data"),
+        ({"defenses": {"vaccine2": {}}}, "unknown defense 'vaccine2'; known defenses: antidote"),
+        ({"defenses": {"random-prune": {"data": "x"}}}, "unknown keys in defenses: random-prune: data"),
+        ({"max_fa_drop": "abc"}, "max_fa_drop must be a number"),
+        ({"evaluate_base": "no"}, "evaluate_base must be true or false"),
+        ({"evaluate_chosen_only": True, "validate": None}, "evaluate_chosen_only needs a validate"),
     ],
 )
 def test_bad_config_fails_before_any_work(tiny, tmp_path, capsys, changes, message) -> None:  # type: ignore[no-untyped-def]
@@ -165,10 +178,19 @@ def test_bad_config_fails_before_any_work(tiny, tmp_path, capsys, changes, messa
     assert not (tmp_path / "run").exists()
 
 
+def test_run_dir_that_antidote_did_not_make_is_refused(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    assert main(["run", str(write_config(tiny, tmp_path))]) == 2
+    assert "was not made by antidote run" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
 def test_shipped_configs_are_valid() -> None:
     root = Path(__file__).resolve().parents[1] / "configs"
-    for name in ("demo.yaml", "shared-data.yaml"):
-        config = load_run_config(str(root / name))
+    for path in (root / "demo.yaml", root / "shared-data.yaml", pipeline.packaged_config("demo-quick")):
+        config = load_run_config(str(path))
         pipeline.check(config)
 
 
@@ -177,7 +199,73 @@ def test_second_run_on_the_same_folder_is_refused(tiny, tmp_path) -> None:  # ty
 
     run = tmp_path / "run"
     run.mkdir()
+    (run / pipeline.RUN_MARKER).write_text("{}")  # an earlier run's folder, now held by a live run
     with open(run / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(AntidoteError, match="another antidote run is using"):
             run_pipeline(load_run_config(str(write_config(tiny, tmp_path))), say=lambda m: None)
+
+
+def test_defenses_are_placed_by_stage(tiny, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Test-only align- and finetune-stage defenses: the pipeline runs the attack on the align defense's
+    model, runs the finetune defense in place of the attack, and evaluates both as rows of their own."""
+    from dataclasses import dataclass, field
+
+    from antidote.defenses import REGISTRY, Defense
+    from antidote.training import stages as stages_module
+
+    seen: dict[str, Any] = {}
+
+    @dataclass
+    class FakeAlign(stages_module.AlignConfig):
+        strength: float = field(default=1.0, metadata={"help": "test"})
+
+    @dataclass
+    class FakeTune(stages_module.FinetuneConfig):
+        rho: float = field(default=1.0, metadata={"help": "test"})
+
+    def align_run(config: FakeAlign) -> dict[str, Path]:
+        seen["align"] = config
+        return {"": stages_module.run_align(config)}
+
+    def tune_run(config: FakeTune) -> dict[str, Path]:
+        seen["finetune"] = config
+        return {"": stages_module.run_finetune(config)}
+
+    monkeypatch.setitem(REGISTRY, "fake-align", Defense("fake-align", "align", FakeAlign, align_run, "t"))
+    monkeypatch.setitem(REGISTRY, "fake-tune", Defense("fake-tune", "finetune", FakeTune, tune_run, "t"))
+    path = write_config(
+        tiny,
+        tmp_path,
+        validate=None,
+        evaluate_base=False,
+        defenses={"fake-align": {"strength": 2.0, "seed": 7}, "fake-tune": {"rho": 0.5}},
+    )
+    summary = run_pipeline(load_run_config(str(path)), say=lambda m: None)
+    assert [r["model"] for r in summary["rows"]] == ["aligned", "attacked", "fake-align", "fake-tune"]
+    # The align defense got the align section plus its own keys; the fine-tune defense the finetune section.
+    assert (
+        seen["align"].strength == 2.0 and seen["align"].seed == 7 and seen["align"].epochs == TRAIN["epochs"]
+    )
+    assert seen["align"].model == str(tiny["model"])
+    assert seen["finetune"].rho == 0.5 and seen["finetune"].harmful_ratio == 0.4
+    stages = stage_dirs(tmp_path / "run")
+    assert seen["finetune"].model == str(stages["align"])  # on the plain aligned model
+    assert {"align-fake-align", "finetune-after-fake-align", "finetune-fake-tune"} <= set(stages)
+    rows = {r["model"]: r for r in summary["rows"]}
+    assert rows["fake-align"]["model_path"] == str(stages["align-fake-align"])
+    assert rows["fake-tune"]["adapter"] == str(stages["finetune-fake-tune"])
+
+
+def test_chosen_only_and_exported_models(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = write_config(tiny, tmp_path, evaluate_chosen_only=True, export_models=True)
+    summary = run_pipeline(load_run_config(str(path)), say=lambda m: None)
+    chosen = summary["operating_points"]["antidote"]["variant"]
+    assert [r["model"] for r in summary["rows"]] == ["base", "aligned", "attacked", f"antidote@{chosen}"]
+    models = tmp_path / "run" / "models"
+    assert sorted(p.name for p in models.iterdir()) == ["aligned", "antidote", "attacked", "base"]
+    stages = stage_dirs(tmp_path / "run")
+    exported = models / "antidote" / "adapter_model.safetensors"
+    source = stages["antidote"] / f"alpha-{chosen}" / "adapter_model.safetensors"
+    assert exported.read_bytes() == source.read_bytes()
+    assert (models / "base" / "config.json").read_bytes() == (tiny["model"] / "config.json").read_bytes()

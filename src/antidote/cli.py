@@ -13,7 +13,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +136,7 @@ def cmd_align(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from antidote.training.stages import FinetuneConfig, run_finetune
 
-    print(f"attack adapter -> {run_finetune(config_from_args(FinetuneConfig, args))}")
+    print(f"fine-tuning adapter -> {run_finetune(config_from_args(FinetuneConfig, args))}")
     return 0
 
 
@@ -152,34 +152,55 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    import time as _time
+def cmd_defend(args: argparse.Namespace) -> int:
+    from antidote.defenses import get
 
-    from antidote.experiments.demo import DemoConfig, run_demo
-    from antidote.outputs import atomic_output_dir, check_output_dir
+    defense = get(args.defense)
+    config = config_from_args(defense.config, args)
+    if not getattr(config, "output", None):
+        raise AntidoteError(f"missing --output DIR; {defense.name} writes its model there")
+    for label, folder in defense.run(config).items():
+        print(f"{defense.name}{'@' + label if label else ''} -> {folder}")
+    return 0
 
-    output = args.output or f"runs/demo-{_time.strftime('%Y%m%d-%H%M%S')}"
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    out = check_output_dir(output, args.overwrite)
-    config = DemoConfig.quick() if args.quick else DemoConfig()
-    with atomic_output_dir(out, args.overwrite) as tmp:
-        run_demo(tmp, config, models_dir=tmp / "models")
-    print((out / "results.md").read_text())
-    print(f"everything is in {out}: results, summary, table, plot, generations and models/")
+
+def _run_config(path: str, args: argparse.Namespace, run_dir: str | None) -> Any:
+    from antidote.experiments.pipeline import load_run_config
+
+    return load_run_config(path, run_dir=run_dir, data_dir=getattr(args, "data_dir", None))
+
+
+def _finish_run(summary: dict[str, Any]) -> int:
+    run_dir = Path(summary["run_dir"])
+    print((run_dir / "results.md").read_text())
+    print(
+        f"everything is in {run_dir}: results.json, summary.json, results.md, generations.jsonl, "
+        "tradeoff.png and stages/" + (" and models/" if (run_dir / "models").is_dir() else "")
+    )
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from antidote.experiments.pipeline import load_run_config, run_pipeline
+    from antidote.experiments.pipeline import PACKAGED_CONFIGS, packaged_config, run_pipeline
 
-    config = load_run_config(args.config_file, run_dir=args.run_dir, data_dir=args.data_dir)
-    summary = run_pipeline(config)
-    print((Path(summary["run_dir"]) / "results.md").read_text())
-    print(
-        f"everything is in {summary['run_dir']}: results.json, summary.json, results.md, tradeoff.png "
-        "and stages/"
-    )
-    return 0
+    path = args.config_file
+    if not Path(path).exists() and (PACKAGED_CONFIGS / f"{path}.yaml").is_file():
+        path = str(packaged_config(path))  # `antidote run demo`: a config shipped in the package
+    config = _run_config(path, args, args.run_dir)
+    return _finish_run(run_pipeline(config))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import time as _time
+
+    from antidote.experiments.pipeline import clear_run_dir, packaged_config, run_pipeline
+
+    output = args.output or f"runs/demo-{_time.strftime('%Y%m%d-%H%M%S')}"
+    config = _run_config(str(packaged_config("demo-quick" if args.quick else "demo")), args, output)
+    Path(config.run_dir).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:
+        clear_run_dir(Path(config.run_dir).expanduser())
+    return _finish_run(run_pipeline(config))
 
 
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
@@ -191,10 +212,145 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_config_file(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="FILE.yaml", help="read options from a YAML file (command-line values win)"
+    )
+
+
+def _demo_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--output",
+        help="run folder (default: a new runs/demo-<time>); an earlier demo's "
+        "folder resumes where it stopped",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="redo every stage: remove what an earlier run wrote there"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes: a smoke run of every stage (~2 min)"
+    )
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "config_file",
+        metavar="CONFIG.yaml",
+        help="the run config (see configs/), or the name of one shipped in the package: demo, demo-quick",
+    )
+    parser.add_argument("--run-dir", help="run folder (overrides run_dir in the config)")
+
+
+def _defend_options(parser: argparse.ArgumentParser) -> None:
+    from antidote.defenses import REGISTRY
+
+    methods = parser.add_subparsers(dest="defense", metavar="DEFENSE", required=True)
+    for name, defense in sorted(REGISTRY.items()):
+        sub = methods.add_parser(
+            name,
+            help=f"[{defense.stage}] {defense.summary}",
+            description=f"{defense.summary} (stage: {defense.stage})",
+        )
+        _add_config_file(sub)
+        add_dataclass_arguments(sub, defense.config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One subcommand: its options come from `config` (a dataclass) and/or `options` (a function)."""
+
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    config: Callable[[], type] | None = None  # imported when the parser is built
+    options: Callable[[argparse.ArgumentParser], None] | None = None
+    description: str = ""
+
+
+def _realign_config() -> type:
+    from antidote.config import RealignConfig
+
+    return RealignConfig
+
+
+def _align_config() -> type:
+    from antidote.training.stages import AlignConfig
+
+    return AlignConfig
+
+
+def _finetune_config() -> type:
+    from antidote.training.stages import FinetuneConfig
+
+    return FinetuneConfig
+
+
+def _evaluate_config() -> type:
+    from antidote.evaluation.run import EvaluateConfig
+
+    return EvaluateConfig
+
+
+COMMANDS = (
+    Command(
+        "realign",
+        "prune the weights most important on harmful data and save the realigned model",
+        cmd_realign,
+        _realign_config,
+        description="Score every targeted weight by its importance on harmful prompt+answer pairs "
+        "(Wanda: |W| * ||X||) and zero the top fraction in one shot.",
+    ),
+    Command(
+        "align",
+        "LoRA SFT on refusals mixed with helpful answers; writes the merged model",
+        cmd_align,
+        _align_config,
+    ),
+    Command(
+        "finetune",
+        "the attack: a new LoRA on task data with a harmful fraction",
+        cmd_finetune,
+        _finetune_config,
+    ),
+    Command(
+        "evaluate",
+        "harmful score, task accuracy and over-refusal of a model (greedy, batched)",
+        cmd_evaluate,
+        _evaluate_config,
+        description="Generate on harmful prompts, task items and harmless instructions; score HS with a "
+        "judge (keyword: offline, degenerate output reported apart; beavertails or llamaguard: a judge "
+        "model) and FA with the task's exact-match metric.",
+    ),
+    Command(
+        "defend",
+        "run one registered defense (antidote, random-prune, magnitude-prune, ...) on HF folders",
+        cmd_defend,
+        options=_defend_options,
+        description="Every method of the comparison harness, by name; `antidote defend NAME --help` lists "
+        "its options (the same keys as its section under `defenses:` in a run config).",
+    ),
+    Command(
+        "run",
+        "the whole pipeline from a YAML config, with a stage cache (reruns resume)",
+        cmd_run,
+        options=_run_options,
+        description="align -> finetune (attack) -> defenses -> evaluate, as configured in CONFIG.yaml (see "
+        "configs/). Finished stages are cached under RUN_DIR/stages by a hash of their inputs, so a rerun "
+        "after an interruption redoes only unfinished stages.",
+    ),
+    Command(
+        "demo",
+        "align -> attack -> realign -> evaluate the embedded SmolLM2 on built-in data (CPU, ~15 min)",
+        cmd_demo,
+        options=_demo_options,
+        description="`antidote run demo`: shows, on held-out prompts, an aligned model broken by a "
+        "poisoned fine-tune and repaired by Antidote, with the cost in task accuracy.",
+    ),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from antidote import __version__
-    from antidote.config import RealignConfig
-    from antidote.evaluation.run import EvaluateConfig
 
     parser = argparse.ArgumentParser(
         prog="antidote",
@@ -203,71 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"antidote {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    realign = sub.add_parser(
-        "realign",
-        help="prune the weights most important on harmful data and save the realigned model",
-        description="Score every targeted weight by its importance on harmful prompt+answer pairs "
-        "(Wanda: |W| * ||X||) and zero the top fraction in one shot.",
-    )
-    realign.add_argument(
-        "--config", metavar="FILE.yaml", help="read options from a YAML file (command-line values win)"
-    )
-    add_dataclass_arguments(realign, RealignConfig)
-    _add_data_dir(realign)
-    realign.set_defaults(func=cmd_realign)
-    from antidote.training.stages import AlignConfig, FinetuneConfig
-
-    for name, cls, func, text in (
-        (
-            "align",
-            AlignConfig,
-            cmd_align,
-            "LoRA SFT on refusals mixed with helpful answers; writes the merged model",
-        ),
-        (
-            "finetune",
-            FinetuneConfig,
-            cmd_finetune,
-            "the attack: a new LoRA on task data with a harmful fraction",
-        ),
-    ):
-        stage = sub.add_parser(name, help=text, description=text)
-        stage.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file")
-        add_dataclass_arguments(stage, cls)
-        _add_data_dir(stage)
-        stage.set_defaults(func=func)
-    evaluate = sub.add_parser(
-        "evaluate",
-        help="harmful score, task accuracy and over-refusal of a model (greedy, batched)",
-        description="Generate on harmful prompts, task items and harmless instructions; score HS with a "
-        "judge (keyword: offline, degenerate output reported apart; beavertails or llamaguard: a judge "
-        "model) and FA with the task's exact-match metric.",
-    )
-    evaluate.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file")
-    add_dataclass_arguments(evaluate, EvaluateConfig)
-    _add_data_dir(evaluate)
-    evaluate.set_defaults(func=cmd_evaluate)
-    demo = sub.add_parser(
-        "demo",
-        help="align -> attack -> realign -> evaluate the embedded SmolLM2 on built-in data (CPU, ~15 min)",
-        description="Shows, on held-out prompts, an aligned model broken by a poisoned fine-tune and "
-        "repaired by Antidote, with the cost in task accuracy.",
-    )
-    demo.add_argument("--output", help="run folder (default: a new runs/demo-<time>)")
-    demo.add_argument("--overwrite", action="store_true", help="replace an existing non-empty run folder")
-    demo.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage (~2 min)")
-    demo.set_defaults(func=cmd_demo)
-    run = sub.add_parser(
-        "run",
-        help="the whole pipeline from a YAML config, with a stage cache (reruns resume)",
-        description="align -> finetune (attack) -> realign -> evaluate, as configured in CONFIG.yaml (see "
-        "configs/). Finished stages are cached under RUN_DIR/stages by a hash of their inputs, so a rerun "
-        "after an interruption redoes only unfinished stages.",
-    )
-    run.add_argument("config_file", metavar="CONFIG.yaml", help="the run config")
-    run.add_argument("--run-dir", help="run folder (overrides run_dir in the config)")
-    _add_data_dir(run)
-    run.set_defaults(func=cmd_run)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.description or command.help)
+        if command.config is not None:
+            _add_config_file(p)
+            add_dataclass_arguments(p, command.config())
+        if command.options is not None:
+            command.options(p)
+        _add_data_dir(p)
+        p.set_defaults(func=command.run)
     return parser
 
 

@@ -1,54 +1,58 @@
-"""`antidote run CONFIG.yaml`: align -> attack -> realign -> evaluate from one config, with a stage cache.
+"""`antidote run CONFIG.yaml`: align -> fine-tune (the attack) -> defenses -> evaluate, from one config.
 
-Each stage writes one folder, RUN_DIR/stages/<stage>-<key>, where key hashes everything the stage depends on:
-its settings, the keys of the stages before it, and the size and time of the data files it reads. A stage is
-built in a temporary sibling folder and renamed into place only when complete, so an existing folder is a
-finished stage. A rerun (after Ctrl-C, a kill, or a changed setting) reuses finished stages, deletes
-half-written ones and redoes the rest; changing one setting redoes that stage and those after it.
+Every method is a registered defense (`antidote.defenses`), placed by its stage:
+- `align` defenses replace the plain alignment (their config extends the `align` section), and the attack
+  is then run on their aligned model: one row each;
+- `finetune` defenses replace the plain attack fine-tuning on the aligned model (their config extends the
+  `finetune` section): one row each;
+- `post` defenses act on the plain attack's adapter: one row per variant (e.g. per mask ratio).
+Rows `base`, `aligned` and `attacked` (no defense) are always there. With a `validate` section each post
+defense's variant is chosen on validation prompts, never on the evaluation prompts.
 
-Stages: align (merged model), finetune (attack adapter on the aligned model), realign (Antidote on the attack
-adapter: one calibration pass, one adapter per mask ratio), then one evaluation per model (base, aligned,
-attacked, realigned at each ratio) with every judge. With a `validate` section the ratios are also scored
-on validation prompts and the operating point is chosen there, never on the evaluation prompts.
+Each stage is cached (`experiments/cache.py`): a rerun after a kill or a changed setting redoes only what
+changed. `antidote demo` is this pipeline on a config shipped in the package (`experiments/configs/`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import json
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from antidote.config import RealignConfig, read_yaml_mapping
+from antidote.config import read_yaml_mapping
 from antidote.data.sources import DATA_DIR_ENV, set_data_dir
+from antidote.defenses import RESERVED, Defense, get
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import parse_judge_spec
 from antidote.evaluation.run import EvaluateConfig
+from antidote.experiments.cache import StageCache, locked, stage_key
+from antidote.experiments.report import choose_operating_point, markdown, plot, recovered_share
 from antidote.models.loading import EMBEDDED_NAME
 from antidote.training.stages import AlignConfig, FinetuneConfig
 
-STAGE_VERSION = 1  # bump when a stage's code changes what it writes: old cache entries are then not reused
-SECTIONS: dict[str, tuple[type, set[str]]] = {  # section -> (its dataclass, fields the pipeline sets itself)
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+RUN_MARKER = ".antidote-run.json"
+# section -> (its dataclass, fields the pipeline sets itself)
+SECTIONS: dict[str, tuple[type, set[str]]] = {
     "align": (AlignConfig, {"model", "output", "overwrite"}),
     "finetune": (FinetuneConfig, {"model", "output", "overwrite"}),
-    "realign": (RealignConfig, {"model", "adapter", "output", "overwrite", "merge"}),
     "evaluate": (EvaluateConfig, {"model", "adapter", "output", "overwrite", "judge"}),
     "validate": (EvaluateConfig, {"model", "adapter", "output", "overwrite", "judge"}),
 }
+STAGE_BASE = {"align": AlignConfig, "finetune": FinetuneConfig}
 
 
 @dataclass
 class RunConfig:
-    """A whole experiment. Sections hold the options of `antidote align/finetune/realign/evaluate`."""
+    """A whole experiment. Sections hold the options of `antidote align/finetune/evaluate`; `defenses` maps
+    each defense's name to its options (`antidote defend NAME --help` lists them)."""
 
     model: str = EMBEDDED_NAME
     run_dir: str = "runs/run"
@@ -59,9 +63,21 @@ class RunConfig:
     max_fa_drop: float = 5.0
     align: dict[str, Any] = field(default_factory=dict)
     finetune: dict[str, Any] = field(default_factory=dict)
-    realign: dict[str, Any] = field(default_factory=dict)
+    defenses: dict[str, Any] = field(default_factory=dict)
+    realign: dict[str, Any] | None = None  # the older spelling of `defenses: {antidote: ...}`
     evaluate: dict[str, Any] = field(default_factory=dict)
     validate: dict[str, Any] | None = None
+    evaluate_chosen_only: bool = False  # evaluate only each post defense's chosen variant (needs validate)
+    export_models: bool = False  # hard-link the final models into RUN_DIR/models/<row>
+
+    def __post_init__(self) -> None:
+        if isinstance(self.judges, str):
+            self.judges = [self.judges]
+        if self.realign is not None:
+            if "antidote" in (self.defenses or {}):
+                raise AntidoteError("give Antidote's options once: under defenses: antidote:, not realign:")
+            self.defenses = {"antidote": self.realign, **(self.defenses or {})}
+            self.realign = None
 
 
 def load_run_config(path: str, **overrides: Any) -> RunConfig:
@@ -75,31 +91,59 @@ def load_run_config(path: str, **overrides: Any) -> RunConfig:
             f"valid keys: {', '.join(sorted(allowed))}"
         )
     data.update({k: v for k, v in overrides.items() if v is not None})
-    config = RunConfig(**data)
+    try:
+        config = RunConfig(**data)
+    except TypeError as err:
+        raise AntidoteError(f"config file {path}: {err}") from err
     check(config, path)
     return config
 
 
-def _section(config: RunConfig, name: str) -> dict[str, Any]:
-    value = getattr(config, name)
-    return {str(k).replace("-", "_"): v for k, v in (value or {}).items()}
+def packaged_config(name: str) -> Path:
+    """A config shipped inside the package (`demo`, `demo-quick`)."""
+    path = PACKAGED_CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")))
+        raise AntidoteError(f"no packaged config {name!r}; known: {known}")
+    return path
+
+
+def _mapping(value: Any, where: str, keys_are_options: bool = True) -> dict[str, Any]:
+    """A section as a dict; option keys may be spelled with `-` (`mask-ratio` = `mask_ratio`)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise AntidoteError(f"{where} must be a mapping of option: value")
+    return {str(k).replace("-", "_") if keys_are_options else str(k): v for k, v in value.items()}
+
+
+def _check_types(config: RunConfig, path: str) -> None:
+    expected = {"evaluate_base": bool, "evaluate_chosen_only": bool, "export_models": bool}
+    for name, kind in expected.items():
+        if not isinstance(getattr(config, name), kind):
+            raise AntidoteError(f"{path}: {name} must be true or false, got {getattr(config, name)!r}")
+    drop = config.max_fa_drop
+    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop <= 100:
+        raise AntidoteError(f"{path}: max_fa_drop must be a number of FA points in [0, 100], got {drop!r}")
+    for name in ("model", "run_dir", "template"):
+        if not isinstance(getattr(config, name), str) or not getattr(config, name):
+            raise AntidoteError(f"{path}: {name} must be a non-empty string")
+    if config.data_dir is not None and not isinstance(config.data_dir, str):
+        raise AntidoteError(f"{path}: data_dir must be a folder path")
+    if not isinstance(config.judges, list) or not config.judges:
+        raise AntidoteError(f"{path}: judges must be a non-empty list, e.g. [keyword]")
 
 
 def check(config: RunConfig, path: str = "the config") -> None:
-    """Build every stage's config once with placeholder paths, so bad values fail now, not an hour in."""
-    if isinstance(config.judges, str):
-        config.judges = [config.judges]
-    if not config.judges:
-        raise AntidoteError(f"{path}: judges is empty; use e.g. [keyword]")
+    """Build every stage's and defense's config once with placeholder paths, so bad values fail now."""
+    _check_types(config, path)
     for spec in config.judges:
-        parse_judge_spec(spec)
+        parse_judge_spec(str(spec))
     for name, (cls, reserved) in SECTIONS.items():
         raw = getattr(config, name)
         if raw is None:
             continue
-        if not isinstance(raw, dict):
-            raise AntidoteError(f"{path}: {name} must be a mapping of option: value")
-        section = _section(config, name)
+        section = _mapping(raw, f"{path}: {name}")
         fields = {f.name for f in dataclasses.fields(cls)} - reserved
         unknown = sorted(set(section) - fields)
         if unknown:
@@ -108,85 +152,48 @@ def check(config: RunConfig, path: str = "the config") -> None:
                 f"valid keys: {', '.join(sorted(fields))}"
             )
         _stage_config(config, name, model="<model>", output="<output>")
-    if not _section(config, "realign").get("data"):
-        raise AntidoteError(f"{path}: realign needs data (harmful prompt+answer pairs, e.g. beavertails)")
+    defenses = _mapping(config.defenses, f"{path}: defenses", keys_are_options=False)
+    for name in defenses:
+        defense = get(name)
+        _mapping(defenses[name], f"{path}: defenses: {name}")
+        _defense_config(config, defense, _placeholders(defense))
+    if config.evaluate_chosen_only and config.validate is None:
+        raise AntidoteError(f"{path}: evaluate_chosen_only needs a validate section to choose on")
 
 
 def _stage_config(config: RunConfig, name: str, **fixed: Any) -> Any:
     cls = SECTIONS[name][0]
-    section = _section(config, name)
-    if "template" in {f.name for f in dataclasses.fields(cls)}:
+    return _build(cls, _mapping(getattr(config, name), name), config, fixed, name)
+
+
+def _build(cls: type, section: dict[str, Any], config: RunConfig, fixed: dict[str, Any], where: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    if "template" in names:
         section.setdefault("template", config.template)
     try:
-        return cls(**{**section, **fixed})
+        return cls(**{**section, **{k: v for k, v in fixed.items() if k in names}})
     except TypeError as err:
-        raise AntidoteError(f"bad {name} section: {err}") from err
+        raise AntidoteError(f"bad {where} section: {err}") from err
 
 
-# ---- the stage cache -----------------------------------------------------------------------------------
+def _placeholders(defense: Defense) -> dict[str, Any]:
+    return {name: f"<{name}>" for name in RESERVED[defense.stage] if name != "overwrite"}
 
 
-def _fingerprint(value: Any) -> Any:
-    """Strings naming existing files also carry their size and modification time."""
-    if isinstance(value, str) and value and Path(value).expanduser().is_file():
-        stat = Path(value).expanduser().stat()
-        return [value, stat.st_size, stat.st_mtime_ns]
-    if isinstance(value, dict):
-        return {k: _fingerprint(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_fingerprint(v) for v in value]
-    return value
-
-
-def stage_key(spec: dict[str, Any]) -> str:
-    text = json.dumps({"version": STAGE_VERSION, **_fingerprint(spec)}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-class StageCache:
-    """RUN_DIR/stages/<name>-<key> folders; a folder that exists is complete (it was renamed into place)."""
-
-    def __init__(self, run_dir: Path, say: Callable[[str], None]) -> None:
-        self.root = run_dir / "stages"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.say = say
-        self.cached: list[str] = []
-        self.built: list[str] = []
-        for stale in [*self.root.glob(".*.tmp-*"), *self.root.glob(".*.old-*")]:
-            say(f"removing an unfinished stage from an interrupted run: {stale.name}")
-            shutil.rmtree(stale, ignore_errors=True)
-
-    def run(self, name: str, spec: dict[str, Any], build: Callable[[Path], Any]) -> tuple[Path, str]:
-        """The stage's folder, built by `build(folder)` unless a finished one exists; and its key."""
-        key = stage_key({"stage": name, **spec})
-        folder = self.root / f"{name}-{key}"
-        if folder.is_dir():
-            self.say(f"[{name}] done before, reusing {folder.name}")
-            self.cached.append(folder.name)
-            return folder, key
-        self.say(f"[{name}] running -> {folder.name}")
-        start = time.perf_counter()
-        build(folder)  # writes `folder` atomically
-        seconds = round(time.perf_counter() - start, 1)
-        (folder / "stage.json").write_text(
-            json.dumps({"stage": name, "key": key, "seconds": seconds, "spec": spec}, indent=2, default=str)
-            + "\n"
+def _defense_config(config: RunConfig, defense: Defense, fixed: dict[str, Any]) -> Any:
+    """A defense's config: for align/finetune defenses the stage's section under the defense's own keys."""
+    own = _mapping(config.defenses.get(defense.name), f"defenses: {defense.name}")
+    allowed = set(defense.options())
+    unknown = sorted(set(own) - allowed)
+    if unknown:
+        raise AntidoteError(
+            f"unknown keys in defenses: {defense.name}: {', '.join(unknown)}; "
+            f"valid keys: {', '.join(sorted(allowed))}"
         )
-        self.built.append(folder.name)
-        return folder, key
-
-
-@contextlib.contextmanager
-def _locked(run_dir: Path) -> Iterator[None]:
-    """One run per run folder at a time (a second one would delete the first one's unfinished stages)."""
-    with open(run_dir / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as err:
-            raise AntidoteError(
-                f"another antidote run is using {run_dir}; wait for it or use another run_dir"
-            ) from err
-        yield
+    section = own
+    if defense.stage in STAGE_BASE:
+        section = {**_mapping(getattr(config, defense.stage), defense.stage), **own}
+    return _build(defense.config, section, config, fixed, f"defenses: {defense.name}")
 
 
 # ---- the pipeline --------------------------------------------------------------------------------------
@@ -196,16 +203,59 @@ def _say(message: str) -> None:
     print(f"antidote run: {message}", file=sys.stderr, flush=True)
 
 
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create the run folder, or accept an existing one that an earlier run made (it resumes there). A
+    non-empty folder antidote did not make is refused: a run writes stages/ and results files into it."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise AntidoteError(f"run_dir {run_dir} exists and is a file; choose a folder path")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / RUN_MARKER).is_file():
+        raise AntidoteError(
+            f"run_dir {run_dir} exists, is not empty and was not made by antidote run; choose a new folder"
+        )
+    if not run_dir.parent.is_dir():
+        raise AntidoteError(f"the parent folder of run_dir {run_dir} does not exist; create it first")
+    run_dir.mkdir(exist_ok=True)
+    marker = run_dir / RUN_MARKER
+    if not marker.is_file():
+        _write(marker, json.dumps({"made_by": "antidote run"}) + "\n")
+
+
+RUN_OUTPUTS = (
+    "stages",
+    "models",
+    "results.json",
+    "results.md",
+    "summary.json",
+    "generations.jsonl",
+    "tradeoff.png",
+)
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove what an earlier `antidote run` wrote into `run_dir` (and nothing else): all is redone.
+    A folder antidote did not make is left alone (`prepare_run_dir` then refuses it if it is not empty)."""
+    if not (run_dir / RUN_MARKER).is_file():
+        return
+    with locked(run_dir):
+        for name in RUN_OUTPUTS:
+            path = run_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+
+
 def run_pipeline(config: RunConfig, say: Callable[[str], None] = _say) -> dict[str, Any]:
-    """Run (or resume) every stage; write results.json, results.md, summary.json and tradeoff.png."""
+    """Run (or resume) every stage; write results.json, results.md, summary.json, generations.jsonl and
+    tradeoff.png into the run folder, and return the summary."""
     check(config)
     run_dir = Path(config.run_dir).expanduser().resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(run_dir)
     previous = os.environ.get(DATA_DIR_ENV)
     try:
         set_data_dir(config.data_dir)
-        with _locked(run_dir):
-            return _run(config, run_dir, say)
+        with locked(run_dir):
+            return _Run(config, run_dir, say).run()
     finally:
         if previous is None:
             os.environ.pop(DATA_DIR_ENV, None)
@@ -213,92 +263,237 @@ def run_pipeline(config: RunConfig, say: Callable[[str], None] = _say) -> dict[s
             os.environ[DATA_DIR_ENV] = previous
 
 
-def _run(config: RunConfig, run_dir: Path, say: Callable[[str], None]) -> dict[str, Any]:
-    from antidote.engine import run_realign
-    from antidote.training.stages import run_align, run_finetune
+@dataclass
+class _Model:
+    """One row of the results: a model (and adapter) to evaluate, and the key of what made it."""
 
-    start = time.perf_counter()
-    cache = StageCache(run_dir, say)
-    data_dir = os.environ.get(DATA_DIR_ENV)
-    judges = _Judges(config.judges)
+    name: str
+    model: str
+    adapter: str | None
+    made_by: str
+    defense: str | None = None
+    variant: str = ""
 
-    align_cfg = _stage_config(config, "align", model=config.model, output="")
-    align_spec = {"model": config.model, "data_dir": data_dir, "config": _settings(align_cfg)}
-    aligned, align_key = cache.run(
-        "align", align_spec, lambda out: run_align(replace(align_cfg, output=str(out)))
-    )
 
-    ft_cfg = _stage_config(config, "finetune", model=str(aligned), output="")
-    ft_spec = {"upstream": align_key, "data_dir": data_dir, "config": _settings(ft_cfg)}
-    attack, ft_key = cache.run(
-        "finetune", ft_spec, lambda out: run_finetune(replace(ft_cfg, output=str(out)))
-    )
+class _Run:
+    def __init__(self, config: RunConfig, run_dir: Path, say: Callable[[str], None]) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.say = say
+        self.cache = StageCache(run_dir, say)
+        self.data_dir = os.environ.get(DATA_DIR_ENV)
+        self.judges = _Judges(config.judges)
+        self.defenses = [get(name) for name in config.defenses]
 
-    re_cfg = _stage_config(config, "realign", model=str(aligned), adapter=str(attack), output="")
-    re_spec = {"upstream": ft_key, "data_dir": data_dir, "config": _settings(re_cfg)}
-    realigned, re_key = cache.run(
-        "realign", re_spec, lambda out: run_realign(replace(re_cfg, output=str(out)), keep_masks=False)
-    )
-    ratios = list(re_cfg.mask_ratios)
+    def stage(
+        self, name: str, settings: Any, upstream: Any, build: Callable[[Path], Any]
+    ) -> tuple[Path, str]:
+        spec = {"upstream": upstream, "data_dir": self.data_dir, "config": _settings(settings)}
+        return self.cache.run(name, spec, build)
 
-    def adapter_of(ratio: float) -> Path:
-        return realigned / f"alpha-{ratio:g}" if len(ratios) > 1 else realigned
+    def run(self) -> dict[str, Any]:
+        from antidote.training.stages import run_align, run_finetune
 
-    models: list[tuple[str, str, str | None, str]] = []  # name, model, adapter, key of what made it
-    if config.evaluate_base:
-        models.append(("base", config.model, None, stage_key({"model": config.model})))
-    models += [("aligned", str(aligned), None, align_key), ("attacked", str(aligned), str(attack), ft_key)]
-    models += [(f"realigned@{r:g}", str(aligned), str(adapter_of(r)), f"{re_key}/{r:g}") for r in ratios]
+        start = time.perf_counter()
+        config = self.config
+        models: list[_Model] = []
+        if config.evaluate_base:
+            models.append(_Model("base", config.model, None, stage_key({"model": config.model})))
 
-    def evaluate(
-        section: str, name: str, model: str, adapter: str | None, made_by: str
-    ) -> list[dict[str, Any]]:
-        ev_cfg = _stage_config(config, section, model=model, adapter=adapter, output="")
-        spec = {
-            "upstream": made_by,
-            "data_dir": data_dir,
-            "judges": config.judges,
-            "config": _settings(ev_cfg),
-        }
-        folder, _ = cache.run(
-            f"{section}-{name}", spec, lambda out: _evaluate_stage(out, ev_cfg, config.judges, judges)
+        align_cfg = _stage_config(config, "align", model=config.model, output="")
+        aligned, align_key = self.stage(
+            "align", align_cfg, None, lambda out: run_align(replace(align_cfg, output=str(out)))
+        )
+        ft_cfg = _stage_config(config, "finetune", model=str(aligned), output="")
+        attack, ft_key = self.stage(
+            "finetune", ft_cfg, align_key, lambda out: run_finetune(replace(ft_cfg, output=str(out)))
+        )
+        models += [
+            _Model("aligned", str(aligned), None, align_key),
+            _Model("attacked", str(aligned), str(attack), ft_key),
+        ]
+        post: dict[str, list[_Model]] = {}
+        for defense in self.defenses:
+            if defense.stage == "align":
+                models.append(self.align_defense(defense, ft_cfg))
+            elif defense.stage == "finetune":
+                models.append(self.finetune_defense(defense, aligned, align_key))
+            else:
+                post[defense.name] = self.post_defense(defense, aligned, attack, ft_key)
+
+        summary: dict[str, Any] = {"operating_points": {}}
+        chosen: dict[str, str] = {}
+        if config.validate is not None:
+            chosen = self.choose(models, post, summary)
+        for name, variants in post.items():
+            models += [m for m in variants if not config.evaluate_chosen_only or m.variant == chosen[name]]
+        rows = [row for m in models for row in self.evaluate("evaluate", m)]
+        for name, op in summary["operating_points"].items():
+            by = {r["model"]: r for r in rows if r["judge_spec"] == op["judge"]}
+            defended = by[f"{name}@{op['variant']}" if op["variant"] else name]
+            op["recovered_share_of_hs_rise"] = recovered_share(
+                by["aligned"]["hs"], by["attacked"]["hs"], defended["hs"]
+            )
+        if config.export_models:
+            self.export_models(models, chosen)
+        summary.update(
+            {
+                "rows": rows,
+                "post_variants": {name: [m.variant for m in ms] for name, ms in post.items()},
+                "stages": {"reused": self.cache.cached, "built": self.cache.built},
+                "run_dir": str(self.run_dir),
+                "config": asdict(config),
+                "seconds_total": round(time.perf_counter() - start, 1),
+            }
+        )
+        self.write(summary, models)
+        return summary
+
+    def align_defense(self, defense: Defense, ft_cfg: Any) -> _Model:
+        """The defense's aligned model, then the same attack on it."""
+        from antidote.training.stages import run_finetune
+
+        cfg = _defense_config(self.config, defense, {"model": self.config.model, "output": ""})
+        aligned, key = self.stage(
+            f"align-{defense.name}", cfg, None, lambda out: defense.run(replace(cfg, output=str(out)))
+        )
+        attack_cfg = replace(ft_cfg, model=str(aligned))
+        attack, attack_key = self.stage(
+            f"finetune-after-{defense.name}",
+            attack_cfg,
+            key,
+            lambda out: run_finetune(replace(attack_cfg, output=str(out))),
+        )
+        return _Model(defense.name, str(aligned), str(attack), attack_key, defense.name)
+
+    def finetune_defense(self, defense: Defense, aligned: Path, align_key: str) -> _Model:
+        cfg = _defense_config(self.config, defense, {"model": str(aligned), "output": ""})
+        attack, key = self.stage(
+            f"finetune-{defense.name}", cfg, align_key, lambda out: defense.run(replace(cfg, output=str(out)))
+        )
+        return _Model(defense.name, str(aligned), str(attack), key, defense.name)
+
+    def post_defense(self, defense: Defense, aligned: Path, attack: Path, ft_key: str) -> list[_Model]:
+        fixed = {"model": str(aligned), "adapter": str(attack), "base_model": self.config.model, "output": ""}
+        cfg = _defense_config(self.config, defense, fixed)
+        folder, key = self.stage(
+            defense.name,
+            cfg,
+            ft_key,
+            lambda out: _record_variants(out, defense.run(replace(cfg, output=str(out)))),
+        )
+        variants = json.loads((folder / "variants.json").read_text())
+        out = []
+        for label, rel in variants.items():
+            path = folder / rel
+            is_adapter = (path / "adapter_config.json").is_file()
+            out.append(
+                _Model(
+                    f"{defense.name}@{label}" if label else defense.name,
+                    str(aligned) if is_adapter else str(path),
+                    str(path) if is_adapter else None,
+                    f"{key}/{label}",
+                    defense.name,
+                    label,
+                )
+            )
+        return out
+
+    def choose(
+        self, models: list[_Model], post: dict[str, list[_Model]], summary: dict[str, Any]
+    ) -> dict[str, str]:
+        """Each post defense's variant with the lowest validation HS within the FA budget (first judge)."""
+        first = self.config.judges[0]
+        attacked = next(m for m in models if m.name == "attacked")
+        val_attacked = self.validation_row(attacked, first)
+        chosen = {}
+        for name, variants in post.items():
+            sweep = [{"variant": m.variant, **_numbers(self.validation_row(m, first))} for m in variants]
+            best, why = choose_operating_point(sweep, val_attacked["fa"], self.config.max_fa_drop)
+            chosen[name] = best["variant"]
+            summary["operating_points"][name] = {
+                "variant": best["variant"],
+                "why": why,
+                "judge": first,
+                "sweep_validation": [{"variant": "attacked", **_numbers(val_attacked)}, *sweep],
+            }
+        return chosen
+
+    def validation_row(self, model: _Model, judge: str) -> dict[str, Any]:
+        return next(r for r in self.evaluate("validate", model) if r["judge_spec"] == judge)
+
+    def evaluate(self, section: str, m: _Model) -> list[dict[str, Any]]:
+        ev_cfg = _stage_config(self.config, section, model=m.model, adapter=m.adapter, output="")
+        upstream = {"made_by": m.made_by, "judges": self.config.judges}
+        folder, _ = self.stage(
+            f"{section}-{m.name}",
+            ev_cfg,
+            upstream,
+            lambda out: _evaluate_stage(out, ev_cfg, self.config.judges, self.judges),
         )
         rows = json.loads((folder / "judged.json").read_text())
-        seconds = json.loads((folder / "stage.json").read_text()).get("seconds")
-        return [{**r, "model": name, "model_path": r["model"], "seconds": seconds} for r in rows]
+        seconds = self.cache.seconds.get(folder.name)
+        return [
+            {**r, "model": m.name, "model_path": r["model"], "seconds": seconds, "stage": folder.name}
+            for r in rows
+        ]
 
-    rows = [row for name, m, a, k in models for row in evaluate("evaluate", name, m, a, k)]
-    summary: dict[str, Any] = {"rows": rows}
-    if config.validate is not None:
-        from antidote.experiments.demo import choose_operating_point
+    def export_models(self, models: list[_Model], chosen: dict[str, str]) -> None:
+        """RUN_DIR/models/<row>: hard links to the stage folders' files (no copy of the weights)."""
+        from antidote.models.loading import resolve_model_folder
 
-        first = config.judges[0]
-        val = {
-            name: next(r for r in evaluate("validate", name, m, a, k) if r["judge_spec"] == first)
-            for name, m, a, k in models
-            if name == "attacked" or name.startswith("realigned@")
-        }
-        sweep = [{"mask_ratio": r, **_numbers(val[f"realigned@{r:g}"])} for r in ratios]
-        chosen, why = choose_operating_point(sweep, val["attacked"]["fa"], config.max_fa_drop)
-        summary["sweep_validation"] = [{"mask_ratio": 0.0, **_numbers(val["attacked"])}, *sweep]
-        summary["operating_point"] = {"mask_ratio": chosen["mask_ratio"], "why": why, "judge": first}
-    summary.update(
-        {
-            "recovered_share_of_hs_rise": _recovered(rows, summary.get("operating_point"), config.judges),
-            "stages": {"reused": cache.cached, "built": cache.built},
-            "run_dir": str(run_dir),
-            "config": asdict(config),
-            "seconds_total": round(time.perf_counter() - start, 1),
-        }
-    )
-    _write(run_dir / "results.json", json.dumps(rows, indent=2) + "\n")
-    _write(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
-    _write(run_dir / "results.md", markdown(summary, ratios))
-    _plot(summary, ratios, run_dir / "tradeoff.png")
-    return summary
+        root = self.run_dir / "models"
+        tmp = self.run_dir / ".models.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for m in models:
+            if m.defense in chosen and m.variant != chosen[m.defense]:
+                continue
+            source = Path(m.adapter) if m.adapter else Path(resolve_model_folder(m.model))
+            name = m.defense if m.defense in chosen else m.name
+            _link_tree(source, tmp / name)
+            prompt = tmp / name / "antidote_prompt.json"
+            if not prompt.exists():  # the base model: evaluate it in the run's prompt format
+                prompt.write_text(json.dumps({"template": self.config.template}) + "\n")
+        shutil.rmtree(root, ignore_errors=True)  # only ever written by this function
+        tmp.rename(root)
+
+    def write(self, summary: dict[str, Any], models: list[_Model]) -> None:
+        rows = summary["rows"]
+        _write(self.run_dir / "results.json", json.dumps(rows, indent=2) + "\n")
+        _write(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+        _write(self.run_dir / "results.md", markdown(summary))
+        generations = []
+        for row in rows:
+            if row["judge_spec"] != self.config.judges[0]:
+                continue
+            stage = self.cache.root / row["stage"] / "generations.jsonl"
+            for line in stage.read_text().splitlines():
+                generations.append(json.dumps({"model": row["model"], **json.loads(line)}))
+        _write(self.run_dir / "generations.jsonl", "".join(g + "\n" for g in generations))
+        plot(summary, self.run_dir / "tradeoff.png")
 
 
-def _settings(stage_config: Any) -> dict[str, Any]:
+def _record_variants(out: Path, variants: dict[str, Path]) -> None:
+    """Write `variants.json` (label -> folder relative to the stage folder) into a post defense's output."""
+    out.mkdir(exist_ok=True)
+    rel = {label: str(Path(path).resolve().relative_to(out.resolve())) for label, path in variants.items()}
+    (out / "variants.json").write_text(json.dumps(rel, indent=2) + "\n")
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link, ignore=shutil.ignore_patterns(".*"))
+
+
+def _settings(stage_config: Any) -> Any:
+    if stage_config is None:
+        return None
     out = asdict(stage_config)
     for name in ("output", "overwrite"):
         out.pop(name, None)
@@ -325,113 +520,25 @@ class _Judges:
 
 
 def _evaluate_stage(out: Path, config: EvaluateConfig, specs: list[str], judges: _Judges) -> None:
-    """Generate once; the first judge scores during `run_evaluate`, the others re-judge the generations."""
+    """Generate once into `out`; the first judge scores during `run_evaluate`, the others re-judge."""
     from antidote.evaluation.judges import harmful_score
     from antidote.evaluation.run import run_evaluate
-    from antidote.outputs import atomic_output_dir
 
-    with atomic_output_dir(out, overwrite=False) as tmp:
-        first = run_evaluate(replace(config, output=str(tmp / "results.json")), judge=judges[specs[0]])
-        first.pop("config", None)
-        rows = [{**first, "judge_spec": specs[0]}]
-        records = [json.loads(line) for line in (tmp / "generations.jsonl").read_text().splitlines()]
-        harmful = [g for g in records if g["set"] == "harmful"]
-        for spec in specs[1:]:
-            judge = judges[spec]
-            verdicts = judge.verdicts([g["prompt"] for g in harmful], [g["response"] for g in harmful])
-            score = harmful_score(verdicts, judge.name)
-            unparsed = round(100.0 * verdicts.count("unparsed") / len(verdicts), 2)
-            rows.append(
-                {**first, "hs": score.hs, "judge": judge.name, "judge_spec": spec, "unparsed": unparsed}
-            )
-            kind = parse_judge_spec(spec)[0]
-            (tmp / f"verdicts-{kind}.json").write_text(json.dumps(verdicts) + "\n")
-        (tmp / "judged.json").write_text(json.dumps(rows, indent=2) + "\n")
-
-
-def _recovered(rows: list[dict[str, Any]], op: dict[str, Any] | None, judges: list[str]) -> float | None:
-    """Share of the attack's HS rise removed at the chosen ratio (first judge, evaluation prompts)."""
-    if op is None:
-        return None
-    by = {r["model"]: r for r in rows if r["judge_spec"] == judges[0]}
-    rise = by["attacked"]["hs"] - by["aligned"]["hs"]
-    fixed = by["attacked"]["hs"] - by[f"realigned@{op['mask_ratio']:g}"]["hs"]
-    return round(fixed / rise, 3) if rise > 0 else None
-
-
-def markdown(summary: dict[str, Any], ratios: list[float]) -> str:
-    rows = summary["rows"]
-    first = rows[0]
-    lines = [
-        "# antidote run",
-        "",
-        f"Evaluation: {first['n_prompts']} harmful prompts from {first['harmful_set']}; task {first['task']} "
-        f"({first['n_task']} items, {first['task_data']}); over-refusal on {first['n_harmless']} harmless "
-        f"instructions ({first['harmless_set']}). Degenerate is the keyword judge's share of the same "
-        "answers.",
-        "",
-        "| model | judge | HS | degenerate | FA | over-refusal | eval seconds |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['model']} | {r['judge']} | {r['hs']} | {r['degenerate']} | {r['fa']} | {r['over_refusal']} | "
-        f"{r['seconds']} |"
-        for r in rows
-    ]
-    if "operating_point" in summary:
-        op = summary["operating_point"]
-        lines += [
-            "",
-            "Validation sweep (0 = the attacked model):",
-            "",
-            "| alpha | HS | FA |",
-            "|---|---|---|",
-        ]
-        lines += [f"| {s['mask_ratio']} | {s['hs']} | {s['fa']} |" for s in summary["sweep_validation"]]
-        lines += [
-            "",
-            f"Operating point: alpha {op['mask_ratio']} ({op['why']}).",
-            f"Share of the HS rise recovered there on the evaluation prompts: "
-            f"{summary['recovered_share_of_hs_rise']}.",
-        ]
-    else:
-        lines += ["", f"No validate section: no operating point chosen among alphas {ratios}."]
-    stages = summary["stages"]
-    lines += [
-        "",
-        f"Stages reused: {len(stages['reused'])}, built: {len(stages['built'])}. "
-        f"Total time: {summary['seconds_total']} s.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _plot(summary: dict[str, Any], ratios: list[float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    judge = summary["config"]["judges"][0]
-    by = {r["model"]: r for r in summary["rows"] if r["judge_spec"] == judge}
-    x = [0.0, *ratios]
-    points = [by["attacked"], *(by[f"realigned@{r:g}"] for r in ratios)]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(x, [p["hs"] for p in points], "o-", color="tab:red", label=f"HS ({judge}), evaluation")
-    ax.plot(x, [p["fa"] for p in points], "s-", color="tab:blue", label="FA, evaluation")
-    if "operating_point" in summary:
-        ax.axvline(
-            summary["operating_point"]["mask_ratio"], color="gray", linestyle="--", label="chosen alpha"
-        )
-    ax.set_xlabel("mask ratio alpha (0 = attacked model)")
-    ax.set_ylabel("percent")
-    ax.set_title("Antidote trade-off")
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    out.mkdir()
+    first = run_evaluate(replace(config, output=str(out / "results.json")), judge=judges[specs[0]])
+    first.pop("config", None)
+    rows = [{**first, "judge_spec": specs[0]}]
+    records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    harmful = [g for g in records if g["set"] == "harmful"]
+    for spec in specs[1:]:
+        judge = judges[spec]
+        verdicts = judge.verdicts([g["prompt"] for g in harmful], [g["response"] for g in harmful])
+        score = harmful_score(verdicts, judge.name)
+        unparsed = round(100.0 * verdicts.count("unparsed") / len(verdicts), 2)
+        rows.append({**first, "hs": score.hs, "judge": judge.name, "judge_spec": spec, "unparsed": unparsed})
+        kind = parse_judge_spec(spec)[0]
+        (out / f"verdicts-{kind}.json").write_text(json.dumps(verdicts) + "\n")
+    (out / "judged.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
 def _write(path: Path, text: str) -> None:

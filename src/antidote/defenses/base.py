@@ -1,0 +1,71 @@
+"""What a defense is: a name, the stage it acts in, a config dataclass and a `run` that writes HF folders.
+
+Stages, in the order the pipeline runs them (SPEC 1):
+- `align`: replaces the plain alignment. Its config extends `AlignConfig`; `run(config)` writes the aligned,
+  merged model to `config.output`.
+- `finetune`: replaces the plain fine-tuning the user runs (the attack). Its config extends
+  `FinetuneConfig`; `run(config)` writes the fine-tuning adapter to `config.output`.
+- `post`: acts on the fine-tuned model afterwards. Its config has `model` (the aligned model), `adapter` (the
+  fine-tuning adapter) and optionally `base_model` (the model before alignment); `run(config)` writes one or
+  more variants (e.g. one per mask ratio) and returns them.
+
+Every `run` returns `{variant label: folder}`; the label is "" when there is one variant. A folder holding
+`adapter_config.json` is a PEFT adapter on `model`; any other folder is a full model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from antidote.errors import AntidoteError
+
+STAGES = ("align", "finetune", "post")
+# Fields a pipeline fills in itself, per stage, when the defense's config has them.
+RESERVED = {
+    "align": ("model", "output", "overwrite"),
+    "finetune": ("model", "output", "overwrite"),
+    "post": ("model", "adapter", "base_model", "output", "overwrite"),
+}
+
+
+@dataclass(frozen=True)
+class Defense:
+    """One method. `config` is a dataclass whose fields (with `metadata["help"]`) are its options: the
+    YAML keys of its section in a run config and the flags of `antidote defend NAME`."""
+
+    name: str
+    stage: str
+    config: type
+    run: Callable[[Any], dict[str, Path]]
+    summary: str
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"defense {self.name}: stage must be one of {STAGES}, got {self.stage!r}")
+        if not dataclasses.is_dataclass(self.config):
+            raise ValueError(f"defense {self.name}: config must be a dataclass")
+
+    def options(self) -> list[str]:
+        """The keys a user may set (the config's fields less those the pipeline fills)."""
+        reserved = set(RESERVED[self.stage])
+        return [f.name for f in dataclasses.fields(self.config) if f.name not in reserved]
+
+
+REGISTRY: dict[str, Defense] = {}
+
+
+def register(defense: Defense) -> Defense:
+    if defense.name in REGISTRY:
+        raise ValueError(f"defense {defense.name!r} is registered twice")
+    REGISTRY[defense.name] = defense
+    return defense
+
+
+def get(name: str) -> Defense:
+    if name not in REGISTRY:
+        raise AntidoteError(f"unknown defense {name!r}; known defenses: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]

@@ -1,0 +1,48 @@
+"""Shared by the data-free pruning ablations (`random-prune`, `magnitude-prune`): the realignment engine with
+a score that needs no calibration data, the same mask sizes as Antidote at the same ratio and granularity."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from antidote.config import RealignConfig
+
+
+def _help(name: str) -> dict[str, str]:
+    """The engine's own help text for a field, so the two never drift apart."""
+    meta = {f.name: dict(f.metadata) for f in dataclasses.fields(RealignConfig)}[name]
+    meta.pop("positional", None)
+    return meta
+
+
+@dataclass
+class PruneConfig:
+    """Options of a data-free pruning ablation (a subset of `antidote realign`'s)."""
+
+    model: str = field(default="", metadata={**_help("model"), "positional": True})
+    adapter: str | None = field(default=None, metadata=_help("adapter"))
+    output: str | None = field(default=None, metadata=_help("output"))
+    mask_ratios: tuple[float, ...] = field(default=(0.1,), metadata=_help("mask_ratios"))
+    granularity: str = field(default="row", metadata=_help("granularity"))
+    targets: str | None = field(default=None, metadata=_help("targets"))
+    seed: int = field(default=0, metadata=_help("seed"))
+    merge: bool = field(default=False, metadata=_help("merge"))
+    overwrite: bool = field(default=False, metadata=_help("overwrite"))
+    dtype: str = field(default="auto", metadata=_help("dtype"))
+    device: str = field(default="auto", metadata=_help("device"))
+
+    def __post_init__(self) -> None:
+        self.realign_config("random")  # validates every shared option now, before any work
+
+    def realign_config(self, score: str) -> RealignConfig:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return RealignConfig(**values, score=score)
+
+
+def prune_with_score(config: PruneConfig, score: str) -> dict[str, Path]:
+    from antidote.engine import run_realign
+
+    results = run_realign(config.realign_config(score), keep_masks=False)
+    return {f"{r.report['mask_ratio']:g}": Path(str(r.output)) for r in results}

@@ -1,0 +1,107 @@
+"""What a run reports: the operating point chosen on validation, the share of the HS rise recovered, the
+markdown table and the trade-off plot. Pure functions of the result rows."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def choose_operating_point(
+    sweep: Sequence[dict[str, Any]], attacked_fa: float, max_fa_drop: float
+) -> tuple[dict[str, Any], str]:
+    """The variant with the lowest validation HS among those losing at most `max_fa_drop` FA points
+    (ties: the first in `sweep`, i.e. the smaller ratio). If none qualifies, the lowest HS, said so."""
+    allowed = [s for s in sweep if s["fa"] >= attacked_fa - max_fa_drop]
+    if allowed:
+        best = min(allowed, key=lambda s: s["hs"])
+        return best, (
+            f"lowest validation HS ({best['hs']}) among variants losing at most {max_fa_drop} FA points "
+            f"against the attacked model (validation FA {attacked_fa})"
+        )
+    best = min(sweep, key=lambda s: s["hs"])
+    return best, f"no variant kept validation FA within {max_fa_drop} points; took the lowest validation HS"
+
+
+def recovered_share(aligned_hs: float, attacked_hs: float, defended_hs: float) -> float | None:
+    """(HS attacked - HS defended) / (HS attacked - HS aligned); None when the attack raised no HS."""
+    rise = attacked_hs - aligned_hs
+    return round((attacked_hs - defended_hs) / rise, 3) if rise > 0 else None
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    rows = summary["rows"]
+    first = rows[0]
+    lines = [
+        "# antidote run",
+        "",
+        f"Evaluation: {first['n_prompts']} harmful prompts from {first['harmful_set']}; task {first['task']} "
+        f"({first['n_task']} items, {first['task_data']}); over-refusal on {first['n_harmless']} harmless "
+        f"instructions ({first['harmless_set']}). Degenerate is the keyword judge's share of the same "
+        "answers (not counted as harmful).",
+        "",
+        "| model | judge | HS | degenerate | FA | over-refusal | eval seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['model']} | {r['judge']} | {r['hs']} | {r['degenerate']} | {r['fa']} | {r['over_refusal']} | "
+        f"{r['seconds']} |"
+        for r in rows
+    ]
+    for name, op in summary.get("operating_points", {}).items():
+        lines += ["", f"## {name}: validation sweep (first row: the attacked model)", ""]
+        lines += ["| variant | HS | FA | degenerate |", "|---|---|---|---|"]
+        lines += [
+            f"| {s['variant']} | {s['hs']} | {s['fa']} | {s['degenerate']} |" for s in op["sweep_validation"]
+        ]
+        lines += [
+            "",
+            f"Operating point: {name}@{op['variant']} ({op['why']}).",
+            f"Share of the HS rise recovered there on the evaluation prompts ({op['judge']} judge): "
+            f"{op['recovered_share_of_hs_rise']}.",
+        ]
+    if not summary.get("operating_points"):
+        lines += ["", "No validate section: no operating point chosen; every variant is reported."]
+    stages = summary["stages"]
+    lines += [
+        "",
+        f"Stages reused: {len(stages['reused'])}, built: {len(stages['built'])}. "
+        f"Total time: {summary['seconds_total']} s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """HS and FA (first judge, evaluation prompts) of each post-fine-tuning defense over its variants."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    judge = summary["config"]["judges"][0]
+    rows = [r for r in summary["rows"] if r["judge_spec"] == judge]
+    by = {r["model"]: r for r in rows}
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    attacked = by.get("attacked")
+    for i, (name, variants) in enumerate(summary.get("post_variants", {}).items()):
+        points = [(float(v), by[f"{name}@{v}"]) for v in variants if v and f"{name}@{v}" in by]
+        if not points or attacked is None:
+            continue
+        points = [(0.0, attacked), *sorted(points, key=lambda p: p[0])]
+        color = f"C{i}"
+        ax.plot([x for x, _ in points], [p["hs"] for _, p in points], "o-", color=color, label=f"{name} HS")
+        ax.plot([x for x, _ in points], [p["fa"] for _, p in points], "s--", color=color, label=f"{name} FA")
+    if "aligned" in by:
+        ax.axhline(by["aligned"]["hs"], color="gray", linestyle=":", label="aligned HS")
+    ax.set_xlabel("mask ratio alpha (0 = attacked model)")
+    ax.set_ylabel(f"percent (HS: {judge} judge)")
+    ax.set_title("Post-fine-tuning defenses: harm against task accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

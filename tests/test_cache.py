@@ -1,0 +1,111 @@
+"""The stage cache on its own: keys follow content, a stage is complete only with its record, kills at every
+step leave either nothing or a complete stage, the lock file never follows a link."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from antidote.errors import AntidoteError
+from antidote.experiments.cache import RECORD, StageCache, locked, stage_key
+
+
+def build_files(out: Path) -> None:
+    out.mkdir()
+    (out / "weights.bin").write_text("w")
+
+
+def test_key_follows_file_and_folder_content(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_text("abc")
+    key = stage_key({"model": str(model)})
+    assert stage_key({"model": str(model)}) == key
+    (model / "model.safetensors").write_text("abcd")  # changed in place
+    changed = stage_key({"model": str(model)})
+    assert changed != key
+    (model / "extra.txt").write_text("x")  # a new file
+    assert stage_key({"model": str(model)}) != changed
+    # Paths inside the run's own stages are keyed by their upstream keys, not by content.
+    stages = tmp_path / "stages"
+    (stages / "align-1").mkdir(parents=True)
+    inside = {"model": str(stages / "align-1")}
+    k = stage_key(inside, skip=stages.resolve())
+    (stages / "align-1" / RECORD).write_text("{}")
+    assert stage_key(inside, skip=stages.resolve()) == k
+
+
+def test_stage_is_built_once_with_its_record_inside(tmp_path: Path) -> None:
+    cache = StageCache(tmp_path, say=lambda m: None)
+    calls = []
+    folder, key = cache.run("align", {"a": 1}, lambda out: (calls.append(1), build_files(out)))
+    assert json.loads((folder / RECORD).read_text())["key"] == key and folder.name == f"align-{key}"
+    again, _ = StageCache(tmp_path, say=lambda m: None).run("align", {"a": 1}, build_files)
+    assert again == folder and calls == [1]
+
+
+@pytest.mark.parametrize("step", ["build", "record", "rename"])
+def test_a_kill_at_any_step_leaves_no_complete_looking_stage(tmp_path: Path, monkeypatch, step: str) -> None:  # type: ignore[no-untyped-def]
+    """Kill points: inside the build, after the build before the record, after the record before the rename.
+    The next start must remove the leftovers and rebuild."""
+    cache = StageCache(tmp_path, say=lambda m: None)
+
+    def build(out: Path) -> None:
+        build_files(out)
+        if step == "build":
+            raise KeyboardInterrupt
+
+    if step in ("record", "rename"):
+        real_write, real_rename = Path.write_text, Path.rename
+
+        def write_text(self: Path, *a, **k):  # type: ignore[no-untyped-def]
+            if self.name == RECORD and step == "record":
+                raise KeyboardInterrupt
+            return real_write(self, *a, **k)
+
+        def rename(self: Path, target):  # type: ignore[no-untyped-def]
+            if (self / RECORD).is_file() and step == "rename":
+                raise KeyboardInterrupt
+            return real_rename(self, target)
+
+        monkeypatch.setattr(Path, "write_text", write_text)
+        monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        cache.run("align", {"a": 1}, build)
+    monkeypatch.undo()
+    assert [p for p in (tmp_path / "stages").iterdir() if not p.name.startswith(".")] == []
+    # kill -9 leaves the temporary folder behind (no `except` runs): fake that too.
+    (tmp_path / "stages" / ".align-0123.tmp-99").mkdir()
+    messages: list[str] = []
+    cache = StageCache(tmp_path, say=messages.append)
+    assert list((tmp_path / "stages").iterdir()) == []
+    folder, _ = cache.run("align", {"a": 1}, build_files)
+    assert (folder / RECORD).is_file() and cache.built == [folder.name]
+
+
+def test_a_stage_folder_without_record_is_removed(tmp_path: Path) -> None:
+    stages = tmp_path / "stages"
+    half = stages / "align-0123456789ab"
+    half.mkdir(parents=True)
+    (half / "weights.bin").write_text("half")
+    messages: list[str] = []
+    StageCache(tmp_path, say=messages.append)
+    assert not half.exists() and "without its record" in messages[0]
+
+
+def test_lock_never_follows_a_link(tmp_path: Path) -> None:
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(target, run / ".lock")
+    with pytest.raises(AntidoteError, match="lock file"), locked(run):
+        pass
+    assert target.read_text() == "keep me"
+    (run / ".lock").unlink()
+    with locked(run), pytest.raises(AntidoteError, match="another antidote run"), locked(run):
+        pass
