@@ -311,15 +311,6 @@ def test_bad_input_fails_cleanly(case, tiny, tmp_path, capsys) -> None:  # type:
     assert inputs_before == {k: folder_digest(v) for k, v in tiny.items() if k != "root"}
 
 
-@pytest.mark.parametrize(
-    "argv", [["--help"], *([c, "--help"] for c in ("realign", "align", "finetune", "evaluate", "demo"))]
-)
-def test_help(argv, capsys) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 0 and "usage: antidote" in capsys.readouterr().out
-
-
 def test_python_module_entry_point() -> None:
     import subprocess
     import sys
