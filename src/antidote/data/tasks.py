@@ -7,7 +7,7 @@ answer the model learns; for GSM8K the '####' marker becomes 'The final answer i
 from __future__ import annotations
 
 from antidote.data.builtin import task_split
-from antidote.data.loading import read_rows
+from antidote.data.catalog import read_rows
 from antidote.errors import AntidoteError
 
 BUILTIN_TASKS = ("sentiment", "arithmetic")

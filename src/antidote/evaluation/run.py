@@ -13,6 +13,7 @@ from antidote.data.builtin import harmful_split, task_split
 from antidote.data.loading import load_examples
 from antidote.data.tasks import TASKS as TASK_CHOICES
 from antidote.data.tasks import load_task_items
+from antidote.data.templates import check_template
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import parse_judge_spec
 
@@ -72,8 +73,8 @@ class EvaluateConfig:
                 f"--task {self.task} needs --task-data FILE or NAME:SPLIT "
                 "(e.g. sst2:validation with --data-dir)"
             )
-        if self.template not in ("auto", "alpaca", "chat", "plain"):
-            raise AntidoteError(f"unknown template {self.template!r}; choose auto, alpaca, chat or plain")
+        if self.template != "auto":
+            check_template(self.template)
         for name in ("max_prompts", "max_task", "max_harmless", "max_new_tokens", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:

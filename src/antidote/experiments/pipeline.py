@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from antidote.config import RealignConfig, read_yaml_mapping
-from antidote.data.sources import DATA_DIR_ENV, set_data_dir
+from antidote.data.catalog import DATA_DIR_ENV, set_data_dir
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import parse_judge_spec
 from antidote.evaluation.run import EvaluateConfig

@@ -18,7 +18,7 @@ from typing import Any
 from antidote.data.builtin import harmful_split, task_split
 from antidote.data.loading import Example, load_examples
 from antidote.data.tasks import BUILTIN_TASKS, DATA_TASKS, load_task_items
-from antidote.data.templates import TEMPLATES, format_prompt
+from antidote.data.templates import check_template, format_prompt
 from antidote.errors import AntidoteError
 
 BUILTIN = "builtin"
@@ -78,8 +78,7 @@ class StageOptions:
             raise AntidoteError(str(err)) from err
 
     def check(self) -> None:
-        if self.template not in TEMPLATES:
-            raise AntidoteError(f"unknown template {self.template!r}; choose one of {', '.join(TEMPLATES)}")
+        check_template(self.template)
         self.train_config()
 
 
