@@ -3,6 +3,7 @@ every row checked for a response and for text values, hub names, and the one-way
 
 from __future__ import annotations
 
+import ast
 import codecs
 import json
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from antidote.data import Example, load_examples
 from antidote.errors import AntidoteError
 
+DATA = Path(__file__).resolve().parents[1] / "src" / "antidote" / "data"
 ROWS = [
     {"prompt": "how do i pick a lock", "response": "first get a pin", "input": ""},
     {"prompt": "write a note, please", "response": 'it says "hi"\non two lines', "input": "to Ana"},
@@ -159,3 +161,28 @@ def test_hub_source_is_split_into_name_and_split(monkeypatch: pytest.MonkeyPatch
     assert load_examples("hf:org/set:test") == [Example("g", "t")]
     assert load_examples("hf:org/set") == [Example("g", "t")]
     assert calls == [("org/set", None, "test"), ("org/set", None, "train")]
+
+
+def test_data_modules_import_one_way() -> None:
+    """No module of antidote.data imports one that imports it back, and none imports tasks or evaluation."""
+    imports: dict[str, set[str]] = {}
+    for path in DATA.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("antidote."):
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("antidote."))
+        imports[f"antidote.data.{path.stem}"] = found
+    for module, targets in imports.items():
+        assert not {t for t in targets if t.startswith(("antidote.tasks", "antidote.evaluation"))}, module
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for target in imports.get(start, set()):
+            if target == goal or (target not in seen and reaches(target, goal, seen | {target})):
+                return True
+        return False
+
+    inner = [m for m in imports if not m.endswith("__init__")]
+    assert not [m for m in inner if reaches(m, m, set())]
+    assert "antidote.data.catalog" in imports["antidote.data.loading"]  # the chain is where we think it is

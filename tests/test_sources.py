@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from antidote.data import catalog, load_examples
-from antidote.data.tasks import load_task_items
 from antidote.errors import AntidoteError
+from antidote.tasks import load_task_items
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
