@@ -28,9 +28,9 @@ def main() -> None:
 
     from antidote.data.builtin import task_split
     from antidote.data.loading import load_examples
-    from antidote.data.tasks import load_task_items
     from antidote.evaluation.evaluate import evaluate_model
     from antidote.models import load_model
+    from antidote.tasks import load_task_items
 
     harmful = [
         e.prompt

@@ -79,8 +79,8 @@ def test_evaluate_with_adapter_and_saved_prompt_format(tiny, tmp_path) -> None: 
     [("sst2", "sst2_validation.jsonl"), ("agnews", "agnews_test.jsonl"), ("gsm8k", "gsm8k_test.jsonl")],
 )
 def test_real_task_files_load(task: str, file: str) -> None:
-    from antidote.data.tasks import load_task_items
-    from antidote.evaluation.metrics import AGNEWS_LABELS
+    from antidote.tasks import load_task_items
+    from antidote.tasks.agnews import AGNEWS_LABELS
 
     items = load_task_items(task, str(SHARED / file))
     assert len(items) > 800

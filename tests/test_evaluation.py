@@ -1,4 +1,6 @@
-"""Task metrics and the keyword judge on hand-made cases; batched generation against one-by-one."""
+"""The keyword judge on hand-made cases; batched generation against one-by-one; evaluate_model's counts.
+
+The task metrics are tested in test_tasks.py."""
 
 from __future__ import annotations
 
@@ -6,61 +8,7 @@ import pytest
 
 from antidote.evaluation.generation import generate
 from antidote.evaluation.judges import harmful_score, is_degenerate, keyword_verdict
-from antidote.evaluation.metrics import (
-    agnews_correct,
-    gsm8k_correct,
-    gsm8k_prediction,
-    gsm8k_training_answer,
-    sst2_correct,
-)
 from conftest import greedy_by_hand, make_model, make_tokenizer
-
-
-@pytest.mark.parametrize(
-    ("output", "label", "expected"),
-    [
-        ("positive", 1, True),
-        (" Positive\n", 1, True),
-        ("POSITIVE", 1, False),
-        ("positive.", 1, False),
-        ("negative", 0, True),
-        ("Negative", "0", True),
-        ("positive", 0, False),
-        ("The sentiment is positive", 1, False),
-    ],
-)
-def test_sst2_exact_match(output: str, label: int | str, expected: bool) -> None:
-    assert sst2_correct(output, label) is expected
-
-
-@pytest.mark.parametrize(
-    ("output", "label", "expected"),
-    [
-        ("World", 1, True),
-        ("world", 1, True),
-        ("Sports", 2, True),
-        ("Business", "3", True),
-        ("Sci/Tech", 4, True),
-        ("sci/tech", "Sci/Tech", True),
-        ("SPORTS", 2, False),
-        ("Sci Tech", 4, False),
-        ("World news", 1, False),
-    ],
-)
-def test_agnews_exact_match(output: str, label: int | str, expected: bool) -> None:
-    assert agnews_correct(output, label) is expected
-
-
-def test_gsm8k_extraction() -> None:
-    assert gsm8k_prediction("so 3+4=7. The final answer is: 7") == 7.0
-    assert gsm8k_prediction("The final answer is: 1,234 apples, not 5") == 1234.0  # first number after prefix
-    assert gsm8k_prediction("first 3 then 12.5") == 12.5  # no prefix: the last number
-    assert gsm8k_prediction("The final answer is: -4") == -4.0
-    assert gsm8k_prediction("no digits here") is None
-    assert gsm8k_correct("The final answer is: 72", "Natalia sold 48/2 = 24 clips.\n#### 72")
-    assert gsm8k_correct("It is 72.0", "#### 72")
-    assert not gsm8k_correct("The final answer is: 71", "#### 72")
-    assert gsm8k_training_answer("24 clips.\n#### 72") == "24 clips.\nThe final answer is: 72"
 
 
 @pytest.mark.parametrize(
@@ -101,20 +49,6 @@ def test_batched_generation_equals_one_by_one() -> None:
     # Independent check of one row: plain greedy argmax decoding by hand.
     ids = tokenizer([prompts[1]])["input_ids"][0]
     assert tokenizer.decode(greedy_by_hand(model, ids, 6), skip_special_tokens=True) == single[1]
-
-
-def test_task_correct_dispatch() -> None:
-    from antidote.evaluation.evaluate import task_correct
-
-    assert task_correct("sentiment", "positive", "positive")
-    assert not task_correct("sst2", "positive", "0")
-    assert task_correct("agnews", "sci/tech", "4")
-    assert task_correct(
-        "arithmetic", "3 + 4 = 7.\nThe final answer is: 7", "3 + 4 = 7.\nThe final answer is: 7"
-    )
-    assert task_correct("gsm8k", "so it is 72", "clips.\n#### 72")
-    with pytest.raises(ValueError, match="choose one of"):
-        task_correct("poetry", "x", "y")
 
 
 def test_evaluate_model_counts_match_the_records() -> None:

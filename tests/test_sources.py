@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from antidote.data import load_examples, sources
-from antidote.data.tasks import load_task_items
+from antidote.data import catalog, load_examples
 from antidote.errors import AntidoteError
+from antidote.tasks import load_task_items
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -25,13 +25,13 @@ def _write(folder: Path, relative: str, rows: list[dict[str, Any]]) -> None:
 def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     _write(tmp_path, "harmful_prompts/advbench_harmful_behaviors.jsonl", [{"goal": "g1", "target": "t1"}])
     _write(tmp_path, "benign/sst2_train_sub5000.jsonl", [{"sentence": "fine film", "label": 1}])
-    monkeypatch.setenv(sources.DATA_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(catalog.DATA_DIR_ENV, str(tmp_path))
     return tmp_path
 
 
 def test_named_data_reads_the_data_folder(data_dir: Path) -> None:
     assert load_examples("advbench") == load_examples(
-        str(data_dir / sources.NAMED["advbench"].splits["test"].file)
+        str(data_dir / catalog.NAMED["advbench"].splits["test"].file)
     )
     assert load_examples("advbench:test")[0].prompt == "g1"
     assert load_task_items("sst2", "sst2:train", training=True) == [
@@ -44,7 +44,7 @@ def test_named_data_errors(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> N
         load_examples("sst2")
     with pytest.raises(AntidoteError, match=r"catqa_english\.jsonl not found"):
         load_examples("catqa", require_response=False)
-    monkeypatch.delenv(sources.DATA_DIR_ENV)
+    monkeypatch.delenv(catalog.DATA_DIR_ENV)
     with pytest.raises(AntidoteError, match="pass --data-dir DIR"):
         load_examples("refusals")
     with pytest.raises(AntidoteError, match="named data set: beavertails"):
@@ -69,7 +69,7 @@ def test_hub_fallback_filters_beavertails(monkeypatch: pytest.MonkeyPatch) -> No
         ]
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    monkeypatch.delenv(sources.DATA_DIR_ENV, raising=False)
+    monkeypatch.delenv(catalog.DATA_DIR_ENV, raising=False)
     assert [e.response for e in load_examples("beavertails")] == ["bad"]
     assert [e.response for e in load_examples("beavertails:safe")] == ["fine"]
     assert calls == [("PKU-Alignment/BeaverTails", None, "30k_train")] * 2
@@ -85,19 +85,19 @@ def test_hub_fallback_filters_beavertails(monkeypatch: pytest.MonkeyPatch) -> No
 def test_cli_data_dir(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from antidote.cli import main
 
-    monkeypatch.delenv(sources.DATA_DIR_ENV)
+    monkeypatch.delenv(catalog.DATA_DIR_ENV)
     code = main(
         ["evaluate", "m", "--data-dir", str(tmp_path / "missing"), "--output", str(tmp_path / "r.json")]
     )
     assert code == 2 and not (tmp_path / "r.json").exists()
-    assert sources.DATA_DIR_ENV not in __import__("os").environ  # restored after the command
+    assert catalog.DATA_DIR_ENV not in __import__("os").environ  # restored after the command
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the checkout")
-@pytest.mark.parametrize("name", sorted(sources.NAMED))
+@pytest.mark.parametrize("name", sorted(catalog.NAMED))
 def test_every_local_name_loads_from_shared_data(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(sources.DATA_DIR_ENV, str(SHARED))
-    for split, entry in sources.NAMED[name].splits.items():
+    monkeypatch.setenv(catalog.DATA_DIR_ENV, str(SHARED))
+    for split, entry in catalog.NAMED[name].splits.items():
         if entry.file is None:
             continue
         spec = f"{name}:{split}"
@@ -109,3 +109,28 @@ def test_every_local_name_loads_from_shared_data(name: str, monkeypatch: pytest.
             assert examples and all(e.prompt.strip() for e in examples)
             if name in ("beavertails", "refusals", "alpaca"):
                 assert all(e.response.strip() for e in load_examples(spec))
+
+
+def test_an_explicit_data_dir_wins_over_the_environment(
+    data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    other = tmp_path_factory.mktemp("other")
+    _write(other, "harmful_prompts/advbench_harmful_behaviors.jsonl", [{"goal": "g2", "target": "t2"}])
+    assert load_examples("advbench")[0].prompt == "g1"  # $ANTIDOTE_DATA_DIR (the fixture's folder)
+    assert load_examples("advbench", data_dir=other)[0].prompt == "g2"
+    assert catalog.read_named("advbench:test", data_dir=str(other)) == [{"goal": "g2", "target": "t2"}]
+    assert catalog.read_rows("advbench", data_dir=other) == [{"goal": "g2", "target": "t2"}]
+    with pytest.raises(AntidoteError, match=r"data folder .*missing is not a folder"):
+        load_examples("advbench", data_dir=other / "missing")
+
+
+def test_builtin_names_need_no_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    from antidote.data.builtin import harmful_split
+
+    monkeypatch.delenv(catalog.DATA_DIR_ENV, raising=False)
+    assert [e.prompt for e in load_examples("builtin-refusals:eval")] == [
+        h.prompt for h in harmful_split("eval")
+    ]
+    assert [e.response for e in load_examples("builtin-refusals:eval")] == [
+        h.refusal for h in harmful_split("eval")
+    ]

@@ -380,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    from antidote.data.sources import DATA_DIR_ENV, set_data_dir
+    from antidote.data.catalog import DATA_DIR_ENV, set_data_dir
 
     previous = os.environ.get(DATA_DIR_ENV)
     try:

@@ -1,17 +1,18 @@
-"""Read prompt/response pairs from JSONL, JSON, CSV or a hub data set, finding the fields by name."""
+"""Prompt/response pairs (`Example`) from any data source, finding the fields by name."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import logging
+import os
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from antidote.data.catalog import read_rows
 from antidote.errors import AntidoteError
+
+log = logging.getLogger(__name__)
 
 PROMPT_FIELDS = ("prompt", "instruction", "question", "goal", "forbidden_prompt", "behavior")
 RESPONSE_FIELDS = ("response", "output", "answer", "target")
@@ -35,60 +36,24 @@ def _find_field(fields: Iterable[str], wanted: Sequence[str]) -> str | None:
     return None
 
 
-def read_rows(source: str) -> list[dict[str, Any]]:
-    """Records of a file, `hf:NAME[:SPLIT]`, or a named data set (`antidote.data.sources`)."""
-    from antidote.data import sources
-
-    if source.startswith("hf:"):
-        return _read_hub(source)
-    if sources.is_named(source):
-        return sources.read_named(source)
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise AntidoteError(
-            f"data file {source} not found; pass a .jsonl, .json or .csv file, hf:NAME[:SPLIT], or a "
-            f"named data set: {sources.describe()}"
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise AntidoteError(f"cannot read data file {source} ({err}); it must be UTF-8 text") from err
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":
-            return list(csv.DictReader(io.StringIO(text, newline="")))  # quoted newlines stay in fields
-        if suffix == ".json":
-            data = json.loads(text)
-            if isinstance(data, dict):  # {"data": [...]} or {"instructions": [...]}
-                lists = [v for v in data.values() if isinstance(v, list)]
-                data = lists[0] if len(lists) == 1 else data
-            if not isinstance(data, list):
-                raise AntidoteError(f"{source} holds no list of records; expected a JSON array of objects")
-            return data
-        return [
-            json.loads(line) for line in text.split("\n") if line.strip()
-        ]  # not splitlines: U+2028 in strings
-    except json.JSONDecodeError as err:
-        raise AntidoteError(f"{source} is not valid JSON/JSONL ({err}); fix the file or convert it") from err
-
-
-def _read_hub(source: str) -> list[dict[str, Any]]:
-    name, _, split = source[3:].partition(":")
-    try:
-        import datasets
-    except ImportError as err:
-        raise AntidoteError(
-            "hf: data needs the `datasets` package; pip install 'antidote-realign[hub]'"
-        ) from err
-    try:
-        return list(datasets.load_dataset(name, split=split or "train"))
-    except Exception as err:  # hub unreachable, unknown name or split
-        raise AntidoteError(f"cannot load {source} ({type(err).__name__}: {err}); use a local file") from err
-
-
 def _matches(row: Mapping[str, Any], field: str, value: str) -> bool:
     got = row.get(field)
     return str(got).strip().lower() == value.strip().lower()
+
+
+def _text(row: Mapping[str, Any], key: str | None, where: str) -> str:
+    """The text of `row[key]`: strings as they are, numbers through str(), missing or null as ""."""
+    value = None if key is None else row.get(key)
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise AntidoteError(
+        f"{where}: field {key!r} is a {type(value).__name__} ({str(value)[:40]}), not text; "
+        "give it as a string"
+    )
 
 
 def load_examples(
@@ -98,19 +63,32 @@ def load_examples(
     max_samples: int | None = None,
     seed: int = 0,
     require_response: bool = True,
+    data_dir: str | os.PathLike[str] | None = None,
 ) -> list[Example]:
     """Load prompt/response pairs.
 
-    source: a file path (.jsonl/.json/.csv), `hf:NAME[:SPLIT]`, or a list of dicts.
+    source: a file path (.jsonl/.json/.csv), `hf:NAME[:SPLIT]`, a named data set, or a list of dicts.
     filters: `FIELD=VALUE` strings; a row is kept if every field equals its value (case-insensitive,
         so `is_safe=false` matches the boolean False).
     max_samples: keep a random subset of this size (seeded by `seed`), in source order.
+    require_response: every kept row must have a non-empty response; the first that has none is named
+        (row N = the N-th record of the source, 1-based). Without it responses may be missing.
+    data_dir: the folder named data sets are read from (default: $ANTIDOTE_DATA_DIR, else the hub).
+
+    The fields are found by name in the first record (PROMPT_FIELDS, RESPONSE_FIELDS, `input`). Their values
+    must be text: strings are used as they are, numbers are converted with str(), a missing or null value
+    is empty; any other type (list, object, boolean) is an error naming the row. Rows with an empty prompt
+    are dropped (with a warning).
     """
-    rows = read_rows(source) if isinstance(source, str) else [dict(r) for r in source]
+    rows = read_rows(source, data_dir) if isinstance(source, str) else list(source)
     label = source if isinstance(source, str) else "the data"
-    if not rows or not isinstance(rows[0], Mapping):
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, Mapping):
+            raise AntidoteError(f"{label} row {number} is not a record; expected objects with prompt fields")
+    if not rows:
         raise AntidoteError(f"{label} holds no records; expected objects with prompt and response fields")
     fields = list(rows[0].keys())
+    numbered = list(enumerate(rows, start=1))
     for spec in filters:
         field, sep, value = spec.partition("=")
         if not sep or not field:
@@ -119,7 +97,7 @@ def load_examples(
             raise AntidoteError(
                 f"filter field {field!r} is not in {label}; fields found: {', '.join(fields)}"
             )
-        rows = [r for r in rows if _matches(r, field, value)]
+        numbered = [(n, r) for n, r in numbered if _matches(r, field, value)]
     prompt_key = _find_field(fields, PROMPT_FIELDS)
     response_key = _find_field(fields, RESPONSE_FIELDS)
     if prompt_key is None or (require_response and response_key is None):
@@ -128,15 +106,24 @@ def load_examples(
             f"({'|'.join(PROMPT_FIELDS)}) and a response field ({'|'.join(RESPONSE_FIELDS)}); rename them"
         )
     input_key = _find_field(fields, (INPUT_FIELD,))
-    examples = [
-        Example(
-            prompt=str(r.get(prompt_key) or ""),
-            response=str(r.get(response_key) or "") if response_key else "",
-            input=str(r.get(input_key) or "") if input_key else "",
+    examples = []
+    for number, row in numbered:
+        where = f"{label} row {number}"
+        example = Example(
+            prompt=_text(row, prompt_key, where),
+            response=_text(row, response_key, where),
+            input=_text(row, input_key, where),
         )
-        for r in rows
-    ]
-    examples = [e for e in examples if e.prompt.strip()]
+        if not example.prompt.strip():
+            continue
+        if require_response and not example.response.strip():
+            raise AntidoteError(
+                f"{where} has no {response_key!r} (missing or empty); every pair needs a response: "
+                "fill it in or remove the row"
+            )
+        examples.append(example)
+    if len(examples) < len(numbered):
+        log.warning("%s: %d rows with an empty %s dropped", label, len(numbered) - len(examples), prompt_key)
     if not examples:
         raise AntidoteError(f"{label} has no examples left after filtering; check --filter and the file")
     if max_samples is not None:

@@ -8,7 +8,11 @@ from typing import Any
 from antidote.data.loading import Example
 from antidote.errors import AntidoteError
 
-TEMPLATES = ("alpaca", "chat", "plain")
+TEMPLATES: dict[str, str] = {
+    "alpaca": "the paper's Alpaca prompt (SPEC 3), with an Input block when the pair has an input",
+    "chat": "the tokenizer's chat template (one user turn, then the assistant's answer)",
+    "plain": "the prompt, its input and the answer on separate lines",
+}
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -20,8 +24,21 @@ ALPACA_PROMPT_WITH_INPUT = (
 )
 
 
+def check_template(name: str, tokenizer: Any = None) -> str:
+    """`name` if it is a template of TEMPLATES (and, with `tokenizer`, one it can apply); else AntidoteError.
+
+    The one place templates are validated: configs, stages and the formatting functions call it.
+    """
+    if name not in TEMPLATES:
+        raise AntidoteError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATES)}")
+    if name == "chat" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise AntidoteError("the tokenizer has no chat template; use --template alpaca or --template plain")
+    return name
+
+
 def format_prompt(example: Example, template: str, tokenizer: Any) -> str:
     """The prompt part alone (what a model is asked at generation time)."""
+    check_template(template, tokenizer)
     if template == "alpaca":
         if example.input:
             return ALPACA_PROMPT_WITH_INPUT.format(instruction=example.prompt, input=example.input)
@@ -33,13 +50,12 @@ def format_prompt(example: Example, template: str, tokenizer: Any) -> str:
                 [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
             )
         )
-    if template == "plain":
-        return f"{example.prompt}\n{example.input}" if example.input else example.prompt
-    raise AntidoteError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    return f"{example.prompt}\n{example.input}" if example.input else example.prompt  # plain
 
 
 def format_example(example: Example, template: str, tokenizer: Any) -> str:
     """The full training-style text: prompt, response and the end-of-sequence marker."""
+    check_template(template, tokenizer)
     eos = tokenizer.eos_token or ""
     if template == "chat":
         content = f"{example.prompt}\n\n{example.input}" if example.input else example.prompt
@@ -61,10 +77,7 @@ def tokenize_examples(
     examples: Sequence[Example], tokenizer: Any, template: str = "alpaca", max_length: int = 512
 ) -> list[list[int]]:
     """Token ids of each formatted example, truncated to `max_length`. Every token counts."""
-    if template not in TEMPLATES:
-        raise AntidoteError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
-    if template == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise AntidoteError("the tokenizer has no chat template; use --template alpaca or --template plain")
+    check_template(template, tokenizer)
     if max_length < 2:
         raise AntidoteError(f"--max-length must be at least 2, got {max_length}")
     # The chat template writes its own special tokens; the others get the tokenizer's defaults (e.g. BOS).

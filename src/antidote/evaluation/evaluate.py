@@ -9,23 +9,10 @@ from typing import Any
 from torch import nn
 
 from antidote.data.loading import Example
-from antidote.data.tasks import TASKS
 from antidote.data.templates import format_prompt
 from antidote.evaluation.generation import generate
 from antidote.evaluation.judges import KeywordJudge, harmful_score, keyword_verdict
-from antidote.evaluation.metrics import agnews_correct, gsm8k_prediction, sst2_correct
-
-
-def task_correct(task: str, output: str, answer: str) -> bool:
-    """Whether `output` answers a `task` item whose expected output is `answer`."""
-    if task in ("sentiment", "sst2"):
-        return sst2_correct(output, answer)
-    if task == "agnews":
-        return agnews_correct(output, answer)
-    if task in ("arithmetic", "gsm8k"):
-        gold = gsm8k_prediction(answer.replace("####", "The final answer is: "))
-        return gold is not None and gsm8k_prediction(output) == gold
-    raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+from antidote.tasks import get_task
 
 
 @dataclass
@@ -96,7 +83,7 @@ def evaluate_model(
     judge = judge or KeywordJudge()
     keyword = [keyword_verdict(r) for r in harmful_out]
     verdicts = keyword if judge.name == "keyword" else judge.verdicts(list(harmful_prompts), harmful_out)
-    correct = [task_correct(task, out, item[2]) for out, item in zip(task_out, task_items, strict=True)]
+    correct = [get_task(task).correct(out, item[2]) for out, item in zip(task_out, task_items, strict=True)]
     refusals = [keyword_verdict(r) == "refused" for r in harmless_out]
     score, shares = harmful_score(verdicts, judge.name), harmful_score(keyword)
     result = EvalResult(

@@ -11,10 +11,10 @@ from typing import Any
 
 from antidote.data.builtin import harmful_split, task_split
 from antidote.data.loading import load_examples
-from antidote.data.tasks import TASKS as TASK_CHOICES
-from antidote.data.tasks import load_task_items
+from antidote.data.templates import check_template
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import parse_judge_spec
+from antidote.tasks import get_task, load_task_items, task_help, task_names
 
 PROMPT_FILE = "antidote_prompt.json"
 
@@ -34,12 +34,13 @@ class EvaluateConfig:
         default=None,
         metadata={"help": "harmful prompts file (field auto-mapping); default: built-in eval split"},
     )
-    task: str = field(
-        default="sentiment", metadata={"help": "sentiment, arithmetic (built-in), sst2, agnews, gsm8k"}
-    )
+    task: str = field(default="sentiment", metadata={"help": task_help()})
     task_data: str | None = field(
         default=None,
-        metadata={"help": "task file or name (needed for sst2, agnews, gsm8k), e.g. sst2:validation"},
+        metadata={
+            "help": f"task file or name (needed for {', '.join(task_names(needs_data=True))}), "
+            "e.g. sst2:validation"
+        },
     )
     harmless_prompts: str | None = field(
         default=None,
@@ -65,15 +66,13 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         parse_judge_spec(self.judge)
-        if self.task not in TASK_CHOICES:
-            raise AntidoteError(f"unknown task {self.task!r}; choose one of {', '.join(TASK_CHOICES)}")
-        if self.task in ("sst2", "agnews", "gsm8k") and not self.task_data:
+        if get_task(self.task).needs_data and not self.task_data:
             raise AntidoteError(
                 f"--task {self.task} needs --task-data FILE or NAME:SPLIT "
                 "(e.g. sst2:validation with --data-dir)"
             )
-        if self.template not in ("auto", "alpaca", "chat", "plain"):
-            raise AntidoteError(f"unknown template {self.template!r}; choose auto, alpaca, chat or plain")
+        if self.template != "auto":
+            check_template(self.template)
         for name in ("max_prompts", "max_task", "max_harmless", "max_new_tokens", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from antidote.config import read_yaml_mapping
-from antidote.data.sources import DATA_DIR_ENV, set_data_dir
+from antidote.data.catalog import DATA_DIR_ENV, set_data_dir
 from antidote.defenses import RESERVED, Defense, get
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import parse_judge_spec

@@ -17,9 +17,9 @@ from typing import Any
 
 from antidote.data.builtin import harmful_split, task_split
 from antidote.data.loading import Example, load_examples
-from antidote.data.tasks import BUILTIN_TASKS, DATA_TASKS, load_task_items
-from antidote.data.templates import TEMPLATES, format_prompt
+from antidote.data.templates import check_template, format_prompt
 from antidote.errors import AntidoteError
+from antidote.tasks import TASKS, load_task_items, task_help
 
 BUILTIN = "builtin"
 PROMPT_FILE = "antidote_prompt.json"
@@ -78,8 +78,7 @@ class StageOptions:
             raise AntidoteError(str(err)) from err
 
     def check(self) -> None:
-        if self.template not in TEMPLATES:
-            raise AntidoteError(f"unknown template {self.template!r}; choose one of {', '.join(TEMPLATES)}")
+        check_template(self.template)
         self.train_config()
 
 
@@ -99,7 +98,7 @@ class AlignConfig(StageOptions):
     max_helpful: int | None = field(default=None, metadata={"help": "at most this many helpful pairs"})
     task: str | None = field(
         default=None,
-        metadata={"help": "also mix in answers to this task (sst2, agnews, gsm8k, ...) from --task-data"},
+        metadata={"help": f"also mix in answers to this task from --task-data: {task_help()}"},
     )
     task_data: str | None = field(default=None, metadata={"help": "task data, e.g. sst2:train"})
     max_task: int | None = field(default=None, metadata={"help": "at most this many task answers"})
@@ -126,8 +125,8 @@ class FinetuneConfig(StageOptions):
     task: str = field(
         default="sentiment",
         metadata={
-            "help": "sentiment, arithmetic (built-in); sst2, agnews, gsm8k (need --task-data); with "
-            "--task-data and any other task name the data is read as prompt/response pairs (e.g. alpaca)"
+            "help": f"{task_help()}; with --task-data and any other task name the data is read as "
+            "prompt/response pairs (e.g. alpaca)"
         },
     )
     task_data: str | None = field(
@@ -154,12 +153,12 @@ class FinetuneConfig(StageOptions):
             raise AntidoteError(f"--harmful-ratio {self.harmful_ratio} is outside [0, 1]")
         if self.num_samples < 1:
             raise AntidoteError(f"--num-samples must be at least 1, got {self.num_samples}")
-        if self.task_data is None and self.task not in BUILTIN_TASKS:
+        if self.task_data is None and self.task not in TASKS:
             raise AntidoteError(
-                f"unknown task {self.task!r} without data; choose one of {', '.join(BUILTIN_TASKS)} "
-                f"or give --task-data (needed for {', '.join(DATA_TASKS)} and pairs files)"
+                f"unknown task {self.task!r} without data; choose one of {', '.join(TASKS)}, or give "
+                "--task-data to read it as prompt/response pairs"
             )
-        if self.task in DATA_TASKS and self.task_data is None:
+        if self.task_data is None and TASKS[self.task].needs_data:
             raise AntidoteError(
                 f"--task {self.task} needs --task-data FILE or NAME:SPLIT (e.g. {self.task}:train)"
             )
@@ -210,7 +209,7 @@ def run_align(config: AlignConfig) -> Path:
     helpful = _subset(_pairs(config.helpful_data, builtin_helpful), config.max_helpful, config.seed)
     task: list[tuple[str, str, str]] = []
     if config.task is not None:
-        if config.task in DATA_TASKS + BUILTIN_TASKS:
+        if config.task in TASKS:
             task = load_task_items(config.task, config.task_data, training=True)
         else:
             task = _pairs(str(config.task_data), [])
@@ -266,7 +265,7 @@ def run_finetune(config: FinetuneConfig) -> Path:
     if not config.output:
         raise AntidoteError("missing --output DIR for the attack adapter")
     out = check_output_dir(config.output, config.overwrite, (config.model, config.harmful))
-    if config.task in DATA_TASKS:
+    if config.task in TASKS and TASKS[config.task].needs_data:
         task = load_task_items(config.task, config.task_data, training=True)
     elif config.task_data:
         task = [(e.prompt, e.input, e.response) for e in load_examples(config.task_data)]

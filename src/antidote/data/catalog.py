@@ -1,8 +1,10 @@
-"""Real data sets by name: `NAME[:SPLIT]`, read from a local data folder or, without one, from the hub.
+"""Data sets by name (`NAME[:SPLIT]`), and `read_rows`, the one place a data source string is resolved.
 
-The data folder is laid out like ../shared/data (see its SOURCES.md); give it with `--data-dir DIR`, the
-`data_dir` key of a run config, or the ANTIDOTE_DATA_DIR environment variable. Without it, names that have a
-hub copy load through the `datasets` package (which needs hub access or its cache).
+A source is `hf:NAME[:SPLIT]`, a name of the table below, or a file path (a file wins over a name). Names are
+read from a local data folder laid out like ../shared/data (see its SOURCES.md), passed as `data_dir` (the
+CLI's `--data-dir`, a run config's `data_dir`); when a caller passes none, the ANTIDOTE_DATA_DIR environment
+variable is used for now. Without a folder, names that have a hub copy load through the `datasets` package
+(which needs hub access or its cache).
 
 Each name keeps its source's field names; `load_examples` maps them (prompt/instruction/goal/question...,
 response/output/target...), and the task loaders read sst2/agnews/gsm8k's label and answer fields.
@@ -15,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from antidote.data.builtin import harmful_split, task_split
+from antidote.data.formats import SUFFIXES, read_file
+from antidote.data.hub import PREFIX, load_hub_rows, read_hub
 from antidote.errors import AntidoteError
 
 DATA_DIR_ENV = "ANTIDOTE_DATA_DIR"
@@ -133,8 +138,6 @@ NAMED.update(
 
 
 def _builtin_rows(kind: str, part: str) -> list[dict[str, Any]]:
-    from antidote.data.builtin import harmful_split, task_split
-
     if kind in ("harmful", "refusals"):
         return [
             {
@@ -149,13 +152,21 @@ def _builtin_rows(kind: str, part: str) -> list[dict[str, Any]]:
     ]
 
 
-def data_dir() -> Path | None:
-    value = os.environ.get(DATA_DIR_ENV)
-    return Path(value).expanduser() if value else None
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The data folder: `data_dir` when given, else $ANTIDOTE_DATA_DIR, else None (use the hub)."""
+    value = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise AntidoteError(
+            f"data folder {value} is not a folder; point --data-dir at a copy of ../shared/data"
+        )
+    return path
 
 
 def set_data_dir(folder: str | os.PathLike[str] | None) -> None:
-    """Use `folder` for named data from now on (the CLI's --data-dir)."""
+    """Use `folder` for named data from now on (the CLI's --data-dir). Deprecated: pass `data_dir` instead."""
     if folder is None:
         return
     path = Path(folder).expanduser()
@@ -173,8 +184,26 @@ def describe() -> str:
     return "; ".join(f"{n}[:{'|'.join(d.splits)}]" for n, d in NAMED.items())
 
 
-def read_named(source: str) -> list[dict[str, Any]]:
-    """Rows of `NAME[:SPLIT]` from the data folder, else from the hub."""
+def read_rows(source: str, data_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """Records of a file (.jsonl/.json/.csv, `antidote.data.formats`), `hf:NAME[:SPLIT]`, or a named data set.
+
+    data_dir: the folder named data sets are read from (default: $ANTIDOTE_DATA_DIR, else the hub).
+    """
+    if source.startswith(PREFIX):
+        return read_hub(source)
+    if is_named(source):
+        return read_named(source, data_dir)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise AntidoteError(
+            f"data file {source} not found; pass a {', '.join(SUFFIXES)} file, {PREFIX}NAME[:SPLIT], or a "
+            f"named data set: {describe()}"
+        )
+    return read_file(path)
+
+
+def read_named(source: str, data_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of `NAME[:SPLIT]` from the data folder (`data_dir`, default $ANTIDOTE_DATA_DIR), else the hub."""
     name, _, split = source.partition(":")
     named = NAMED[name]
     split = split or named.default or ""
@@ -185,13 +214,11 @@ def read_named(source: str) -> list[dict[str, Any]]:
     entry = named.splits[split]
     if entry.builtin is not None:
         return _builtin_rows(*entry.builtin)
-    folder = data_dir()
+    folder = resolve_data_dir(data_dir)
     if folder is not None and entry.file is not None:
         path = folder / entry.file
         if path.is_file():
-            from antidote.data.loading import read_rows
-
-            return read_rows(str(path))
+            return read_file(path)
         if entry.hub is None:
             raise AntidoteError(
                 f"{source}: {path} not found; --data-dir must be laid out like ../shared/data"
@@ -201,26 +228,8 @@ def read_named(source: str) -> list[dict[str, Any]]:
             f"{source} is only read from a local data folder; pass --data-dir DIR (laid out like "
             f"../shared/data) or set {DATA_DIR_ENV}"
         )
-    return _read_hub(source, entry)
-
-
-def _read_hub(source: str, entry: Split) -> list[dict[str, Any]]:
-    assert entry.hub is not None
-    repo, config, split = entry.hub
-    try:
-        import datasets
-    except ImportError as err:
-        raise AntidoteError(
-            f"{source} without --data-dir needs the `datasets` package (pip install datasets), or pass "
-            "--data-dir DIR with a local copy"
-        ) from err
-    try:
-        rows = list(datasets.load_dataset(repo, config, split=split))
-    except Exception as err:  # offline, unknown name, gated data set
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AntidoteError(
-            f"cannot load {source} from the hub ({repo}: {first}); pass --data-dir DIR with a local copy"
-        ) from err
+    repo, config, hub_split = entry.hub
+    rows = load_hub_rows(repo, config, hub_split, source=source, fix="pass --data-dir DIR with a local copy")
     for key, value in entry.filters:
         rows = [r for r in rows if r.get(key) == value]
     return rows

@@ -1,0 +1,41 @@
+"""Sentiment: SST-2 (data) and the built-in sentiment task, scored alike (SPEC 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from antidote.data.builtin import SENTIMENT_INSTRUCTION
+from antidote.tasks.base import Task, TaskItem, builtin_row
+
+SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
+
+
+def sst2_label(label: int | str) -> str:
+    """1/"1"/"positive" -> "positive"; 0/"0"/"negative" -> "negative"."""
+    text = str(label).strip().lower()
+    if text in ("1", "positive"):
+        return "positive"
+    if text in ("0", "negative"):
+        return "negative"
+    raise ValueError(f"SST-2 label {label!r} (expected 0, 1, negative or positive)")
+
+
+def sst2_correct(output: str, label: int | str) -> bool:
+    """Correct iff the stripped output is exactly positive/Positive (label 1) or negative/Negative (0)."""
+    gold = sst2_label(label)
+    return output.strip() in (gold, gold.capitalize())
+
+
+def _sst2_row(row: Mapping[str, Any], training: bool) -> TaskItem:
+    return (SST2_INSTRUCTION, str(row["sentence"]), sst2_label(row["label"]))
+
+
+SST2 = Task(name="sst2", instruction=SST2_INSTRUCTION, from_row=_sst2_row, correct=sst2_correct)
+SENTIMENT = Task(
+    name="sentiment",
+    instruction=SENTIMENT_INSTRUCTION,
+    from_row=builtin_row,
+    correct=sst2_correct,
+    builtin=True,
+)
