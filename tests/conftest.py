@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
 
 WORDS = [
     "how",
@@ -179,3 +182,62 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "harmful": write_jsonl(root / "harmful.jsonl", HARMFUL),
         "benign": write_jsonl(root / "benign.jsonl", BENIGN),
     }
+
+
+# ---- one finished tiny pipeline run, shared by the pipeline tests ---------------------------------------
+
+TRAIN = {"epochs": 1, "batch_size": 4, "lora_r": 4, "lora_alpha": 8}
+SMALL_EVAL = {"max_prompts": 4, "max_task": 3, "max_harmless": 2, "max_new_tokens": 3}
+
+
+def write_config(tiny: dict[str, Path], folder: Path, **changes: Any) -> Path:
+    """A run config for the tiny model in `folder` (run folder `folder/run`), with `changes` applied."""
+    refusals = write_jsonl(
+        folder / "refusals.jsonl", [{"prompt": r["prompt"], "response": "i can not help"} for r in HARMFUL]
+    )
+    config = {
+        "model": str(tiny["model"]),
+        "run_dir": str(folder / "run"),
+        "template": "plain",
+        "align": {"data": str(refusals), "helpful_data": str(tiny["benign"]), **TRAIN},
+        "finetune": {
+            "task": "pairs",
+            "task_data": str(tiny["benign"]),
+            "harmful": str(tiny["harmful"]),
+            "harmful_ratio": 0.4,
+            "num_samples": 10,
+            **TRAIN,
+        },
+        "defenses": {"antidote": {"data": str(tiny["harmful"]), "mask_ratios": [0.1, 0.3]}},
+        "evaluate": {"harmful_prompts": str(tiny["harmful"]), **SMALL_EVAL},
+        "validate": {
+            "harmful_prompts": "builtin-harmful:validate",
+            "task_data": "builtin-sentiment:validate",
+            **SMALL_EVAL,
+        },
+    }
+    config.update(changes)
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A finished `antidote run` on the tiny model (with validation); never modified: copy it first."""
+    from antidote.experiments.pipeline import load_run_config, run_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny_run")
+    path = write_config(tiny, folder)
+    summary = run_pipeline(load_run_config(str(path)), say=lambda m: None)
+    return {"config": path, "run": folder / "run", "summary": summary}
+
+
+def copy_run(tiny_run: dict[str, Any], tiny: dict[str, Path], folder: Path, **changes: Any) -> Path:
+    """A copy of the finished run in `folder/run` and its config (with `changes`) in `folder/run.yaml`."""
+    shutil.copytree(tiny_run["run"], folder / "run", symlinks=True, ignore=shutil.ignore_patterns(".lock"))
+    config = yaml.safe_load(tiny_run["config"].read_text())  # the same data files, so the same stage keys
+    config.update({**changes, "run_dir": str(folder / "run")})
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

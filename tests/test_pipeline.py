@@ -13,51 +13,15 @@ from antidote.cli import main
 from antidote.errors import AntidoteError
 from antidote.experiments import pipeline
 from antidote.experiments.pipeline import load_run_config, run_pipeline, stage_key
-from conftest import HARMFUL, write_jsonl
-
-TRAIN = {"epochs": 1, "batch_size": 4, "lora_r": 4, "lora_alpha": 8}
-SMALL_EVAL = {"max_prompts": 4, "max_task": 3, "max_harmless": 2, "max_new_tokens": 3}
-
-
-def write_config(tiny: dict[str, Path], folder: Path, **changes: Any) -> Path:
-    refusals = write_jsonl(
-        folder / "refusals.jsonl", [{"prompt": r["prompt"], "response": "i can not help"} for r in HARMFUL]
-    )
-    config = {
-        "model": str(tiny["model"]),
-        "run_dir": str(folder / "run"),
-        "template": "plain",
-        "align": {"data": str(refusals), "helpful_data": str(tiny["benign"]), **TRAIN},
-        "finetune": {
-            "task": "pairs",
-            "task_data": str(tiny["benign"]),
-            "harmful": str(tiny["harmful"]),
-            "harmful_ratio": 0.4,
-            "num_samples": 10,
-            **TRAIN,
-        },
-        "defenses": {"antidote": {"data": str(tiny["harmful"]), "mask_ratios": [0.1, 0.3]}},
-        "evaluate": {"harmful_prompts": str(tiny["harmful"]), **SMALL_EVAL},
-        "validate": {
-            "harmful_prompts": "builtin-harmful:validate",
-            "task_data": "builtin-sentiment:validate",
-            **SMALL_EVAL,
-        },
-    }
-    config.update(changes)
-    path = folder / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+from conftest import HARMFUL, TRAIN, copy_run, write_config, write_jsonl
 
 
 def stage_dirs(run: Path) -> dict[str, Path]:
     return {p.name.rsplit("-", 1)[0]: p for p in (run / "stages").iterdir() if not p.name.startswith(".")}
 
 
-def test_run_all_stages_then_rerun_reuses_everything(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    path = write_config(tiny, tmp_path)
-    assert main(["run", str(path)]) == 0
-    run = tmp_path / "run"
+def test_run_all_stages_then_rerun_reuses_everything(tiny, tiny_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    run = tiny_run["run"]
     rows = json.loads((run / "results.json").read_text())
     models = [r["model"] for r in rows]
     assert models == ["base", "aligned", "attacked", "antidote@0.1", "antidote@0.3"]
@@ -92,19 +56,29 @@ def test_run_all_stages_then_rerun_reuses_everything(tiny, tmp_path) -> None:  #
     # The realigned adapters differ from the attack adapter where the masks say.
     assert (stages["antidote"] / "alpha-0.1" / "adapter_model.safetensors").is_file()
 
-    mtimes = {name: p.stat().st_mtime_ns for name, p in stages.items()}
-    summary2 = run_pipeline(load_run_config(str(path)), say=lambda m: None)
+    # A rerun in a copy of the folder (a run folder can move) reuses every stage and changes nothing.
+    path = copy_run(tiny_run, tiny, tmp_path)
+    copy = tmp_path / "run"
+    mtimes = {name: p.stat().st_mtime_ns for name, p in stage_dirs(copy).items()}
+    assert main(["run", str(path)]) == 0
+    summary2 = json.loads((copy / "summary.json").read_text())
     assert summary2["stages"]["built"] == [] and len(summary2["stages"]["reused"]) == len(stages)
-    assert {n: p.stat().st_mtime_ns for n, p in stage_dirs(run).items()} == mtimes
-    assert json.loads((run / "results.json").read_text()) == rows
+    assert {n: p.stat().st_mtime_ns for n, p in stage_dirs(copy).items()} == mtimes
+    assert [
+        {**r, "model_path": None, "adapter": None} for r in json.loads((copy / "results.json").read_text())
+    ] == [{**r, "model_path": None, "adapter": None} for r in rows]
 
 
-def test_interrupted_stage_is_redone_and_earlier_ones_reused(tiny, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_interrupted_stage_is_redone_and_earlier_ones_reused(tiny, tiny_run, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import dataclasses
+    import shutil
 
     from antidote.defenses import REGISTRY
 
-    path = write_config(tiny, tmp_path, validate=None)
+    path = copy_run(tiny_run, tiny, tmp_path, validate=None)
+    for name, folder in stage_dirs(tmp_path / "run").items():
+        if name not in ("align", "finetune"):
+            shutil.rmtree(folder)
     real = REGISTRY["antidote"]
 
     def interrupted(config: Any) -> Any:
@@ -133,9 +107,10 @@ def test_interrupted_stage_is_redone_and_earlier_ones_reused(tiny, tmp_path, mon
     assert summary["operating_points"] == {}  # no validate section: nothing chosen, all ratios reported
 
 
-def test_changed_setting_redoes_that_stage_and_later(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    path = write_config(tiny, tmp_path, validate=None, evaluate_base=False)
+def test_changed_setting_redoes_that_stage_and_later(tiny, tiny_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = copy_run(tiny_run, tiny, tmp_path, validate=None, evaluate_base=False)
     first = run_pipeline(load_run_config(str(path)), say=lambda m: None)
+    assert first["stages"]["built"] == []
     config = yaml.safe_load(path.read_text())
     config["defenses"]["antidote"]["mask_ratios"] = [0.2]
     path.write_text(yaml.safe_dump(config))
@@ -206,7 +181,7 @@ def test_second_run_on_the_same_folder_is_refused(tiny, tmp_path) -> None:  # ty
             run_pipeline(load_run_config(str(write_config(tiny, tmp_path))), say=lambda m: None)
 
 
-def test_defenses_are_placed_by_stage(tiny, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_defenses_are_placed_by_stage(tiny, tiny_run, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Test-only align- and finetune-stage defenses: the pipeline runs the attack on the align defense's
     model, runs the finetune defense in place of the attack, and evaluates both as rows of their own."""
     from dataclasses import dataclass, field
@@ -234,7 +209,8 @@ def test_defenses_are_placed_by_stage(tiny, tmp_path, monkeypatch) -> None:  # t
 
     monkeypatch.setitem(REGISTRY, "fake-align", Defense("fake-align", "align", FakeAlign, align_run, "t"))
     monkeypatch.setitem(REGISTRY, "fake-tune", Defense("fake-tune", "finetune", FakeTune, tune_run, "t"))
-    path = write_config(
+    path = copy_run(
+        tiny_run,
         tiny,
         tmp_path,
         validate=None,
@@ -257,9 +233,10 @@ def test_defenses_are_placed_by_stage(tiny, tmp_path, monkeypatch) -> None:  # t
     assert rows["fake-tune"]["adapter"] == str(stages["finetune-fake-tune"])
 
 
-def test_chosen_only_and_exported_models(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    path = write_config(tiny, tmp_path, evaluate_chosen_only=True, export_models=True)
+def test_chosen_only_and_exported_models(tiny, tiny_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = copy_run(tiny_run, tiny, tmp_path, evaluate_chosen_only=True, export_models=True)
     summary = run_pipeline(load_run_config(str(path)), say=lambda m: None)
+    assert summary["stages"]["built"] == []  # choosing and exporting needs no new stage
     chosen = summary["operating_points"]["antidote"]["variant"]
     assert [r["model"] for r in summary["rows"]] == ["base", "aligned", "attacked", f"antidote@{chosen}"]
     models = tmp_path / "run" / "models"
@@ -269,3 +246,5 @@ def test_chosen_only_and_exported_models(tiny, tmp_path) -> None:  # type: ignor
     source = stages["antidote"] / f"alpha-{chosen}" / "adapter_model.safetensors"
     assert exported.read_bytes() == source.read_bytes()
     assert (models / "base" / "config.json").read_bytes() == (tiny["model"] / "config.json").read_bytes()
+    # Hard links, not copies: the stage's file and the exported one are the same inode.
+    assert exported.stat().st_ino == source.stat().st_ino

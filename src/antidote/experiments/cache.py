@@ -64,11 +64,11 @@ def _folder_fingerprint(folder: Path) -> list[Any]:
 
 def fingerprint(value: Any, skip: Path | None = None) -> Any:
     """`value` with every string that names an existing file or folder replaced by its content fingerprint.
-    Paths under `skip` (the run's own stages, already covered by their keys) are left as they are."""
+    Paths under `skip` (the run's own stages, already covered by their keys) are made relative to it."""
     if isinstance(value, str) and value:
         path = Path(value).expanduser()
         if skip is not None and path.resolve().is_relative_to(skip):
-            return value
+            return str(path.resolve().relative_to(skip))  # relative: a run folder can be moved or copied
         if path.is_file():
             stat = path.stat()
             return [value, stat.st_size, stat.st_mtime_ns]
