@@ -32,7 +32,7 @@ DATA = (
 
 
 def plain_decoder_pass(decoder: torch.nn.Module, sequences: list[list[int]], batch_size: int) -> float:
-    from antidote.pruning.calibrate import make_batches
+    from antidote.realignment.calibrate import make_batches
 
     start = time.perf_counter()
     with torch.inference_mode():
@@ -74,8 +74,8 @@ CHILD = """
 # resident memory after the imports and after the tokenizer recorded on the way.
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from antidote.config import RealignConfig
-from antidote.engine import peak_rss_mib, run_realign
+from antidote.realignment.config import RealignConfig
+from antidote.realignment.engine import peak_rss_mib, run_realign
 from antidote.models import LoadedModel, resolve_model_folder
 base = peak_rss_mib()
 folder = resolve_model_folder("smollm2-135m-instruct")
@@ -104,12 +104,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repetitions (minimum kept)")
     args = parser.parse_args()
 
-    from antidote.config import RealignConfig
     from antidote.data import load_examples, tokenize_examples
-    from antidote.engine import run_realign
     from antidote.models import load_model
-    from antidote.pruning.calibrate import _forward_module, default_batch_size
-    from antidote.pruning.targets import find_targets
+    from antidote.realignment.calibrate import _forward_module, default_batch_size
+    from antidote.realignment.config import RealignConfig
+    from antidote.realignment.engine import run_realign
+    from antidote.realignment.targets import find_targets
 
     loaded = load_model("smollm2-135m-instruct", dtype="float32", device="cpu")
     model = loaded.model

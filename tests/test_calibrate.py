@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from antidote.data import load_examples, tokenize_examples
-from antidote.engine import compute_masks
-from antidote.pruning.calibrate import collect_statistics, make_batches
-from antidote.pruning.targets import find_targets
+from antidote.realignment.calibrate import collect_statistics, make_batches
+from antidote.realignment.engine import compute_masks
+from antidote.realignment.targets import find_targets
 from conftest import HARMFUL, make_model, make_tokenizer
 
 

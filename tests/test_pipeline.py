@@ -91,7 +91,7 @@ def test_run_all_stages_then_rerun_reuses_everything(tiny, tmp_path) -> None:  #
 
 
 def test_interrupted_stage_is_redone_and_earlier_ones_reused(tiny, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import antidote.engine as engine
+    import antidote.realignment.engine as engine
     import antidote.training.stages as stages_module
 
     path = write_config(tiny, tmp_path, validate=None)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from antidote.pruning.scores import (
+from antidote.realignment.scores import (
     contrast_score,
     num_selected,
     select_global,

@@ -10,20 +10,20 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "realign": "antidote.engine",
-    "realign_sweep": "antidote.engine",
-    "RealignResult": "antidote.engine",
-    "compute_masks": "antidote.engine",
-    "apply_masks": "antidote.engine",
-    "save_realigned": "antidote.engine",
-    "RealignConfig": "antidote.config",
+    "realign": "antidote.realignment.engine",
+    "realign_sweep": "antidote.realignment.engine",
+    "RealignResult": "antidote.realignment.engine",
+    "compute_masks": "antidote.realignment.engine",
+    "apply_masks": "antidote.realignment.engine",
+    "save_realigned": "antidote.realignment.engine",
+    "RealignConfig": "antidote.realignment.config",
     "AntidoteError": "antidote.errors",
     "load_model": "antidote.models",
     "LoadedModel": "antidote.models",
     "load_examples": "antidote.data",
     "tokenize_examples": "antidote.data",
-    "find_targets": "antidote.pruning.targets",
-    "collect_statistics": "antidote.pruning.calibrate",
+    "find_targets": "antidote.realignment.targets",
+    "collect_statistics": "antidote.realignment.calibrate",
 }
 
 __all__ = [
@@ -45,9 +45,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from antidote.config import RealignConfig
     from antidote.data import load_examples, tokenize_examples
-    from antidote.engine import (
+    from antidote.errors import AntidoteError
+    from antidote.models import LoadedModel, load_model
+    from antidote.realignment.calibrate import collect_statistics
+    from antidote.realignment.config import RealignConfig
+    from antidote.realignment.engine import (
         RealignResult,
         apply_masks,
         compute_masks,
@@ -55,10 +58,7 @@ if TYPE_CHECKING:
         realign_sweep,
         save_realigned,
     )
-    from antidote.errors import AntidoteError
-    from antidote.models import LoadedModel, load_model
-    from antidote.pruning.calibrate import collect_statistics
-    from antidote.pruning.targets import find_targets
+    from antidote.realignment.targets import find_targets
 
 
 def __getattr__(name: str) -> Any:

@@ -107,12 +107,12 @@ def read_yaml(path: str, allowed: set[str], aliases: dict[str, str]) -> dict[str
 
 
 def cmd_realign(args: argparse.Namespace) -> int:
-    from antidote.config import RealignConfig
+    from antidote.realignment.config import RealignConfig
 
     config = config_from_args(RealignConfig, args)
     if not config.output:
         raise AntidoteError("missing --output DIR; the realigned model is written there")
-    from antidote.engine import run_realign
+    from antidote.realignment.engine import run_realign
 
     results = run_realign(config, keep_masks=False)
     for r in results:
@@ -193,8 +193,8 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from antidote import __version__
-    from antidote.config import RealignConfig
     from antidote.evaluation.run import EvaluateConfig
+    from antidote.realignment.config import RealignConfig
 
     parser = argparse.ArgumentParser(
         prog="antidote",

@@ -25,11 +25,11 @@ import torch
 from antidote.data.builtin import harmful_split, task_split
 from antidote.data.loading import Example
 from antidote.data.templates import format_prompt
-from antidote.engine import apply_masks, compute_masks, restore_masks
 from antidote.evaluation.evaluate import EvalResult, evaluate_model
 from antidote.models import EMBEDDED_NAME, load_model
-from antidote.pruning.calibrate import collect_statistics, resolve_compute_dtype
-from antidote.pruning.targets import find_targets
+from antidote.realignment.calibrate import collect_statistics, resolve_compute_dtype
+from antidote.realignment.engine import apply_masks, compute_masks, restore_masks
+from antidote.realignment.targets import find_targets
 from antidote.training.sft import TrainConfig, encode_pairs, train_lora
 
 log = logging.getLogger(__name__)

@@ -28,12 +28,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from antidote.config import RealignConfig, read_yaml_mapping
+from antidote.config import read_yaml_mapping
 from antidote.data.sources import DATA_DIR_ENV, set_data_dir
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import parse_judge_spec
 from antidote.evaluation.run import EvaluateConfig
 from antidote.models.loading import EMBEDDED_NAME
+from antidote.realignment.config import RealignConfig
 from antidote.training.stages import AlignConfig, FinetuneConfig
 
 STAGE_VERSION = 1  # bump when a stage's code changes what it writes: old cache entries are then not reused
@@ -214,7 +215,7 @@ def run_pipeline(config: RunConfig, say: Callable[[str], None] = _say) -> dict[s
 
 
 def _run(config: RunConfig, run_dir: Path, say: Callable[[str], None]) -> dict[str, Any]:
-    from antidote.engine import run_realign
+    from antidote.realignment.engine import run_realign
     from antidote.training.stages import run_align, run_finetune
 
     start = time.perf_counter()

@@ -21,21 +21,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from antidote.config import RealignConfig
 from antidote.data import load_examples, tokenize_examples
 from antidote.errors import AntidoteError
 from antidote.models import LoadedModel, load_model
 from antidote.outputs import atomic_output_dir, check_output_dir
-from antidote.pruning.calibrate import Statistics, collect_statistics, resolve_compute_dtype
-from antidote.pruning.maskfile import PackedMask, write_mask_file
-from antidote.pruning.scores import (
+from antidote.realignment.calibrate import Statistics, collect_statistics, resolve_compute_dtype
+from antidote.realignment.config import RealignConfig
+from antidote.realignment.maskfile import PackedMask, write_mask_file
+from antidote.realignment.scores import (
     contrast_score,
     select_global,
     select_rows,
     select_tensor,
     wanda_score,
 )
-from antidote.pruning.targets import find_targets, saved_name
+from antidote.realignment.targets import find_targets, saved_name
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from antidote.pruning.scores import sum_of_squares
+from antidote.realignment.scores import sum_of_squares
 
 log = logging.getLogger(__name__)
 
