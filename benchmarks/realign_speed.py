@@ -75,7 +75,8 @@ CHILD = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from antidote.realignment.config import RealignConfig
-from antidote.realignment.engine import peak_rss_mib, run_realign
+from antidote.memory import peak_rss_mib
+from antidote.realignment.engine import run_realign
 from antidote.models import LoadedModel, resolve_model_folder
 base = peak_rss_mib()
 folder = resolve_model_folder("smollm2-135m-instruct")
@@ -85,7 +86,7 @@ model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device
 loaded = LoadedModel(model, tokenizer, "smollm2-135m-instruct", folder)
 cfg = RealignConfig(model="smollm2-135m-instruct", data=sys.argv[1], max_samples=int(sys.argv[2]),
                     output=sys.argv[3], batch_size=int(sys.argv[4]), compute_dtype=sys.argv[5])
-report = run_realign(cfg, loaded, keep_masks=False)[0].report
+report = run_realign(cfg, loaded).reports[0]
 print(json.dumps({"imports_rss_mib": base, "tokenizer_rss_mib": with_tokenizer, "report": report}))
 """
 
@@ -135,7 +136,7 @@ def main() -> None:
             batch_size=batch_size,
             compute_dtype=compute,
         )
-        return run_realign(config, loaded, keep_masks=False)[0].report["seconds"]
+        return run_realign(config, loaded).reports[0]["seconds"]
 
     plain_decoder_pass(decoder, sequences[:4], 4)  # warm-up
     # Every measurement is repeated, interleaved, and its minimum kept: this machine is noisy.

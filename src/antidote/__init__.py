@@ -13,9 +13,10 @@ _EXPORTS = {
     "realign": "antidote.realignment.engine",
     "realign_sweep": "antidote.realignment.engine",
     "RealignResult": "antidote.realignment.engine",
+    "SweepResult": "antidote.realignment.engine",
     "compute_masks": "antidote.realignment.engine",
     "apply_masks": "antidote.realignment.engine",
-    "save_realigned": "antidote.realignment.engine",
+    "save_realigned": "antidote.realignment.save",
     "RealignConfig": "antidote.realignment.config",
     "AntidoteError": "antidote.errors",
     "load_model": "antidote.models",
@@ -31,6 +32,7 @@ __all__ = [
     "LoadedModel",
     "RealignConfig",
     "RealignResult",
+    "SweepResult",
     "__version__",
     "apply_masks",
     "collect_statistics",
@@ -52,12 +54,13 @@ if TYPE_CHECKING:
     from antidote.realignment.config import RealignConfig
     from antidote.realignment.engine import (
         RealignResult,
+        SweepResult,
         apply_masks,
         compute_masks,
         realign,
         realign_sweep,
-        save_realigned,
     )
+    from antidote.realignment.save import save_realigned
     from antidote.realignment.targets import find_targets
 
 

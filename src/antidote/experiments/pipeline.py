@@ -238,7 +238,7 @@ def _run(config: RunConfig, run_dir: Path, say: Callable[[str], None]) -> dict[s
     re_cfg = _stage_config(config, "realign", model=str(aligned), adapter=str(attack), output="")
     re_spec = {"upstream": ft_key, "data_dir": data_dir, "config": _settings(re_cfg)}
     realigned, re_key = cache.run(
-        "realign", re_spec, lambda out: run_realign(replace(re_cfg, output=str(out)), keep_masks=False)
+        "realign", re_spec, lambda out: run_realign(replace(re_cfg, output=str(out)))
     )
     ratios = list(re_cfg.mask_ratios)
 

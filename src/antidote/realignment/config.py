@@ -3,31 +3,37 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from antidote.data.templates import TEMPLATES
 from antidote.errors import AntidoteError
+from antidote.realignment.scores import GRANULARITIES, SCORES, describe
 
-SCORES = ("wanda", "magnitude", "random", "contrast")
-GRANULARITIES = ("row", "layer", "global")
 ACTIONS = ("zero", "revert")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def parse_ratios(value: Any) -> tuple[float, ...]:
-    """0.1, "0.1", "0.01,0.05,0.1" or [0.01, 0.05] -> a tuple of floats."""
+    """0.1, "0.1", "0.01,0.05,0.1" or [0.01, 0.05] -> a tuple of floats. Empty items are refused."""
     if isinstance(value, (int, float)):
         return (float(value),)
     items = value.split(",") if isinstance(value, str) else list(value)
+    if any(item is None or not str(item).strip() for item in items):
+        raise AntidoteError(
+            f"--mask-ratio {value!r} has an empty item; write numbers separated by single commas, "
+            "like 0.01,0.05,0.1"
+        )
     try:
-        return tuple(float(v) for v in items if str(v).strip())
-    except ValueError as err:
+        return tuple(float(v) for v in items)
+    except (TypeError, ValueError) as err:
         raise AntidoteError(
             f"--mask-ratio {value!r} is not a number or comma list like 0.01,0.05,0.1"
         ) from err
 
 
-def _one_of(name: str, value: str, valid: tuple[str, ...]) -> None:
+def _one_of(name: str, value: str, valid: Collection[str]) -> None:
     if value not in valid:
         raise AntidoteError(f"unknown {name} {value!r}; choose one of {', '.join(valid)}")
 
@@ -59,20 +65,16 @@ class RealignConfig:
             "flag": "--mask-ratio",
         },
     )
-    score: str = field(
-        default="wanda",
-        metadata={
-            "help": "wanda (|W|*sqrt(sum x^2)), magnitude, random, or contrast (harmful minus --benign-data)"
-        },
-    )
+    score: str = field(default="wanda", metadata={"help": f"how weights are scored: {describe(SCORES)}"})
     granularity: str = field(
-        default="row",
-        metadata={
-            "help": "row (top alpha of each output row), layer (of each tensor) or global (one threshold)"
-        },
+        default="row", metadata={"help": f"where the top alpha is taken: {describe(GRANULARITIES)}"}
     )
     action: str = field(
-        default="zero", metadata={"help": "zero the selected weights, or revert them to --reference"}
+        default="zero",
+        metadata={
+            "help": "zero the selected weights, or revert them to --reference (scores then use the "
+            "fine-tuning change W - W_ref in place of W)"
+        },
     )
     reference: str | None = field(
         default=None, metadata={"help": "the aligned model before fine-tuning (for --action revert)"}
@@ -95,7 +97,14 @@ class RealignConfig:
     max_samples: int | None = field(default=None, metadata={"help": "random subset of this size (seeded)"})
     max_length: int = field(default=512, metadata={"help": "truncate each example to this many tokens"})
     batch_size: int | None = field(
-        default=None, metadata={"help": "calibration batch size (default: 4 on CPU, 16 on GPU)"}
+        default=None,
+        metadata={
+            "help": "calibration batch size (default: 4 on CPU, 16 on GPU). It changes speed, not masks: "
+            "statistics are summed per sample in float64, in the same order at any batch size, so masks "
+            "are identical whenever the forward computes each token's activations bit for bit the same "
+            "at every batch size (so on CPU, float32 and bfloat16; GPU kernels chosen by matrix shape "
+            "may differ in the last bits)"
+        },
     )
     seed: int = field(default=0, metadata={"help": "seed for --max-samples and --score random"})
     merge: bool = field(
@@ -107,7 +116,7 @@ class RealignConfig:
         metadata={
             "help": "precision of the calibration forward: auto (bfloat16 autocast where the hardware "
             "multiplies bf16 natively, e.g. AMX CPUs and recent GPUs; else the model's dtype), float32, "
-            "bfloat16, float16. Statistics are always accumulated in fp32"
+            "bfloat16, float16. Statistics are always summed in float64"
         },
     )
     dtype: str = field(default="auto", metadata={"help": "auto (as saved), float32, bfloat16 or float16"})
@@ -131,7 +140,7 @@ class RealignConfig:
         _one_of("--granularity", self.granularity, GRANULARITIES)
         _one_of("--action", self.action, ACTIONS)
         _one_of("--template", self.template, TEMPLATES)
-        _one_of("--compute-dtype", self.compute_dtype, ("auto", "float32", "bfloat16", "float16"))
+        _one_of("--compute-dtype", self.compute_dtype, COMPUTE_DTYPES)
         if self.action == "revert" and not self.reference:
             raise AntidoteError(
                 "--action revert needs --reference MODEL (the aligned model before fine-tuning)"
@@ -141,8 +150,8 @@ class RealignConfig:
                 "--action revert works on full-model weights; merge the adapter into the model "
                 "first, or use --action zero with --adapter"
             )
-        if self.score == "contrast" and not self.benign_data:
-            raise AntidoteError("--score contrast needs --benign-data FILE (benign prompt+answer pairs)")
+        if SCORES[self.score].needs_benign and not self.benign_data:
+            raise AntidoteError(f"--score {self.score} needs --benign-data FILE (benign prompt+answer pairs)")
         if self.merge and not self.adapter:
             raise AntidoteError("--merge only applies with --adapter; without it the output is a full model")
         if self.batch_size is not None and self.batch_size < 1:

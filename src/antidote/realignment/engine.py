@@ -1,59 +1,118 @@
 """Antidote realignment: calibrate on harmful data, score every target weight, prune the top fraction.
 
-The public steps compose: `load_model` -> `load_examples`/`tokenize_examples` -> `find_targets` ->
-`collect_statistics` -> `compute_masks` -> `apply_masks` -> `save_realigned`. `realign()` runs them all
-for one mask ratio; `realign_sweep()` writes one output per ratio from a single calibration pass.
+A run is a straight loop: `prepare` (load the model, targets, reference, data; check them) ->
+`calibrate` (one forward pass) -> for each mask ratio: `prune` (score, select, apply one tensor at a
+time) -> save -> `restore`. The steps compose for power users: `load_model` -> `tokenize_examples` ->
+`find_targets` -> `collect_statistics` -> `compute_masks` -> `apply_masks` -> `save_realigned`.
+
+Public entry points: `realign()` (one ratio, returns the model and its masks), `realign_sweep()` (one
+output per ratio from one calibration pass) and `run_realign()` (a whole config: the CLI, the pipeline).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import logging
-import resource
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
 
 from antidote.data import load_examples, tokenize_examples
 from antidote.errors import AntidoteError
+from antidote.memory import peak_memory
 from antidote.models import LoadedModel, load_model
 from antidote.outputs import atomic_output_dir, check_output_dir
 from antidote.realignment.calibrate import Statistics, collect_statistics, resolve_compute_dtype
 from antidote.realignment.config import RealignConfig
-from antidote.realignment.maskfile import PackedMask, write_mask_file
-from antidote.realignment.scores import (
-    contrast_score,
-    select_global,
-    select_rows,
-    select_tensor,
-    wanda_score,
+from antidote.realignment.maskfile import PackedMask
+from antidote.realignment.reference import reference_weights
+from antidote.realignment.save import (
+    build_report,
+    ratio_folder,
+    save_realigned,
+    write_report,
+    write_sweep_report,
 )
+from antidote.realignment.scores import GRANULARITIES, SCORES, ScoreInputs, tensor_seed
 from antidote.realignment.targets import find_targets, saved_name
 
 log = logging.getLogger(__name__)
 
 Records = Sequence[Mapping[str, Any]]
-MASK_FILE = "antidote_mask.safetensors"
-REPORT_FILE = "realign_report.json"
+# What happens to the in-memory model after a ratio's output is saved: its weights are restored (the
+# next ratio starts from the fine-tuned model), kept pruned (returned to the caller), or discarded
+# (nobody uses it again, so a merge may consume it instead of copying it).
+Then = Literal["restore", "keep", "discard"]
 
 
 @dataclass
 class RealignResult:
-    """What one realignment produced. `masks`: saved weight name -> bool (out, in), True = pruned.
-    `model` holds the realigned weights in memory; `output` is the written folder, if any."""
+    """What one realignment (one mask ratio) produced. `masks`: saved weight name -> bool (out, in),
+    True = pruned. `model` holds the realigned weights in memory; `output` is the written folder, if any."""
 
     model: nn.Module
     tokenizer: Any
     masks: dict[str, torch.Tensor]
     report: dict[str, Any]
     output: Path | None = None
+
+
+@dataclass
+class SweepResult:
+    """What a run over one or more mask ratios produced: one report per ratio, in order (what each
+    `realign_report.json` holds), and the output folder (None when nothing was written). With several
+    ratios, each ratio's output is in `output/alpha-<ratio>/`; `folders` lists them."""
+
+    reports: list[dict[str, Any]]
+    output: Path | None = None
+
+    @property
+    def folders(self) -> list[Path | None]:
+        if self.output is None:
+            return [None] * len(self.reports)
+        if len(self.reports) == 1:
+            return [self.output]
+        return [self.output / ratio_folder(r["mask_ratio"]) for r in self.reports]
+
+
+@dataclass
+class Prepared:
+    """Everything calibration and pruning need, loaded and checked.
+
+    targets: module name -> Linear to prune; saved_names: module name -> the weight's saved name;
+    sequences / benign_sequences: token ids per sample; reference: module name -> the aligned model's
+    weight (out, in) on the CPU, for `action="revert"`.
+    """
+
+    loaded: LoadedModel
+    targets: dict[str, nn.Linear]
+    saved_names: dict[str, str]
+    sequences: list[list[int]]
+    benign_sequences: list[list[int]] | None = None
+    reference: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class Calibration:
+    """Input statistics of every target on the harmful data (and on the benign data, if scored)."""
+
+    harmful: Statistics
+    benign: Statistics | None = None
+
+
+@dataclass
+class Pruned:
+    """One ratio's masks, applied to the model. masks: module name -> packed bool (out, in);
+    old: module name -> the masked entries' values before (1-D), only when asked for."""
+
+    ratio: float
+    masks: dict[str, PackedMask]
+    old: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class _Timer:
@@ -71,7 +130,7 @@ class _Timer:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
 
 
-# ---- steps ------------------------------------------------------------------------------------------
+# ---- checks ------------------------------------------------------------------------------------------
 
 
 def check_finite_weights(targets: Mapping[str, nn.Linear]) -> None:
@@ -92,27 +151,16 @@ def check_finite_statistics(stats: Statistics) -> None:
             )
 
 
-def reference_weights(
-    reference: str, targets: Mapping[str, nn.Linear], *, dtype: str, trust_remote_code: bool
-) -> dict[str, torch.Tensor]:
-    """The aligned model's weights for each target, same names and shapes (kept on the CPU)."""
-    ref = load_model(
-        reference, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code, with_tokenizer=False
-    )
-    ref_modules = dict(ref.model.named_modules())
-    weights = {}
-    for name, module in targets.items():
-        other = ref_modules.get(name)
-        if not isinstance(other, nn.Linear) or other.weight.shape != module.weight.shape:
-            got = tuple(other.weight.shape) if isinstance(other, nn.Linear) else "missing"
-            raise AntidoteError(
-                f"--reference {reference} does not match the model at {name} "
-                f"({got} vs {tuple(module.weight.shape)}); pass the aligned model it was "
-                "fine-tuned from"
-            )
-        weights[name] = other.weight.detach().clone()
-    del ref
-    return weights
+_Spec = TypeVar("_Spec")
+
+
+def _lookup(table: Mapping[str, _Spec], name: str, flag: str) -> _Spec:
+    if name not in table:
+        raise AntidoteError(f"unknown {flag} {name!r}; choose one of {', '.join(table)}")
+    return table[name]
+
+
+# ---- masks: scores -> selection -> apply / restore -------------------------------------------------
 
 
 def target_scores(
@@ -126,25 +174,22 @@ def target_scores(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, scores (out, in) float32 on the weight's device) per target, computed on the fly.
 
-    With `reference`, scores use the fine-tuning change |W - W_ref| in place of |W|.
+    With `reference`, scores use the fine-tuning change W - W_ref in place of W.
     """
+    spec = _lookup(SCORES, score, "--score")
+    if spec.needs_benign and benign is None:
+        raise AntidoteError(f"--score {score} needs --benign-data FILE (benign prompt+answer pairs)")
     for i, (name, module) in enumerate(targets.items()):
         weight = module.weight.detach()
         if reference is not None:
             weight = weight.float() - reference[name].to(weight.device).float()
-        if score == "wanda":
-            yield name, wanda_score(weight, stats.sq_sums[name])
-        elif score == "magnitude":
-            yield name, weight.float().abs()
-        elif score == "random":
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-            yield name, torch.rand(weight.shape, generator=gen).to(weight.device)
-        elif score == "contrast":
-            if benign is None:
-                raise AntidoteError("--score contrast needs --benign-data FILE")
-            yield name, contrast_score(weight, stats.sq_sums[name], benign.sq_sums[name])
-        else:
-            raise AntidoteError(f"unknown score {score!r}")
+        inputs = ScoreInputs(
+            weight=weight,
+            sq_sum=stats.sq_sums[name],
+            benign_sq_sum=benign.sq_sums[name] if benign is not None else None,
+            seed=tensor_seed(seed, i),
+        )
+        yield name, spec.score(inputs)
 
 
 def iter_masks(
@@ -160,20 +205,15 @@ def iter_masks(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (module name, bool mask (out, in) on the weight's device), one target at a time, True for
     the top-`ratio` scores. Only one tensor of scores exists at a time."""
+    plan = _lookup(GRANULARITIES, granularity, "--granularity").plan
 
     def scores() -> Iterator[tuple[str, torch.Tensor]]:
         return target_scores(targets, stats, score=score, benign=benign, reference=reference, seed=seed)
 
-    if granularity == "row":
-        yield from ((name, select_rows(s, ratio)) for name, s in scores())
-    elif granularity == "layer":
-        yield from ((name, select_tensor(s, ratio)) for name, s in scores())
-    elif granularity == "global":
-        sizes = [m.weight.numel() for m in targets.values()]
-        take = select_global(lambda: (s for _, s in scores()), sizes, ratio)
-        yield from ((name, take(i, s)) for i, (name, s) in enumerate(scores()))
-    else:
-        raise AntidoteError(f"unknown granularity {granularity!r}")
+    sizes = [m.weight.numel() for m in targets.values()]
+    take = plan(lambda: (s for _, s in scores()), sizes, ratio)
+    for i, (name, s) in enumerate(scores()):
+        yield name, take(i, s)
 
 
 def compute_masks(
@@ -210,89 +250,24 @@ def apply_masks(
 def restore_masks(
     targets: Mapping[str, nn.Linear], masks: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]
 ) -> None:
+    """Put back the values `apply_masks(..., keep_old=True)` returned."""
     for name, mask in masks.items():
         weight = targets[name].weight
         weight[mask.to(weight.device)] = saved[name]
 
 
-def peak_rss_mib() -> float:
-    """VmHWM from /proc (ru_maxrss is inherited across fork+exec, so a child would report its parent's)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# ---- the steps of a run --------------------------------------------------------------------------------
 
 
-def peak_memory() -> dict[str, float]:
-    """Peak resident memory of this process (MiB) and, on CUDA, peak allocated GPU memory (MiB)."""
-    out = {"peak_rss_mib": round(peak_rss_mib(), 1)}
-    if torch.cuda.is_available():
-        out["peak_cuda_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return out
-
-
-def save_realigned(
-    folder: Path,
-    loaded: LoadedModel,
-    masks: Mapping[str, PackedMask],
-    report: Mapping[str, Any],
-    *,
-    merge: bool = False,
-    keep_model: bool = True,
-) -> None:
-    """Write the model (adapter folder, merged model or full model), the mask file, report and card.
-
-    `keep_model=False` lets a merge reuse the in-memory model (it is destroyed); otherwise a merge
-    works on a copy.
-    """
-    model = loaded.model
-    if loaded.adapter and merge:
-        merged = (copy.deepcopy(model) if keep_model else model).merge_and_unload()  # type: ignore[operator]
-        merged.save_pretrained(folder)
-        loaded.tokenizer.save_pretrained(folder)
-    else:
-        model.save_pretrained(folder)  # type: ignore[operator]
-        if not loaded.adapter:
-            loaded.tokenizer.save_pretrained(folder)
-    write_mask_file(folder / MASK_FILE, masks)
-    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    (folder / "README.md").write_text(model_card(report))
-
-
-def model_card(report: Mapping[str, Any]) -> str:
-    c = report["config"]
-    total = report["pruned_total"]
-    return f"""---
-tags: [antidote, safety, realignment]
----
-# Realigned with antidote
-
-This model is `{c["model"]}`{f" with adapter `{c['adapter']}`" if c["adapter"] else ""} after Antidote
-realignment (Huang et al., arXiv 2408.09600): every targeted weight was scored by its importance on
-harmful prompt+answer pairs and the top {report["mask_ratio"]:.4g} fraction
-({report["granularity"]} granularity, `{report["score"]}` score) was {
-        "zeroed" if report["action"] == "zero" else "reverted to the reference model"
-    }.
-
-- Calibration data: `{c["data"]}`, {report["calibration"]["samples"]} samples,
-  {report["calibration"]["tokens"]} tokens, template `{c["template"]}`.
-- Pruned: {total["pruned"]} of {total["total"]} targeted weights in {len(report["tensors"])} tensors.
-- `{MASK_FILE}` holds the mask of each pruned weight (True = pruned); `{REPORT_FILE}` the full record.
-
-Zeroed weights are stored as zeros: the files are as large as before.
-Check the model's harmful score and task accuracy before use: pruning trades some task accuracy for safety.
-"""
-
-
-# ---- orchestration ------------------------------------------------------------------------------------
-
-
-def _prepare(
-    config: RealignConfig, model: LoadedModel | None, records: Records | None, timer: _Timer
-) -> tuple[LoadedModel, dict[str, nn.Linear], Statistics, Statistics | None, dict[str, torch.Tensor] | None]:
+def prepare(
+    config: RealignConfig,
+    model: LoadedModel | None = None,
+    records: Records | None = None,
+    timer: _Timer | None = None,
+) -> Prepared:
+    """Load and check everything before calibration: the model (unless given), the targets (a
+    `--targets` pattern that matches no Linear layer stops here), the reference and the data."""
+    timer = timer or _Timer()
     with timer.phase("load"):
         loaded = model or load_model(
             config.model,
@@ -301,6 +276,14 @@ def _prepare(
             device=config.device,
             trust_remote_code=config.trust_remote_code,
         )
+    targets = find_targets(loaded.model, adapter_name=loaded.adapter_name, pattern=config.targets)
+    check_finite_weights(targets)
+    reference = None
+    if config.action == "revert" and config.reference:
+        with timer.phase("reference"):
+            reference = reference_weights(
+                config.reference, targets, dtype=config.dtype, trust_remote_code=config.trust_remote_code
+            )
     with timer.phase("data"):
         examples = load_examples(
             config.data if records is None else records,
@@ -310,148 +293,145 @@ def _prepare(
         )
         sequences = tokenize_examples(examples, loaded.tokenizer, config.template, config.max_length)
         benign_sequences = None
-        if config.score == "contrast" and config.benign_data:
+        if SCORES[config.score].needs_benign and config.benign_data:
             benign = load_examples(config.benign_data, max_samples=config.max_samples, seed=config.seed)
             benign_sequences = tokenize_examples(benign, loaded.tokenizer, config.template, config.max_length)
-    targets = find_targets(loaded.model, adapter_name=loaded.adapter_name, pattern=config.targets)
-    check_finite_weights(targets)
-    pad_id = loaded.tokenizer.pad_token_id or 0
-    device = loaded.model.get_input_embeddings().weight.device  # type: ignore[operator]
+    return Prepared(
+        loaded=loaded,
+        targets=targets,
+        saved_names={name: saved_name(name, loaded.adapter_name) for name in targets},
+        sequences=sequences,
+        benign_sequences=benign_sequences,
+        reference=reference,
+    )
+
+
+def calibrate(config: RealignConfig, prepared: Prepared, timer: _Timer | None = None) -> Calibration:
+    """One forward pass over the harmful data (and one over the benign data, if the score needs it)."""
+    timer = timer or _Timer()
+    model = prepared.loaded.model
+    pad_id = prepared.loaded.tokenizer.pad_token_id or 0
+    device = model.get_input_embeddings().weight.device  # type: ignore[operator]
     compute_dtype = resolve_compute_dtype(config.compute_dtype, device)
-    with timer.phase("calibrate"):
+
+    def statistics(sequences: list[list[int]], desc: str) -> Statistics:
         stats = collect_statistics(
-            loaded.model,
-            targets,
+            model,
+            prepared.targets,
             sequences,
             batch_size=config.batch_size,
             pad_id=pad_id,
             compute_dtype=compute_dtype,
+            desc=desc,
         )
-        benign_stats = None
-        if benign_sequences is not None:
-            benign_stats = collect_statistics(
-                loaded.model,
-                targets,
-                benign_sequences,
-                batch_size=config.batch_size,
-                pad_id=pad_id,
-                compute_dtype=compute_dtype,
-                desc="benign",
-            )
-    check_finite_statistics(stats)
-    if benign_stats is not None:
-        check_finite_statistics(benign_stats)
-    ref = None
-    if config.action == "revert" and config.reference:
-        with timer.phase("reference"):
-            ref = reference_weights(
-                config.reference, targets, dtype=config.dtype, trust_remote_code=config.trust_remote_code
-            )
-    return loaded, targets, stats, benign_stats, ref
+        check_finite_statistics(stats)
+        return stats
+
+    with timer.phase("calibrate"):
+        harmful = statistics(prepared.sequences, "calibrating")
+        benign = None
+        if prepared.benign_sequences is not None:
+            benign = statistics(prepared.benign_sequences, "benign")
+    return Calibration(harmful, benign)
 
 
-def _report(
-    config: RealignConfig,
-    ratio: float,
-    loaded: LoadedModel,
-    masks: Mapping[str, PackedMask],
-    stats: Statistics,
-    timer: _Timer,
-) -> dict[str, Any]:
-    tensors = {
-        name: {"pruned": m.pruned, "total": m.numel, "fraction": round(m.pruned / m.numel, 6)}
-        for name, m in masks.items()
-    }
-    pruned = sum(t["pruned"] for t in tensors.values())
-    total = sum(t["total"] for t in tensors.values())
-    return {
-        "mask_ratio": ratio,
-        "score": config.score,
-        "granularity": config.granularity,
-        "action": config.action,
-        "targets": config.targets
-        or ("adapter lora_A/lora_B" if loaded.adapter else "all Linear except lm_head"),
-        "pruned_total": {"pruned": pruned, "total": total, "fraction": round(pruned / max(total, 1), 6)},
-        "tensors": tensors,
-        "calibration": {
-            "samples": stats.samples,
-            "tokens": stats.tokens,
-            "compute_dtype": stats.compute_dtype,
-        },
-        "seconds": dict(timer.seconds),
-        "memory": peak_memory(),
-        "config": {**config.to_dict(), "model": loaded.source, "resolved_model_folder": loaded.folder},
-    }
+def prune(
+    config: RealignConfig, prepared: Prepared, calibration: Calibration, ratio: float, *, keep_old: bool
+) -> Pruned:
+    """Score, select and apply the masks of one ratio, one target tensor at a time."""
+    pruned = Pruned(ratio, {})
+    for name, mask in iter_masks(
+        prepared.targets,
+        calibration.harmful,
+        ratio,
+        score=config.score,
+        granularity=config.granularity,
+        benign=calibration.benign,
+        reference=prepared.reference,
+        seed=config.seed,
+    ):
+        pruned.old.update(
+            apply_masks(prepared.targets, {name: mask}, reference=prepared.reference, keep_old=keep_old)
+        )
+        pruned.masks[name] = PackedMask.pack(mask)
+    return pruned
 
 
-def run_realign(
-    config: RealignConfig,
-    model: LoadedModel | None = None,
-    records: Records | None = None,
-    *,
-    keep_masks: bool = True,
-) -> list[RealignResult]:
-    """Run a whole config: one calibration pass, then one result (and output folder) per mask ratio."""
+def restore(prepared: Prepared, pruned: Pruned) -> None:
+    """Undo `prune(..., keep_old=True)`: the targets hold their fine-tuned weights again."""
+    for name, packed in pruned.masks.items():
+        restore_masks(prepared.targets, {name: packed.unpack()}, pruned.old)
+
+
+# ---- orchestration --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    prepared: Prepared
+    reports: list[dict[str, Any]]
+    last: Pruned  # the last ratio's masks
+    output: Path | None
+
+
+def _run(config: RealignConfig, model: LoadedModel | None, records: Records | None, last: Then) -> _Run:
+    """prepare -> calibrate -> for each ratio: prune, save, then restore (`last` for the last ratio)."""
     out = None
-    if config.output:
+    if config.output:  # refuse a bad output folder before any work
         inputs = tuple(p for p in (config.model, config.adapter, config.data, config.reference) if p)
         out = check_output_dir(config.output, config.overwrite, inputs)
     timer = _Timer()
-    loaded, targets, stats, benign_stats, ref = _prepare(config, model, records, timer)
-    names = {name: saved_name(name, loaded.adapter_name) for name in targets}
-    sweep = len(config.mask_ratios) > 1
-    results = []
-
-    def write(folder: Path) -> None:
-        for i, ratio in enumerate(config.mask_ratios):
-            last = i == len(config.mask_ratios) - 1
-            packed: dict[str, PackedMask] = {}
-            old: dict[str, torch.Tensor] = {}
-            with timer.phase("prune"):  # score, select and apply one tensor at a time
-                for name, mask in iter_masks(
-                    targets,
-                    stats,
-                    ratio,
-                    score=config.score,
-                    granularity=config.granularity,
-                    benign=benign_stats,
-                    reference=ref,
-                    seed=config.seed,
-                ):
-                    old.update(apply_masks(targets, {name: mask}, reference=ref, keep_old=not last))
-                    packed[names[name]] = PackedMask.pack(mask)
-            report = _report(config, ratio, loaded, packed, stats, timer)
-            target_dir = folder / f"alpha-{ratio:g}" if sweep else folder
-            if out is not None:
+    prepared = prepare(config, model, records, timer)
+    calibration = calibrate(config, prepared, timer)
+    ratios = config.mask_ratios
+    reports = []
+    with atomic_output_dir(out, config.overwrite) if out else contextlib.nullcontext() as tmp:
+        for i, ratio in enumerate(ratios):
+            then: Then = last if i == len(ratios) - 1 else "restore"
+            with timer.phase("prune"):
+                pruned = prune(config, prepared, calibration, ratio, keep_old=then == "restore")
+            masks = {prepared.saved_names[name]: m for name, m in pruned.masks.items()}
+            report = build_report(
+                config,
+                ratio,
+                prepared.loaded,
+                masks,
+                calibration.harmful,
+                seconds=timer.seconds,
+                memory=peak_memory(),
+            )
+            if tmp is not None:
+                folder = tmp / ratio_folder(ratio) if len(ratios) > 1 else tmp
                 with timer.phase("save"):
-                    target_dir.mkdir(exist_ok=True)
-                    # A merge destroys the in-memory adapter model: work on a copy unless nobody needs it.
-                    keep_model = keep_masks or not last
+                    folder.mkdir(exist_ok=True)
                     save_realigned(
-                        target_dir, loaded, packed, report, merge=config.merge, keep_model=keep_model
+                        folder,
+                        prepared.loaded,
+                        masks,
+                        report,
+                        merge=config.merge,
+                        keep_model=then != "discard",
                     )
-                report["seconds"] = dict(timer.seconds)
-                report["memory"] = peak_memory()
-                (target_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-            if not last:
-                by_saved = {saved: module for module, saved in names.items()}
-                for saved, bits in packed.items():
-                    restore_masks(targets, {by_saved[saved]: bits.unpack()}, old)
+                report["seconds"], report["memory"] = dict(timer.seconds), peak_memory()
+                write_report(folder, report)  # again, now with the time the save took
+            if then == "restore":
+                restore(prepared, pruned)
             total = report["pruned_total"]
             log.info("alpha %g: pruned %d of %d weights", ratio, total["pruned"], total["total"])
-            masks = {k: m.unpack() for k, m in packed.items()} if keep_masks else {}
-            output = out / target_dir.name if sweep and out else out
-            results.append(RealignResult(loaded.model, loaded.tokenizer, masks, report, output))
+            reports.append(report)
+        if tmp is not None and len(ratios) > 1:
+            write_sweep_report(tmp, reports)
+    return _Run(prepared, reports, pruned, out)
 
-    if out is None:
-        write(Path("."))
-    else:
-        with atomic_output_dir(out, config.overwrite) as tmp:
-            write(tmp)
-            if sweep:
-                summary = [{k: r.report[k] for k in ("mask_ratio", "pruned_total")} for r in results]
-                (tmp / "sweep_report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return results
+
+def run_realign(
+    config: RealignConfig, model: LoadedModel | None = None, records: Records | None = None
+) -> SweepResult:
+    """Run a whole config (the CLI and the pipeline): one calibration pass, then one output per mask
+    ratio (`output/alpha-<ratio>/` when there are several). A model passed in is used up: it ends
+    pruned at the last ratio, or merged into its base model with `merge`."""
+    run = _run(config, model, records, last="discard")
+    return SweepResult(run.reports, run.output)
 
 
 def realign(
@@ -464,7 +444,11 @@ def realign(
     options: any `RealignConfig` field (score, granularity, action, adapter, output, ...).
     Returns the realigned model (in memory, and in `output` when given), its masks and report.
     """
-    return _realign(model, data, (mask_ratio,), options, keep_masks=True)[0]
+    loaded, records, config = _config(model, data, (mask_ratio,), options)
+    run = _run(config, loaded, records, last="keep")
+    masks = {run.prepared.saved_names[name]: m.unpack() for name, m in run.last.masks.items()}
+    model_out = run.prepared.loaded
+    return RealignResult(model_out.model, model_out.tokenizer, masks, run.reports[0], run.output)
 
 
 def realign_sweep(
@@ -473,20 +457,19 @@ def realign_sweep(
     *,
     mask_ratios: Sequence[float] = (0.01, 0.05, 0.1),
     **options: Any,
-) -> list[RealignResult]:
+) -> SweepResult:
     """One calibration pass, one output per mask ratio (`output/alpha-<ratio>/`). Returns the reports;
-    masks are on disk, not kept in memory. The in-memory model ends at the last ratio (with
-    `merge=True`, merged into its base model)."""
-    return _realign(model, data, tuple(mask_ratios), options, keep_masks=False)
+    the masks are on disk, not kept in memory. The in-memory model is left as it was (merges are made
+    on copies)."""
+    loaded, records, config = _config(model, data, tuple(mask_ratios), options)
+    run = _run(config, loaded, records, last="restore")
+    return SweepResult(run.reports, run.output)
 
 
-def _realign(
-    model: str | LoadedModel,
-    data: str | Records,
-    ratios: tuple[float, ...],
-    options: dict[str, Any],
-    keep_masks: bool,
-) -> list[RealignResult]:
+def _config(
+    model: str | LoadedModel, data: str | Records, ratios: tuple[float, ...], options: dict[str, Any]
+) -> tuple[LoadedModel | None, list[Mapping[str, Any]] | None, RealignConfig]:
+    """The Python API's arguments -> (the loaded model if given, in-memory records if given, config)."""
     loaded = model if isinstance(model, LoadedModel) else None
     records = None if isinstance(data, str) else list(data)
     if loaded is not None and loaded.adapter:
@@ -501,4 +484,4 @@ def _realign(
         raise AntidoteError("pass the adapter to load_model(), not to realign(), when giving a loaded model")
     if not config.data:
         raise AntidoteError("no calibration data; pass --data FILE with harmful prompt+answer pairs")
-    return run_realign(config, loaded, records, keep_masks=keep_masks)
+    return loaded, records, config
