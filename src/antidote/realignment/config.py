@@ -99,11 +99,10 @@ class RealignConfig:
     batch_size: int | None = field(
         default=None,
         metadata={
-            "help": "calibration batch size (default: 4 on CPU, 16 on GPU). It changes speed, not masks: "
-            "statistics are summed per sample in float64, in the same order at any batch size, so masks "
-            "are identical whenever the forward computes each token's activations bit for bit the same "
-            "at every batch size (so on CPU, float32 and bfloat16; GPU kernels chosen by matrix shape "
-            "may differ in the last bits)"
+            "help": "calibration batch size (default: 4 on CPU, 16 on GPU). Masks do not depend on it "
+            "whenever the model computes each token's activations bit for bit the same at every batch "
+            "size (measured so on CPU, float32 and bfloat16; GPU kernels picked by matrix shape can "
+            "differ in the last bits): statistics are summed per sample in float64, in one fixed order"
         },
     )
     seed: int = field(default=0, metadata={"help": "seed for --max-samples and --score random"})

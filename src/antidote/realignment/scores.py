@@ -43,7 +43,10 @@ def sample_sq_sums(x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
     """
     import torch
 
-    return torch.stack([x[b, :n].to(torch.float64, copy=True).pow(2).sum(0) for b, n in enumerate(lengths)])
+    # The copy is a fresh tensor of the same shape and layout at any batch size; squared in place.
+    return torch.stack(
+        [x[b, :n].to(torch.float64, copy=True).square_().sum(0) for b, n in enumerate(lengths)]
+    )
 
 
 # ---- scores -------------------------------------------------------------------------------------------
