@@ -32,7 +32,7 @@ DATA = (
 
 
 def plain_decoder_pass(decoder: torch.nn.Module, sequences: list[list[int]], batch_size: int) -> float:
-    from antidote.pruning.calibrate import make_batches
+    from antidote.realignment.calibrate import make_batches
 
     start = time.perf_counter()
     with torch.inference_mode():
@@ -74,8 +74,9 @@ CHILD = """
 # resident memory after the imports and after the tokenizer recorded on the way.
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from antidote.config import RealignConfig
-from antidote.engine import peak_rss_mib, run_realign
+from antidote.realignment.config import RealignConfig
+from antidote.memory import peak_rss_mib
+from antidote.realignment.engine import run_realign
 from antidote.models import LoadedModel, resolve_model_folder
 base = peak_rss_mib()
 folder = resolve_model_folder("smollm2-135m-instruct")
@@ -85,7 +86,7 @@ model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device
 loaded = LoadedModel(model, tokenizer, "smollm2-135m-instruct", folder)
 cfg = RealignConfig(model="smollm2-135m-instruct", data=sys.argv[1], max_samples=int(sys.argv[2]),
                     output=sys.argv[3], batch_size=int(sys.argv[4]), compute_dtype=sys.argv[5])
-report = run_realign(cfg, loaded, keep_masks=False)[0].report
+report = run_realign(cfg, loaded).reports[0]
 print(json.dumps({"imports_rss_mib": base, "tokenizer_rss_mib": with_tokenizer, "report": report}))
 """
 
@@ -104,12 +105,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repetitions (minimum kept)")
     args = parser.parse_args()
 
-    from antidote.config import RealignConfig
     from antidote.data import load_examples, tokenize_examples
-    from antidote.engine import run_realign
     from antidote.models import load_model
-    from antidote.pruning.calibrate import _forward_module, default_batch_size
-    from antidote.pruning.targets import find_targets
+    from antidote.realignment.calibrate import _forward_module, default_batch_size
+    from antidote.realignment.config import RealignConfig
+    from antidote.realignment.engine import run_realign
+    from antidote.realignment.targets import find_targets
 
     loaded = load_model("smollm2-135m-instruct", dtype="float32", device="cpu")
     model = loaded.model
@@ -135,7 +136,7 @@ def main() -> None:
             batch_size=batch_size,
             compute_dtype=compute,
         )
-        return run_realign(config, loaded, keep_masks=False)[0].report["seconds"]
+        return run_realign(config, loaded).reports[0]["seconds"]
 
     plain_decoder_pass(decoder, sequences[:4], 4)  # warm-up
     # Every measurement is repeated, interleaved, and its minimum kept: this machine is noisy.

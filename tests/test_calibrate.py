@@ -1,16 +1,19 @@
-"""Calibration statistics against inputs captured by hand, batch-size invariance, no padding counted."""
+"""Calibration statistics against inputs captured by hand, batch-size invariance, no padding counted,
+LoRA factors through a PeftModel, and the compute dtype rule."""
 
 from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 from torch import nn
 
 from antidote.data import load_examples, tokenize_examples
-from antidote.engine import compute_masks
-from antidote.pruning.calibrate import collect_statistics, make_batches
-from antidote.pruning.targets import find_targets
+from antidote.realignment import calibrate
+from antidote.realignment.calibrate import collect_statistics, make_batches, resolve_compute_dtype
+from antidote.realignment.engine import compute_masks
+from antidote.realignment.targets import find_targets
 from conftest import HARMFUL, make_model, make_tokenizer
 
 
@@ -60,18 +63,74 @@ def test_targets_exclude_lm_head_and_lm_head_is_never_run() -> None:
     assert calls == []  # calibration runs the decoder body only
 
 
-def test_masks_identical_for_batch_size_1_and_8() -> None:
+def test_statistics_and_masks_bitwise_identical_for_batch_sizes_1_3_6_in_float32() -> None:
     model = make_model()
     targets = find_targets(model)
     seqs = sequences()
-    one = collect_statistics(model, targets, seqs, batch_size=1)
-    eight = collect_statistics(model, targets, seqs, batch_size=8, pad_id=7)  # pad id must not matter
-    for granularity in ("row", "layer", "global"):
-        a = compute_masks(targets, one, 0.1, granularity=granularity)
-        b = compute_masks(targets, eight, 0.1, granularity=granularity)
-        assert all(torch.equal(a[n], b[n]) for n in targets)
+    by_size = {
+        size: collect_statistics(model, targets, seqs, batch_size=size, pad_id=pad, compute_dtype=None)
+        for size, pad in ((1, 3), (3, 3), (6, 7))  # the pad id must not matter either
+    }
+    one = by_size[1]
+    for size in (3, 6):
+        other = by_size[size]
+        assert other.compute_dtype == "float32"
+        assert all(torch.equal(one.sq_sums[n], other.sq_sums[n]) for n in targets)  # bit for bit
+        for granularity in ("row", "layer", "global"):
+            a = compute_masks(targets, one, 0.1, granularity=granularity)
+            b = compute_masks(targets, other, 0.1, granularity=granularity)
+            assert all(torch.equal(a[n], b[n]) for n in targets)
+
+
+def test_bfloat16_statistics_are_summed_in_float64_not_in_bfloat16() -> None:
+    # Under autocast, a matrix product in the statistic would itself run in bf16 (~0.4% error).
+    model = make_model()
+    targets = find_targets(model)
+    seqs = sequences()
+    stats = collect_statistics(model, targets, seqs, batch_size=1, compute_dtype=torch.bfloat16)
+    modules = dict(model.named_modules())
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
+    handles = [
+        modules[n].register_forward_pre_hook(
+            lambda m, a, n=n: seen[n].append(a[0].detach().reshape(-1, a[0].shape[-1]).clone())
+        )
+        for n in targets
+    ]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for s in seqs:
+            model(input_ids=torch.tensor([s]))
+    for h in handles:
+        h.remove()
     for name in targets:
-        torch.testing.assert_close(one.sq_sums[name], eight.sq_sums[name], rtol=1e-5, atol=1e-6)
+        x = torch.cat(seen[name]).double()  # what the layer received, bf16 or fp32, exactly
+        expected = (x.pow(2).sum(0) / len(seqs)).float()
+        torch.testing.assert_close(stats.sq_sums[name], expected, rtol=1e-6, atol=0)
+
+
+def test_lora_statistics_through_peft_model_equal_hand_computation(tiny) -> None:  # type: ignore[no-untyped-def]
+    """lora_A sees the layer input x; lora_B sees lora_A's output x @ A.T (dropout is off in eval)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(make_model(), tiny["adapter"]).eval()
+    targets = find_targets(model, adapter_name="default")
+    seqs = sequences()
+    stats = collect_statistics(model, targets, seqs, batch_size=3, pad_id=3, compute_dtype=None)
+    base = model.get_base_model()
+    layers = base.model.layers
+    expected = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in targets.items()}
+    with torch.no_grad():
+        for s in seqs:  # one sequence at a time, no hooks: the residual stream -> input_layernorm -> x
+            hidden = base(input_ids=torch.tensor([s]), output_hidden_states=True).hidden_states
+            for i, layer in enumerate(layers):
+                x = layer.input_layernorm(hidden[i])[0].double()  # (tokens, hidden)
+                for proj in ("q_proj", "v_proj"):
+                    prefix = f"base_model.model.model.layers.{i}.self_attn.{proj}"
+                    a = getattr(layer.self_attn, proj).lora_A["default"].weight.double()  # (r, hidden)
+                    expected[f"{prefix}.lora_A.default"] += x.pow(2).sum(0)
+                    expected[f"{prefix}.lora_B.default"] += (x @ a.T).pow(2).sum(0)
+    assert len(targets) == 2 * 2 * 2 and set(expected) == set(stats.sq_sums)
+    for name, total in expected.items():
+        torch.testing.assert_close(stats.sq_sums[name], (total / len(seqs)).float(), rtol=1e-5, atol=1e-7)
 
 
 def test_batches_are_length_sorted_and_cover_every_sequence() -> None:
@@ -111,3 +170,28 @@ def test_bfloat16_compute_stays_close_to_float32_and_is_reported() -> None:
     assert all(fast.sq_sums[n].dtype == torch.float32 for n in targets)  # accumulated in fp32 regardless
     for name in targets:
         torch.testing.assert_close(fast.sq_sums[name], exact.sq_sums[name], rtol=0.1, atol=1e-3)
+
+
+@pytest.mark.parametrize("has_amx", [True, False])
+def test_resolve_compute_dtype_on_cpu(monkeypatch, tmp_path, has_amx: bool) -> None:  # type: ignore[no-untyped-def]
+    """auto -> bf16 exactly when the CPU flags name amx_bf16 or avx512_bf16, whatever this CPU has."""
+    flags = "fpu sse2 avx2 avx512f" + (" amx_bf16 amx_tile" if has_amx else "")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(calibrate, "CPUINFO", cpuinfo)
+    cpu = torch.device("cpu")
+    assert calibrate.fast_bfloat16(cpu) is has_amx
+    assert resolve_compute_dtype("auto", cpu) == (torch.bfloat16 if has_amx else None)
+    assert resolve_compute_dtype("float32", cpu) is None  # the model's own dtype, no autocast
+    assert resolve_compute_dtype("bfloat16", cpu) == torch.bfloat16
+    assert resolve_compute_dtype("float16", cpu) == torch.float16
+
+
+def test_fast_bfloat16_reads_avx512_bf16_and_survives_missing_cpuinfo(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: avx512f avx512_bf16\n")
+    monkeypatch.setattr(calibrate, "CPUINFO", cpuinfo)
+    assert calibrate.fast_bfloat16(torch.device("cpu"))
+    monkeypatch.setattr(calibrate, "CPUINFO", tmp_path / "absent")
+    assert not calibrate.fast_bfloat16(torch.device("cpu"))
+    assert resolve_compute_dtype("auto", torch.device("cpu")) is None

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from antidote.cli import main
-from antidote.pruning.scores import num_selected
+from antidote.realignment.scores import num_selected
 
 
 def run(*args: object) -> int:

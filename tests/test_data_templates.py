@@ -51,8 +51,8 @@ def test_plain() -> None:
 
 
 def test_one_check_for_every_caller(tmp_path: object) -> None:
-    from antidote.config import RealignConfig
     from antidote.evaluation.run import EvaluateConfig
+    from antidote.realignment.config import RealignConfig
     from antidote.training.stages import FinetuneConfig
 
     assert set(TEMPLATES) == {"alpaca", "chat", "plain"} and all(TEMPLATES.values())

@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from antidote.pruning.maskfile import PackedMask, write_mask_file
+from antidote.realignment.maskfile import PackedMask, write_mask_file
 
 
 def test_pack_round_trip_and_count() -> None:

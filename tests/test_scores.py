@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from antidote.pruning.scores import (
+from antidote.realignment.scores import (
     contrast_score,
     num_selected,
+    sample_sq_sums,
     select_global,
     select_rows,
     select_tensor,
-    sum_of_squares,
     wanda_score,
 )
 
@@ -38,17 +38,28 @@ def test_num_selected_follows_reference_floor_rule() -> None:
     assert num_selected(3, 0.01) == 1  # 3 - int(2.97)
 
 
-def test_sum_of_squares_matches_hand_computation_with_mask() -> None:
+def test_sample_sq_sums_match_hand_computation_per_sample() -> None:
     x = torch.randn(3, 5, 4)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
-    expected = torch.zeros(4)
+    lengths = [3, 5, 1]  # right padding: the rest of each row is padding and must not count
+    x[0, 3:] = 1e6
+    x[2, 1:] = float("nan")
+    expected = torch.zeros(3, 4, dtype=torch.float64)
     for b in range(3):
-        for t in range(5):
-            if mask[b, t]:
-                expected += x[b, t] ** 2
-    torch.testing.assert_close(sum_of_squares(x, mask), expected)
-    torch.testing.assert_close(sum_of_squares(x), x.reshape(-1, 4).pow(2).sum(0))
-    assert sum_of_squares(x.half(), mask).dtype == torch.float32
+        for t in range(lengths[b]):
+            for j in range(4):
+                expected[b, j] += float(x[b, t, j]) ** 2
+    got = sample_sq_sums(x, lengths)
+    assert got.dtype == torch.float64 and got.shape == (3, 4)
+    torch.testing.assert_close(got, expected)
+    assert sample_sq_sums(x.half(), lengths).dtype == torch.float64
+
+
+def test_sample_sq_sums_do_not_depend_on_batch_neighbours_or_padding() -> None:
+    gen = torch.Generator().manual_seed(0)
+    alone = torch.randn(1, 37, 64, generator=gen)
+    batch = torch.randn(4, 50, 64, generator=gen)
+    batch[2, :37] = alone[0]
+    assert torch.equal(sample_sq_sums(batch, [50, 41, 37, 12])[2], sample_sq_sums(alone, [37])[0])
 
 
 def test_wanda_score_is_abs_weight_times_root_of_statistic() -> None:

@@ -10,20 +10,21 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "realign": "antidote.engine",
-    "realign_sweep": "antidote.engine",
-    "RealignResult": "antidote.engine",
-    "compute_masks": "antidote.engine",
-    "apply_masks": "antidote.engine",
-    "save_realigned": "antidote.engine",
-    "RealignConfig": "antidote.config",
+    "realign": "antidote.realignment.engine",
+    "realign_sweep": "antidote.realignment.engine",
+    "RealignResult": "antidote.realignment.engine",
+    "SweepResult": "antidote.realignment.engine",
+    "compute_masks": "antidote.realignment.engine",
+    "apply_masks": "antidote.realignment.engine",
+    "save_realigned": "antidote.realignment.save",
+    "RealignConfig": "antidote.realignment.config",
     "AntidoteError": "antidote.errors",
     "load_model": "antidote.models",
     "LoadedModel": "antidote.models",
     "load_examples": "antidote.data",
     "tokenize_examples": "antidote.data",
-    "find_targets": "antidote.pruning.targets",
-    "collect_statistics": "antidote.pruning.calibrate",
+    "find_targets": "antidote.realignment.targets",
+    "collect_statistics": "antidote.realignment.calibrate",
 }
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "LoadedModel",
     "RealignConfig",
     "RealignResult",
+    "SweepResult",
     "__version__",
     "apply_masks",
     "collect_statistics",
@@ -45,20 +47,21 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from antidote.config import RealignConfig
     from antidote.data import load_examples, tokenize_examples
-    from antidote.engine import (
+    from antidote.errors import AntidoteError
+    from antidote.models import LoadedModel, load_model
+    from antidote.realignment.calibrate import collect_statistics
+    from antidote.realignment.config import RealignConfig
+    from antidote.realignment.engine import (
         RealignResult,
+        SweepResult,
         apply_masks,
         compute_masks,
         realign,
         realign_sweep,
-        save_realigned,
     )
-    from antidote.errors import AntidoteError
-    from antidote.models import LoadedModel, load_model
-    from antidote.pruning.calibrate import collect_statistics
-    from antidote.pruning.targets import find_targets
+    from antidote.realignment.save import save_realigned
+    from antidote.realignment.targets import find_targets
 
 
 def __getattr__(name: str) -> Any:

@@ -107,21 +107,21 @@ def read_yaml(path: str, allowed: set[str], aliases: dict[str, str]) -> dict[str
 
 
 def cmd_realign(args: argparse.Namespace) -> int:
-    from antidote.config import RealignConfig
+    from antidote.realignment.config import RealignConfig
 
     config = config_from_args(RealignConfig, args)
     if not config.output:
         raise AntidoteError("missing --output DIR; the realigned model is written there")
-    from antidote.engine import run_realign
+    from antidote.realignment.engine import run_realign
 
-    results = run_realign(config, keep_masks=False)
-    for r in results:
-        t = r.report["pruned_total"]
+    result = run_realign(config)
+    for report, folder in zip(result.reports, result.folders, strict=True):
+        t = report["pruned_total"]
         print(
-            f"alpha {r.report['mask_ratio']:g}: pruned {t['pruned']:,} of {t['total']:,} weights "
-            f"({100 * t['fraction']:.2f}%) in {len(r.report['tensors'])} tensors -> {r.output}"
+            f"alpha {report['mask_ratio']:g}: pruned {t['pruned']:,} of {t['total']:,} weights "
+            f"({100 * t['fraction']:.2f}%) in {len(report['tensors'])} tensors -> {folder}"
         )
-    seconds = results[-1].report["seconds"]
+    seconds = result.reports[-1]["seconds"]
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     return 0
 
@@ -268,7 +268,7 @@ class Command:
 
 
 def _realign_config() -> type:
-    from antidote.config import RealignConfig
+    from antidote.realignment.config import RealignConfig
 
     return RealignConfig
 

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from antidote.config import RealignConfig
+from antidote.realignment.config import RealignConfig
 
 
 def _help(name: str) -> dict[str, str]:
@@ -42,7 +42,7 @@ class PruneConfig:
 
 
 def prune_with_score(config: PruneConfig, score: str) -> dict[str, Path]:
-    from antidote.engine import run_realign
+    from antidote.realignment.engine import run_realign
 
-    results = run_realign(config.realign_config(score), keep_masks=False)
-    return {f"{r.report['mask_ratio']:g}": Path(str(r.output)) for r in results}
+    result = run_realign(config.realign_config(score))
+    return {f"{r['mask_ratio']:g}": Path(str(f)) for r, f in zip(result.reports, result.folders, strict=True)}

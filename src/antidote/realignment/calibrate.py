@@ -1,8 +1,18 @@
 """Calibration: one ordinary forward pass over the data with pre-hooks that accumulate input statistics.
 
 For every target Linear layer we accumulate, per input feature j, the sum over all real (non-padding)
-tokens of x_j^2 in fp32. Batches are length-sorted and right-padded; with right padding and a causal
-model, real tokens never see padding, so the statistics do not depend on the batch size.
+tokens of x_j^2. Batches are length-sorted and right-padded; with right padding and a causal model, real
+tokens never see padding.
+
+Batch size and masks, the exact rule: each sample's sum is taken in float64 over its own tokens alone
+(squares of float32/bf16/fp16 values are exact in float64), and the per-sample sums are added to the
+running total one sample at a time, longest sample first, whatever the batch size. So the statistics,
+and hence the masks, are bit for bit the same at every batch size whenever the forward pass computes
+each real token's activations bit for bit the same at every batch size. We measured that on the CPU
+(float32, and bfloat16 autocast) for the tiny test model; GPU libraries may pick matrix kernels by
+shape, and then the activations, and at near-ties the masks, can differ in the last bits.
+(Before, the per-batch sum was one float32 product, which bfloat16 autocast even ran in bfloat16: masks
+flipped between batch sizes 3 and 6.)
 """
 
 from __future__ import annotations
@@ -17,9 +27,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from antidote.pruning.scores import sum_of_squares
+from antidote.realignment.scores import sample_sq_sums
 
 log = logging.getLogger(__name__)
+CPUINFO = Path("/proc/cpuinfo")  # where fast_bfloat16 reads the CPU's flags
 
 
 @dataclass
@@ -44,14 +55,14 @@ def hooks_removed_after(handles: list[torch.utils.hooks.RemovableHandle]) -> Ite
 
 
 class _Accumulator:
-    """Owns the running sums and the token mask of the batch in flight."""
+    """Owns the running float64 sums and the real-token counts of the batch in flight."""
 
     def __init__(self, targets: dict[str, nn.Linear]):
         self.sums = {
             name: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device)
             for name, m in targets.items()
         }
-        self.token_mask: torch.Tensor | None = None
+        self.lengths: list[int] = []  # real tokens per sample of the batch in flight (right-padded)
         # q/k/v (and gate/up) read the same tensor: compute its statistic once.
         self._last_input: torch.Tensor | None = None
         self._last_stat: torch.Tensor | None = None
@@ -63,20 +74,25 @@ class _Accumulator:
             if x is self._last_input and self._last_stat is not None:
                 stat = self._last_stat
             else:
-                mask = self.token_mask
-                if mask is not None and x.shape[:-1] != mask.shape:
-                    if not self._warned_shape:
-                        log.warning(
-                            "%s sees inputs of shape %s, not per token; padding counted", name, x.shape
-                        )
-                        self._warned_shape = True
-                    mask = None
-                stat = sum_of_squares(x, mask)
+                stat = self._sample_sums(name, x)
                 self._last_input, self._last_stat = x, stat
             acc = self.sums[name]
-            acc += stat.to(acc.device, torch.float64)
+            for row in stat.to(acc.device):  # one sample at a time: the same additions at any batch size
+                acc += row
 
         return pre_hook
+
+    def _sample_sums(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """(samples, in_features) float64; autocast off, so that nothing is summed in low precision."""
+        with torch.autocast(x.device.type, enabled=False):
+            width = max(self.lengths)
+            if x.shape[:-1] == (len(self.lengths), width):
+                return sample_sq_sums(x, self.lengths)
+            if not self._warned_shape:
+                log.warning("%s sees inputs of shape %s, not per token; padding counted", name, x.shape)
+                self._warned_shape = True
+            flat = x.reshape(1, -1, x.shape[-1])
+            return sample_sq_sums(flat, [flat.shape[1]])
 
     def end_batch(self) -> None:
         self._last_input = self._last_stat = None
@@ -111,7 +127,7 @@ def fast_bfloat16(device: torch.device) -> bool:
         return bool(torch.cuda.is_bf16_supported())
     if device.type == "cpu":
         try:
-            flags = Path("/proc/cpuinfo").read_text()
+            flags = CPUINFO.read_text()
         except OSError:
             return False
         return "amx_bf16" in flags or "avx512_bf16" in flags
@@ -119,7 +135,11 @@ def fast_bfloat16(device: torch.device) -> bool:
 
 
 def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """ "auto" -> bf16 where the hardware is fast at it, else None (the model's own dtype)."""
+    """The autocast dtype of the calibration forward, None for none (the model's own dtype).
+
+    "auto" -> bfloat16 where `fast_bfloat16(device)`, else None; "float32" -> None; "bfloat16" and
+    "float16" -> that dtype.
+    """
     if name == "auto":
         return torch.bfloat16 if fast_bfloat16(device) else None
     return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -144,7 +164,8 @@ def collect_statistics(
     """Run the model over `sequences` (token ids) and return per-target input statistics.
 
     compute_dtype: run the forward under autocast to this dtype (e.g. bf16: about 2x faster on CPUs with
-    AMX); the statistics are still accumulated in fp32/fp64. None runs in the model's own dtype.
+    AMX); the statistics are still summed in float64. None runs in the model's own dtype.
+    The result does not depend on `batch_size` (see the module docstring for the exact rule).
     """
     if not sequences:
         raise ValueError("no calibration sequences")
@@ -170,7 +191,7 @@ def collect_statistics(
                 ids[row, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
                 mask[row, : len(sequences[i])] = 1
             ids, mask = ids.to(device), mask.to(device)
-            acc.token_mask = mask.bool()
+            acc.lengths = [len(sequences[i]) for i in batch]
             forward(input_ids=ids, attention_mask=mask, use_cache=False)
             acc.end_batch()
             tokens += int(mask.sum().item())

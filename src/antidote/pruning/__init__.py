@@ -1,1 +1,0 @@
-"""The pruning engine: target choice, calibration statistics, scores and mask selection."""

@@ -1,0 +1,495 @@
+"""Antidote realignment: calibrate on harmful data, score every target weight, prune the top fraction.
+
+A run is a straight loop: `prepare` (load the model, targets, reference, data; check them) ->
+`calibrate` (one forward pass) -> for each mask ratio: `prune` (score, select, apply one tensor at a
+time) -> save -> `restore`. The steps compose for power users: `load_model` -> `tokenize_examples` ->
+`find_targets` -> `collect_statistics` -> `compute_masks` -> `apply_masks` -> `save_realigned`.
+
+Public entry points: `realign()` (one ratio, returns the model and its masks), `realign_sweep()` (one
+output per ratio from one calibration pass) and `run_realign()` (a whole config: the CLI, the pipeline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import torch
+from torch import nn
+
+from antidote.data import load_examples, tokenize_examples
+from antidote.errors import AntidoteError
+from antidote.memory import peak_memory
+from antidote.models import LoadedModel, load_model
+from antidote.outputs import atomic_output_dir, check_output_dir
+from antidote.realignment.calibrate import Statistics, collect_statistics, resolve_compute_dtype
+from antidote.realignment.config import RealignConfig
+from antidote.realignment.maskfile import PackedMask
+from antidote.realignment.reference import reference_weights
+from antidote.realignment.save import (
+    build_report,
+    ratio_folder,
+    save_realigned,
+    write_report,
+    write_sweep_report,
+)
+from antidote.realignment.scores import GRANULARITIES, SCORES, ScoreInputs, tensor_seed
+from antidote.realignment.targets import find_targets, saved_name
+
+log = logging.getLogger(__name__)
+
+Records = Sequence[Mapping[str, Any]]
+# What happens to the in-memory model after a ratio's output is saved: its weights are restored (the
+# next ratio starts from the fine-tuned model), kept pruned (returned to the caller), or discarded
+# (nobody uses it again, so a merge may consume it instead of copying it).
+Then = Literal["restore", "keep", "discard"]
+
+
+@dataclass
+class RealignResult:
+    """What one realignment (one mask ratio) produced. `masks`: saved weight name -> bool (out, in),
+    True = pruned. `model` holds the realigned weights in memory; `output` is the written folder, if any."""
+
+    model: nn.Module
+    tokenizer: Any
+    masks: dict[str, torch.Tensor]
+    report: dict[str, Any]
+    output: Path | None = None
+
+
+@dataclass
+class SweepResult:
+    """What a run over one or more mask ratios produced: one report per ratio, in order (what each
+    `realign_report.json` holds), and the output folder (None when nothing was written). With several
+    ratios, each ratio's output is in `output/alpha-<ratio>/`; `folders` lists them."""
+
+    reports: list[dict[str, Any]]
+    output: Path | None = None
+
+    @property
+    def folders(self) -> list[Path | None]:
+        if self.output is None:
+            return [None] * len(self.reports)
+        if len(self.reports) == 1:
+            return [self.output]
+        return [self.output / ratio_folder(r["mask_ratio"]) for r in self.reports]
+
+
+@dataclass
+class Prepared:
+    """Everything calibration and pruning need, loaded and checked.
+
+    targets: module name -> Linear to prune; saved_names: module name -> the weight's saved name;
+    sequences / benign_sequences: token ids per sample; reference: module name -> the aligned model's
+    weight (out, in) on the CPU, for `action="revert"`.
+    """
+
+    loaded: LoadedModel
+    targets: dict[str, nn.Linear]
+    saved_names: dict[str, str]
+    sequences: list[list[int]]
+    benign_sequences: list[list[int]] | None = None
+    reference: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class Calibration:
+    """Input statistics of every target on the harmful data (and on the benign data, if scored)."""
+
+    harmful: Statistics
+    benign: Statistics | None = None
+
+
+@dataclass
+class Pruned:
+    """One ratio's masks, applied to the model. masks: module name -> packed bool (out, in);
+    old: module name -> the masked entries' values before (1-D), only when asked for."""
+
+    ratio: float
+    masks: dict[str, PackedMask]
+    old: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class _Timer:
+    """Seconds spent per named phase, summed over repeats."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+# ---- checks ------------------------------------------------------------------------------------------
+
+
+def check_finite_weights(targets: Mapping[str, nn.Linear]) -> None:
+    for name, module in targets.items():
+        if not torch.isfinite(module.weight).all():
+            raise AntidoteError(
+                f"weights of {name} contain NaN or inf; the model is corrupt or overflowed "
+                "its dtype: reload it with --dtype float32 or re-export it"
+            )
+
+
+def check_finite_statistics(stats: Statistics) -> None:
+    for name, s in stats.sq_sums.items():
+        if not torch.isfinite(s).all():
+            raise AntidoteError(
+                f"calibration statistics of {name} are NaN or inf (activations overflowed); "
+                "run with --dtype float32 or shorter --max-length"
+            )
+
+
+_Spec = TypeVar("_Spec")
+
+
+def _lookup(table: Mapping[str, _Spec], name: str, flag: str) -> _Spec:
+    if name not in table:
+        raise AntidoteError(f"unknown {flag} {name!r}; choose one of {', '.join(table)}")
+    return table[name]
+
+
+# ---- masks: scores -> selection -> apply / restore -------------------------------------------------
+
+
+def target_scores(
+    targets: Mapping[str, nn.Linear],
+    stats: Statistics,
+    *,
+    score: str = "wanda",
+    benign: Statistics | None = None,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, scores (out, in) float32 on the weight's device) per target, computed on the fly.
+
+    With `reference`, scores use the fine-tuning change W - W_ref in place of W.
+    """
+    spec = _lookup(SCORES, score, "--score")
+    if spec.needs_benign and benign is None:
+        raise AntidoteError(f"--score {score} needs --benign-data FILE (benign prompt+answer pairs)")
+    for i, (name, module) in enumerate(targets.items()):
+        weight = module.weight.detach()
+        if reference is not None:
+            weight = weight.float() - reference[name].to(weight.device).float()
+        inputs = ScoreInputs(
+            weight=weight,
+            sq_sum=stats.sq_sums.get(name),
+            benign_sq_sum=benign.sq_sums[name] if benign is not None else None,
+            seed=tensor_seed(seed, i),
+        )
+        yield name, spec.score(inputs)
+
+
+def iter_masks(
+    targets: Mapping[str, nn.Linear],
+    stats: Statistics,
+    ratio: float,
+    *,
+    score: str = "wanda",
+    granularity: str = "row",
+    benign: Statistics | None = None,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (module name, bool mask (out, in) on the weight's device), one target at a time, True for
+    the top-`ratio` scores. Only one tensor of scores exists at a time."""
+    plan = _lookup(GRANULARITIES, granularity, "--granularity").plan
+
+    def scores() -> Iterator[tuple[str, torch.Tensor]]:
+        return target_scores(targets, stats, score=score, benign=benign, reference=reference, seed=seed)
+
+    sizes = [m.weight.numel() for m in targets.values()]
+    take = plan(lambda: (s for _, s in scores()), sizes, ratio)
+    for i, (name, s) in enumerate(scores()):
+        yield name, take(i, s)
+
+
+def compute_masks(
+    targets: Mapping[str, nn.Linear], stats: Statistics, ratio: float, **options: Any
+) -> dict[str, torch.Tensor]:
+    """Module name -> bool mask (out, in) on the CPU; `options` as for `iter_masks`."""
+    return {name: mask.cpu() for name, mask in iter_masks(targets, stats, ratio, **options)}
+
+
+@torch.no_grad()
+def apply_masks(
+    targets: Mapping[str, nn.Linear],
+    masks: Mapping[str, torch.Tensor],
+    *,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    keep_old: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Set masked weights to zero (or to `reference`), in place. With `keep_old`, returns the old values
+    of the masked entries per module (1-D), which `restore_masks` puts back; else an empty dict."""
+    saved = {}
+    for name, mask in masks.items():
+        weight = targets[name].weight
+        m = mask.to(weight.device)
+        if keep_old:
+            saved[name] = weight[m].clone()
+        if reference is None:
+            weight.masked_fill_(m, 0)
+        else:
+            weight[m] = reference[name].to(weight.device, weight.dtype)[m]
+    return saved
+
+
+@torch.no_grad()
+def restore_masks(
+    targets: Mapping[str, nn.Linear], masks: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]
+) -> None:
+    """Put back the values `apply_masks(..., keep_old=True)` returned."""
+    for name, mask in masks.items():
+        weight = targets[name].weight
+        weight[mask.to(weight.device)] = saved[name]
+
+
+# ---- the steps of a run --------------------------------------------------------------------------------
+
+
+def prepare(
+    config: RealignConfig,
+    model: LoadedModel | None = None,
+    records: Records | None = None,
+    timer: _Timer | None = None,
+) -> Prepared:
+    """Load and check everything before calibration: the model (unless given), the targets (a
+    `--targets` pattern that matches no Linear layer stops here), the reference and the data."""
+    timer = timer or _Timer()
+    with timer.phase("load"):
+        loaded = model or load_model(
+            config.model,
+            adapter=config.adapter,
+            dtype=config.dtype,
+            device=config.device,
+            trust_remote_code=config.trust_remote_code,
+        )
+    targets = find_targets(loaded.model, adapter_name=loaded.adapter_name, pattern=config.targets)
+    check_finite_weights(targets)
+    reference = None
+    if config.action == "revert" and config.reference:
+        with timer.phase("reference"):
+            reference = reference_weights(
+                config.reference, targets, dtype=config.dtype, trust_remote_code=config.trust_remote_code
+            )
+    if not SCORES[config.score].needs_data:  # a data-free score: no calibration data at all
+        return Prepared(
+            loaded=loaded,
+            targets=targets,
+            saved_names={name: saved_name(name, loaded.adapter_name) for name in targets},
+            sequences=[],
+            reference=reference,
+        )
+    with timer.phase("data"):
+        examples = load_examples(
+            config.data if records is None else records,
+            filters=config.filters,
+            max_samples=config.max_samples,
+            seed=config.seed,
+        )
+        sequences = tokenize_examples(examples, loaded.tokenizer, config.template, config.max_length)
+        benign_sequences = None
+        if SCORES[config.score].needs_benign and config.benign_data:
+            benign = load_examples(config.benign_data, max_samples=config.max_samples, seed=config.seed)
+            benign_sequences = tokenize_examples(benign, loaded.tokenizer, config.template, config.max_length)
+    return Prepared(
+        loaded=loaded,
+        targets=targets,
+        saved_names={name: saved_name(name, loaded.adapter_name) for name in targets},
+        sequences=sequences,
+        benign_sequences=benign_sequences,
+        reference=reference,
+    )
+
+
+def calibrate(config: RealignConfig, prepared: Prepared, timer: _Timer | None = None) -> Calibration:
+    """One forward pass over the harmful data (and one over the benign data, if the score needs it)."""
+    timer = timer or _Timer()
+    model = prepared.loaded.model
+    pad_id = prepared.loaded.tokenizer.pad_token_id or 0
+    device = model.get_input_embeddings().weight.device  # type: ignore[operator]
+    compute_dtype = resolve_compute_dtype(config.compute_dtype, device)
+
+    def statistics(sequences: list[list[int]], desc: str) -> Statistics:
+        stats = collect_statistics(
+            model,
+            prepared.targets,
+            sequences,
+            batch_size=config.batch_size,
+            pad_id=pad_id,
+            compute_dtype=compute_dtype,
+            desc=desc,
+        )
+        check_finite_statistics(stats)
+        return stats
+
+    if not SCORES[config.score].needs_data:
+        return Calibration(Statistics({}, samples=0, tokens=0, compute_dtype="none"))
+    with timer.phase("calibrate"):
+        harmful = statistics(prepared.sequences, "calibrating")
+        benign = None
+        if prepared.benign_sequences is not None:
+            benign = statistics(prepared.benign_sequences, "benign")
+    return Calibration(harmful, benign)
+
+
+def prune(
+    config: RealignConfig, prepared: Prepared, calibration: Calibration, ratio: float, *, keep_old: bool
+) -> Pruned:
+    """Score, select and apply the masks of one ratio, one target tensor at a time."""
+    pruned = Pruned(ratio, {})
+    for name, mask in iter_masks(
+        prepared.targets,
+        calibration.harmful,
+        ratio,
+        score=config.score,
+        granularity=config.granularity,
+        benign=calibration.benign,
+        reference=prepared.reference,
+        seed=config.seed,
+    ):
+        pruned.old.update(
+            apply_masks(prepared.targets, {name: mask}, reference=prepared.reference, keep_old=keep_old)
+        )
+        pruned.masks[name] = PackedMask.pack(mask)
+    return pruned
+
+
+def restore(prepared: Prepared, pruned: Pruned) -> None:
+    """Undo `prune(..., keep_old=True)`: the targets hold their fine-tuned weights again."""
+    for name, packed in pruned.masks.items():
+        restore_masks(prepared.targets, {name: packed.unpack()}, pruned.old)
+
+
+# ---- orchestration --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    prepared: Prepared
+    reports: list[dict[str, Any]]
+    last: Pruned  # the last ratio's masks
+    output: Path | None
+
+
+def _run(config: RealignConfig, model: LoadedModel | None, records: Records | None, last: Then) -> _Run:
+    """prepare -> calibrate -> for each ratio: prune, save, then restore (`last` for the last ratio)."""
+    out = None
+    if config.output:  # refuse a bad output folder before any work
+        inputs = tuple(p for p in (config.model, config.adapter, config.data, config.reference) if p)
+        out = check_output_dir(config.output, config.overwrite, inputs)
+    timer = _Timer()
+    prepared = prepare(config, model, records, timer)
+    calibration = calibrate(config, prepared, timer)
+    ratios = config.mask_ratios
+    reports = []
+    with atomic_output_dir(out, config.overwrite) if out else contextlib.nullcontext() as tmp:
+        for i, ratio in enumerate(ratios):
+            then: Then = last if i == len(ratios) - 1 else "restore"
+            with timer.phase("prune"):
+                pruned = prune(config, prepared, calibration, ratio, keep_old=then == "restore")
+            masks = {prepared.saved_names[name]: m for name, m in pruned.masks.items()}
+            report = build_report(
+                config,
+                ratio,
+                prepared.loaded,
+                masks,
+                calibration.harmful,
+                seconds=timer.seconds,
+                memory=peak_memory(),
+            )
+            if tmp is not None:
+                folder = tmp / ratio_folder(ratio) if len(ratios) > 1 else tmp
+                with timer.phase("save"):
+                    folder.mkdir(exist_ok=True)
+                    save_realigned(
+                        folder,
+                        prepared.loaded,
+                        masks,
+                        report,
+                        merge=config.merge,
+                        keep_model=then != "discard",
+                    )
+                report["seconds"], report["memory"] = dict(timer.seconds), peak_memory()
+                write_report(folder, report)  # again, now with the time the save took
+            if then == "restore":
+                restore(prepared, pruned)
+            total = report["pruned_total"]
+            log.info("alpha %g: pruned %d of %d weights", ratio, total["pruned"], total["total"])
+            reports.append(report)
+        if tmp is not None and len(ratios) > 1:
+            write_sweep_report(tmp, reports)
+    return _Run(prepared, reports, pruned, out)
+
+
+def run_realign(
+    config: RealignConfig, model: LoadedModel | None = None, records: Records | None = None
+) -> SweepResult:
+    """Run a whole config (the CLI and the pipeline): one calibration pass, then one output per mask
+    ratio (`output/alpha-<ratio>/` when there are several). A model passed in is used up: it ends
+    pruned at the last ratio, or merged into its base model with `merge`."""
+    run = _run(config, model, records, last="discard")
+    return SweepResult(run.reports, run.output)
+
+
+def realign(
+    model: str | LoadedModel, data: str | Records = "", *, mask_ratio: float = 0.1, **options: Any
+) -> RealignResult:
+    """Realign a fine-tuned model: prune the weights most important on harmful data.
+
+    model: a model spec (HF folder, hub id, .gguf, `smollm2-135m-instruct`) or a `LoadedModel`.
+    data: harmful prompt+answer pairs (file path, `hf:NAME`, or a list of dicts).
+    options: any `RealignConfig` field (score, granularity, action, adapter, output, ...).
+    Returns the realigned model (in memory, and in `output` when given), its masks and report.
+    """
+    loaded, records, config = _config(model, data, (mask_ratio,), options)
+    run = _run(config, loaded, records, last="keep")
+    masks = {run.prepared.saved_names[name]: m.unpack() for name, m in run.last.masks.items()}
+    model_out = run.prepared.loaded
+    return RealignResult(model_out.model, model_out.tokenizer, masks, run.reports[0], run.output)
+
+
+def realign_sweep(
+    model: str | LoadedModel,
+    data: str | Records = "",
+    *,
+    mask_ratios: Sequence[float] = (0.01, 0.05, 0.1),
+    **options: Any,
+) -> SweepResult:
+    """One calibration pass, one output per mask ratio (`output/alpha-<ratio>/`). Returns the reports;
+    the masks are on disk, not kept in memory. The in-memory model is left as it was (merges are made
+    on copies)."""
+    loaded, records, config = _config(model, data, tuple(mask_ratios), options)
+    run = _run(config, loaded, records, last="restore")
+    return SweepResult(run.reports, run.output)
+
+
+def _config(
+    model: str | LoadedModel, data: str | Records, ratios: tuple[float, ...], options: dict[str, Any]
+) -> tuple[LoadedModel | None, list[Mapping[str, Any]] | None, RealignConfig]:
+    """The Python API's arguments -> (the loaded model if given, in-memory records if given, config)."""
+    loaded = model if isinstance(model, LoadedModel) else None
+    records = None if isinstance(data, str) else list(data)
+    if loaded is not None and loaded.adapter:
+        options = {"adapter": loaded.adapter, **options}
+    config = RealignConfig(
+        model=loaded.source if loaded else str(model),
+        data=data if isinstance(data, str) else "<in-memory records>",
+        mask_ratios=ratios,
+        **options,
+    )
+    if loaded is not None and config.adapter and config.adapter != loaded.adapter:
+        raise AntidoteError("pass the adapter to load_model(), not to realign(), when giving a loaded model")
+    return loaded, records, config

@@ -1,0 +1,42 @@
+"""`random-prune`: the same number of zeroed entries per row as Antidote at the same ratio, at seeded random
+places that owe nothing to the weights' size; it reads no data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from antidote.cli import main
+from antidote.defenses import get
+
+
+def run(tiny, out: Path, seed: int) -> dict:  # type: ignore[no-untyped-def, type-arg]
+    argv = ["defend", "random-prune", str(tiny["model"]), "--adapter", str(tiny["adapter"])]
+    assert main([*argv, "--mask-ratio", "0.25", "--seed", str(seed), "--output", str(out)]) == 0
+    return load_file(out / "antidote_mask.safetensors")
+
+
+def test_registered_as_a_data_free_post_defense() -> None:
+    defense = get("random-prune")
+    assert defense.stage == "post" and "data" not in defense.options()
+
+
+def test_same_count_per_row_seeded_places(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    masks = run(tiny, tmp_path / "a", seed=0)
+    again = run(tiny, tmp_path / "b", seed=0)
+    other = run(tiny, tmp_path / "c", seed=1)
+    before = load_file(tiny["adapter"] / "adapter_model.safetensors")
+    after = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    top_magnitude_hits, total = 0, 0
+    for name, mask in masks.items():
+        n = mask.shape[1]
+        k = n - int(n * 0.75)
+        assert (mask.sum(dim=1) == k).all(), name  # Antidote's count, in every row
+        assert (after[name][mask] == 0).all() and (after[name][~mask] == before[name][~mask]).all()
+        assert (again[name] == mask).all()
+        top = before[name].abs().argsort(dim=1, descending=True)[:, :k]
+        top_magnitude_hits += int(mask.gather(1, top).sum())
+        total += int(mask.sum())
+    assert any((other[name] != masks[name]).any() for name in masks)  # another seed, other places
+    assert top_magnitude_hits < total  # not the magnitude mask in disguise
