@@ -1,5 +1,5 @@
 """`magnitude-prune`: zeroes, in each row of every LoRA factor, the entries of largest |W|, as many as
-Antidote would at the same ratio; it reads no data. Checked against a brute-force sort of the saved adapter."""
+Antidote would at the same ratio; it reads no data. Checked against a brute-force sort of the adapter."""
 
 from __future__ import annotations
 
