@@ -178,7 +178,9 @@ def test_output_folder_gets_ordinary_permissions(umask: int, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
-def test_overwrite_swaps_in_new_output(exchange: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_overwrite_swaps_in_new_output(
+    exchange: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = []
     real = outputs._exchange
 
@@ -259,7 +261,9 @@ def _prepare(out: Path, before: str | None) -> None:
         old_output(out)
 
 
-def _steps_reached(tmp_path: Path, before: str | None, exchange: bool, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def _steps_reached(
+    tmp_path: Path, before: str | None, exchange: bool, monkeypatch: pytest.MonkeyPatch
+) -> list[str]:
     out = tmp_path / "probe" / "out"
     out.parent.mkdir(parents=True)
     _prepare(out, before)
@@ -304,7 +308,9 @@ ALLOWED = {None: {"none", "new"}, "empty": {"empty", "new"}, "old": {"old", "new
 
 
 @pytest.mark.parametrize(("scenario", "step"), _kill_points())
-def test_sigkill_at_every_step(scenario: str, step: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sigkill_at_every_step(
+    scenario: str, step: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     before, exchange = SCENARIOS[scenario]
     out = tmp_path / "out"
     _prepare(out, before)
@@ -335,7 +341,9 @@ def test_sigkill_at_every_step(scenario: str, step: str, tmp_path: Path, monkeyp
 
 
 @pytest.mark.parametrize(("scenario", "step"), [k for k in _kill_points() if k[1] != "mid-body"])
-def test_ctrl_c_at_every_step(scenario: str, step: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_at_every_step(
+    scenario: str, step: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     before, exchange = SCENARIOS[scenario]
     out = tmp_path / "out"
     _prepare(out, before)
@@ -365,7 +373,9 @@ def test_steps_in_order(scenario: str, tmp_path: Path, monkeypatch: pytest.Monke
 # ---- atomic_write_text ------------------------------------------------------------------------------------
 
 
-def test_atomic_write_text_keeps_old_file_on_interrupt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_atomic_write_text_keeps_old_file_on_interrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "results.json"
     path.write_text("old")
     atomic_write_text(path, "new")

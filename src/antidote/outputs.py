@@ -105,7 +105,9 @@ def check_not_input(out: Path, inputs: Iterable[PathLike | None], kind: str = "o
         if out in src.parents:
             raise AntidoteError(f"{kind} {out} contains the input {given}; choose another --output")
         if src.is_dir() and src in out.parents:
-            raise AntidoteError(f"{kind} {out} is inside the input folder {given}; choose a --output outside it")
+            raise AntidoteError(
+                f"{kind} {out} is inside the input folder {given}; choose a --output outside it"
+            )
 
 
 def _check_parent_writable(out: Path, kind: str) -> None:
@@ -152,7 +154,9 @@ def check_output_dir(output: PathLike, overwrite: bool, inputs: Iterable[PathLik
         raise AntidoteError(f"output {out} exists and is a file; choose a folder path for --output")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise AntidoteError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
+            raise AntidoteError(
+                f"output folder {out} exists and is not empty; pass --overwrite to replace it"
+            )
         if not is_antidote_output(out):
             raise AntidoteError(
                 f"output folder {out} was not written by antidote (it has no {MARKER}); --overwrite "
@@ -341,7 +345,9 @@ def _swap_in(tmp: Path, output: Path, overwrite: bool) -> None:
         raise AntidoteError(f"output {output} appeared as a file while working; choose another --output")
     if output.is_dir() and any(output.iterdir()):
         if not overwrite:
-            raise AntidoteError(f"output folder {output} appeared while working; pass --overwrite to replace it")
+            raise AntidoteError(
+                f"output folder {output} appeared while working; pass --overwrite to replace it"
+            )
         if not is_antidote_output(output):
             raise AntidoteError(f"output folder {output} was not written by antidote; not replacing it")
         if _exchange(tmp, output):  # tmp now holds the old output; if killed now, recover() removes it
