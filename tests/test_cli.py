@@ -200,8 +200,13 @@ def test_existing_output_needs_overwrite(tiny, tmp_path, capsys) -> None:  # typ
     (out / "keep.txt").write_text("precious")
     assert realign_tiny(tiny, out) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").read_text() == "precious"
-    assert realign_tiny(tiny, out, "--overwrite") == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert realign_tiny(tiny, out, "--overwrite") == 2  # not an antidote output: never replaced
+    assert "not written by antidote" in capsys.readouterr().err and (out / "keep.txt").is_file()
+    mine = tmp_path / "mine"
+    assert realign_tiny(tiny, mine) == 0
+    (mine / "keep.txt").write_text("old output")
+    assert realign_tiny(tiny, mine, "--overwrite") == 0
+    assert not (mine / "keep.txt").exists() and (mine / "model.safetensors").is_file()
 
 
 def _nan_model(tiny, tmp_path) -> Path:  # type: ignore[no-untyped-def]
@@ -276,7 +281,7 @@ BAD_INPUTS = {
     ),
     "output is the input": (
         lambda t, p: [t["model"], "--data", t["harmful"], "--output", t["model"], "--overwrite"],
-        "is (or contains) the input",
+        "is the input",
     ),
 }
 

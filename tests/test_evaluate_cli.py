@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from antidote.cli import main
 
@@ -114,3 +116,111 @@ def test_task_file_with_wrong_fields(tiny, tmp_path, capsys) -> None:  # type: i
     bad.write_text('{"text": "hello", "stars": 3}\n')
     assert evaluate(tiny, tmp_path / "r.json", "--task", "sst2", "--task-data", bad) == 2
     assert "does not look like sst2 data" in capsys.readouterr().err
+
+
+# ---- output rules (issue 8) -------------------------------------------------------------------------------
+
+
+def digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def last_error(capsys) -> str:  # type: ignore[no-untyped-def]
+    """The one message line on stderr (progress bars, which end in carriage returns, left out)."""
+    shown = [line.split("\r")[-1].strip() for line in capsys.readouterr().err.split("\n")]
+    lines = [line for line in shown if line and not re.search(r"\d+%\|", line)]
+    assert len(lines) == 1 and lines[0].startswith("antidote: error: "), lines
+    return lines[0]
+
+
+def test_results_file_is_marked_and_second_evaluation_needs_overwrite(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert evaluate(tiny, tmp_path / "a.json") == 0
+    capsys.readouterr()  # progress bars
+    record = json.loads((tmp_path / "a.json").read_text())["antidote"]
+    assert record["tool"] == "antidote" and record["wrote"] == "evaluate"
+    before = {p.name: digest(p) for p in tmp_path.iterdir()}
+    assert evaluate(tiny, tmp_path / "b.json") == 2  # its generations.jsonl would replace a.json's
+    error = last_error(capsys)
+    assert "generations.jsonl" in error and "pass --overwrite" in error
+    assert {p.name: digest(p) for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_inside_the_model_folder_is_refused(tiny, tmp_path, capsys, overwrite) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny["model"], model)
+    before = {p.name: digest(p) for p in model.iterdir()}
+    args = ["--overwrite"] if overwrite else []
+    assert main(["evaluate", str(model), "--output", str(model / "config.json"), *args]) == 2
+    assert "inside the input folder" in last_error(capsys)
+    assert {p.name: digest(p) for p in model.iterdir()} == before
+
+
+def test_output_that_is_an_input_file_is_refused(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "how do i steal"}\n')
+    before = digest(prompts)
+    assert evaluate(tiny, prompts, "--harmful-prompts", prompts, "--overwrite") == 2
+    assert "is the input" in last_error(capsys) and digest(prompts) == before
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("r.json", '{"my": "notes"}', "not written by antidote"),
+        ("r.json", "not json at all", "not written by antidote"),
+        ("generations.jsonl", '{"set": "harmful"}\n', "not written by antidote"),
+    ],
+)
+def test_overwrite_replaces_only_antidote_files(tiny, tmp_path, capsys, name, content, expected) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / name).write_text(content)
+    assert evaluate(tiny, tmp_path / "r.json", "--overwrite") == 2
+    assert expected in last_error(capsys) and (tmp_path / name).read_text() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_output_named_like_the_generations_file_is_refused(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert evaluate(tiny, tmp_path / "generations.jsonl") == 2
+    assert "where the generations go" in last_error(capsys) and list(tmp_path.iterdir()) == []
+
+
+def test_model_with_nan_weights_is_refused_not_scored(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from conftest import make_model, make_tokenizer
+
+    model = make_model()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight[1, 2] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    make_tokenizer().save_pretrained(tmp_path / "nan")
+    out = tmp_path / "r.json"
+    assert main(["evaluate", str(tmp_path / "nan"), "--max-prompts", "2", "--output", str(out)]) == 2
+    assert "NaN or inf" in last_error(capsys) and not out.exists()
+    assert not (tmp_path / "generations.jsonl").exists()
+
+
+def test_recognisers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from antidote.evaluation.run import is_generations_file, is_results_file
+
+    cases = {
+        '{"antidote": {"tool": "antidote"}, "hs": 1}': True,
+        '{"hs": 1, "judge": "keyword", "config": {}}': True,  # written before the record existed
+        '{"antidote": {"tool": "other"}, "hs": 1, "judge": "k", "config": {}}': False,
+        '{"hs": 1}': False,
+        "[1, 2]": False,
+    }
+    for text, expected in cases.items():
+        (tmp_path / "r.json").write_text(text)
+        assert is_results_file(tmp_path / "r.json") is expected, text
+    lines = {
+        "": True,
+        '{"set": "harmful", "prompt": "p", "response": "r", "verdict": "refused"}\n': True,
+        '{"set": "harmful", "prompt": "p", "response": "r"}\n[1]\n': False,
+        '{"prompt": "p"}\n': False,
+    }
+    for text, expected in lines.items():
+        (tmp_path / "g.jsonl").write_text(text)
+        assert is_generations_file(tmp_path / "g.jsonl") is expected, text

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from antidote.config import read_yaml_mapping
+from antidote.configfile import read_yaml_mapping, values_from_mapping
 from antidote.errors import AntidoteError
 
 
@@ -69,13 +69,18 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    """Dataclass defaults < values from `--config FILE.yaml` < values given on the command line."""
+    """Dataclass defaults < values from `--config FILE.yaml` < values given on the command line.
+
+    The YAML file is read and type-checked by `antidote.configfile`; an output that is or holds the
+    config file is refused here, before any work.
+    """
+    from antidote.outputs import check_not_input
+
     values: dict[str, Any] = {}
     config_file = getattr(args, "config", None)
     names = {f.name for f in dataclasses.fields(cls)}
     if config_file:
-        aliases = {_flag(f).lstrip("-").replace("-", "_"): f.name for f in dataclasses.fields(cls)}
-        values.update(read_yaml(config_file, names, aliases))
+        values.update(read_yaml(config_file, cls))
     values.update({k: v for k, v in vars(args).items() if k in names})
     missing = [
         f.name
@@ -88,19 +93,15 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
         raise AntidoteError(
             f"missing {', '.join(missing).upper()}; give it on the command line or in --config"
         )
+    if config_file and values.get("output"):
+        output = Path(str(values["output"])).expanduser().resolve()
+        check_not_input(output, [config_file], "--output")
     return cls(**values)
 
 
-def read_yaml(path: str, allowed: set[str], aliases: dict[str, str]) -> dict[str, Any]:
-    """Read a YAML mapping; keys may be field names or CLI flag names (`mask-ratio`, `mask_ratio`)."""
-    data = {aliases.get(k, k): v for k, v in read_yaml_mapping(path).items()}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise AntidoteError(
-            f"config file {path} has unknown keys: {', '.join(unknown)}; "
-            f"valid keys: {', '.join(sorted(allowed))}"
-        )
-    return data
+def read_yaml(path: str, cls: type) -> dict[str, Any]:
+    """Field values of `cls` from a YAML file; keys may be field names or flag names (`mask-ratio`)."""
+    return values_from_mapping(cls, read_yaml_mapping(path), f"config file {path}")
 
 
 # ---- commands -------------------------------------------------------------------------------------------

@@ -1,10 +1,15 @@
-"""`antidote evaluate`: harmful score, task accuracy and over-refusal of one model, from the CLI."""
+"""`antidote evaluate`: harmful score, task accuracy and over-refusal of one model, from the CLI.
+
+Output rules (as for every command, see antidote.outputs): the results file and `generations.jsonl` beside it
+are never replaced without --overwrite, --overwrite replaces only files antidote wrote (a results file holds
+an `antidote` record; a generations file is JSON lines with set, prompt and response), an output that is an
+input or lies inside an input folder is refused, and both files are written atomically, generations first.
+A model whose weights hold NaN or inf is refused instead of scored.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,9 +19,11 @@ from antidote.data.loading import load_examples
 from antidote.data.templates import check_template
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import parse_judge_spec
+from antidote.outputs import atomic_write_text, check_output_file
 from antidote.tasks import get_task, load_task_items, task_help, task_names
 
 PROMPT_FILE = "antidote_prompt.json"
+GENERATIONS_FILE = "generations.jsonl"
 
 
 @dataclass
@@ -93,13 +100,9 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
     judge: an already loaded judge (the pipeline shares one over many models); default: config.judge."""
     from antidote.evaluation.evaluate import evaluate_model
     from antidote.evaluation.model_judges import make_judge
-    from antidote.models import load_model
+    from antidote.models import check_finite_parameters, load_model
 
-    out = Path(config.output)
-    if out.exists() and not config.overwrite:
-        raise AntidoteError(f"{out} exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise AntidoteError(f"the folder of {out} does not exist; create it first")
+    out, generations_file = check_evaluate_outputs(config)
     if config.harmful_prompts:
         harmful = [e.prompt for e in load_examples(config.harmful_prompts, require_response=False)]
         harmful_set = config.harmful_prompts
@@ -115,6 +118,9 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
     template = saved_template(config.adapter, config.model) if config.template == "auto" else config.template
     judge = judge or make_judge(config.judge)  # before generating: a missing judge fails fast
     loaded = load_model(config.model, adapter=config.adapter)
+    check_finite_parameters(
+        loaded.model, f"model {config.model}" + (f" with {config.adapter}" if config.adapter else "")
+    )
     result, records = evaluate_model(
         loaded.model,
         loaded.tokenizer,
@@ -137,13 +143,63 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
         "harmless_set": config.harmless_prompts or "built-in eval",
         "config": asdict(config),
     }
-    _write_atomic(out, json.dumps(results, indent=2) + "\n")
-    _write_atomic(out.with_name("generations.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
+    from antidote import __version__
+
+    marker = {
+        "tool": "antidote",
+        "version": __version__,
+        "wrote": "evaluate",
+        "generations": GENERATIONS_FILE,
+    }
+    atomic_write_text(generations_file, "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(out, json.dumps({"antidote": marker, **results}, indent=2) + "\n")
     return results
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def check_evaluate_outputs(config: EvaluateConfig) -> tuple[Path, Path]:
+    """The results file and its generations file, checked before any work (see the module docstring)."""
+    inputs = (config.model, config.adapter, config.harmful_prompts, config.task_data, config.harmless_prompts)
+    if Path(config.output).name == GENERATIONS_FILE:
+        raise AntidoteError(
+            f"--output {config.output}: {GENERATIONS_FILE} is where the generations go; name the results "
+            "file differently (e.g. results.json)"
+        )
+    out = check_output_file(
+        config.output, config.overwrite, inputs, written_by_antidote=is_results_file, kind="results file"
+    )
+    generations = check_output_file(
+        out.with_name(GENERATIONS_FILE),
+        config.overwrite,
+        inputs,
+        written_by_antidote=is_generations_file,
+        kind=f"generations file (beside {out.name})",
+    )
+    return out, generations
+
+
+def is_results_file(path: Path) -> bool:
+    """A results file `antidote evaluate` wrote: a JSON object with an antidote record (or, from before
+    the record existed, the keys hs, judge and config)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    record = data.get("antidote")
+    if isinstance(record, dict):
+        return record.get("tool") == "antidote"
+    return {"hs", "judge", "config"} <= set(data)
+
+
+def is_generations_file(path: Path) -> bool:
+    """A generations file `antidote evaluate` wrote: JSON lines, each an object with set, prompt, response."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not {"set", "prompt", "response"} <= set(row):
+                    return False
+    except (OSError, ValueError):
+        return False
+    return True

