@@ -28,10 +28,7 @@ import torch
 
 from antidote.cli import main
 
-H_DATA = pytest.mark.xfail(strict=True, reason="fixed on branch h-data")
 H_TRAIN = pytest.mark.xfail(strict=True, reason="fixed on branch h-train")
-H_REALIGN = pytest.mark.xfail(strict=True, reason="fixed on branch h-realign")
-INTEGRATOR = pytest.mark.xfail(strict=True, reason="integration: caller not owned by h-reliab")
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 
@@ -243,7 +240,6 @@ CASES: dict[str, Case] = {
             c.write("x.jsonl", '{"prompt": "p", "response": "r"}\n[1, 2]\n'),
         ],
         "line 2",
-        (H_DATA,),
     ),
     "realign data bad JSON on line 3": Case(
         lambda c: [
@@ -253,7 +249,6 @@ CASES: dict[str, Case] = {
             c.write("x.jsonl", '{"prompt": "p", "response": "r"}\n' * 2 + '{"prompt": \n'),
         ],
         "line 3",
-        (H_DATA,),
     ),
     "realign data rows missing responses": Case(
         lambda c: [
@@ -263,7 +258,6 @@ CASES: dict[str, Case] = {
             c.write("x.jsonl", '{"prompt": "p", "response": "r"}\n{"prompt": "q"}\n'),
         ],
         "response",
-        (H_DATA,),
     ),
     "realign data not UTF-8": Case(
         lambda c: ["realign", c.model, "--data", c.write("x.jsonl", b'{"prompt": "caf\xe9"}\n')], "UTF-8"
@@ -281,7 +275,7 @@ CASES: dict[str, Case] = {
     "realign ratio nan": Case(R("--mask-ratio", "nan"), "outside (0, 1)"),
     "realign ratio text": Case(R("--mask-ratio", "abc"), "not a number"),
     "realign ratio twice": Case(R("--mask-ratio", "0.1,0.1"), "twice"),
-    "realign ratio empty item": Case(R("--mask-ratio", "0.1,,0.2"), "empty", (H_REALIGN,)),
+    "realign ratio empty item": Case(R("--mask-ratio", "0.1,,0.2"), "empty"),
     "realign targets match nothing": Case(R("--targets", "nothing_here"), "matches no Linear"),
     "realign batch-size 0": Case(R("--batch-size", "0"), "at least 1"),
     "realign max-length 1": Case(R("--max-length", "1"), "at least 2"),
@@ -300,8 +294,8 @@ CASES: dict[str, Case] = {
     ),
     "realign contrast without benign": Case(R("--score", "contrast"), "--benign-data"),
     "realign merge without adapter": Case(R("--merge"), "--adapter"),
-    "realign seed not a number (argparse)": Case(R("--seed", "abc"), "invalid int value", (INTEGRATOR,)),
-    "realign unknown option (argparse)": Case(R("--alpha", "0.1"), "unrecognized arguments", (INTEGRATOR,)),
+    "realign seed not a number (argparse)": Case(R("--seed", "abc"), "invalid int value"),
+    "realign unknown option (argparse)": Case(R("--alpha", "0.1"), "unrecognized arguments"),
     # ---- realign: the adapter
     "realign adapter folder missing": Case(
         lambda c: [*R()(c), "--adapter", str(Path(c.write("a/x.txt", "")).parent)], "adapter_config.json"
@@ -367,7 +361,6 @@ CASES: dict[str, Case] = {
             str(Path(c.old_output(("benign.jsonl", c.tiny["benign"].read_text()))) / "benign.jsonl"),
         ],
         "contains the input",
-        (INTEGRATOR,),
     ),
     "realign output holds the config": Case(
         lambda c: [
@@ -455,7 +448,7 @@ CASES: dict[str, Case] = {
             str(Path(c.old_output(("h.jsonl", c.tiny["benign"].read_text()))) / "h.jsonl"),
         ],
         "contains the input",
-        (INTEGRATOR,),
+        (H_TRAIN,),
     ),
     "align config lr text": Case(
         lambda c: [*A()(c), "--config", c.write("c.yaml", "lr: abc\n")], "is not a number"
@@ -475,7 +468,7 @@ CASES: dict[str, Case] = {
         lambda c: [*F("--task", "sst2", "--task-data")(c), str(c.work / "none.jsonl")], "not found"
     ),
     "finetune task-data line not an object": Case(
-        lambda c: [*F("--task", "alpaca", "--task-data")(c), c.write("t.jsonl", "3\n")], "line 1", (H_DATA,)
+        lambda c: [*F("--task", "alpaca", "--task-data")(c), c.write("t.jsonl", "3\n")], "line 1"
     ),
     "finetune max-length 0": Case(F("--max-length", "0"), "--max-length", (H_TRAIN,)),
     "finetune weight-decay -1": Case(F("--weight-decay", "-1"), "--weight-decay", (H_TRAIN,)),
@@ -499,7 +492,7 @@ CASES: dict[str, Case] = {
             str(Path(c.old_output(("t.jsonl", c.tiny["benign"].read_text()))) / "t.jsonl"),
         ],
         "contains the input",
-        (INTEGRATOR,),
+        (H_TRAIN,),
     ),
     # ---- evaluate
     "evaluate judge unknown": Case(E("--judge", "gpt"), "choose one of keyword"),
@@ -509,7 +502,7 @@ CASES: dict[str, Case] = {
         lambda c: [*E("--task", "sst2", "--task-data")(c), str(c.work / "none.jsonl")], "not found"
     ),
     "evaluate task-data line not an object": Case(
-        lambda c: [*E("--task", "sst2", "--task-data")(c), c.write("t.jsonl", "[1]\n")], "line 1", (H_DATA,)
+        lambda c: [*E("--task", "sst2", "--task-data")(c), c.write("t.jsonl", "[1]\n")], "line 1"
     ),
     "evaluate max-prompts 0": Case(E("--max-prompts", "0"), "at least 1"),
     "evaluate batch-size 0": Case(E("--batch-size", "0"), "at least 1"),
@@ -586,54 +579,54 @@ CASES: dict[str, Case] = {
     ),
     "demo output not empty": Case(lambda c: ["demo", "--quick", "--output", c.user_folder()], "not empty"),
     "demo overwrite a user folder": Case(
-        lambda c: ["demo", "--quick", "--overwrite", "--output", c.user_folder()], "not written by antidote"
+        lambda c: ["demo", "--quick", "--overwrite", "--output", c.user_folder()], "not made by antidote"
     ),
     "demo overwrite home": Case(lambda c: ["demo", "--quick", "--overwrite", "--output", "~"], "home folder"),
     "demo overwrite working folder": Case(
         lambda c: ["demo", "--quick", "--overwrite", "--output", "."], "working folder"
     ),
     "demo output parent missing": Case(
-        lambda c: ["demo", "--quick", "--output", str(c.work / "no" / "out")], "does not exist", (INTEGRATOR,)
+        lambda c: ["demo", "--quick", "--output", str(c.work / "no" / "out")], "does not exist"
     ),
     # ---- run
     "run config missing": Case(lambda c: ["run", str(c.work / "none.yaml")], "not found"),
-    "run config not YAML": Case(run_config("realign: [\n"), "not valid YAML", (INTEGRATOR,)),
+    "run config not YAML": Case(run_config("realign: [\n"), "not valid YAML"),
     "run config a list": Case(run_config("- 1\n"), "must be a mapping"),
     "run config unknown key": Case(run_config("modle: x\n"), "unknown keys: modle"),
-    "run config unknown section key": Case(run_config("realign:\n  alpah: 1\n"), "unknown keys in realign"),
-    "run config realign without data": Case(run_config("realign: {}\n"), "realign needs data"),
+    "run config unknown section key": Case(
+        run_config("realign:\n  alpah: 1\n"), "antidote has unknown keys: alpah"
+    ),
+    "run config realign without data": Case(run_config("realign: {}\n"), "needs data"),
     "run config judges empty": Case(run_config("judges: []\nrealign: {data: x}\n"), "judges is empty"),
     "run config judge unknown": Case(run_config("judges: [gpt]\nrealign: {data: x}\n"), "choose one of"),
     "run config ratio out of range": Case(
         run_config("realign: {data: x, mask_ratios: 2}\n"), "outside (0, 1)"
     ),
     "run config section not a mapping": Case(
-        run_config("validate: 3\nrealign: {data: x}\n"), "must be a mapping"
+        run_config("validate: 3\nrealign: {data: x}\n"), "is not a mapping"
     ),
     "run config evaluate_base 'no'": Case(
-        run_config("evaluate_base: 'no'\nrealign: {data: x}\n"), "is not true or false", (INTEGRATOR,)
+        run_config("evaluate_base: 'no'\nrealign: {data: x}\n"), "is not true or false"
     ),
     "run config max_fa_drop text": Case(
-        run_config("max_fa_drop: abc\nrealign: {data: x}\n"), "is not a number", (INTEGRATOR,)
+        run_config("max_fa_drop: abc\nrealign: {data: x}\n"), "is not a number"
     ),
     "run config seed text in a section": Case(
-        run_config("realign: {data: x, seed: abc}\n"), "is not an integer", (INTEGRATOR,)
+        run_config("realign: {data: x, seed: abc}\n"), "is not an integer"
     ),
     "run config lr text in a section": Case(
-        run_config("align: {lr: abc}\nrealign: {data: x}\n"), "is not a number", (INTEGRATOR,)
+        run_config("align: {lr: abc}\nrealign: {data: x}\n"), "is not a number"
     ),
     "run config laughs": Case(
-        run_config(laughs(6) + "template: *a5\nrealign: {data: x}\n"), "expands to more than", (INTEGRATOR,)
+        run_config(laughs(6) + "template: *a5\nrealign: {data: x}\n"), "expands to more than"
     ),
     "run config not UTF-8": Case(
         lambda c: ["run", c.write("run.yaml", b"model: \xff\n"), "--run-dir", str(c.out)],
         "UTF-8",
-        (INTEGRATOR,),
     ),
     "run run-dir is a file": Case(
         lambda c: ["run", c.write("run.yaml", "realign: {data: x}\n"), "--run-dir", c.write("f.txt", "x")],
         "is a file",
-        (INTEGRATOR,),
     ),
 }
 
@@ -696,8 +689,7 @@ def test_bad_input(
     monkeypatch.chdir(c.cwd)
     monkeypatch.setenv("ANTIDOTE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("antidote.training.sft.train_lora", _work_started)
-    monkeypatch.setattr("antidote.experiments.pipeline._run", _work_started)
-    monkeypatch.setattr("antidote.experiments.demo.run_demo", _work_started)
+    monkeypatch.setattr("antidote.experiments.pipeline._Run.run", _work_started)
     argv = case.build(c)
     command = argv[0]
     if command in DEFAULT_OUTPUT and "--output" not in argv and name not in NO_DEFAULT_OUTPUT:
@@ -717,7 +709,6 @@ def test_bad_input(
     assert snapshot(tiny["root"]) == inputs_before
 
 
-@H_DATA
 def test_data_file_with_byte_order_mark_is_read(tiny: dict[str, Path], tmp_path: Path) -> None:
     data = tmp_path / "bom.jsonl"
     data.write_bytes(b"\xef\xbb\xbf" + tiny["harmful"].read_bytes())

@@ -196,10 +196,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from antidote.experiments.pipeline import clear_run_dir, packaged_config, run_pipeline
 
-    output = args.output or f"runs/demo-{_time.strftime('%Y%m%d-%H%M%S')}"
+    output = args.output
+    if output is None:  # the default place: runs/ is made here if needed; a given folder's parent must exist
+        output = f"runs/demo-{_time.strftime('%Y%m%d-%H%M%S')}"
+        Path("runs").mkdir(exist_ok=True)
     config = _run_config(str(packaged_config("demo-quick" if args.quick else "demo")), args, output)
-    Path(config.run_dir).expanduser().parent.mkdir(parents=True, exist_ok=True)
     if args.overwrite:
+        from antidote.experiments.pipeline import prepare_run_dir
+
+        prepare_run_dir(Path(config.run_dir).expanduser().resolve(), create=False)  # refuses before removing
         clear_run_dir(Path(config.run_dir).expanduser())
     return _finish_run(run_pipeline(config))
 
@@ -350,10 +355,17 @@ COMMANDS = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error format: one line, exit code 2 (the usage is in --help)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"antidote: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from antidote import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="antidote",
         description="Make fine-tuned LLMs safe again after harmful fine-tuning (Antidote, arXiv 2408.09600).",
     )

@@ -62,7 +62,7 @@ def _resolve(path: PathLike) -> Path:
     return Path(path).expanduser().resolve()
 
 
-def _protected_reason(out: Path) -> str | None:
+def protected_reason(out: Path) -> str | None:
     """Why `out` may never be an output folder, or None."""
     if out.parent == out or os.path.ismount(out):
         return "is a filesystem root"
@@ -146,7 +146,7 @@ def check_output_dir(output: PathLike, overwrite: bool, inputs: Iterable[PathLik
     `overwrite`, a non-empty folder that antidote did not write; a parent that is missing or not writable.
     """
     out = _resolve(output)
-    reason = _protected_reason(out)
+    reason = protected_reason(out)
     if reason:
         raise AntidoteError(f"output folder {out} {reason}; choose a new folder for --output")
     check_not_input(out, inputs, "output folder")

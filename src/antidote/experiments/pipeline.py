@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from antidote.config import read_yaml_mapping
+from antidote.configfile import config_from_mapping, read_yaml_mapping, values_from_mapping
 from antidote.data.catalog import DATA_DIR_ENV, set_data_dir
 from antidote.defenses import RESERVED, Defense, get
 from antidote.errors import AntidoteError
@@ -35,6 +35,7 @@ from antidote.evaluation.run import EvaluateConfig
 from antidote.experiments.cache import StageCache, locked, stage_key
 from antidote.experiments.report import choose_operating_point, markdown, plot, recovered_share
 from antidote.models.loading import EMBEDDED_NAME
+from antidote.outputs import atomic_write_text, protected_reason
 from antidote.training.stages import AlignConfig, FinetuneConfig
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
@@ -83,18 +84,8 @@ class RunConfig:
 def load_run_config(path: str, **overrides: Any) -> RunConfig:
     """Read and check a run config: unknown keys anywhere are named, bad values fail before any work."""
     data = read_yaml_mapping(path)
-    allowed = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise AntidoteError(
-            f"config file {path} has unknown keys: {', '.join(unknown)}; "
-            f"valid keys: {', '.join(sorted(allowed))}"
-        )
     data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        config = RunConfig(**data)
-    except TypeError as err:
-        raise AntidoteError(f"config file {path}: {err}") from err
+    config = config_from_mapping(RunConfig, data, f"config file {path}")
     check(config, path)
     return config
 
@@ -108,92 +99,56 @@ def packaged_config(name: str) -> Path:
     return path
 
 
-def _mapping(value: Any, where: str, keys_are_options: bool = True) -> dict[str, Any]:
-    """A section as a dict; option keys may be spelled with `-` (`mask-ratio` = `mask_ratio`)."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise AntidoteError(f"{where} must be a mapping of option: value")
-    return {str(k).replace("-", "_") if keys_are_options else str(k): v for k, v in value.items()}
-
-
-def _check_types(config: RunConfig, path: str) -> None:
-    expected = {"evaluate_base": bool, "evaluate_chosen_only": bool, "export_models": bool}
-    for name, kind in expected.items():
-        if not isinstance(getattr(config, name), kind):
-            raise AntidoteError(f"{path}: {name} must be true or false, got {getattr(config, name)!r}")
-    drop = config.max_fa_drop
-    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop <= 100:
-        raise AntidoteError(f"{path}: max_fa_drop must be a number of FA points in [0, 100], got {drop!r}")
-    for name in ("model", "run_dir", "template"):
-        if not isinstance(getattr(config, name), str) or not getattr(config, name):
-            raise AntidoteError(f"{path}: {name} must be a non-empty string")
-    if config.data_dir is not None and not isinstance(config.data_dir, str):
-        raise AntidoteError(f"{path}: data_dir must be a folder path")
-    if not isinstance(config.judges, list) or not config.judges:
-        raise AntidoteError(f"{path}: judges must be a non-empty list, e.g. [keyword]")
-
-
 def check(config: RunConfig, path: str = "the config") -> None:
     """Build every stage's and defense's config once with placeholder paths, so bad values fail now."""
-    _check_types(config, path)
+    if not 0 <= config.max_fa_drop <= 100:
+        raise AntidoteError(f"{path}: max_fa_drop must be a number of FA points in [0, 100]")
+    if not config.judges:
+        raise AntidoteError(f"{path}: judges is empty; use e.g. [keyword]")
     for spec in config.judges:
-        parse_judge_spec(str(spec))
-    for name, (cls, reserved) in SECTIONS.items():
-        raw = getattr(config, name)
-        if raw is None:
-            continue
-        section = _mapping(raw, f"{path}: {name}")
-        fields = {f.name for f in dataclasses.fields(cls)} - reserved
-        unknown = sorted(set(section) - fields)
-        if unknown:
-            raise AntidoteError(
-                f"{path}: unknown keys in {name}: {', '.join(unknown)}; "
-                f"valid keys: {', '.join(sorted(fields))}"
-            )
-        _stage_config(config, name, model="<model>", output="<output>")
-    defenses = _mapping(config.defenses, f"{path}: defenses", keys_are_options=False)
-    for name in defenses:
+        parse_judge_spec(spec)
+    for name in SECTIONS:
+        if getattr(config, name) is not None:
+            _stage_config(config, name, path, model="<model>", output="<output>")
+    for name in config.defenses:
         defense = get(name)
-        _mapping(defenses[name], f"{path}: defenses: {name}")
-        _defense_config(config, defense, _placeholders(defense))
+        _defense_config(config, defense, _placeholders(defense), path)
     if config.evaluate_chosen_only and config.validate is None:
         raise AntidoteError(f"{path}: evaluate_chosen_only needs a validate section to choose on")
 
 
-def _stage_config(config: RunConfig, name: str, **fixed: Any) -> Any:
-    cls = SECTIONS[name][0]
-    return _build(cls, _mapping(getattr(config, name), name), config, fixed, name)
+def _values(cls: type, section: Any, where: str, reserved: set[str] | tuple[str, ...]) -> dict[str, Any]:
+    """A section's checked values (the one config reader), the fields the pipeline sets refused."""
+    return values_from_mapping(cls, section or {}, where, exclude=reserved)
 
 
-def _build(cls: type, section: dict[str, Any], config: RunConfig, fixed: dict[str, Any], where: str) -> Any:
+def _stage_config(config: RunConfig, name: str, path: str = "the config", **fixed: Any) -> Any:
+    cls, reserved = SECTIONS[name]
+    return _build(cls, _values(cls, getattr(config, name), f"{path}: {name}", reserved), config, fixed)
+
+
+def _build(cls: type, values: dict[str, Any], config: RunConfig, fixed: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     if "template" in names:
-        section.setdefault("template", config.template)
-    try:
-        return cls(**{**section, **{k: v for k, v in fixed.items() if k in names}})
-    except TypeError as err:
-        raise AntidoteError(f"bad {where} section: {err}") from err
+        values.setdefault("template", config.template)
+    return cls(**{**values, **{k: v for k, v in fixed.items() if k in names}})
 
 
 def _placeholders(defense: Defense) -> dict[str, Any]:
     return {name: f"<{name}>" for name in RESERVED[defense.stage] if name != "overwrite"}
 
 
-def _defense_config(config: RunConfig, defense: Defense, fixed: dict[str, Any]) -> Any:
+def _defense_config(
+    config: RunConfig, defense: Defense, fixed: dict[str, Any], path: str = "the config"
+) -> Any:
     """A defense's config: for align/finetune defenses the stage's section under the defense's own keys."""
-    own = _mapping(config.defenses.get(defense.name), f"defenses: {defense.name}")
-    allowed = set(defense.options())
-    unknown = sorted(set(own) - allowed)
-    if unknown:
-        raise AntidoteError(
-            f"unknown keys in defenses: {defense.name}: {', '.join(unknown)}; "
-            f"valid keys: {', '.join(sorted(allowed))}"
-        )
-    section = own
+    reserved = RESERVED[defense.stage]
+    where = f"{path}: defenses: {defense.name}"
+    values = _values(defense.config, config.defenses[defense.name], where, reserved)
     if defense.stage in STAGE_BASE:
-        section = {**_mapping(getattr(config, defense.stage), defense.stage), **own}
-    return _build(defense.config, section, config, fixed, f"defenses: {defense.name}")
+        base = _values(defense.config, getattr(config, defense.stage), f"{path}: {defense.stage}", reserved)
+        values = {**base, **values}
+    return _build(defense.config, values, config, fixed)
 
 
 # ---- the pipeline --------------------------------------------------------------------------------------
@@ -203,9 +158,12 @@ def _say(message: str) -> None:
     print(f"antidote run: {message}", file=sys.stderr, flush=True)
 
 
-def prepare_run_dir(run_dir: Path) -> None:
+def prepare_run_dir(run_dir: Path, create: bool = True) -> None:
     """Create the run folder, or accept an existing one that an earlier run made (it resumes there). A
     non-empty folder antidote did not make is refused: a run writes stages/ and results files into it."""
+    reason = protected_reason(run_dir)
+    if reason is not None:
+        raise AntidoteError(f"run_dir {run_dir} {reason}; choose a new folder for the run")
     if run_dir.exists() and not run_dir.is_dir():
         raise AntidoteError(f"run_dir {run_dir} exists and is a file; choose a folder path")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / RUN_MARKER).is_file():
@@ -214,10 +172,12 @@ def prepare_run_dir(run_dir: Path) -> None:
         )
     if not run_dir.parent.is_dir():
         raise AntidoteError(f"the parent folder of run_dir {run_dir} does not exist; create it first")
+    if not create:
+        return
     run_dir.mkdir(exist_ok=True)
     marker = run_dir / RUN_MARKER
     if not marker.is_file():
-        _write(marker, json.dumps({"made_by": "antidote run"}) + "\n")
+        atomic_write_text(marker, json.dumps({"made_by": "antidote run"}) + "\n")
 
 
 RUN_OUTPUTS = (
@@ -460,9 +420,9 @@ class _Run:
 
     def write(self, summary: dict[str, Any], models: list[_Model]) -> None:
         rows = summary["rows"]
-        _write(self.run_dir / "results.json", json.dumps(rows, indent=2) + "\n")
-        _write(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
-        _write(self.run_dir / "results.md", markdown(summary))
+        atomic_write_text(self.run_dir / "results.json", json.dumps(rows, indent=2) + "\n")
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+        atomic_write_text(self.run_dir / "results.md", markdown(summary))
         generations = []
         for row in rows:
             if row["judge_spec"] != self.config.judges[0]:
@@ -470,7 +430,7 @@ class _Run:
             stage = self.cache.root / row["stage"] / "generations.jsonl"
             for line in stage.read_text().splitlines():
                 generations.append(json.dumps({"model": row["model"], **json.loads(line)}))
-        _write(self.run_dir / "generations.jsonl", "".join(g + "\n" for g in generations))
+        atomic_write_text(self.run_dir / "generations.jsonl", "".join(g + "\n" for g in generations))
         plot(summary, self.run_dir / "tradeoff.png")
 
 
@@ -539,9 +499,3 @@ def _evaluate_stage(out: Path, config: EvaluateConfig, specs: list[str], judges:
         kind = parse_judge_spec(spec)[0]
         (out / f"verdicts-{kind}.json").write_text(json.dumps(verdicts) + "\n")
     (out / "judged.json").write_text(json.dumps(rows, indent=2) + "\n")
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

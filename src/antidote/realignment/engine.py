@@ -388,14 +388,15 @@ def _run(config: RealignConfig, model: LoadedModel | None, records: Records | No
     """prepare -> calibrate -> for each ratio: prune, save, then restore (`last` for the last ratio)."""
     out = None
     if config.output:  # refuse a bad output folder before any work
-        inputs = tuple(p for p in (config.model, config.adapter, config.data, config.reference) if p)
+        inputs = (config.model, config.adapter, config.data, config.reference, config.benign_data)
         out = check_output_dir(config.output, config.overwrite, inputs)
     timer = _Timer()
     prepared = prepare(config, model, records, timer)
     calibration = calibrate(config, prepared, timer)
     ratios = config.mask_ratios
     reports = []
-    with atomic_output_dir(out, config.overwrite) if out else contextlib.nullcontext() as tmp:
+    writing = atomic_output_dir(out, config.overwrite, what="antidote realign") if out else None
+    with writing or contextlib.nullcontext() as tmp:
         for i, ratio in enumerate(ratios):
             then: Then = last if i == len(ratios) - 1 else "restore"
             with timer.phase("prune"):
