@@ -271,6 +271,7 @@ def _training_arguments(config: TrainConfig, output_dir: Path) -> TrainingArgume
         label_names=["labels"],
         disable_tqdm=True,  # our own bar, named after the stage
         dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # every LoRA weight takes part in every step
     )
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import random
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -186,14 +187,16 @@ def _load_device() -> str:
 
 @contextlib.contextmanager
 def _stage_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """The temporary output folder on the main process; elsewhere a path that is never written."""
+    """The temporary output folder on the main process; elsewhere a scratch folder removed afterwards."""
     from antidote.outputs import atomic_output_dir
 
     if _is_main_process():
         with atomic_output_dir(out, overwrite) as tmp:
             yield tmp
     else:
-        yield out.parent / f".{out.name}.rank{os.environ.get('RANK')}"
+        prefix = f".{out.name}.rank{os.environ.get('RANK')}-"
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=out.parent) as scratch:
+            yield Path(scratch)
 
 
 def _base_reference(folder: str) -> str:
