@@ -197,9 +197,10 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path) -> None:  #
     common = {"lora_r": 4, "lr": 1e-2, "epochs": 3, "batch_size": 3, "seed": 2}  # 2 steps per epoch
     full_model, full = train_lora(make_model(seed=6), tokenizer, PAIRS, TrainConfig(**common))
     ckpt = tmp_path / "ckpt"
-    train_lora(
+    _, saving = train_lora(
         make_model(seed=6), tokenizer, PAIRS, TrainConfig(**common, save_steps=3, checkpoint_dir=str(ckpt))
     )
+    assert saving == full  # seeded: the same run again, and writing checkpoints changes nothing
     assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint-3", "checkpoint-6"]
     resumed_model, resumed = train_lora(
         make_model(seed=6),  # the same base model; adapter, optimizer, schedule and order from the checkpoint

@@ -60,7 +60,7 @@ class TrainConfig:
     checkpoint_dir: str | None = field(
         default=None,
         metadata={
-            "help": "folder for checkpoint-N folders (default: the parent of --resume-from-checkpoint)"
+            "help": "folder for the checkpoint-N folders; unset: the folder holding --resume-from-checkpoint"
         },
     )
     resume_from_checkpoint: str | None = field(
