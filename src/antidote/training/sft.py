@@ -157,7 +157,7 @@ class LengthBucketSampler(torch.utils.data.Sampler[int]):
         rng = random.Random(f"{self.seed}:{self.epoch}")
         order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], rng.random()))
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        short = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+        short = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
         rng.shuffle(batches)
         for batch in batches + short:
             yield from batch
