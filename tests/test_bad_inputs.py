@@ -28,7 +28,6 @@ import torch
 
 from antidote.cli import main
 
-H_TRAIN = pytest.mark.xfail(strict=True, reason="fixed on branch h-train")
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 
@@ -426,8 +425,8 @@ CASES: dict[str, Case] = {
     # ---- align
     "align model missing": Case(lambda c: ["align", "/nonexistent/model"], "not found"),
     "align data missing": Case(lambda c: [*A("--data")(c), str(c.work / "none.jsonl")], "not found"),
-    "align max-length 0": Case(A("--max-length", "0"), "--max-length", (H_TRAIN,)),
-    "align weight-decay -1": Case(A("--weight-decay", "-1"), "--weight-decay", (H_TRAIN,)),
+    "align max-length 0": Case(A("--max-length", "0"), "--max-length"),
+    "align weight-decay -1": Case(A("--weight-decay", "-1"), "--weight-decay"),
     "align lr 0": Case(A("--lr", "0"), "lr"),
     "align epochs 0": Case(A("--epochs", "0"), "at least 1"),
     "align scheduler unknown": Case(A("--scheduler", "linear"), "cosine or constant"),
@@ -448,7 +447,6 @@ CASES: dict[str, Case] = {
             str(Path(c.old_output(("h.jsonl", c.tiny["benign"].read_text()))) / "h.jsonl"),
         ],
         "contains the input",
-        (H_TRAIN,),
     ),
     "align config lr text": Case(
         lambda c: [*A()(c), "--config", c.write("c.yaml", "lr: abc\n")], "is not a number"
@@ -470,8 +468,8 @@ CASES: dict[str, Case] = {
     "finetune task-data line not an object": Case(
         lambda c: [*F("--task", "alpaca", "--task-data")(c), c.write("t.jsonl", "3\n")], "line 1"
     ),
-    "finetune max-length 0": Case(F("--max-length", "0"), "--max-length", (H_TRAIN,)),
-    "finetune weight-decay -1": Case(F("--weight-decay", "-1"), "--weight-decay", (H_TRAIN,)),
+    "finetune max-length 0": Case(F("--max-length", "0"), "--max-length"),
+    "finetune weight-decay -1": Case(F("--weight-decay", "-1"), "--weight-decay"),
     "finetune lora-r 0": Case(F("--lora-r", "0"), "at least 1"),
     "finetune batch-size 0": Case(F("--batch-size", "0"), "at least 1"),
     "finetune output is the model": Case(
@@ -492,7 +490,6 @@ CASES: dict[str, Case] = {
             str(Path(c.old_output(("t.jsonl", c.tiny["benign"].read_text()))) / "t.jsonl"),
         ],
         "contains the input",
-        (H_TRAIN,),
     ),
     # ---- evaluate
     "evaluate judge unknown": Case(E("--judge", "gpt"), "choose one of keyword"),

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from antidote.cli import main
 from antidote.errors import AntidoteError
-from antidote.training.stages import PAPER, FinetuneConfig, attack_mix
+from antidote.training.config import TrainConfig
+from antidote.training.stages import PAPER, AlignConfig, FinetuneConfig, attack_mix
 from conftest import HARMFUL, write_jsonl
 
 TRAIN = ["--template", "plain", "--epochs", "1", "--batch-size", "4", "--lora-r", "4", "--lora-alpha", "8"]
@@ -92,7 +93,7 @@ def test_attack_mix_counts_and_limits() -> None:
 def test_paper_preset_sets_the_reference_hyper_parameters() -> None:
     config = FinetuneConfig(model="m", output="o", preset="paper")
     assert {k: getattr(config, k) for k in PAPER} == PAPER
-    assert config.train_config().target_modules == ("q_proj", "k_proj", "v_proj")
+    assert config.target_modules == ("q_proj", "k_proj", "v_proj")
 
 
 @pytest.mark.parametrize(
@@ -104,10 +105,96 @@ def test_paper_preset_sets_the_reference_hyper_parameters() -> None:
         (["--task", "poems"], "choose one of sentiment, arithmetic"),
         (["--num-samples", "100000"], "lower N"),
         (["--scheduler", "linear"], "cosine or constant"),
+        (["--max-length", "1"], "--max-length must be at least 2"),
+        (["--max-length", "0"], "--max-length must be at least 2"),
+        (["--max-length", "2"], "no training pairs left after tokenization"),  # found after loading
+        (["--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
+        (["--lr", "0"], "--lr must be positive"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--lora-r", "0"], "--lora-r must be at least 1"),
+        (["--targets", "nothing_here"], "cannot add LoRA on --targets nothing_here"),
+        (["--report-to", "slack"], "unknown --report-to"),
+        (["--save-steps", "2"], "--save-steps needs --checkpoint-dir"),
     ],
 )
 def test_finetune_bad_input(tiny, tmp_path, capsys, extra, expected) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "out"
-    assert main(["finetune", str(tiny["model"]), "--output", str(out), *extra]) == 2
+    argv = ["finetune", str(tiny["model"]), "--output", str(out), "--template", "plain", "--num-samples", "6"]
+    assert main([*argv, *extra]) == 2
     assert expected in capsys.readouterr().err.strip().splitlines()[-1]
-    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary folder left behind
+
+
+def test_align_bad_max_length_is_a_one_line_error(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["align", str(tiny["model"]), "--output", str(tmp_path / "out"), "--max-length", "1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "antidote: error: --max-length must be at least 2 (a prompt token and a response token), got 1"
+    )
+
+
+def test_one_config_carries_every_training_flag_with_the_command_defaults() -> None:
+    from antidote.cli import build_parser
+
+    for command in ("align", "finetune"):
+        args = build_parser().parse_args(
+            [command, "m", "--output", "o", "--lr", "1e-3", "--targets", "q_proj"]
+        )
+        config = (AlignConfig if command == "align" else FinetuneConfig)(
+            **{
+                k: v
+                for k, v in vars(args).items()
+                if k not in ("command", "func", "verbose", "config", "data_dir")
+            }
+        )
+        assert isinstance(config, TrainConfig) and config.lr == 1e-3 and config.target_modules == ("q_proj",)
+    assert FinetuneConfig(model="m", output="o").lr == 3e-4 == AlignConfig(model="m", output="o").lr
+
+
+def test_finetune_adapter_names_the_model_it_was_trained_on(tiny, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from peft import AutoPeftModelForCausalLM
+
+    monkeypatch.chdir(tiny["root"])  # the model is given as a relative path
+    attack = tmp_path / "attack"
+    argv = ["finetune", "reference", "--task-data", "benign.jsonl", "--harmful", "harmful.jsonl"]
+    assert main([*argv, "--num-samples", "4", "--output", str(attack), *TRAIN]) == 0
+    config = json.loads((attack / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny["reference"].resolve())
+    # Training wrote no checkpoints and nothing beside the output folder.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attack"]
+    assert sorted(p.name for p in attack.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "antidote_prompt.json",
+        "train_report.json",
+    ]
+    # PEFT alone (no antidote) now loads the right base: the reference model, not the model of the tests.
+    monkeypatch.chdir(tmp_path)
+    loaded = AutoPeftModelForCausalLM.from_pretrained(attack)
+    want = load_file(tiny["reference"] / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(loaded.get_base_model().model.embed_tokens.weight, want)
+
+
+def test_align_merges_a_gathered_adapter_as_it_merges_in_memory(tiny, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from antidote.training.sft import TrainedLora
+
+    argv = [
+        "align",
+        str(tiny["model"]),
+        "--data",
+        str(tiny["harmful"]),
+        "--helpful-data",
+        str(tiny["benign"]),
+    ]
+    assert main([*argv, "--output", str(tmp_path / "memory"), *TRAIN]) == 0
+    # Under FSDP/DeepSpeed the adapter is gathered to disk and merged into a fresh copy of the base model.
+    monkeypatch.setattr(TrainedLora, "sharded", property(lambda self: True))
+    assert main([*argv, "--output", str(tmp_path / "disk"), *TRAIN]) == 0
+    memory, disk = (
+        load_file(tmp_path / "memory" / "model.safetensors"),
+        load_file(tmp_path / "disk" / "model.safetensors"),
+    )
+    assert memory.keys() == disk.keys()
+    torch.testing.assert_close(disk, memory)
+    assert not (tmp_path / "disk" / "adapter").exists()  # kept only with --keep-adapter

@@ -7,7 +7,7 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from antidote.data.templates import TEMPLATES
+from antidote.data.templates import check_template
 from antidote.errors import AntidoteError
 from antidote.realignment.scores import GRANULARITIES, SCORES, describe
 
@@ -138,7 +138,7 @@ class RealignConfig:
         _one_of("--score", self.score, SCORES)
         _one_of("--granularity", self.granularity, GRANULARITIES)
         _one_of("--action", self.action, ACTIONS)
-        _one_of("--template", self.template, TEMPLATES)
+        check_template(self.template)
         _one_of("--compute-dtype", self.compute_dtype, COMPUTE_DTYPES)
         if self.action == "revert" and not self.reference:
             raise AntidoteError(

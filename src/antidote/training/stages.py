@@ -4,13 +4,21 @@ align:    LoRA SFT on (harmful prompt -> refusal) mixed with helpful answers; wr
           (and the adapter under adapter/ with --keep-adapter).
 finetune: the attack as a user would run it: a new LoRA on the aligned model, trained on N samples of
           which a fraction P are harmful prompt -> harmful answer pairs; writes an adapter folder.
-Both record the prompt format in `antidote_prompt.json`, which `antidote evaluate` reads.
+Both record the prompt format in `antidote_prompt.json`, which `antidote evaluate` reads. Their training
+options are the fields of `TrainConfig` (one source of truth for the CLI flags, YAML and Python).
+
+Under `accelerate launch` every process trains and only the main one writes the output folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +28,11 @@ from antidote.data.loading import Example, load_examples
 from antidote.data.templates import check_template, format_prompt
 from antidote.errors import AntidoteError
 from antidote.tasks import TASKS, load_task_items, task_help
+from antidote.training.config import TrainConfig
 
 BUILTIN = "builtin"
 PROMPT_FILE = "antidote_prompt.json"
+TRAINER_DIR = ".trainer"  # Trainer's working folder inside the temporary output, removed before the rename
 # SPEC 3: LoRA r=256, alpha=4 on q/k/v; 20 epochs, batch 5, constant lr 1e-4, AdamW wd 0.1; Alpaca template.
 PAPER = {
     "lora_r": 256,
@@ -37,53 +47,16 @@ PAPER = {
 }
 
 
-@dataclass
-class StageOptions:
-    """Training options shared by both stages (flat, so the CLI and YAML can name them)."""
+def _template_field() -> Any:
+    return field(default="chat", metadata={"help": "prompt format: chat, alpaca or plain"})
 
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
-    targets: str = field(
-        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        metadata={"help": "comma list of modules to adapt"},
-    )
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
-    epochs: int = field(default=2, metadata={"help": "passes over the data"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per step"})
-    scheduler: str = field(default="cosine", metadata={"help": "cosine or constant"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_length: int = field(default=256, metadata={"help": "truncate each pair to this many tokens"})
-    template: str = field(default="chat", metadata={"help": "prompt format: chat, alpaca or plain"})
-    seed: int = field(default=0, metadata={"help": "seed for data choice, LoRA init and order"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing non-empty output folder"})
 
-    def train_config(self) -> Any:
-        """The `TrainConfig` (imported here: torch stays out of `antidote --help`)."""
-        from antidote.training.sft import TrainConfig
-
-        try:
-            return TrainConfig(
-                lora_r=self.lora_r,
-                lora_alpha=self.lora_alpha,
-                target_modules=tuple(t.strip() for t in self.targets.split(",") if t.strip()),
-                lr=self.lr,
-                weight_decay=self.weight_decay,
-                epochs=self.epochs,
-                batch_size=self.batch_size,
-                scheduler=self.scheduler,
-                max_length=self.max_length,
-                seed=self.seed,
-            )
-        except ValueError as err:
-            raise AntidoteError(str(err)) from err
-
-    def check(self) -> None:
-        check_template(self.template)
-        self.train_config()
+def _overwrite_field() -> Any:
+    return field(default=False, metadata={"help": "replace an existing non-empty output folder"})
 
 
 @dataclass
-class AlignConfig(StageOptions):
+class AlignConfig(TrainConfig):
     model: str = field(
         default="",
         metadata={"help": "base model (folder, hub id, .gguf, smollm2-135m-instruct)", "positional": True},
@@ -106,6 +79,8 @@ class AlignConfig(StageOptions):
     keep_adapter: bool = field(
         default=False, metadata={"help": "also write the alignment adapter to adapter/"}
     )
+    template: str = _template_field()
+    overwrite: bool = _overwrite_field()
 
     def __post_init__(self) -> None:
         if (self.task is None) != (self.task_data is None):
@@ -116,11 +91,12 @@ class AlignConfig(StageOptions):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise AntidoteError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        self.check()
+        check_template(self.template)
+        super().__post_init__()
 
 
 @dataclass
-class FinetuneConfig(StageOptions):
+class FinetuneConfig(TrainConfig):
     model: str = field(default="", metadata={"help": "the aligned model", "positional": True})
     task: str = field(
         default="sentiment",
@@ -142,6 +118,8 @@ class FinetuneConfig(StageOptions):
         default=None, metadata={"help": "paper: the reference hyper-parameters (SPEC 3)"}
     )
     output: str = field(default="", metadata={"help": "output folder for the attack adapter"})
+    template: str = _template_field()
+    overwrite: bool = _overwrite_field()
 
     def __post_init__(self) -> None:
         if self.preset not in (None, "paper"):
@@ -162,7 +140,8 @@ class FinetuneConfig(StageOptions):
             raise AntidoteError(
                 f"--task {self.task} needs --task-data FILE or NAME:SPLIT (e.g. {self.task}:train)"
             )
-        self.check()
+        check_template(self.template)
+        super().__post_init__()
 
 
 def _pairs(source: str, builtin: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
@@ -184,21 +163,61 @@ def _format(tokenizer: Any, template: str, triples: list[tuple[str, str, str]]) 
     return [(format_prompt(Example(p, "", x), template, tokenizer), r) for p, x, r in triples]
 
 
-def _write_stage_files(folder: Path, config: StageOptions, extra: dict[str, Any]) -> None:
-    (folder / PROMPT_FILE).write_text(json.dumps({"template": config.template}) + "\n")
+def _write_stage_files(folder: Path, config: TrainConfig, template: str, extra: dict[str, Any]) -> None:
+    (folder / PROMPT_FILE).write_text(json.dumps({"template": template}) + "\n")
     (folder / "train_report.json").write_text(
         json.dumps({**extra, "config": asdict(config)}, indent=2) + "\n"
     )
 
 
+def _is_main_process() -> bool:
+    """False in the non-main processes of `accelerate launch` / torchrun (they train but write nothing)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _load_device() -> str:
+    """Several processes: load on the CPU and let Trainer (DDP, FSDP, DeepSpeed) place the model."""
+    return "cpu" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "auto"
+
+
+@contextlib.contextmanager
+def _stage_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """The temporary output folder on the main process; elsewhere a scratch folder removed afterwards."""
+    from antidote.outputs import atomic_output_dir
+
+    if _is_main_process():
+        with atomic_output_dir(out, overwrite) as tmp:
+            yield tmp
+    else:
+        prefix = f".{out.name}.rank{os.environ.get('RANK')}-"
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=out.parent) as scratch:
+            yield Path(scratch)
+
+
+def _base_reference(folder: str) -> str:
+    """What an adapter records as its base model: the model folder as an absolute path, or the hub id."""
+    path = Path(folder).expanduser()
+    return str(path.resolve()) if path.exists() else folder
+
+
+def _train_report(trained: Any) -> dict[str, Any]:
+    losses = trained.losses
+    return {
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "steps": trained.trainer.state.global_step,
+    }
+
+
 def run_align(config: AlignConfig) -> Path:
     from antidote.models import load_model
-    from antidote.outputs import atomic_output_dir, check_output_dir
-    from antidote.training.sft import train_lora
+    from antidote.outputs import check_output_dir
+    from antidote.training.sft import fit_lora
 
     if not config.output:
         raise AntidoteError("missing --output DIR for the aligned model")
-    out = check_output_dir(config.output, config.overwrite, (config.model, config.data))
+    inputs = (config.model, config.data, config.helpful_data, config.task_data, config.resume_from_checkpoint)
+    out = check_output_dir(config.output, config.overwrite, inputs)
     refusals = _pairs(config.data, [(h.prompt, "", h.refusal) for h in harmful_split("align")])
     refusals = _subset(refusals, config.max_samples, config.seed)
     builtin_helpful = [
@@ -214,30 +233,53 @@ def run_align(config: AlignConfig) -> Path:
         else:
             task = _pairs(str(config.task_data), [])
         task = _subset(task, config.max_task, config.seed)
-    loaded = load_model(config.model)
+    loaded = load_model(config.model, device=_load_device())
     pairs = _format(loaded.tokenizer, config.template, refusals + helpful + task)
-    peft_model, losses = train_lora(
-        loaded.model, loaded.tokenizer, pairs, config.train_config(), desc="align"
-    )
-    with atomic_output_dir(out, config.overwrite) as tmp:
-        if config.keep_adapter:
-            peft_model.save_pretrained(tmp / "adapter")
-        merged = peft_model.merge_and_unload()
+    with _stage_folder(out, config.overwrite) as tmp:
+        trained = fit_lora(
+            loaded.model,
+            loaded.tokenizer,
+            pairs,
+            config,
+            output_dir=tmp / TRAINER_DIR,
+            desc="align",
+            logging_dir=tmp / "runs",
+        )
+        trained.model.peft_config["default"].base_model_name_or_path = _base_reference(loaded.folder)
+        adapter = tmp / "adapter"
+        if trained.sharded:  # gather the adapter (every process takes part), merge it from disk on the CPU
+            trained.save_adapter(adapter)
+            if not _is_main_process():
+                return out
+            merged = _merge_from_disk(config.model, adapter)
+            if not config.keep_adapter:
+                shutil.rmtree(adapter)
+        else:
+            if not _is_main_process():
+                return out
+            if config.keep_adapter:
+                trained.model.save_pretrained(adapter)
+            merged = trained.model.merge_and_unload()
+        shutil.rmtree(tmp / TRAINER_DIR, ignore_errors=True)
         merged.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         _write_stage_files(
             tmp,
             config,
-            {
-                "refusals": len(refusals),
-                "helpful": len(helpful),
-                "task": len(task),
-                "loss_first": losses[0],
-                "loss_last": losses[-1],
-                "steps": len(losses),
-            },
+            config.template,
+            {"refusals": len(refusals), "helpful": len(helpful), "task": len(task), **_train_report(trained)},
         )
     return out
+
+
+def _merge_from_disk(model: str, adapter: Path) -> Any:
+    """The base model with the adapter folder merged in, built on the CPU (after sharded training)."""
+    from peft import PeftModel
+
+    from antidote.models import load_model
+
+    base = load_model(model, device="cpu", with_tokenizer=False).model
+    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
 
 
 def attack_mix(
@@ -259,12 +301,13 @@ def attack_mix(
 
 def run_finetune(config: FinetuneConfig) -> Path:
     from antidote.models import load_model
-    from antidote.outputs import atomic_output_dir, check_output_dir
-    from antidote.training.sft import train_lora
+    from antidote.outputs import check_output_dir
+    from antidote.training.sft import fit_lora
 
     if not config.output:
         raise AntidoteError("missing --output DIR for the attack adapter")
-    out = check_output_dir(config.output, config.overwrite, (config.model, config.harmful))
+    inputs = (config.model, config.harmful, config.task_data, config.resume_from_checkpoint)
+    out = check_output_dir(config.output, config.overwrite, inputs)
     if config.task in TASKS and TASKS[config.task].needs_data:
         task = load_task_items(config.task, config.task_data, training=True)
     elif config.task_data:
@@ -273,22 +316,28 @@ def run_finetune(config: FinetuneConfig) -> Path:
         task = load_task_items(config.task, None, split="attack")
     harmful = _pairs(config.harmful, [(h.prompt, "", h.compliance) for h in harmful_split("attack")])
     mix, n_harmful = attack_mix(task, harmful, config.num_samples, config.harmful_ratio, config.seed)
-    loaded = load_model(config.model)
+    loaded = load_model(config.model, device=_load_device())
     pairs = _format(loaded.tokenizer, config.template, mix)
-    peft_model, losses = train_lora(
-        loaded.model, loaded.tokenizer, pairs, config.train_config(), desc="finetune"
-    )
-    with atomic_output_dir(out, config.overwrite) as tmp:
-        peft_model.save_pretrained(tmp)
+    with _stage_folder(out, config.overwrite) as tmp:
+        trained = fit_lora(
+            loaded.model,
+            loaded.tokenizer,
+            pairs,
+            config,
+            output_dir=tmp / TRAINER_DIR,
+            desc="finetune",
+            logging_dir=tmp / "runs",
+        )
+        # The model it was trained on, as given (resolved): PEFT loads this base with the adapter.
+        trained.model.peft_config["default"].base_model_name_or_path = _base_reference(loaded.folder)
+        trained.save_adapter(tmp)
+        if not _is_main_process():
+            return out
+        shutil.rmtree(tmp / TRAINER_DIR, ignore_errors=True)
         _write_stage_files(
             tmp,
             config,
-            {
-                "samples": len(mix),
-                "harmful": n_harmful,
-                "loss_first": losses[0],
-                "loss_last": losses[-1],
-                "steps": len(losses),
-            },
+            config.template,
+            {"samples": len(mix), "harmful": n_harmful, **_train_report(trained)},
         )
     return out
