@@ -82,15 +82,23 @@ def test_hub_fallback_filters_beavertails(monkeypatch: pytest.MonkeyPatch) -> No
         load_examples("alpaca")
 
 
-def test_cli_data_dir(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_data_dir_is_read_by_the_command(data_dir: Path, tiny, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`--data-dir` reaches the command's own config: named prompts come from that folder, the environment
+    is neither read (unset here) nor changed, and a folder that does not exist is refused before any work."""
+    import os
+
     from antidote.cli import main
 
     monkeypatch.delenv(catalog.DATA_DIR_ENV)
-    code = main(
-        ["evaluate", "m", "--data-dir", str(tmp_path / "missing"), "--output", str(tmp_path / "r.json")]
-    )
-    assert code == 2 and not (tmp_path / "r.json").exists()
-    assert catalog.DATA_DIR_ENV not in __import__("os").environ  # restored after the command
+    out = tmp_path / "r.json"
+    argv = ["evaluate", str(tiny["model"]), "--harmful-prompts", "advbench", "--template", "plain"]
+    argv += ["--max-task", "1", "--max-harmless", "1", "--max-new-tokens", "2"]
+    assert main([*argv, "--data-dir", str(tmp_path / "missing"), "--output", str(out)]) == 2
+    assert not out.exists()
+    assert main([*argv, "--data-dir", str(data_dir), "--output", str(out)]) == 0
+    gens = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert [g["prompt"] for g in gens if g["set"] == "harmful"] == ["g1"]  # the data folder's one goal
+    assert catalog.DATA_DIR_ENV not in os.environ
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the checkout")

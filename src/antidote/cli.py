@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 import types
 import typing
@@ -379,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
             add_dataclass_arguments(p, command.config())
         if command.options is not None:
             command.options(p)
-        _add_data_dir(p)
+        if command.name in ("run", "demo"):
+            _add_data_dir(p)
         p.set_defaults(func=command.run)
     return parser
 
@@ -393,11 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    from antidote.data.catalog import DATA_DIR_ENV, set_data_dir
-
-    previous = os.environ.get(DATA_DIR_ENV)
     try:
-        set_data_dir(getattr(args, "data_dir", None))
         return int(args.func(args))
     except AntidoteError as err:
         print(f"antidote: error: {err}", file=sys.stderr)
@@ -405,8 +401,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("antidote: interrupted; no output was written", file=sys.stderr)
         return 130
-    finally:  # --data-dir is for this command only (main() is also called in-process by tests)
-        if previous is None:
-            os.environ.pop(DATA_DIR_ENV, None)
-        else:
-            os.environ[DATA_DIR_ENV] = previous

@@ -165,14 +165,17 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | N
     return path
 
 
-def set_data_dir(folder: str | os.PathLike[str] | None) -> None:
-    """Use `folder` for named data from now on (the CLI's --data-dir). Deprecated: pass `data_dir` instead."""
-    if folder is None:
-        return
-    path = Path(folder).expanduser()
-    if not path.is_dir():
-        raise AntidoteError(f"--data-dir {folder} is not a folder; point it at a copy of ../shared/data")
-    os.environ[DATA_DIR_ENV] = str(path.resolve())
+def data_dir_field() -> Any:
+    """The `data_dir` option of every config that reads data by name (its --data-dir flag and YAML key)."""
+    import dataclasses
+
+    return dataclasses.field(
+        default=None,
+        metadata={
+            "help": "folder laid out like ../shared/data, for data given by name (advbench, sst2:train, "
+            f"beavertails:unsafe, ...); default: ${DATA_DIR_ENV}, else the hub"
+        },
+    )
 
 
 def is_named(source: str) -> bool:

@@ -26,9 +26,9 @@ from antidote.errors import AntidoteError
 STAGES = ("align", "finetune", "post")
 # Fields a pipeline fills in itself, per stage, when the defense's config has them.
 RESERVED = {
-    "align": ("model", "output", "overwrite"),
-    "finetune": ("model", "output", "overwrite"),
-    "post": ("model", "adapter", "base_model", "output", "overwrite"),
+    "align": ("model", "output", "overwrite", "data_dir"),
+    "finetune": ("model", "output", "overwrite", "data_dir"),
+    "post": ("model", "adapter", "base_model", "output", "overwrite", "data_dir"),
 }
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from antidote.data.builtin import harmful_split, task_split
+from antidote.data.catalog import data_dir_field
 from antidote.data.loading import load_examples
 from antidote.data.templates import check_template
 from antidote.errors import AntidoteError
@@ -70,6 +71,7 @@ class EvaluateConfig:
     max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per harmful/harmless prompt"})
     batch_size: int = field(default=16, metadata={"help": "generation batch size"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing results file"})
+    data_dir: str | None = data_dir_field()
 
     def __post_init__(self) -> None:
         parse_judge_spec(self.judge)
@@ -104,14 +106,20 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
 
     out, generations_file = check_evaluate_outputs(config)
     if config.harmful_prompts:
-        harmful = [e.prompt for e in load_examples(config.harmful_prompts, require_response=False)]
+        harmful = [
+            e.prompt
+            for e in load_examples(config.harmful_prompts, require_response=False, data_dir=config.data_dir)
+        ]
         harmful_set = config.harmful_prompts
     else:
         harmful, harmful_set = [h.prompt for h in harmful_split("eval")], "built-in eval"
-    task_items = load_task_items(config.task, config.task_data, split="eval")
+    task_items = load_task_items(config.task, config.task_data, split="eval", data_dir=config.data_dir)
     harmful, task_items = harmful[: config.max_prompts], task_items[: config.max_task]
     if config.harmless_prompts:
-        harmless = [e.prompt for e in load_examples(config.harmless_prompts, require_response=False)]
+        harmless = [
+            e.prompt
+            for e in load_examples(config.harmless_prompts, require_response=False, data_dir=config.data_dir)
+        ]
     else:
         harmless = [h.instruction for h in task_split("harmless", "eval")]
     harmless = harmless[: config.max_harmless]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from antidote.configfile import config_from_mapping, read_yaml_mapping, values_from_mapping
-from antidote.data.catalog import DATA_DIR_ENV, set_data_dir
+from antidote.data.catalog import resolve_data_dir
 from antidote.defenses import RESERVED, Defense, get
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import parse_judge_spec
@@ -42,10 +42,10 @@ PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 RUN_MARKER = ".antidote-run.json"
 # section -> (its dataclass, fields the pipeline sets itself)
 SECTIONS: dict[str, tuple[type, set[str]]] = {
-    "align": (AlignConfig, {"model", "output", "overwrite"}),
-    "finetune": (FinetuneConfig, {"model", "output", "overwrite"}),
-    "evaluate": (EvaluateConfig, {"model", "adapter", "output", "overwrite", "judge"}),
-    "validate": (EvaluateConfig, {"model", "adapter", "output", "overwrite", "judge"}),
+    "align": (AlignConfig, {"model", "output", "overwrite", "data_dir"}),
+    "finetune": (FinetuneConfig, {"model", "output", "overwrite", "data_dir"}),
+    "evaluate": (EvaluateConfig, {"model", "adapter", "output", "overwrite", "judge", "data_dir"}),
+    "validate": (EvaluateConfig, {"model", "adapter", "output", "overwrite", "judge", "data_dir"}),
 }
 STAGE_BASE = {"align": AlignConfig, "finetune": FinetuneConfig}
 
@@ -131,6 +131,7 @@ def _build(cls: type, values: dict[str, Any], config: RunConfig, fixed: dict[str
     names = {f.name for f in dataclasses.fields(cls)}
     if "template" in names:
         values.setdefault("template", config.template)
+    fixed = {"data_dir": config.data_dir, **fixed}  # every stage reads named data from the run's folder
     return cls(**{**values, **{k: v for k, v in fixed.items() if k in names}})
 
 
@@ -211,16 +212,8 @@ def run_pipeline(config: RunConfig, say: Callable[[str], None] = _say) -> dict[s
     check(config)
     run_dir = Path(config.run_dir).expanduser().resolve()
     prepare_run_dir(run_dir)
-    previous = os.environ.get(DATA_DIR_ENV)
-    try:
-        set_data_dir(config.data_dir)
-        with locked(run_dir):
-            return _Run(config, run_dir, say).run()
-    finally:
-        if previous is None:
-            os.environ.pop(DATA_DIR_ENV, None)
-        else:
-            os.environ[DATA_DIR_ENV] = previous
+    with locked(run_dir):
+        return _Run(config, run_dir, say).run()
 
 
 @dataclass
@@ -241,7 +234,10 @@ class _Run:
         self.run_dir = run_dir
         self.say = say
         self.cache = StageCache(run_dir, say)
-        self.data_dir = os.environ.get(DATA_DIR_ENV)
+        # The data folder every stage reads names from: the config's, else $ANTIDOTE_DATA_DIR (resolved
+        # once here, so that the stage keys name the folder actually read).
+        folder = resolve_data_dir(config.data_dir)
+        self.data_dir = str(folder.resolve()) if folder is not None else None
         self.judges = _Judges(config.judges)
         self.defenses = [get(name) for name in config.defenses]
 

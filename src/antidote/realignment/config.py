@@ -7,6 +7,7 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from antidote.data.catalog import data_dir_field
 from antidote.data.templates import check_template
 from antidote.errors import AntidoteError
 from antidote.realignment.scores import GRANULARITIES, SCORES, describe
@@ -110,6 +111,7 @@ class RealignConfig:
         default=False, metadata={"help": "with --adapter: write a merged full model instead of an adapter"}
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing non-empty output folder"})
+    data_dir: str | None = data_dir_field()
     compute_dtype: str = field(
         default="auto",
         metadata={

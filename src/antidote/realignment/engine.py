@@ -298,11 +298,14 @@ def prepare(
             filters=config.filters,
             max_samples=config.max_samples,
             seed=config.seed,
+            data_dir=config.data_dir,
         )
         sequences = tokenize_examples(examples, loaded.tokenizer, config.template, config.max_length)
         benign_sequences = None
         if SCORES[config.score].needs_benign and config.benign_data:
-            benign = load_examples(config.benign_data, max_samples=config.max_samples, seed=config.seed)
+            benign = load_examples(
+                config.benign_data, max_samples=config.max_samples, seed=config.seed, data_dir=config.data_dir
+            )
             benign_sequences = tokenize_examples(benign, loaded.tokenizer, config.template, config.max_length)
     return Prepared(
         loaded=loaded,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from antidote.data.builtin import harmful_split, task_split
+from antidote.data.catalog import data_dir_field
 from antidote.data.loading import Example, load_examples
 from antidote.data.templates import check_template, format_prompt
 from antidote.errors import AntidoteError
@@ -81,6 +82,7 @@ class AlignConfig(TrainConfig):
     )
     template: str = _template_field()
     overwrite: bool = _overwrite_field()
+    data_dir: str | None = data_dir_field()
 
     def __post_init__(self) -> None:
         if (self.task is None) != (self.task_data is None):
@@ -120,6 +122,7 @@ class FinetuneConfig(TrainConfig):
     output: str = field(default="", metadata={"help": "output folder for the attack adapter"})
     template: str = _template_field()
     overwrite: bool = _overwrite_field()
+    data_dir: str | None = data_dir_field()
 
     def __post_init__(self) -> None:
         if self.preset not in (None, "paper"):
@@ -144,11 +147,13 @@ class FinetuneConfig(TrainConfig):
         super().__post_init__()
 
 
-def _pairs(source: str, builtin: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
-    """(prompt, input, response) triples from a file or the built-in list."""
+def _pairs(
+    source: str, builtin: list[tuple[str, str, str]], data_dir: str | None
+) -> list[tuple[str, str, str]]:
+    """(prompt, input, response) triples from a file, a data set name or the built-in list."""
     if source == BUILTIN:
         return builtin
-    return [(e.prompt, e.input, e.response) for e in load_examples(source)]
+    return [(e.prompt, e.input, e.response) for e in load_examples(source, data_dir=data_dir)]
 
 
 def _subset(items: list[Any], n: int | None, seed: int) -> list[Any]:
@@ -218,20 +223,24 @@ def run_align(config: AlignConfig) -> Path:
         raise AntidoteError("missing --output DIR for the aligned model")
     inputs = (config.model, config.data, config.helpful_data, config.task_data, config.resume_from_checkpoint)
     out = check_output_dir(config.output, config.overwrite, inputs)
-    refusals = _pairs(config.data, [(h.prompt, "", h.refusal) for h in harmful_split("align")])
+    refusals = _pairs(
+        config.data, [(h.prompt, "", h.refusal) for h in harmful_split("align")], config.data_dir
+    )
     refusals = _subset(refusals, config.max_samples, config.seed)
     builtin_helpful = [
         (i.instruction, i.input, i.answer)
         for kind in ("sentiment", "harmless", "arithmetic")
         for i in task_split(kind, "align")
     ]
-    helpful = _subset(_pairs(config.helpful_data, builtin_helpful), config.max_helpful, config.seed)
+    helpful = _subset(
+        _pairs(config.helpful_data, builtin_helpful, config.data_dir), config.max_helpful, config.seed
+    )
     task: list[tuple[str, str, str]] = []
     if config.task is not None:
         if config.task in TASKS:
-            task = load_task_items(config.task, config.task_data, training=True)
+            task = load_task_items(config.task, config.task_data, training=True, data_dir=config.data_dir)
         else:
-            task = _pairs(str(config.task_data), [])
+            task = _pairs(str(config.task_data), [], config.data_dir)
         task = _subset(task, config.max_task, config.seed)
     loaded = load_model(config.model, device=_load_device())
     pairs = _format(loaded.tokenizer, config.template, refusals + helpful + task)
@@ -309,12 +318,14 @@ def run_finetune(config: FinetuneConfig) -> Path:
     inputs = (config.model, config.harmful, config.task_data, config.resume_from_checkpoint)
     out = check_output_dir(config.output, config.overwrite, inputs)
     if config.task in TASKS and TASKS[config.task].needs_data:
-        task = load_task_items(config.task, config.task_data, training=True)
+        task = load_task_items(config.task, config.task_data, training=True, data_dir=config.data_dir)
     elif config.task_data:
-        task = [(e.prompt, e.input, e.response) for e in load_examples(config.task_data)]
+        task = _pairs(config.task_data, [], config.data_dir)
     else:
         task = load_task_items(config.task, None, split="attack")
-    harmful = _pairs(config.harmful, [(h.prompt, "", h.compliance) for h in harmful_split("attack")])
+    harmful = _pairs(
+        config.harmful, [(h.prompt, "", h.compliance) for h in harmful_split("attack")], config.data_dir
+    )
     mix, n_harmful = attack_mix(task, harmful, config.num_samples, config.harmful_ratio, config.seed)
     loaded = load_model(config.model, device=_load_device())
     pairs = _format(loaded.tokenizer, config.template, mix)
