@@ -163,6 +163,7 @@ def test_finetune_adapter_names_the_model_it_was_trained_on(tiny, tmp_path, monk
     # Training wrote no checkpoints and nothing beside the output folder.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["attack"]
     assert sorted(p.name for p in attack.iterdir()) == [
+        ".antidote-output.json",  # the marker that lets --overwrite replace it later
         "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
