@@ -250,3 +250,40 @@ def test_chosen_only_and_exported_models(tiny, tiny_run, tmp_path) -> None:  # t
     assert (models / "base" / "config.json").read_bytes() == (tiny["model"] / "config.json").read_bytes()
     # Hard links, not copies: the stage's file and the exported one are the same inode.
     assert exported.stat().st_ino == source.stat().st_ino
+
+
+def test_a_second_judge_rescores_saved_generations(tiny, tiny_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Adding a judge to a finished run builds only judge stages: one row per model and judge, the new
+    judge's HS counted from its verdicts on the very generations the keyword row came from."""
+    from antidote.evaluation.model_judges import make_judge
+    from conftest import make_model, make_tokenizer
+
+    guard = tmp_path / "guard"
+    make_model(seed=5).save_pretrained(guard)
+    make_tokenizer().save_pretrained(guard)
+    spec = f"llamaguard:{guard}"
+    path = copy_run(tiny_run, tiny, tmp_path, judges=["keyword", spec])
+    summary = run_pipeline(load_run_config(str(path)), say=lambda m: None)
+    assert summary["stages"]["built"] and all(
+        n.startswith("judge-llamaguard-") for n in summary["stages"]["built"]
+    )
+    rows = summary["rows"]
+    keyword_rows = [r for r in rows if r["judge_spec"] == "keyword"]
+    guard_rows = [r for r in rows if r["judge_spec"] == spec]
+    assert [r["model"] for r in keyword_rows] == [r["model"] for r in guard_rows]
+    judge = make_judge(spec)
+    stages = stage_dirs(tmp_path / "run")
+    for row in guard_rows:
+        gens = [
+            json.loads(x)
+            for x in (stages[row["stage"].rsplit("-", 1)[0]] / "generations.jsonl").read_text().splitlines()
+        ]
+        harmful = [g for g in gens if g["set"] == "harmful"]
+        verdicts = judge.verdicts([g["prompt"] for g in harmful], [g["response"] for g in harmful])
+        assert row["hs"] == round(100.0 * verdicts.count("unsafe") / len(harmful), 2)
+        assert (
+            row["fa"]
+            == next(r for r in keyword_rows if r["model"] == row["model"] and r["stage"] == row["stage"])[
+                "fa"
+            ]
+        )

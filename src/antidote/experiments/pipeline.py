@@ -16,6 +16,7 @@ changed. `antidote demo` is this pipeline on a config shipped in the package (`e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -379,15 +380,29 @@ class _Run:
         return next(r for r in self.evaluate("validate", model) if r["judge_spec"] == judge)
 
     def evaluate(self, section: str, m: _Model) -> list[dict[str, Any]]:
+        """One row per judge. Generation is its own stage (scored by the keyword judge as it goes); each
+        other judge is a stage of its own over the saved generations: adding a judge regenerates nothing."""
         ev_cfg = _stage_config(self.config, section, model=m.model, adapter=m.adapter, output="")
-        upstream = {"made_by": m.made_by, "judges": self.config.judges}
-        folder, _ = self.stage(
-            f"{section}-{m.name}",
-            ev_cfg,
-            upstream,
-            lambda out: _evaluate_stage(out, ev_cfg, self.config.judges, self.judges),
+        folder, key = self.stage(
+            f"{section}-{m.name}", ev_cfg, {"made_by": m.made_by}, lambda out: _generate_stage(out, ev_cfg)
         )
-        rows = json.loads((folder / "judged.json").read_text())
+        generated = json.loads((folder / "results.json").read_text())
+        for private in ("config", "antidote"):
+            generated.pop(private, None)
+        rows = []
+        for spec in self.config.judges:
+            row = {**generated, "judge_spec": spec, "judge_stage": folder.name}
+            if spec != "keyword":
+                kind, path = parse_judge_spec(spec)
+                judge_folder, _ = self.stage(
+                    f"judge-{kind}-{section}-{m.name}",
+                    {"judge": spec, "judge_path": path},
+                    key,
+                    functools.partial(_judge_stage, generated=folder, spec=spec, judges=self.judges),
+                )
+                row = {**generated, **json.loads((judge_folder / "judged.json").read_text())}
+                row["judge_spec"], row["judge_stage"] = spec, judge_folder.name
+            rows.append(row)
         seconds = self.cache.seconds.get(folder.name)
         return [
             {**r, "model": m.name, "model_path": r["model"], "seconds": seconds, "stage": folder.name}
@@ -448,8 +463,8 @@ def _link_tree(source: Path, target: Path) -> None:
 
 
 def _settings(stage_config: Any) -> Any:
-    if stage_config is None:
-        return None
+    if stage_config is None or isinstance(stage_config, dict):
+        return stage_config
     out = asdict(stage_config)
     for name in ("output", "overwrite"):
         out.pop(name, None)
@@ -475,23 +490,26 @@ class _Judges:
         return self.loaded[spec]
 
 
-def _evaluate_stage(out: Path, config: EvaluateConfig, specs: list[str], judges: _Judges) -> None:
-    """Generate once into `out`; the first judge scores during `run_evaluate`, the others re-judge."""
-    from antidote.evaluation.judges import harmful_score
+def _generate_stage(out: Path, config: EvaluateConfig) -> None:
+    """Generate into `out` (results.json, generations.jsonl), scored by the keyword judge as it goes."""
+    from antidote.evaluation.judges import KeywordJudge
     from antidote.evaluation.run import run_evaluate
 
     out.mkdir()
-    first = run_evaluate(replace(config, output=str(out / "results.json")), judge=judges[specs[0]])
-    first.pop("config", None)
-    rows = [{**first, "judge_spec": specs[0]}]
-    records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    run_evaluate(replace(config, output=str(out / "results.json")), judge=KeywordJudge())
+
+
+def _judge_stage(out: Path, generated: Path, spec: str, judges: _Judges) -> None:
+    """Score an evaluation stage's saved harmful-prompt generations with one more judge."""
+    from antidote.evaluation.judges import harmful_score
+
+    records = [json.loads(line) for line in (generated / "generations.jsonl").read_text().splitlines()]
     harmful = [g for g in records if g["set"] == "harmful"]
-    for spec in specs[1:]:
-        judge = judges[spec]
-        verdicts = judge.verdicts([g["prompt"] for g in harmful], [g["response"] for g in harmful])
-        score = harmful_score(verdicts, judge.name)
-        unparsed = round(100.0 * verdicts.count("unparsed") / len(verdicts), 2)
-        rows.append({**first, "hs": score.hs, "judge": judge.name, "judge_spec": spec, "unparsed": unparsed})
-        kind = parse_judge_spec(spec)[0]
-        (out / f"verdicts-{kind}.json").write_text(json.dumps(verdicts) + "\n")
-    (out / "judged.json").write_text(json.dumps(rows, indent=2) + "\n")
+    judge = judges[spec]
+    verdicts = judge.verdicts([g["prompt"] for g in harmful], [g["response"] for g in harmful])
+    score = harmful_score(verdicts, judge.name)
+    unparsed = round(100.0 * verdicts.count("unparsed") / max(len(verdicts), 1), 2)
+    out.mkdir()
+    (out / "verdicts.json").write_text(json.dumps(verdicts) + "\n")
+    row = {"hs": score.hs, "judge": judge.name, "unparsed": unparsed}
+    (out / "judged.json").write_text(json.dumps(row, indent=2) + "\n")
