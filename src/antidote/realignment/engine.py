@@ -7,11 +7,14 @@ time) -> save -> `restore`. The steps compose for power users: `load_model` -> `
 
 Public entry points: `realign()` (one ratio, returns the model and its masks), `realign_sweep()` (one
 output per ratio from one calibration pass) and `run_realign()` (a whole config: the CLI, the pipeline).
+With `sequential`, `run_realign` and `realign_sweep` stream the model block by block from disk
+(`sequential.py`); launched with several processes, calibration is data-parallel (`distributed.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,8 +30,14 @@ from antidote.errors import AntidoteError
 from antidote.memory import peak_memory
 from antidote.models import LoadedModel, load_model
 from antidote.outputs import atomic_output_dir, check_output_dir
-from antidote.realignment.calibrate import Statistics, collect_statistics, resolve_compute_dtype
+from antidote.realignment.calibrate import (
+    Parallel,
+    Statistics,
+    collect_statistics,
+    resolve_compute_dtype,
+)
 from antidote.realignment.config import RealignConfig
+from antidote.realignment.distributed import data_parallel
 from antidote.realignment.maskfile import PackedMask
 from antidote.realignment.reference import reference_weights
 from antidote.realignment.save import (
@@ -66,7 +75,8 @@ class RealignResult:
 class SweepResult:
     """What a run over one or more mask ratios produced: one report per ratio, in order (what each
     `realign_report.json` holds), and the output folder (None when nothing was written). With several
-    ratios, each ratio's output is in `output/alpha-<ratio>/`; `folders` lists them."""
+    ratios, each ratio's output is in `output/alpha-<ratio>/`; `folders` lists them. Under a
+    multi-process launch, only rank 0's result has reports; the others' is empty."""
 
     reports: list[dict[str, Any]]
     output: Path | None = None
@@ -171,10 +181,12 @@ def target_scores(
     benign: Statistics | None = None,
     reference: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
+    first_index: int = 0,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, scores (out, in) float32 on the weight's device) per target, computed on the fly.
 
-    With `reference`, scores use the fine-tuning change W - W_ref in place of W.
+    With `reference`, scores use the fine-tuning change W - W_ref in place of W. `first_index`: the
+    position of the first of `targets` among all the model's targets (seeds random scores).
     """
     spec = _lookup(SCORES, score, "--score")
     if spec.needs_benign and benign is None:
@@ -187,7 +199,7 @@ def target_scores(
             weight=weight,
             sq_sum=stats.sq_sums.get(name),
             benign_sq_sum=benign.sq_sums[name] if benign is not None else None,
-            seed=tensor_seed(seed, i),
+            seed=tensor_seed(seed, first_index + i),
         )
         yield name, spec.score(inputs)
 
@@ -202,13 +214,23 @@ def iter_masks(
     benign: Statistics | None = None,
     reference: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
+    first_index: int = 0,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (module name, bool mask (out, in) on the weight's device), one target at a time, True for
-    the top-`ratio` scores. Only one tensor of scores exists at a time."""
+    the top-`ratio` scores. Only one tensor of scores exists at a time. `first_index` as for
+    `target_scores` (a subset of the targets, e.g. one decoder block's)."""
     plan = _lookup(GRANULARITIES, granularity, "--granularity").plan
 
     def scores() -> Iterator[tuple[str, torch.Tensor]]:
-        return target_scores(targets, stats, score=score, benign=benign, reference=reference, seed=seed)
+        return target_scores(
+            targets,
+            stats,
+            score=score,
+            benign=benign,
+            reference=reference,
+            seed=seed,
+            first_index=first_index,
+        )
 
     sizes = [m.weight.numel() for m in targets.values()]
     take = plan(lambda: (s for _, s in scores()), sizes, ratio)
@@ -284,26 +306,8 @@ def prepare(
             reference = reference_weights(
                 config.reference, targets, dtype=config.dtype, trust_remote_code=config.trust_remote_code
             )
-    if not SCORES[config.score].needs_data:  # a data-free score: no calibration data at all
-        return Prepared(
-            loaded=loaded,
-            targets=targets,
-            saved_names={name: saved_name(name, loaded.adapter_name) for name in targets},
-            sequences=[],
-            reference=reference,
-        )
     with timer.phase("data"):
-        examples = load_examples(
-            config.data if records is None else records,
-            filters=config.filters,
-            max_samples=config.max_samples,
-            seed=config.seed,
-        )
-        sequences = tokenize_examples(examples, loaded.tokenizer, config.template, config.max_length)
-        benign_sequences = None
-        if SCORES[config.score].needs_benign and config.benign_data:
-            benign = load_examples(config.benign_data, max_samples=config.max_samples, seed=config.seed)
-            benign_sequences = tokenize_examples(benign, loaded.tokenizer, config.template, config.max_length)
+        sequences, benign_sequences = load_sequences(config, loaded.tokenizer, records)
     return Prepared(
         loaded=loaded,
         targets=targets,
@@ -314,8 +318,35 @@ def prepare(
     )
 
 
-def calibrate(config: RealignConfig, prepared: Prepared, timer: _Timer | None = None) -> Calibration:
-    """One forward pass over the harmful data (and one over the benign data, if the score needs it)."""
+def load_sequences(
+    config: RealignConfig, tokenizer: Any, records: Records | None = None
+) -> tuple[list[list[int]], list[list[int]] | None]:
+    """Token ids of the harmful data and of the benign data (None unless the score needs it); no data
+    at all for a data-free score."""
+    if not SCORES[config.score].needs_data:
+        return [], None
+    examples = load_examples(
+        config.data if records is None else records,
+        filters=config.filters,
+        max_samples=config.max_samples,
+        seed=config.seed,
+    )
+    sequences = tokenize_examples(examples, tokenizer, config.template, config.max_length)
+    benign_sequences = None
+    if SCORES[config.score].needs_benign and config.benign_data:
+        benign = load_examples(config.benign_data, max_samples=config.max_samples, seed=config.seed)
+        benign_sequences = tokenize_examples(benign, tokenizer, config.template, config.max_length)
+    return sequences, benign_sequences
+
+
+def calibrate(
+    config: RealignConfig,
+    prepared: Prepared,
+    timer: _Timer | None = None,
+    parallel: Parallel | None = None,
+) -> Calibration:
+    """One forward pass over the harmful data (and one over the benign data, if the score needs it).
+    With `parallel`, each process runs its share and all get the same statistics."""
     timer = timer or _Timer()
     model = prepared.loaded.model
     pad_id = prepared.loaded.tokenizer.pad_token_id or 0
@@ -331,6 +362,7 @@ def calibrate(config: RealignConfig, prepared: Prepared, timer: _Timer | None = 
             pad_id=pad_id,
             compute_dtype=compute_dtype,
             desc=desc,
+            parallel=parallel,
         )
         check_finite_statistics(stats)
         return stats
@@ -384,15 +416,38 @@ class _Run:
     output: Path | None
 
 
+def checked_output(config: RealignConfig) -> Path | None:
+    """The output folder, refused before any work if it cannot be written; None without --output."""
+    if not config.output:
+        return None
+    inputs = tuple(p for p in (config.model, config.adapter, config.data, config.reference) if p)
+    return check_output_dir(config.output, config.overwrite, inputs)
+
+
 def _run(config: RealignConfig, model: LoadedModel | None, records: Records | None, last: Then) -> _Run:
-    """prepare -> calibrate -> for each ratio: prune, save, then restore (`last` for the last ratio)."""
-    out = None
-    if config.output:  # refuse a bad output folder before any work
-        inputs = tuple(p for p in (config.model, config.adapter, config.data, config.reference) if p)
-        out = check_output_dir(config.output, config.overwrite, inputs)
-    timer = _Timer()
-    prepared = prepare(config, model, records, timer)
-    calibration = calibrate(config, prepared, timer)
+    """prepare -> calibrate -> for each ratio: prune, save, then restore (`last` for the last ratio).
+    Under a multi-process launch, every process calibrates its share; rank 0 alone goes on."""
+    with data_parallel() as parallel:
+        if parallel is not None:
+            config = dataclasses.replace(config, device=parallel.device(config.device))
+        leader = parallel is None or parallel.leader
+        out = checked_output(config) if leader else None
+        timer = _Timer()
+        prepared = prepare(config, model, records, timer)
+        calibration = calibrate(config, prepared, timer, parallel)
+        if not leader:
+            return _Run(prepared, [], Pruned(0.0, {}), None)
+        return _prune_and_save(config, prepared, calibration, out, timer, last)
+
+
+def _prune_and_save(
+    config: RealignConfig,
+    prepared: Prepared,
+    calibration: Calibration,
+    out: Path | None,
+    timer: _Timer,
+    last: Then,
+) -> _Run:
     ratios = config.mask_ratios
     reports = []
     with atomic_output_dir(out, config.overwrite) if out else contextlib.nullcontext() as tmp:
@@ -439,7 +494,10 @@ def run_realign(
 ) -> SweepResult:
     """Run a whole config (the CLI and the pipeline): one calibration pass, then one output per mask
     ratio (`output/alpha-<ratio>/` when there are several). A model passed in is used up: it ends
-    pruned at the last ratio, or merged into its base model with `merge`."""
+    pruned at the last ratio, or merged into its base model with `merge`. With `config.sequential`,
+    the model is streamed from disk block by block and `model` must be None."""
+    if config.sequential:
+        return _sequential(config, model, records)
     run = _run(config, model, records, last="discard")
     return SweepResult(run.reports, run.output)
 
@@ -455,6 +513,11 @@ def realign(
     Returns the realigned model (in memory, and in `output` when given), its masks and report.
     """
     loaded, records, config = _config(model, data, (mask_ratio,), options)
+    if config.sequential:
+        raise AntidoteError(
+            "realign() returns the model in memory, which sequential=True never holds; use "
+            "realign_sweep(..., sequential=True, output=DIR) or run_realign"
+        )
     run = _run(config, loaded, records, last="keep")
     masks = {run.prepared.saved_names[name]: m.unpack() for name, m in run.last.masks.items()}
     model_out = run.prepared.loaded
@@ -472,8 +535,21 @@ def realign_sweep(
     the masks are on disk, not kept in memory. The in-memory model is left as it was (merges are made
     on copies)."""
     loaded, records, config = _config(model, data, tuple(mask_ratios), options)
+    if config.sequential:
+        return _sequential(config, loaded, records)
     run = _run(config, loaded, records, last="restore")
     return SweepResult(run.reports, run.output)
+
+
+def _sequential(config: RealignConfig, model: LoadedModel | None, records: Records | None) -> SweepResult:
+    if model is not None:
+        raise AntidoteError(
+            "sequential realignment reads the model from disk block by block; pass its folder "
+            "or name, not a loaded model"
+        )
+    from antidote.realignment.sequential import run_sequential
+
+    return run_sequential(config, records)
 
 
 def _config(
