@@ -30,8 +30,11 @@ not safetensors or names its tensors differently from the model's modules.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import logging
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,11 +242,16 @@ def load_block(skeleton: Skeleton, index: int, device: str) -> nn.Module:
 
 
 def free_block(block: nn.Module) -> None:
-    """Back to the meta device: the block's weights are released."""
+    """Back to the meta device: the block's weights are released, and the C allocator gives the freed
+    memory back to the system (glibc keeps freed blocks in its heap otherwise: measured, bf16 autocast
+    made the resident size grow by ~0.6 of each block's size, block after block)."""
     from accelerate.utils import set_module_tensor_to_device
 
     for name, _ in list(block.named_parameters()):
         set_module_tensor_to_device(block, name, "meta")
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
 
 # ---- recording what the decoder passes each block --------------------------------------------------------
@@ -359,14 +367,16 @@ class Stream:
         device: torch.device,
         autocast: Callable[[], Any],
     ) -> None:
-        """Every batch through block `index`; its outputs become the next block's inputs."""
-        for b, batch in enumerate(self.batches):
-            call = self.calls[b][index]
-            assert call is not None, "each block runs once"
-            with collector.batch(self.sequences, batch), autocast():
-                out = call_block(block, self.hidden[b].to(device), call, device)
-            self.hidden[b] = out.to(STORE)
-            self.calls[b][index] = None
+        """Every batch through block `index`; its outputs become the next block's inputs. One autocast
+        context for all batches: the block's weights are cast once (and the cast copies dropped after)."""
+        with autocast():
+            for b, batch in enumerate(self.batches):
+                call = self.calls[b][index]
+                assert call is not None, "each block runs once"
+                with collector.batch(self.sequences, batch):
+                    out = call_block(block, self.hidden[b].to(device), call, device)
+                self.hidden[b] = out.to(STORE)
+                self.calls[b][index] = None
 
 
 def block_outputs(
