@@ -82,9 +82,8 @@ def both_ways(folder: Path, out: Path, data: Path, **options: Any) -> tuple[Path
             model=str(folder),
             data=str(data),
             output=str(out / ("sequential" if streamed else "memory")),
-            compute_dtype="float32",
             sequential=streamed,
-            **{"batch_size": 3, **options},
+            **{"batch_size": 3, "compute_dtype": "float32", **options},
         )
         run_realign(config)
         outputs.append(Path(config.output or ""))
@@ -166,8 +165,9 @@ def test_same_masks_weights_and_files_as_in_memory(arch: str, tmp_path: Path, da
         {"score": "random", "seed": 3},
         {"score": "magnitude", "targets": r"mlp\.(up|down)_proj"},
         {"action": "revert"},
+        {"compute_dtype": "bfloat16"},
     ],
-    ids=["contrast-layer", "random", "magnitude-targets", "revert"],
+    ids=["contrast-layer", "random", "magnitude-targets", "revert", "bf16-autocast"],
 )
 def test_same_masks_for_other_scores_and_actions(tmp_path: Path, data, options: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
     folder = save(make_arch("llama"), tmp_path / "model")
