@@ -343,7 +343,6 @@ class Stream:
     batches: list[Batch]
     hidden: list[torch.Tensor] = field(default_factory=list)
     calls: list[list[BlockCall | None]] = field(default_factory=list)
-    tokens: int = 0
 
     def record(
         self, skeleton: Skeleton, pad_id: int, device: torch.device, autocast: Callable[[], Any]
