@@ -6,6 +6,8 @@
   of chunks, so that data-parallel runs give the same bits);
 - `targets.py`: which Linear layers are pruned;
 - `config.py`: `RealignConfig`, one dataclass for the Python API, YAML and the CLI;
+- `steps.py`: what both engines share: score -> select -> apply/restore one tensor at a time, checks,
+  calibration data, output check, timer, `SweepResult`;
 - `engine.py`: prepare -> calibrate -> for each ratio: mask, apply, save, restore;
 - `reference.py`: the aligned model's weights for `--action revert`;
 - `save.py`, `maskfile.py`: what is written (model or adapter, mask file, report, model card);

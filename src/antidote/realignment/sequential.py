@@ -61,18 +61,6 @@ from antidote.realignment.calibrate import (
 )
 from antidote.realignment.config import RealignConfig
 from antidote.realignment.distributed import data_parallel
-from antidote.realignment.engine import (
-    Records,
-    SweepResult,
-    _Timer,
-    apply_masks,
-    check_finite_statistics,
-    check_finite_weights,
-    checked_output,
-    iter_masks,
-    load_sequences,
-    restore_masks,
-)
 from antidote.realignment.maskfile import MaskFileWriter, PackedMask
 from antidote.realignment.save import (
     CARD_FILE,
@@ -84,6 +72,18 @@ from antidote.realignment.save import (
     write_sweep_report,
 )
 from antidote.realignment.shards import Checkpoint, CheckpointWriter
+from antidote.realignment.steps import (
+    Records,
+    SweepResult,
+    Timer,
+    apply_masks,
+    check_finite_statistics,
+    check_finite_weights,
+    checked_output,
+    iter_masks,
+    load_sequences,
+    restore_masks,
+)
 from antidote.realignment.targets import find_targets, saved_name
 
 log = logging.getLogger(__name__)
@@ -505,7 +505,7 @@ def _stream(
     tmp: Path | None,
 ) -> list[dict[str, Any]]:
     """The run itself; `tmp`: the folder to write (None on ranks other than 0)."""
-    timer = _Timer()
+    timer = Timer()
     with timer.phase("load"):
         skeleton = build_skeleton(config)
         device = (
@@ -592,7 +592,7 @@ class Scored:
 
 
 def _prune_block(
-    config: RealignConfig, block: nn.Module, prefix: str, scored: Scored, output: _Output, timer: _Timer
+    config: RealignConfig, block: nn.Module, prefix: str, scored: Scored, output: _Output, timer: Timer
 ) -> None:
     """Select and apply one ratio's masks in one block, write the block, then restore its weights."""
     masks: dict[str, PackedMask] = {}
@@ -627,7 +627,7 @@ def _finish(
     skeleton: Skeleton,
     outputs: list[_Output],
     stats: Statistics,
-    timer: _Timer,
+    timer: Timer,
 ) -> list[dict[str, Any]]:
     """Copy the rest, write config, tokenizer, reports and cards; return the reports."""
     loaded = LoadedModel(skeleton.model, skeleton.tokenizer, source=config.model, folder=skeleton.folder)
