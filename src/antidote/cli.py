@@ -115,6 +115,8 @@ def cmd_realign(args: argparse.Namespace) -> int:
     from antidote.realignment.engine import run_realign
 
     result = run_realign(config)
+    if not result.reports:  # a rank other than 0 under torchrun: rank 0 writes and reports
+        return 0
     for report, folder in zip(result.reports, result.folders, strict=True):
         t = report["pruned_total"]
         print(

@@ -1,13 +1,28 @@
-"""Batched greedy generation with left padding, returning texts in the order of the prompts."""
+"""Batched greedy generation with left padding, returning texts in the order of the prompts.
+
+Two engines: transformers' `generate` (the default) and vLLM (`--backend vllm`, CUDA): `load_vllm`
+returns a `VllmModel` that stands in for the model, and `generate` hands it the same token ids (the
+same tokenizer call) and decodes its tokens the same way, so greedy outputs match the HF path up to
+the kernels' arithmetic. vLLM is imported only when asked for.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from antidote.errors import AntidoteError
+
+log = logging.getLogger(__name__)
+BACKENDS = ("hf", "vllm")
+VLLM_GPU_MEMORY = 0.6  # share of the GPU vLLM reserves: room is left for a judge model beside it
 
 
 @torch.inference_mode()
@@ -24,11 +39,14 @@ def generate(
     """Greedy continuations of `prompts` (already formatted), decoded without special tokens.
 
     Prompts are length-sorted into batches and left-padded, so every row's last prompt token sits at the
-    end and generation starts at the same step for all rows.
+    end and generation starts at the same step for all rows. A `VllmModel` generates with vLLM instead
+    (it batches by itself; `batch_size` does not apply).
     """
     if not prompts:
         return []
     encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
+    if isinstance(model, VllmModel):
+        return model.generate_ids(tokenizer, encoded, max_new_tokens=max_new_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = model.get_input_embeddings().weight.device  # type: ignore[operator]
     order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
@@ -55,3 +73,54 @@ def generate(
             outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
     model.train(was_training)
     return outputs
+
+
+class VllmModel(nn.Module):
+    """A vLLM engine standing in for the model: `generate` sends it token ids instead of running
+    `model.generate`. It has no parameters; the engine holds the weights on the GPU."""
+
+    def __init__(self, folder: str, *, adapter: str | None = None, dtype: str = "auto") -> None:
+        super().__init__()
+        try:
+            import vllm
+        except ImportError as err:
+            raise AntidoteError(
+                "--backend vllm needs vLLM (pip install vllm, on a CUDA machine); or use --backend hf"
+            ) from err
+        options: dict[str, Any] = {}
+        self.lora = None
+        if adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            rank = int(json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 16))
+            options = {"enable_lora": True, "max_lora_rank": max(rank, 8), "max_loras": 1}
+            self.lora = LoRARequest("adapter", 1, str(adapter))
+        log.info("starting vLLM on %s%s", folder, f" with adapter {adapter}" if adapter else "")
+        self.engine = vllm.LLM(
+            model=folder, dtype=dtype, seed=0, gpu_memory_utilization=VLLM_GPU_MEMORY, **options
+        )
+
+    def generate_ids(
+        self, tokenizer: Any, encoded: Sequence[Sequence[int]], *, max_new_tokens: int
+    ) -> list[str]:
+        """Greedy continuations of already tokenized prompts, decoded as the HF path decodes them."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in encoded]
+        results = self.engine.generate(prompts, params, lora_request=self.lora, use_tqdm=False)
+        return [tokenizer.decode(r.outputs[0].token_ids, skip_special_tokens=True) for r in results]
+
+
+def load_vllm(spec: str, *, adapter: str | None = None, dtype: str = "auto") -> Any:
+    """`load_model`'s counterpart for `--backend vllm`: a LoadedModel whose model is a `VllmModel`."""
+    from transformers import AutoTokenizer
+
+    from antidote.models import LoadedModel
+    from antidote.models.loading import resolve_model_folder
+
+    folder = resolve_model_folder(spec)
+    model = VllmModel(folder, adapter=adapter, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=spec, folder=folder, adapter=adapter)

@@ -70,11 +70,17 @@ class EvaluateConfig:
     )
     max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per harmful/harmless prompt"})
     batch_size: int = field(default=16, metadata={"help": "generation batch size"})
+    backend: str = field(
+        default="hf",
+        metadata={"help": "generation engine: hf (transformers generate) or vllm (vLLM, CUDA, if installed)"},
+    )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing results file"})
     data_dir: str | None = data_dir_field()
 
     def __post_init__(self) -> None:
         parse_judge_spec(self.judge)
+        if self.backend not in ("hf", "vllm"):
+            raise AntidoteError(f"unknown --backend {self.backend!r}; choose one of hf, vllm")
         if get_task(self.task).needs_data and not self.task_data:
             raise AntidoteError(
                 f"--task {self.task} needs --task-data FILE or NAME:SPLIT "
@@ -101,6 +107,7 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
 
     judge: an already loaded judge (the pipeline shares one over many models); default: config.judge."""
     from antidote.evaluation.evaluate import evaluate_model
+    from antidote.evaluation.generation import load_vllm
     from antidote.evaluation.model_judges import make_judge
     from antidote.models import check_finite_parameters, load_model
 
@@ -125,10 +132,12 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
     harmless = harmless[: config.max_harmless]
     template = saved_template(config.adapter, config.model) if config.template == "auto" else config.template
     judge = judge or make_judge(config.judge)  # before generating: a missing judge fails fast
-    loaded = load_model(config.model, adapter=config.adapter)
-    check_finite_parameters(
-        loaded.model, f"model {config.model}" + (f" with {config.adapter}" if config.adapter else "")
-    )
+    load = load_model if config.backend == "hf" else load_vllm  # vLLM only when asked for
+    loaded = load(config.model, adapter=config.adapter)
+    if config.backend == "hf":
+        check_finite_parameters(
+            loaded.model, f"model {config.model}" + (f" with {config.adapter}" if config.adapter else "")
+        )
     result, records = evaluate_model(
         loaded.model,
         loaded.tokenizer,

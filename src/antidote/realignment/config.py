@@ -124,6 +124,14 @@ class RealignConfig:
     device: str = field(
         default="auto", metadata={"help": "auto (GPUs with device_map=auto, else CPU), cpu, cuda, cuda:1 ..."}
     )
+    sequential: bool = field(
+        default=False,
+        metadata={
+            "help": "stream a full model (safetensors folder) one decoder block at a time: peak memory "
+            "is about one block plus the calibration activations, and the masks are those of the "
+            "in-memory run. Not with --adapter or --granularity global"
+        },
+    )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "allow the model's own Python code (only for models you trust)"}
     )
@@ -160,6 +168,13 @@ class RealignConfig:
             raise AntidoteError(f"--score {self.score} needs --benign-data FILE (benign prompt+answer pairs)")
         if self.merge and not self.adapter:
             raise AntidoteError("--merge only applies with --adapter; without it the output is a full model")
+        if self.sequential and self.adapter:
+            raise AntidoteError("--sequential works on full models; merge the adapter or drop --sequential")
+        if self.sequential and self.granularity == "global":
+            raise AntidoteError(
+                "--granularity global needs every score before any block is written; with "
+                "--sequential use row or layer, or drop --sequential"
+            )
         if self.batch_size is not None and self.batch_size < 1:
             raise AntidoteError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.max_length < 2:

@@ -7,28 +7,35 @@ time) -> save -> `restore`. The steps compose for power users: `load_model` -> `
 
 Public entry points: `realign()` (one ratio, returns the model and its masks), `realign_sweep()` (one
 output per ratio from one calibration pass) and `run_realign()` (a whole config: the CLI, the pipeline).
+With `sequential`, `run_realign` and `realign_sweep` stream the model block by block from disk
+(`sequential.py`); launched with several processes, calibration is data-parallel (`distributed.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from antidote.data import load_examples, tokenize_examples
 from antidote.errors import AntidoteError
 from antidote.memory import peak_memory
 from antidote.models import LoadedModel, load_model
-from antidote.outputs import atomic_output_dir, check_output_dir
-from antidote.realignment.calibrate import Statistics, collect_statistics, resolve_compute_dtype
+from antidote.outputs import atomic_output_dir
+from antidote.realignment.calibrate import (
+    Parallel,
+    Statistics,
+    collect_statistics,
+    resolve_compute_dtype,
+)
 from antidote.realignment.config import RealignConfig
+from antidote.realignment.distributed import data_parallel
 from antidote.realignment.maskfile import PackedMask
 from antidote.realignment.reference import reference_weights
 from antidote.realignment.save import (
@@ -38,12 +45,47 @@ from antidote.realignment.save import (
     write_report,
     write_sweep_report,
 )
-from antidote.realignment.scores import GRANULARITIES, SCORES, ScoreInputs, tensor_seed
+from antidote.realignment.scores import SCORES
+from antidote.realignment.steps import (
+    Records,
+    SweepResult,
+    Timer,
+    apply_masks,
+    check_finite_statistics,
+    check_finite_weights,
+    checked_output,
+    compute_masks,
+    iter_masks,
+    load_sequences,
+    restore_masks,
+    target_scores,
+)
 from antidote.realignment.targets import find_targets, saved_name
+
+__all__ = [  # the steps re-exported here keep `engine.compute_masks` etc. where users found them
+    "Calibration",
+    "Prepared",
+    "Pruned",
+    "RealignResult",
+    "SweepResult",
+    "apply_masks",
+    "calibrate",
+    "check_finite_statistics",
+    "check_finite_weights",
+    "compute_masks",
+    "iter_masks",
+    "prepare",
+    "prune",
+    "realign",
+    "realign_sweep",
+    "restore",
+    "restore_masks",
+    "run_realign",
+    "target_scores",
+]
 
 log = logging.getLogger(__name__)
 
-Records = Sequence[Mapping[str, Any]]
 # What happens to the in-memory model after a ratio's output is saved: its weights are restored (the
 # next ratio starts from the fine-tuned model), kept pruned (returned to the caller), or discarded
 # (nobody uses it again, so a merge may consume it instead of copying it).
@@ -60,24 +102,6 @@ class RealignResult:
     masks: dict[str, torch.Tensor]
     report: dict[str, Any]
     output: Path | None = None
-
-
-@dataclass
-class SweepResult:
-    """What a run over one or more mask ratios produced: one report per ratio, in order (what each
-    `realign_report.json` holds), and the output folder (None when nothing was written). With several
-    ratios, each ratio's output is in `output/alpha-<ratio>/`; `folders` lists them."""
-
-    reports: list[dict[str, Any]]
-    output: Path | None = None
-
-    @property
-    def folders(self) -> list[Path | None]:
-        if self.output is None:
-            return [None] * len(self.reports)
-        if len(self.reports) == 1:
-            return [self.output]
-        return [self.output / ratio_folder(r["mask_ratio"]) for r in self.reports]
 
 
 @dataclass
@@ -115,147 +139,6 @@ class Pruned:
     old: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class _Timer:
-    """Seconds spent per named phase, summed over repeats."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
-
-
-# ---- checks ------------------------------------------------------------------------------------------
-
-
-def check_finite_weights(targets: Mapping[str, nn.Linear]) -> None:
-    for name, module in targets.items():
-        if not torch.isfinite(module.weight).all():
-            raise AntidoteError(
-                f"weights of {name} contain NaN or inf; the model is corrupt or overflowed "
-                "its dtype: reload it with --dtype float32 or re-export it"
-            )
-
-
-def check_finite_statistics(stats: Statistics) -> None:
-    for name, s in stats.sq_sums.items():
-        if not torch.isfinite(s).all():
-            raise AntidoteError(
-                f"calibration statistics of {name} are NaN or inf (activations overflowed); "
-                "run with --dtype float32 or shorter --max-length"
-            )
-
-
-_Spec = TypeVar("_Spec")
-
-
-def _lookup(table: Mapping[str, _Spec], name: str, flag: str) -> _Spec:
-    if name not in table:
-        raise AntidoteError(f"unknown {flag} {name!r}; choose one of {', '.join(table)}")
-    return table[name]
-
-
-# ---- masks: scores -> selection -> apply / restore -------------------------------------------------
-
-
-def target_scores(
-    targets: Mapping[str, nn.Linear],
-    stats: Statistics,
-    *,
-    score: str = "wanda",
-    benign: Statistics | None = None,
-    reference: Mapping[str, torch.Tensor] | None = None,
-    seed: int = 0,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, scores (out, in) float32 on the weight's device) per target, computed on the fly.
-
-    With `reference`, scores use the fine-tuning change W - W_ref in place of W.
-    """
-    spec = _lookup(SCORES, score, "--score")
-    if spec.needs_benign and benign is None:
-        raise AntidoteError(f"--score {score} needs --benign-data FILE (benign prompt+answer pairs)")
-    for i, (name, module) in enumerate(targets.items()):
-        weight = module.weight.detach()
-        if reference is not None:
-            weight = weight.float() - reference[name].to(weight.device).float()
-        inputs = ScoreInputs(
-            weight=weight,
-            sq_sum=stats.sq_sums.get(name),
-            benign_sq_sum=benign.sq_sums[name] if benign is not None else None,
-            seed=tensor_seed(seed, i),
-        )
-        yield name, spec.score(inputs)
-
-
-def iter_masks(
-    targets: Mapping[str, nn.Linear],
-    stats: Statistics,
-    ratio: float,
-    *,
-    score: str = "wanda",
-    granularity: str = "row",
-    benign: Statistics | None = None,
-    reference: Mapping[str, torch.Tensor] | None = None,
-    seed: int = 0,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (module name, bool mask (out, in) on the weight's device), one target at a time, True for
-    the top-`ratio` scores. Only one tensor of scores exists at a time."""
-    plan = _lookup(GRANULARITIES, granularity, "--granularity").plan
-
-    def scores() -> Iterator[tuple[str, torch.Tensor]]:
-        return target_scores(targets, stats, score=score, benign=benign, reference=reference, seed=seed)
-
-    sizes = [m.weight.numel() for m in targets.values()]
-    take = plan(lambda: (s for _, s in scores()), sizes, ratio)
-    for i, (name, s) in enumerate(scores()):
-        yield name, take(i, s)
-
-
-def compute_masks(
-    targets: Mapping[str, nn.Linear], stats: Statistics, ratio: float, **options: Any
-) -> dict[str, torch.Tensor]:
-    """Module name -> bool mask (out, in) on the CPU; `options` as for `iter_masks`."""
-    return {name: mask.cpu() for name, mask in iter_masks(targets, stats, ratio, **options)}
-
-
-@torch.no_grad()
-def apply_masks(
-    targets: Mapping[str, nn.Linear],
-    masks: Mapping[str, torch.Tensor],
-    *,
-    reference: Mapping[str, torch.Tensor] | None = None,
-    keep_old: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Set masked weights to zero (or to `reference`), in place. With `keep_old`, returns the old values
-    of the masked entries per module (1-D), which `restore_masks` puts back; else an empty dict."""
-    saved = {}
-    for name, mask in masks.items():
-        weight = targets[name].weight
-        m = mask.to(weight.device)
-        if keep_old:
-            saved[name] = weight[m].clone()
-        if reference is None:
-            weight.masked_fill_(m, 0)
-        else:
-            weight[m] = reference[name].to(weight.device, weight.dtype)[m]
-    return saved
-
-
-@torch.no_grad()
-def restore_masks(
-    targets: Mapping[str, nn.Linear], masks: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]
-) -> None:
-    """Put back the values `apply_masks(..., keep_old=True)` returned."""
-    for name, mask in masks.items():
-        weight = targets[name].weight
-        weight[mask.to(weight.device)] = saved[name]
-
-
 # ---- the steps of a run --------------------------------------------------------------------------------
 
 
@@ -263,11 +146,11 @@ def prepare(
     config: RealignConfig,
     model: LoadedModel | None = None,
     records: Records | None = None,
-    timer: _Timer | None = None,
+    timer: Timer | None = None,
 ) -> Prepared:
     """Load and check everything before calibration: the model (unless given), the targets (a
     `--targets` pattern that matches no Linear layer stops here), the reference and the data."""
-    timer = timer or _Timer()
+    timer = timer or Timer()
     with timer.phase("load"):
         loaded = model or load_model(
             config.model,
@@ -284,29 +167,8 @@ def prepare(
             reference = reference_weights(
                 config.reference, targets, dtype=config.dtype, trust_remote_code=config.trust_remote_code
             )
-    if not SCORES[config.score].needs_data:  # a data-free score: no calibration data at all
-        return Prepared(
-            loaded=loaded,
-            targets=targets,
-            saved_names={name: saved_name(name, loaded.adapter_name) for name in targets},
-            sequences=[],
-            reference=reference,
-        )
     with timer.phase("data"):
-        examples = load_examples(
-            config.data if records is None else records,
-            filters=config.filters,
-            max_samples=config.max_samples,
-            seed=config.seed,
-            data_dir=config.data_dir,
-        )
-        sequences = tokenize_examples(examples, loaded.tokenizer, config.template, config.max_length)
-        benign_sequences = None
-        if SCORES[config.score].needs_benign and config.benign_data:
-            benign = load_examples(
-                config.benign_data, max_samples=config.max_samples, seed=config.seed, data_dir=config.data_dir
-            )
-            benign_sequences = tokenize_examples(benign, loaded.tokenizer, config.template, config.max_length)
+        sequences, benign_sequences = load_sequences(config, loaded.tokenizer, records)
     return Prepared(
         loaded=loaded,
         targets=targets,
@@ -317,9 +179,15 @@ def prepare(
     )
 
 
-def calibrate(config: RealignConfig, prepared: Prepared, timer: _Timer | None = None) -> Calibration:
-    """One forward pass over the harmful data (and one over the benign data, if the score needs it)."""
-    timer = timer or _Timer()
+def calibrate(
+    config: RealignConfig,
+    prepared: Prepared,
+    timer: Timer | None = None,
+    parallel: Parallel | None = None,
+) -> Calibration:
+    """One forward pass over the harmful data (and one over the benign data, if the score needs it).
+    With `parallel`, each process runs its share and all get the same statistics."""
+    timer = timer or Timer()
     model = prepared.loaded.model
     pad_id = prepared.loaded.tokenizer.pad_token_id or 0
     device = model.get_input_embeddings().weight.device  # type: ignore[operator]
@@ -334,6 +202,7 @@ def calibrate(config: RealignConfig, prepared: Prepared, timer: _Timer | None = 
             pad_id=pad_id,
             compute_dtype=compute_dtype,
             desc=desc,
+            parallel=parallel,
         )
         check_finite_statistics(stats)
         return stats
@@ -388,14 +257,29 @@ class _Run:
 
 
 def _run(config: RealignConfig, model: LoadedModel | None, records: Records | None, last: Then) -> _Run:
-    """prepare -> calibrate -> for each ratio: prune, save, then restore (`last` for the last ratio)."""
-    out = None
-    if config.output:  # refuse a bad output folder before any work
-        inputs = (config.model, config.adapter, config.data, config.reference, config.benign_data)
-        out = check_output_dir(config.output, config.overwrite, inputs)
-    timer = _Timer()
-    prepared = prepare(config, model, records, timer)
-    calibration = calibrate(config, prepared, timer)
+    """prepare -> calibrate -> for each ratio: prune, save, then restore (`last` for the last ratio).
+    Under a multi-process launch, every process calibrates its share; rank 0 alone goes on."""
+    with data_parallel() as parallel:
+        if parallel is not None:
+            config = dataclasses.replace(config, device=parallel.device(config.device))
+        leader = parallel is None or parallel.leader
+        out = checked_output(config) if leader else None
+        timer = Timer()
+        prepared = prepare(config, model, records, timer)
+        calibration = calibrate(config, prepared, timer, parallel)
+        if not leader:
+            return _Run(prepared, [], Pruned(0.0, {}), None)
+        return _prune_and_save(config, prepared, calibration, out, timer, last)
+
+
+def _prune_and_save(
+    config: RealignConfig,
+    prepared: Prepared,
+    calibration: Calibration,
+    out: Path | None,
+    timer: Timer,
+    last: Then,
+) -> _Run:
     ratios = config.mask_ratios
     reports = []
     writing = atomic_output_dir(out, config.overwrite, what="antidote realign") if out else None
@@ -443,7 +327,10 @@ def run_realign(
 ) -> SweepResult:
     """Run a whole config (the CLI and the pipeline): one calibration pass, then one output per mask
     ratio (`output/alpha-<ratio>/` when there are several). A model passed in is used up: it ends
-    pruned at the last ratio, or merged into its base model with `merge`."""
+    pruned at the last ratio, or merged into its base model with `merge`. With `config.sequential`,
+    the model is streamed from disk block by block and `model` must be None."""
+    if config.sequential:
+        return _sequential(config, model, records)
     run = _run(config, model, records, last="discard")
     return SweepResult(run.reports, run.output)
 
@@ -459,6 +346,11 @@ def realign(
     Returns the realigned model (in memory, and in `output` when given), its masks and report.
     """
     loaded, records, config = _config(model, data, (mask_ratio,), options)
+    if config.sequential:
+        raise AntidoteError(
+            "realign() returns the model in memory, which sequential=True never holds; use "
+            "realign_sweep(..., sequential=True, output=DIR) or run_realign"
+        )
     run = _run(config, loaded, records, last="keep")
     masks = {run.prepared.saved_names[name]: m.unpack() for name, m in run.last.masks.items()}
     model_out = run.prepared.loaded
@@ -476,8 +368,21 @@ def realign_sweep(
     the masks are on disk, not kept in memory. The in-memory model is left as it was (merges are made
     on copies)."""
     loaded, records, config = _config(model, data, tuple(mask_ratios), options)
+    if config.sequential:
+        return _sequential(config, loaded, records)
     run = _run(config, loaded, records, last="restore")
     return SweepResult(run.reports, run.output)
+
+
+def _sequential(config: RealignConfig, model: LoadedModel | None, records: Records | None) -> SweepResult:
+    if model is not None:
+        raise AntidoteError(
+            "sequential realignment reads the model from disk block by block; pass its folder "
+            "or name, not a loaded model"
+        )
+    from antidote.realignment.sequential import run_sequential
+
+    return run_sequential(config, records)
 
 
 def _config(

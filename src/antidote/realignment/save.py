@@ -13,7 +13,7 @@ import copy
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from antidote.models import LoadedModel
 from antidote.realignment.calibrate import Statistics
@@ -26,6 +26,16 @@ CARD_FILE = "README.md"
 SWEEP_REPORT_FILE = "sweep_report.json"
 
 
+class MaskSize(Protocol):
+    """What a report needs of a mask: how many entries it has and how many are pruned."""
+
+    @property
+    def pruned(self) -> int: ...
+
+    @property
+    def numel(self) -> int: ...
+
+
 def ratio_folder(ratio: float) -> str:
     """The folder name of one ratio's output in a sweep."""
     return f"alpha-{ratio:g}"
@@ -35,7 +45,7 @@ def build_report(
     config: RealignConfig,
     ratio: float,
     loaded: LoadedModel,
-    masks: Mapping[str, PackedMask],
+    masks: Mapping[str, MaskSize],
     stats: Statistics,
     *,
     seconds: Mapping[str, float],

@@ -1,0 +1,197 @@
+"""Data-parallel calibration: the chunk plan, bit-exact statistics for 2 and 3 simulated processes, and
+two real gloo processes under torchrun giving the single-process masks (in memory and --sequential)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from antidote.data import load_examples, tokenize_examples
+from antidote.realignment.calibrate import (
+    MAX_CHUNKS,
+    StatisticsCollector,
+    chunk_of_positions,
+    collect_statistics,
+    make_batches,
+    padded_batch,
+    plan_batches,
+)
+from antidote.realignment.config import RealignConfig
+from antidote.realignment.engine import compute_masks, run_realign
+from antidote.realignment.save import MASK_FILE
+from antidote.realignment.targets import find_targets
+from conftest import HARMFUL, make_model, make_tokenizer, write_jsonl
+
+
+def test_chunks_are_contiguous_nonempty_and_balanced() -> None:
+    assert chunk_of_positions(5) == [0, 1, 2, 3, 4]  # fewer samples than MAX_CHUNKS: one each
+    chunks = chunk_of_positions(100)
+    sizes = [chunks.count(c) for c in range(MAX_CHUNKS)]
+    assert chunks == sorted(chunks) and min(sizes) >= 100 // MAX_CHUNKS and max(sizes) - min(sizes) <= 1
+
+
+def test_each_rank_gets_its_chunks_and_together_they_cover_the_single_process_batches() -> None:
+    seqs = [[1] * n for n in (3, 9, 1, 7, 5, 2)]
+    assert [b.samples for b in plan_batches(seqs, 2)] == make_batches(seqs, 2)  # world 1 unchanged
+    # Length order 1, 3, 4, 0, 5, 2 (lengths 9, 7, 5, 3, 2, 1); chunk j = position j; rank = j % 2.
+    rank0 = plan_batches(seqs, 2, rank=0, world=2)
+    rank1 = plan_batches(seqs, 2, rank=1, world=2)
+    assert [(b.samples, b.chunks) for b in rank0] == [([1, 4], [0, 2]), ([5], [4])]
+    assert [(b.samples, b.chunks) for b in rank1] == [([3, 0], [1, 3]), ([2], [5])]
+
+
+class ThreadGroup:
+    """`world` simulated processes in threads: all_reduce_sum adds every thread's tensor (in rank order)."""
+
+    def __init__(self, world: int):
+        self.world = world
+        self.barrier = threading.Barrier(world)
+        self.tensors: dict[int, torch.Tensor] = {}
+
+    def member(self, rank: int):  # type: ignore[no-untyped-def]
+        group = self
+
+        class Member:
+            def __init__(self) -> None:
+                self.rank, self.world = rank, group.world
+
+            def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+                group.tensors[rank] = tensor.clone()
+                group.barrier.wait()
+                total = sum(group.tensors[r] for r in range(group.world))
+                group.barrier.wait()
+                tensor.copy_(total)
+
+        return Member()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_simulated_processes_give_bit_identical_statistics_and_masks(world: int) -> None:
+    seqs = tokenize_examples(load_examples(HARMFUL), make_tokenizer(), "alpaca", 64) * 2  # 20 samples
+    single_model = make_model()
+    targets = find_targets(single_model)
+    single = collect_statistics(single_model, targets, seqs, batch_size=3, compute_dtype=None)
+    group = ThreadGroup(world)
+    results: dict[int, object] = {}
+    seen: dict[int, int] = {}
+
+    models = [make_model() for _ in range(world)]  # one copy per process (hooks are per module)
+
+    def worker(rank: int) -> None:
+        model = models[rank]
+        calls = []
+        model.model.embed_tokens.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+        results[rank] = collect_statistics(
+            model, find_targets(model), seqs, batch_size=3, compute_dtype=None, parallel=group.member(rank)
+        )
+        seen[rank] = sum(calls)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(seen.values()) == len(seqs) and all(0 < n < len(seqs) for n in seen.values())  # split
+    for rank in range(world):
+        stats = results[rank]
+        assert stats.samples == single.samples and stats.tokens == single.tokens  # type: ignore[attr-defined]
+        assert all(torch.equal(stats.sq_sums[n], single.sq_sums[n]) for n in targets)  # type: ignore[attr-defined]
+    a = compute_masks(targets, single, 0.1)
+    b = compute_masks(targets, results[0], 0.1)  # type: ignore[arg-type]
+    assert all(torch.equal(a[n], b[n]) for n in targets)
+
+
+def run_collector(model, seqs: list[list[int]], parallel=None) -> StatisticsCollector:  # type: ignore[no-untyped-def]
+    """A hand-written calibration loop over this process's batches; returns the finished collector
+    (its `totals` are the float64 sums)."""
+    rank, world = (parallel.rank, parallel.world) if parallel is not None else (0, 1)
+    collector = StatisticsCollector(find_targets(model), len(seqs), parallel=parallel)
+    with torch.no_grad(), collector.hooked():
+        for batch in plan_batches(seqs, 3, rank=rank, world=world):
+            ids, mask = padded_batch(seqs, batch, pad_id=3)
+            with collector.batch(seqs, batch):
+                model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    collector.finish()
+    return collector
+
+
+def test_float64_sums_are_exact_where_adding_each_processs_total_is_not() -> None:
+    seqs = tokenize_examples(load_examples(HARMFUL), make_tokenizer(), "alpaca", 64) * 3  # 30 samples
+    single = run_collector(make_model(), seqs)
+    group = ThreadGroup(2)
+    models = [make_model(), make_model()]
+    results: dict[int, StatisticsCollector] = {}
+    threads = [
+        threading.Thread(
+            target=lambda r=r: results.update({r: run_collector(models[r], seqs, group.member(r))})
+        )
+        for r in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    names = list(single.totals)
+    for rank in range(2):
+        assert all(torch.equal(results[rank].totals[n], single.totals[n]) for n in names)
+    # The naive exchange (each process folds its own chunks, then the two totals are added) differs
+    # in the last bits on this very data: the reason for the fixed chunk tree.
+    naive = torch.zeros(group.tensors[0].shape[1] - 1, dtype=torch.float64)
+    for rank in range(2):
+        own = torch.zeros_like(naive)
+        for row in group.tensors[rank][:, :-1]:
+            own += row
+        naive += own
+    exact = torch.cat([single.totals[n] for n in names])
+    assert not torch.equal(naive, exact)
+    torch.testing.assert_close(naive, exact, rtol=1e-12, atol=0)
+
+
+def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    return subprocess.run(
+        [*command, "-m", "antidote", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "sequential"])
+def test_two_gloo_processes_write_the_single_process_masks(tmp_path: Path, streamed: bool) -> None:
+    make_model(layers=3).save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    data = write_jsonl(tmp_path / "h.jsonl", HARMFUL)
+    options = {
+        "compute_dtype": "float32",
+        "batch_size": 2,
+        "mask_ratios": (0.05, 0.2),
+        "sequential": streamed,
+    }
+    single = RealignConfig(
+        model=str(tmp_path / "model"), data=str(data), output=str(tmp_path / "one"), **options
+    )
+    run_realign(single)
+    work = tmp_path / "work"
+    work.mkdir()
+    flags = ["--compute-dtype", "float32", "--batch-size", "2", "--mask-ratio", "0.05,0.2"]
+    flags += ["--sequential"] if streamed else []
+    done = torchrun(
+        ["realign", str(tmp_path / "model"), "--data", str(data), "--output", str(tmp_path / "two"), *flags],
+        cwd=work,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("alpha 0.05: pruned") == 1  # rank 0 alone reports
+    for sub in ("alpha-0.05", "alpha-0.2"):
+        a, b = load_file(tmp_path / "one" / sub / MASK_FILE), load_file(tmp_path / "two" / sub / MASK_FILE)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        wa = load_file(tmp_path / "one" / sub / "model.safetensors")
+        wb = load_file(tmp_path / "two" / sub / "model.safetensors")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert list(work.iterdir()) == []  # the other rank wrote nothing, here or beside the output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.jsonl", "model", "one", "two", "work"]
