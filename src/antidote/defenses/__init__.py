@@ -10,6 +10,7 @@ config section `defenses: {NAME: {...}}` take their options from its config data
 from antidote.defenses import antidote as _antidote  # noqa: F401
 from antidote.defenses import magnitude_prune as _magnitude_prune  # noqa: F401
 from antidote.defenses import random_prune as _random_prune  # noqa: F401
+from antidote.defenses import resta as _resta  # noqa: F401
 from antidote.defenses import safelora as _safelora  # noqa: F401
 from antidote.defenses.base import REGISTRY, RESERVED, STAGES, Defense, get, register
 
