@@ -28,7 +28,9 @@ def finetuned_by_hand(tiny: dict[str, Path]) -> dict[str, torch.Tensor]:
     for key, a in adapter.items():
         if ".lora_A." in key:
             name = key.split(".lora_A.")[0].removeprefix(PREFIX) + ".weight"
-            aligned[name] = aligned[name] + adapter[key.replace("lora_A", "lora_B")] @ a * (cfg["lora_alpha"] / cfg["r"])
+            aligned[name] = aligned[name] + adapter[key.replace("lora_A", "lora_B")] @ a * (
+                cfg["lora_alpha"] / cfg["r"]
+            )
     return aligned
 
 
@@ -76,7 +78,9 @@ def test_untouched_weights_stay_and_rank_0_extrapolates_the_whole_delta(tiny, tm
     there, and nothing anywhere else."""
     model = make_model(seed=0)
     with torch.no_grad():
-        model.model.layers[1].self_attn.v_proj.weight.add_(0.05 * torch.randn(16, 32, generator=torch.Generator().manual_seed(5)))
+        model.model.layers[1].self_attn.v_proj.weight.add_(
+            0.05 * torch.randn(16, 32, generator=torch.Generator().manual_seed(5))
+        )
     model.save_pretrained(tmp_path / "base")
     finetuned = finetuned_by_hand(tiny)
     aligned = load_file(tiny["model"] / "model.safetensors")
@@ -107,7 +111,9 @@ def test_runs_in_the_pipeline(tiny, tiny_run, tmp_path: Path) -> None:  # type: 
     from antidote.experiments.pipeline import load_run_config, run_pipeline
     from conftest import copy_run
 
-    path = copy_run(tiny_run, tiny, tmp_path, validate=None, evaluate_base=False, defenses={"lox": {"rank": 2}})
+    path = copy_run(
+        tiny_run, tiny, tmp_path, validate=None, evaluate_base=False, defenses={"lox": {"rank": 2}}
+    )
     summary = run_pipeline(load_run_config(str(path)), say=lambda m: None)
     row = next(r for r in summary["rows"] if r["model"] == "lox")
     assert row["adapter"] is None

@@ -29,7 +29,9 @@ def weights_by_hand(tiny: dict[str, Path]) -> tuple[dict[str, torch.Tensor], ...
     for key, a in adapter.items():
         if ".lora_A." in key:
             b = adapter[key.replace("lora_A", "lora_B")]
-            delta[key.split(".lora_A.")[0].removeprefix(PREFIX) + ".weight"] = b @ a * (cfg["lora_alpha"] / cfg["r"])
+            delta[key.split(".lora_A.")[0].removeprefix(PREFIX) + ".weight"] = (
+                b @ a * (cfg["lora_alpha"] / cfg["r"])
+            )
     finetuned = {k: w + delta[k] if k in delta else w for k, w in aligned.items()}
     return finetuned, {k: w - base[k] for k, w in aligned.items()}, delta
 
@@ -47,7 +49,9 @@ def test_registered_as_a_data_free_post_defense() -> None:
 
 
 @pytest.mark.parametrize("gamma", [1.0, 0.5])
-def test_without_dare_adds_gamma_times_the_safety_vector_to_every_weight(tiny, tmp_path: Path, gamma: float) -> None:  # type: ignore[no-untyped-def]
+def test_without_dare_adds_gamma_times_the_safety_vector_to_every_weight(
+    tiny, tmp_path: Path, gamma: float
+) -> None:  # type: ignore[no-untyped-def]
     finetuned, safety, _ = weights_by_hand(tiny)
     out = defend(tiny, tmp_path / "out", "--gamma", str(gamma))
     assert set(out) == set(finetuned)  # a full model: every weight, the adapter merged

@@ -52,7 +52,9 @@ def defend(tiny: dict[str, Path], base: Path, out: Path, *options: str) -> dict[
     return load_file(out / "adapter_model.safetensors")
 
 
-def check_projected(expected: dict[str, dict[str, Any]], after: dict[str, torch.Tensor], chosen: set[str]) -> None:
+def check_projected(
+    expected: dict[str, dict[str, Any]], after: dict[str, torch.Tensor], chosen: set[str]
+) -> None:
     for module, e in expected.items():
         b_after = after[f"{PREFIX}{module}.lora_B.weight"].double().numpy()
         want = e["C"] @ e["B"] if module in chosen else e["B"]
