@@ -19,7 +19,7 @@ import shutil
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from antidote.errors import AntidoteError
 
@@ -33,6 +33,16 @@ log = logging.getLogger(__name__)
 
 PROMPT_FILE = "antidote_prompt.json"  # the prompt format recorded by `antidote align/finetune`
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ModelInputs(Protocol):
+    """What `load_finetuned` and `save_full_model` read from a defense's config."""
+
+    model: str
+    adapter: str | None
+    dtype: str
+    device: str
+    trust_remote_code: bool
 
 
 @dataclass
@@ -86,11 +96,11 @@ class WeightEditConfig:
 # ---- reading ----------------------------------------------------------------------------------------------
 
 
-def load_finetuned(config: WeightEditConfig) -> LoadedModel:
+def load_finetuned(config: ModelInputs) -> LoadedModel:
     """The aligned model with the fine-tuning adapter on it (a PeftModel)."""
     from antidote.models import load_model
 
-    assert config.adapter is not None  # checked in WeightEditConfig.__post_init__
+    assert config.adapter is not None  # checked in the config's __post_init__
     return load_model(
         config.model,
         adapter=config.adapter,
@@ -211,7 +221,7 @@ def check_output(config: WeightEditConfig) -> Path:
     return check_output_dir(config.output, config.overwrite, inputs)
 
 
-def copy_prompt_file(config: WeightEditConfig, folder: Path) -> None:
+def copy_prompt_file(config: ModelInputs, folder: Path) -> None:
     """Keep the prompt format the adapter (or the aligned model) was trained with beside the output."""
     for source in (config.adapter, config.model):
         if source and (Path(source) / PROMPT_FILE).is_file():
@@ -223,14 +233,14 @@ def write_report(folder: Path, name: str, report: Mapping[str, Any]) -> None:
     (folder / name).write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
-def save_full_model(folder: Path, model: nn.Module, loaded: LoadedModel, config: WeightEditConfig) -> None:
+def save_full_model(folder: Path, model: nn.Module, loaded: LoadedModel, config: ModelInputs) -> None:
     """A full model folder: weights, tokenizer, the prompt format."""
     model.save_pretrained(folder)  # type: ignore[operator]
     loaded.tokenizer.save_pretrained(folder)
     copy_prompt_file(config, folder)
 
 
-def config_record(config: WeightEditConfig) -> dict[str, Any]:
+def config_record(config: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
     return asdict(config)
