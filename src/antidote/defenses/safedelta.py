@@ -1,0 +1,377 @@
+"""Safe Delta (Lu et al., ICML 2025, "Safe Delta: consistently preserving safety when fine-tuning LLMs on
+diverse datasets"): keep the fine-tuning delta entries that cost least safety within a budget, and let the
+other weights compensate, OBS/SparseGPT-style, with layer Hessians from safe data.
+
+Per fine-tuned Linear layer (the LoRA layers; elsewhere the delta is zero), with W the aligned weight
+(rows, cols), delta = W_ft - W the fine-tuning delta, and X the layer's inputs in the aligned model
+(adapter off) on N safe samples (harmful prompt + safe answer, ~128 in the paper), every token counted:
+    H = 2 / N * sum_tokens x x^T + damp * mean(diag H) * I                  (cols, cols)
+    U = the upper Cholesky factor of H^-1 (H^-1 = U^T U);  d_j = U_jj
+    cost_ij = 1 / d_j^2          safety loss per unit squared change of column j (OBS)
+    loss_ij = delta_ij^2 / d_j^2 the OBS estimate of the safety loss of keeping delta_ij
+Columns are taken in blocks of `block_size`. In a block of `count` columns, entries are ordered by cost
+(ties by position, row-major), the `exclude` most expensive fraction is never kept, and the longest prefix
+of that order whose summed loss stays within
+    budget = s * rows * count / 4096^2 * mean(cost over the block)
+is kept (the authors' budget, whose constants are written for 4096-wide layers and 2048-column blocks,
+stated per entry so that it carries to other sizes). Then, column by column (SparseGPT's sequential OBS),
+a kept entry is set to its fine-tuned value and the change err = (w_j - q_j) / d_j is compensated on the
+later columns: W[:, j+1:] -= err U[j, j+1:]. Entries not kept hold the aligned value plus compensation.
+The loss of a later block is measured from the weights as compensated so far, as in the authors' code.
+Writes a full model (the adapter is absorbed), `safedelta_mask.safetensors` (True = kept fine-tuned
+value) and `safedelta_report.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from antidote.defenses.base import Defense, register
+from antidote.errors import AntidoteError
+from antidote.realignment.config import RealignConfig
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+MASK_FILE = "safedelta_mask.safetensors"
+REPORT_FILE = "safedelta_report.json"
+REFERENCE_SIZE = 4096  # the layer width the authors' budget constants are written for
+
+
+# ---- the math ---------------------------------------------------------------------------------------------
+
+
+def hessian_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """U, the upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, float64. h: (cols, cols), H of
+    the layer inputs (2 / N * sum x x^T). Columns that never saw input (zero diagonal) get H_jj = 1."""
+    import torch
+
+    h = h.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * torch.diag(h).mean())
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inverse, upper=True)
+
+
+def block_budget(s: float, rows: int, cost: torch.Tensor) -> float:
+    """s * rows * count / 4096^2 * mean(cost): the safety-loss budget of one block. cost: (count,), the
+    per-column cost 1 / d_j^2 of the block's columns."""
+    return float(s * rows * cost.numel() / REFERENCE_SIZE**2 * cost.double().mean())
+
+
+def select_within_budget(
+    loss: torch.Tensor, cost: torch.Tensor, budget: float, exclude: float
+) -> torch.Tensor:
+    """Which entries of a block to keep. loss: (rows, count) per-entry safety loss; cost: (count,) per
+    column. Entries are ordered by cost (ties by row-major position); the last `int(exclude * n)` of that
+    order are never kept; the longest prefix of the rest with summed loss <= budget is kept.
+    Returns bool (rows, count)."""
+    import torch
+
+    rows, count = loss.shape
+    n = rows * count
+    flat_cost = cost.double().expand(rows, count).reshape(-1)
+    order = torch.sort(flat_cost, stable=True).indices
+    order = order[: n - int(exclude * n)]
+    within = torch.cumsum(loss.double().reshape(-1)[order], 0) <= budget
+    keep = torch.zeros(n, dtype=torch.bool, device=loss.device)
+    keep[order[within]] = True
+    return keep.reshape(rows, count)
+
+
+def safe_delta(
+    weight: torch.Tensor,
+    finetuned: torch.Tensor,
+    h: torch.Tensor,
+    *,
+    s: float,
+    damp: float = 0.01,
+    exclude: float = 0.15,
+    block_size: int = 2048,
+    lazy: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Safe Delta on one layer. weight: the aligned W (rows, cols); finetuned: W_ft (rows, cols); h: (cols,
+    cols) the layer-input Hessian on safe data. Returns (the new weight (rows, cols) float64, the bool
+    keep mask (rows, cols)). `lazy` only batches the compensation (SparseGPT's lazy updates); the result
+    does not depend on it."""
+    import torch
+
+    u = hessian_inverse_factor(h, damp).to(weight.device)
+    d = torch.diag(u)
+    w = weight.double().clone()
+    ft = finetuned.double()
+    rows, cols = w.shape
+    keep = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
+    for b1 in range(0, cols, block_size):
+        b2 = min(b1 + block_size, cols)
+        cost = 1.0 / d[b1:b2] ** 2
+        loss = (ft[:, b1:b2] - w[:, b1:b2]) ** 2 * cost
+        keep[:, b1:b2] = select_within_budget(loss, cost, block_budget(s, rows, cost), exclude)
+        for l1 in range(b1, b2, lazy):  # sequential OBS, one column at a time, updates batched
+            l2 = min(l1 + lazy, b2)
+            err = torch.zeros(rows, l2 - l1, dtype=w.dtype, device=w.device)
+            for j in range(l1, l2):
+                q = torch.where(keep[:, j], ft[:, j], w[:, j])
+                err[:, j - l1] = (w[:, j] - q) / d[j]
+                w[:, j] = q
+                w[:, j + 1 : l2] -= err[:, j - l1 : j - l1 + 1] @ u[j : j + 1, j + 1 : l2]
+            w[:, l2:] -= err @ u[l1:l2, l2:]
+    return w, keep
+
+
+# ---- collecting the Hessians ------------------------------------------------------------------------------
+
+
+class _Hessians:
+    """Running sums of x x^T (float64) per target, over real tokens only (right padding). Targets that
+    read the same input tensor (q/k/v) share one sum."""
+
+    def __init__(self, widths: Mapping[str, int]):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.owner: dict[str, str] = {}
+        self.widths = widths
+        self.lengths: list[int] = []
+        self._last: tuple[Any, str] | None = None
+
+    def hook(self, name: str) -> Any:
+        import torch
+
+        def pre_hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            last = self._last
+            if name not in self.owner:  # first batch: does the target before it read this very tensor?
+                self.owner[name] = self.owner[last[1]] if last is not None and last[0] is x else name
+            self._last = (x, name)
+            if self.owner[name] != name:
+                return
+            if x.dim() == 3 and x.shape[0] == len(self.lengths):
+                real = torch.cat([x[b, :n] for b, n in enumerate(self.lengths)]).double()
+            else:  # not (batch, seq, in): every row counts, padding included
+                real = x.reshape(-1, x.shape[-1]).double()
+            acc = self.sums.setdefault(
+                name, torch.zeros(self.widths[name], self.widths[name], dtype=torch.float64, device=x.device)
+            )
+            acc += real.T @ real
+
+        return pre_hook
+
+    def end_batch(self) -> None:
+        self._last = None
+
+    def hessian(self, name: str, samples: int) -> torch.Tensor:
+        """H = 2 / N * sum x x^T for target `name`."""
+        return self.sums[self.owner[name]] * (2.0 / samples)
+
+
+def collect_hessians(
+    model: nn.Module,
+    targets: Mapping[str, nn.Module],
+    widths: Mapping[str, int],
+    sequences: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    pad_id: int,
+) -> dict[str, torch.Tensor]:
+    """H (in, in) float64 per target from one forward pass over `sequences` (token ids) as `model` is."""
+    import torch
+
+    from antidote.realignment.calibrate import hooks_removed_after, make_batches
+
+    acc = _Hessians(widths)
+    device = model.get_input_embeddings().weight.device  # type: ignore[operator]
+    handles = [m.register_forward_pre_hook(acc.hook(name)) for name, m in targets.items()]
+    with hooks_removed_after(handles), torch.no_grad():
+        for batch in make_batches(sequences, batch_size):
+            width = max(len(sequences[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
+                mask[row, : len(sequences[i])] = 1
+            acc.lengths = [len(sequences[i]) for i in batch]
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            acc.end_batch()
+    return {name: acc.hessian(name, len(sequences)) for name in targets}
+
+
+# ---- the defense ------------------------------------------------------------------------------------------
+
+
+def _help(name: str) -> dict[str, Any]:
+    meta = {f.name: dict(f.metadata) for f in dataclasses.fields(RealignConfig)}[name]
+    meta.pop("positional", None)
+    return meta
+
+
+@dataclass
+class SafeDeltaConfig:
+    """Safe Delta's options; the shared ones mean what they mean for `antidote realign`."""
+
+    model: str = field(
+        metadata={
+            "help": "the aligned model (HF folder, hub id, .gguf or smollm2-135m-instruct)",
+            "positional": True,
+        }
+    )
+    adapter: str | None = field(
+        default=None, metadata={"help": "the fine-tuning (attack) LoRA adapter folder on MODEL"}
+    )
+    data: str = field(
+        default="",
+        metadata={
+            "help": "safe data: harmful prompts with safe (refusal) answers, e.g. refusals or "
+            "builtin-refusals:train; the layer Hessians come from it"
+        },
+    )
+    output: str | None = field(default=None, metadata={"help": "output folder (written atomically)"})
+    scale: float = field(
+        default=0.1,
+        metadata={"help": "s, the safety budget scale (the authors' default 0.1); larger keeps more delta"},
+    )
+    max_samples: int | None = field(
+        default=128, metadata={"help": "safe samples to use, seeded (the paper's 128)"}
+    )
+    damp: float = field(default=0.01, metadata={"help": "Hessian dampening, a fraction of its mean diagonal"})
+    exclude: float = field(
+        default=0.15,
+        metadata={"help": "fraction of each block's entries, the most safety-costly, never kept"},
+    )
+    block_size: int = field(
+        default=2048, metadata={"help": "columns per selection block (the authors' 2048)"}
+    )
+    template: str = field(default="alpaca", metadata=_help("template"))
+    filters: list[str] = field(default_factory=list, metadata=_help("filters"))
+    max_length: int = field(default=512, metadata=_help("max_length"))
+    batch_size: int | None = field(default=None, metadata=_help("batch_size"))
+    seed: int = field(default=0, metadata=_help("seed"))
+    overwrite: bool = field(default=False, metadata=_help("overwrite"))
+    dtype: str = field(default="auto", metadata=_help("dtype"))
+    device: str = field(default="auto", metadata=_help("device"))
+    trust_remote_code: bool = field(default=False, metadata=_help("trust_remote_code"))
+
+    def __post_init__(self) -> None:
+        if not self.adapter:
+            raise AntidoteError(
+                "safedelta needs --adapter FOLDER, the fine-tuning LoRA adapter on the aligned model"
+            )
+        if not self.data:
+            raise AntidoteError(
+                "safedelta needs --data FILE: harmful prompts with safe answers (e.g. refusals), ~128 of them"
+            )
+        if not (math.isfinite(self.scale) and self.scale >= 0):
+            raise AntidoteError(f"--scale must be a number >= 0, got {self.scale}; the authors use 0.1")
+        if not (math.isfinite(self.damp) and self.damp > 0):
+            raise AntidoteError(f"--damp must be > 0, got {self.damp}; 0.01 is the usual value")
+        if not 0 <= self.exclude < 1:
+            raise AntidoteError(f"--exclude is a fraction in [0, 1), got {self.exclude}")
+        if self.block_size < 1:
+            raise AntidoteError(f"--block-size must be at least 1, got {self.block_size}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise AntidoteError(f"--max-samples must be at least 1, got {self.max_samples}")
+        RealignConfig(  # validates the shared options (template, dtype, lengths) the engine's way
+            model=self.model,
+            data=self.data,
+            template=self.template,
+            filters=self.filters,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+
+def run(config: SafeDeltaConfig) -> dict[str, Path]:
+    import torch
+
+    from antidote.data import load_examples, tokenize_examples
+    from antidote.defenses.weight_edit import (
+        config_record,
+        load_finetuned,
+        lora_layers,
+        save_full_model,
+        write_report,
+    )
+    from antidote.outputs import atomic_output_dir, check_output_dir
+    from antidote.realignment.calibrate import default_batch_size
+    from antidote.realignment.maskfile import PackedMask, write_mask_file
+
+    if not config.output:
+        raise AntidoteError("missing --output DIR; safedelta writes its model there")
+    inputs = tuple(p for p in (config.model, config.adapter, config.data) if p)
+    out = check_output_dir(config.output, config.overwrite, inputs)
+    loaded = load_finetuned(config)
+    layers = lora_layers(loaded)
+    examples = load_examples(
+        config.data, filters=config.filters, max_samples=config.max_samples, seed=config.seed
+    )
+    sequences = tokenize_examples(examples, loaded.tokenizer, config.template, config.max_length)
+    model = loaded.model
+    device = model.get_input_embeddings().weight.device  # type: ignore[operator]
+    disabled = getattr(model, "disable_adapter", None)
+    with disabled() if callable(disabled) else contextlib.nullcontext():  # the aligned model's inputs
+        model.eval()
+        hessians = collect_hessians(
+            model,
+            layers,
+            {name: layer.in_features for name, layer in layers.items()},
+            sequences,
+            batch_size=config.batch_size or default_batch_size(device),
+            pad_id=loaded.tokenizer.pad_token_id or 0,
+        )
+    adapter = loaded.adapter_name
+    masks, per_layer = {}, {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            weight = layer.base_layer.weight
+            finetuned = weight.float() + layer.get_delta_weight(adapter).float().to(weight.device)
+            new, keep = safe_delta(
+                weight,
+                finetuned,
+                hessians.pop(name).to(weight.device),
+                s=config.scale,
+                damp=config.damp,
+                exclude=config.exclude,
+                block_size=config.block_size,
+            )
+            weight.copy_(new.to(weight.dtype))
+            masks[f"{name}.weight"] = PackedMask.pack(keep)
+            per_layer[f"{name}.weight"] = {"kept": int(keep.sum()), "total": keep.numel()}
+    plain = model.unload()  # type: ignore[operator]
+    kept = sum(r["kept"] for r in per_layer.values())
+    total = sum(r["total"] for r in per_layer.values())
+    log.info("safedelta: kept %d of %d fine-tuning delta entries", kept, total)
+    report = {
+        "method": "safedelta",
+        "kept_total": {"kept": kept, "total": total, "fraction": round(kept / max(total, 1), 6)},
+        "layers": per_layer,
+        "calibration": {"samples": len(sequences), "tokens": sum(len(x) for x in sequences)},
+        "config": config_record(config),
+    }
+    with atomic_output_dir(out, config.overwrite) as tmp:
+        save_full_model(tmp, plain, loaded, config)
+        write_mask_file(tmp / MASK_FILE, masks)
+        write_report(tmp, REPORT_FILE, report)
+    return {"": out}
+
+
+DEFENSE = register(
+    Defense(
+        name="safedelta",
+        stage="post",
+        config=SafeDeltaConfig,
+        run=run,
+        summary="keep the fine-tuning delta entries that cost least safety within a budget, compensate the "
+        "rest (OBS, Hessians from ~128 safe samples)",
+    )
+)
