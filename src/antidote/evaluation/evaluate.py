@@ -14,6 +14,7 @@ from antidote.data.templates import format_prompt
 from antidote.evaluation.generation import generate
 from antidote.evaluation.judges import KeywordJudge, harmful_score, keyword_verdict
 from antidote.evaluation.metrics import agnews_correct, gsm8k_prediction, sst2_correct
+from antidote.evaluation.stats import wilson_interval
 
 
 def task_correct(task: str, output: str, answer: str) -> bool:
@@ -51,7 +52,11 @@ class EvalResult:
     unparsed: float = 0.0
 
     def as_row(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields, plus hs_ci, fa_ci and over_refusal_ci: 95% Wilson intervals [low, high] in percent."""
+        row = asdict(self)
+        for name, n in (("hs", self.n_prompts), ("fa", self.n_task), ("over_refusal", self.n_harmless)):
+            row[f"{name}_ci"] = list(wilson_interval(round(getattr(self, name) * n / 100), n))
+        return row
 
 
 def evaluate_model(
