@@ -22,6 +22,7 @@ from antidote.evaluation.learned import (
     hidden_features,
     prompt_format_key,
     roc_auc,
+    sample_by_prompt,
     split_by_prompt,
 )
 from conftest import make_model, make_tokenizer, write_jsonl
@@ -136,6 +137,16 @@ def test_split_by_prompt_keeps_prompts_on_one_side() -> None:
     assert split_by_prompt(prompts, 0.2, seed=2) != (kept, held)
 
 
+def test_sample_by_prompt_takes_n_rows_of_whole_prompts_but_the_last() -> None:
+    prompts = [f"q{i % 10}" for i in range(50)]  # 10 prompts of 5 rows
+    rows = sample_by_prompt(prompts, 22, seed=0)
+    assert len(rows) == 22 and rows == sorted(rows) and len(set(rows)) == 22
+    per_prompt = sorted(sum(prompts[i] == p for i in rows) for p in {prompts[i] for i in rows})
+    assert per_prompt == [2, 5, 5, 5, 5]  # four whole prompts and part of one
+    assert sample_by_prompt(prompts, 60, seed=0) == list(range(50))
+    assert sample_by_prompt(prompts, 22, seed=0) == rows and sample_by_prompt(prompts, 22, seed=1) != rows
+
+
 # ---- end to end on the tiny model ------------------------------------------------------------------------
 
 HARMFUL_ANSWERS = [
@@ -200,6 +211,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Path]) -> 
             "3",
             "--dtype",
             "float32",
+            "--max-samples",
+            "40",
         ]
     )
     assert code == 0
@@ -223,7 +236,7 @@ def test_train_writes_a_judge_folder_chosen_on_validation(trained: dict[str, Pat
         record["l2"],
     )
     t = record["training"]
-    assert t["rows"] == 48 and t["train_rows"] + t["validation_rows"] == 48
+    assert t["rows"] == 40 and t["rows_in_file"] == 48 and t["train_rows"] + t["validation_rows"] == 40
     assert "What it cannot see" in (folder / "README.md").read_text()
 
 

@@ -323,6 +323,21 @@ def split_by_prompt(prompts: Sequence[str], fraction: float, seed: int) -> tuple
     return [i for i in range(len(prompts)) if i not in held_set], sorted(held)
 
 
+def sample_by_prompt(prompts: Sequence[str], n: int, seed: int) -> list[int]:
+    """Row indices of a seeded sample of n rows (all rows if n >= len): whole prompts drawn at random, in
+    file order, the last prompt cut to make exactly n."""
+    if n >= len(prompts):
+        return list(range(len(prompts)))
+    _, held = split_by_prompt(prompts, n / len(prompts), seed)
+    groups: dict[str, list[int]] = {}
+    for i in held:
+        groups.setdefault(" ".join(prompts[i].split()), []).append(i)
+    keys = list(groups)
+    random.Random(seed).shuffle(keys)
+    rows = [i for key in keys for i in groups[key]][:n]
+    return sorted(rows)
+
+
 # ---- training -------------------------------------------------------------------------------------------
 
 
