@@ -10,8 +10,14 @@ import pytest
 
 from antidote.cli import COMMANDS, main
 from antidote.defenses import REGISTRY
+from antidote.evaluation.judge_cli import JUDGE_COMMANDS
 
-ARGVS = [["--help"], *([c.name, "--help"] for c in COMMANDS), *(["defend", d, "--help"] for d in REGISTRY)]
+ARGVS = [
+    ["--help"],
+    *([c.name, "--help"] for c in COMMANDS),
+    *(["defend", d, "--help"] for d in REGISTRY),
+    *(["judge", j.name, "--help"] for j in JUDGE_COMMANDS),
+]
 
 
 @pytest.mark.parametrize("argv", ARGVS, ids=" ".join)

@@ -262,6 +262,18 @@ def _defend_options(parser: argparse.ArgumentParser) -> None:
         add_dataclass_arguments(sub, defense.config)
 
 
+def _judge_options(parser: argparse.ArgumentParser) -> None:
+    from antidote.evaluation.judge_cli import add_judge_subcommands
+
+    add_judge_subcommands(parser, add_dataclass_arguments, _add_config_file)
+
+
+def cmd_judge(args: argparse.Namespace) -> int:
+    from antidote.evaluation.judge_cli import run_judge_command
+
+    return run_judge_command(args, config_from_args)
+
+
 @dataclasses.dataclass(frozen=True)
 class Command:
     """One subcommand: its options come from `config` (a dataclass) and/or `options` (a function)."""
@@ -327,6 +339,16 @@ COMMANDS = (
         description="Generate on harmful prompts, task items and harmless instructions; score HS with a "
         "judge (keyword: offline, degenerate output reported apart; beavertails or llamaguard: a judge "
         "model) and FA with the task's exact-match metric.",
+    ),
+    Command(
+        "judge",
+        "measure a judge against human labels (eval), train the learned judge (train), split by prompt",
+        cmd_judge,
+        options=_judge_options,
+        description="`antidote judge eval --data LABELLED.jsonl --judge SPEC`: agreement with human labels "
+        "with 95% intervals; `antidote judge train --data FILE --output DIR`: a logistic probe on a frozen "
+        "local LM's hidden states, used as --judge learned:DIR; `antidote judge split`: a held-out file by "
+        "prompt. `antidote judge ACTION --help` lists each one's options.",
     ),
     Command(
         "defend",

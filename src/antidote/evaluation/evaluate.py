@@ -12,6 +12,7 @@ from antidote.data.loading import Example
 from antidote.data.templates import format_prompt
 from antidote.evaluation.generation import generate
 from antidote.evaluation.judges import KeywordJudge, harmful_score, keyword_verdict
+from antidote.evaluation.stats import wilson_interval
 from antidote.tasks import get_task
 
 
@@ -38,7 +39,11 @@ class EvalResult:
     unparsed: float = 0.0
 
     def as_row(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields, plus hs_ci, fa_ci and over_refusal_ci: 95% Wilson intervals [low, high] in percent."""
+        row = asdict(self)
+        for name, n in (("hs", self.n_prompts), ("fa", self.n_task), ("over_refusal", self.n_harmless)):
+            row[f"{name}_ci"] = list(wilson_interval(round(getattr(self, name) * n / 100), n))
+        return row
 
 
 def evaluate_model(

@@ -7,8 +7,11 @@
   the judge's own chat template; the greedy answer starts with "safe" or "unsafe" (then the categories).
   Anything else is "unparsed": not counted as harmful, and reported.
 
-`make_judge("keyword" | "beavertails[:PATH]" | "llamaguard[:PATH]")` builds one. Without a path the reference
-hub id is used, which needs the model in the local HF cache or hub access.
+- learned: a logistic probe on a frozen local LM's hidden states (`antidote.evaluation.learned`), from a
+  folder written by `antidote judge train`; always takes a path.
+
+`make_judge("keyword" | "beavertails[:PATH]" | "llamaguard[:PATH]" | "learned:PATH")` builds one. Without a
+path the reference hub id is used, which needs the model in the local HF cache or hub access.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ def make_judge(spec: str, *, device: str = "auto", dtype: str = "auto") -> Any:
     kind, path = parse_judge_spec(spec)
     if kind == "keyword":
         return KeywordJudge()
+    if kind == "learned":
+        from antidote.evaluation.learned import LearnedJudge
+
+        return LearnedJudge(str(path), device=device)
     source = path or DEFAULT_IDS[kind]
     if kind == "beavertails":
         return ClassifierJudge(source, device=device, dtype=dtype)

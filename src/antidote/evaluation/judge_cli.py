@@ -1,0 +1,439 @@
+"""`antidote judge eval | train | split`: measure any judge against human labels, train the learned judge,
+and split a labelled file by prompt. Config dataclasses (their help texts are the CLI's) and the command
+functions; `antidote.cli` only adds the sub-subcommands from `JUDGE_COMMANDS`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from antidote.errors import AntidoteError
+from antidote.evaluation.judges import HARMFUL_LABELS, SAFE_LABELS, parse_judge_spec
+
+log = logging.getLogger(__name__)
+
+_LABEL_HELP = {
+    "label_field": "name of the human label field",
+    "harmful_labels": "comma list of label values meaning harmful (case-insensitive)",
+    "safe_labels": "comma list of label values meaning safe (case-insensitive)",
+}
+
+
+def _positive(name: str, value: float | None, minimum: float = 1) -> None:
+    if value is not None and value < minimum:
+        raise AntidoteError(f"--{name.replace('_', '-')} must be at least {minimum:g}, got {value}")
+
+
+@dataclass
+class JudgeEvalConfig:
+    """What `antidote judge eval` measures."""
+
+    data: str = field(
+        metadata={"help": "labelled pairs (JSONL/JSON/CSV): a prompt, a response and a label field per row"}
+    )
+    judge: str = field(
+        metadata={
+            "help": "the judge: keyword, learned:PATH (antidote judge train), beavertails[:PATH] or "
+            "llamaguard[:PATH]"
+        }
+    )
+    output: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder for judge_eval.json and judge_eval.md; without it the table is only printed"
+        },
+    )
+    label_field: str = field(default="label", metadata={"help": _LABEL_HELP["label_field"]})
+    harmful_labels: str = field(
+        default=",".join(HARMFUL_LABELS), metadata={"help": _LABEL_HELP["harmful_labels"]}
+    )
+    safe_labels: str = field(default=",".join(SAFE_LABELS), metadata={"help": _LABEL_HELP["safe_labels"]})
+    resamples: int = field(
+        default=1000, metadata={"help": "bootstrap resamples for the 95 percent intervals"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the bootstrap and of the example sample"})
+    device: str = field(default="auto", metadata={"help": "device of a model judge: auto, cpu, cuda, ..."})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
+
+    def __post_init__(self) -> None:
+        parse_judge_spec(self.judge)
+        _positive("resamples", self.resamples)
+
+
+@dataclass
+class JudgeTrainConfig:
+    """What `antidote judge train` fits. The layer, pooling, L2 and keyword feature are chosen on a
+    validation split of --data (by prompt); nothing else is looked at."""
+
+    data: str = field(metadata={"help": "labelled pairs (JSONL/JSON/CSV) to train on"})
+    output: str = field(
+        metadata={"help": "the judge folder to write (judge.json, probe.safetensors, README.md)"}
+    )
+    model: str = field(
+        default="smollm2-135m-instruct",
+        metadata={
+            "help": "frozen base model whose hidden states are the features: local folder, .gguf or "
+            "smollm2-135m-instruct"
+        },
+    )
+    max_samples: int | None = field(
+        default=2000,
+        metadata={
+            "help": "use a seeded sample of N rows (whole prompts) of --data; 2000 featurise in ~10 min on "
+            "2 CPU cores (docs/judges.md), all 4000 of the PKU-SafeRLHF sample would take over 20"
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the sample and of the validation split"})
+    layers: tuple[int, ...] = field(
+        default=(12, 18, 24),
+        metadata={"help": "candidate layers (1-based block outputs); the forward stops after the deepest"},
+    )
+    poolings: tuple[str, ...] = field(
+        default=("mean", "last"), metadata={"help": "candidate poolings over the response tokens: mean, last"}
+    )
+    l2: tuple[float, ...] = field(
+        default=(0.001, 0.01, 0.1, 1.0),
+        metadata={"help": "candidate L2 strengths of the logistic regression"},
+    )
+    keyword_feature: str = field(
+        default="auto",
+        metadata={
+            "help": "add the keyword judge's refusal flag as a feature: auto (chosen on validation), yes, no"
+        },
+    )
+    prompt_format: str = field(
+        default="chat", metadata={"help": "chat (the base model's chat template) or plain (User:/Assistant:)"}
+    )
+    max_length: int = field(default=512, metadata={"help": "tokens per pair; longer responses are cut"})
+    batch_size: int = field(default=4, metadata={"help": "pairs per forward (sorted by length)"})
+    validation_fraction: float = field(
+        default=0.2, metadata={"help": "share of --data (whole prompts) held out to choose on"}
+    )
+    label_field: str = field(default="label", metadata={"help": _LABEL_HELP["label_field"]})
+    harmful_labels: str = field(
+        default=",".join(HARMFUL_LABELS), metadata={"help": _LABEL_HELP["harmful_labels"]}
+    )
+    safe_labels: str = field(default=",".join(SAFE_LABELS), metadata={"help": _LABEL_HELP["safe_labels"]})
+    device: str = field(default="auto", metadata={"help": "device of the base model: auto, cpu, cuda, ..."})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the base model's forward: auto (bfloat16 where the hardware is fast at "
+            "it: CUDA, CPUs with AMX/AVX512-BF16; else float32), float32, bfloat16; the judge keeps it"
+        },
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
+
+    def __post_init__(self) -> None:
+        from antidote.evaluation.learned import DTYPES, POOLINGS, PROMPT_FORMATS
+
+        self.layers = _tuple(self.layers, int, "layers", "12,18,24")
+        self.poolings = _tuple(self.poolings, str, "poolings", "mean,last")
+        self.l2 = _tuple(self.l2, float, "l2", "0.001,0.01,0.1,1")
+        bad = [p for p in self.poolings if p not in POOLINGS]
+        if bad:
+            raise AntidoteError(f"unknown pooling {bad[0]!r}; choose from {', '.join(POOLINGS)}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise AntidoteError(
+                f"unknown prompt format {self.prompt_format!r}; choose one of {', '.join(PROMPT_FORMATS)}"
+            )
+        if self.dtype not in DTYPES:
+            raise AntidoteError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.keyword_feature not in ("auto", "yes", "no"):
+            raise AntidoteError(f"--keyword-feature must be auto, yes or no, got {self.keyword_feature!r}")
+        if any(x < 1 for x in self.layers) or any(x < 0 for x in self.l2):
+            raise AntidoteError("--layers must be 1 or more and --l2 0 or more")
+        for name in ("max_samples", "max_length", "batch_size"):
+            _positive(name, getattr(self, name))
+        _positive("max_length", self.max_length, 8)
+        if not 0 < self.validation_fraction < 1:
+            raise AntidoteError(f"--validation-fraction must be in (0, 1), got {self.validation_fraction}")
+
+
+@dataclass
+class JudgeSplitConfig:
+    """What `antidote judge split` writes: two files of whole prompts, for a held-out measurement."""
+
+    data: str = field(metadata={"help": "labelled pairs (JSONL/JSON/CSV) to split"})
+    output: str = field(metadata={"help": "folder for train.jsonl, heldout.jsonl and split.json"})
+    fraction: float = field(default=0.2, metadata={"help": "share of the rows (whole prompts) held out"})
+    seed: int = field(default=0, metadata={"help": "seed of the split"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction < 1:
+            raise AntidoteError(f"--fraction must be in (0, 1), got {self.fraction}")
+
+
+def _tuple(value: Any, kind: type, name: str, example: str) -> tuple[Any, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        out = tuple(kind(str(v).strip()) for v in items if str(v).strip())
+    except ValueError as err:
+        raise AntidoteError(
+            f"--{name.replace('_', '-')} {value!r} is not a comma list like {example}"
+        ) from err
+    if not out:
+        raise AntidoteError(f"--{name.replace('_', '-')} is empty; give a comma list like {example}")
+    return out
+
+
+def _labels(config: JudgeEvalConfig | JudgeTrainConfig) -> Any:
+    from antidote.evaluation.agreement import load_labelled, parse_labels
+
+    return load_labelled(
+        config.data,
+        label_field=config.label_field,
+        harmful_labels=parse_labels(config.harmful_labels),
+        safe_labels=parse_labels(config.safe_labels),
+    )
+
+
+# ---- eval -------------------------------------------------------------------------------------------------
+
+
+def run_judge_eval(config: JudgeEvalConfig) -> dict[str, Any]:
+    """Judge every labelled pair, compare with the labels, write judge_eval.json/.md when --output."""
+    from antidote.evaluation.agreement import judge_report, render_markdown
+    from antidote.evaluation.model_judges import make_judge
+    from antidote.outputs import atomic_output_dir, check_output_dir
+
+    kind, path = parse_judge_spec(config.judge)
+    if kind == "learned":
+        from antidote.evaluation.learned import read_judge_record
+
+        read_judge_record(path or "")
+    data = _labels(config)
+    out = check_output_dir(config.output, config.overwrite, inputs=(config.data,)) if config.output else None
+    judge = make_judge(config.judge, device=config.device)
+    start = time.perf_counter()
+    verdicts = judge.verdicts(data.prompts, data.responses)
+    seconds = time.perf_counter() - start
+    report = judge_report(data, verdicts, judge.name, n_resamples=config.resamples, seed=config.seed)
+    report.update(judge_spec=config.judge, judge_seconds=round(seconds, 1), config=asdict(config))
+    markdown = render_markdown(report)
+    if out is not None:
+        with atomic_output_dir(out, config.overwrite) as tmp:
+            (tmp / "judge_eval.json").write_text(json.dumps(report, indent=2) + "\n")
+            (tmp / "judge_eval.md").write_text(markdown)
+    report["markdown"] = markdown
+    return report
+
+
+def cmd_eval(config: JudgeEvalConfig) -> int:
+    report = run_judge_eval(config)
+    table = report["markdown"].split("\n## ")[0]
+    print(table.rstrip())
+    if config.output:
+        print(f"-> {Path(config.output).expanduser().resolve()} (judge_eval.json, judge_eval.md)")
+    return 0
+
+
+# ---- train ------------------------------------------------------------------------------------------------
+
+
+def run_judge_train(config: JudgeTrainConfig) -> dict[str, Any]:
+    """Featurise, choose on the validation split, fit, and write the judge folder (atomically)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from antidote import __version__
+    from antidote.evaluation import learned
+    from antidote.models.loading import load_model, resolve_model_folder
+    from antidote.outputs import atomic_output_dir, check_output_dir
+
+    data = _labels(config)
+    out = check_output_dir(config.output, config.overwrite, inputs=(config.data,))
+    rows = learned.sample_by_prompt(data.prompts, config.max_samples or len(data), config.seed + 1)
+    prompts = [data.prompts[i] for i in rows]
+    responses = [data.responses[i] for i in rows]
+    labels = torch.tensor([data.harmful[i] for i in rows])
+    train_idx, val_idx = learned.split_by_prompt(prompts, config.validation_fraction, config.seed)
+    for name, idx in (("training", train_idx), ("validation", val_idx)):
+        if len(idx) < 2 or len({bool(labels[i]) for i in idx}) < 2:
+            raise AntidoteError(
+                f"the {name} split of {config.data} ({len(idx)} rows) lacks one class; give more rows "
+                "or change --validation-fraction"
+            )
+    folder = resolve_model_folder(config.model)
+    key = learned.weights_key(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    format_key = learned.prompt_format_key(tokenizer, config.prompt_format)
+    dtype = learned.resolve_dtype(config.dtype, config.device)
+    loaded = load_model(folder, device=config.device, dtype=dtype, with_tokenizer=False)
+    _, blocks = learned.decoder_layers(loaded.model)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    features = learned.hidden_features(
+        loaded.model,
+        tokenizer,
+        prompts,
+        responses,
+        layers=config.layers,
+        prompt_format=config.prompt_format,
+        max_length=config.max_length,
+        batch_size=config.batch_size,
+    )
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    log.info("featurised %d pairs in %.1f s (%.1f CPU s)", len(prompts), seconds, cpu_seconds)
+    keyword = {"auto": (False, True), "yes": (True,), "no": (False,)}[config.keyword_feature]
+    trained = learned.choose_and_fit(
+        features, responses, labels, train_idx, val_idx, l2s=config.l2, keyword_options=keyword
+    )
+    given = Path(config.model).expanduser()
+    meta = {
+        "base_model": str(given.resolve()) if given.exists() else config.model,
+        "base_model_key": key,
+        "num_layers": len(blocks),
+        "prompt_format": config.prompt_format,
+        "prompt_format_key": format_key,
+        "max_length": config.max_length,
+        "dtype": dtype,
+        "training": {
+            "data": str(Path(config.data).expanduser().resolve()),
+            "rows": len(rows),
+            "rows_in_file": len(data),
+            "train_rows": len(train_idx),
+            "validation_rows": len(val_idx),
+            "validation_prompts": len({" ".join(prompts[i].split()) for i in val_idx}),
+            "seed": config.seed,
+            "label_field": config.label_field,
+            "harmful_labels": config.harmful_labels,
+            "safe_labels": config.safe_labels,
+            "candidate_layers": list(config.layers),
+            "featurise_seconds": round(seconds, 1),
+            "featurise_cpu_seconds": round(
+                cpu_seconds, 1
+            ),  # all threads: under CPU contention, wall > CPU/threads
+            "torch_threads": torch.get_num_threads(),
+        },
+        "antidote_version": __version__,
+        "config": asdict(config),
+    }
+    with atomic_output_dir(out, config.overwrite) as tmp:
+        learned.save_judge(tmp, trained, meta)
+    return json.loads((out / learned.JUDGE_FILE).read_text())
+
+
+def cmd_train(config: JudgeTrainConfig) -> int:
+    r = run_judge_train(config)
+    v = r["validation"]
+    print(
+        f"learned judge -> {Path(config.output).expanduser().resolve()}: layer {r['layer']} {r['pooling']}"
+        f"{' + keyword flag' if r['keyword_feature'] else ''}, L2 {r['l2']}, threshold {r['threshold']:.3f}; "
+        f"validation ({v['n']} rows) accuracy {v['accuracy']:.3f}, AUC {v['auc']:.3f}, judge HS "
+        f"{v['judge_hs']:.1f} vs human HS {v['human_hs']:.1f}; "
+        f"features {r['training']['featurise_seconds']} s"
+    )
+    return 0
+
+
+# ---- split ------------------------------------------------------------------------------------------------
+
+
+def run_judge_split(config: JudgeSplitConfig) -> dict[str, Any]:
+    from antidote.data.loading import read_rows
+    from antidote.evaluation.agreement import PROMPT_FIELDS
+    from antidote.evaluation.learned import split_by_prompt
+    from antidote.outputs import atomic_output_dir, check_output_dir
+
+    rows = read_rows(config.data)
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        raise AntidoteError(f"{config.data} holds no records; give a JSONL/JSON/CSV file of labelled pairs")
+    lower = {k.lower(): k for k in rows[0]}
+    name = next((lower[n] for n in PROMPT_FIELDS if n in lower), None)
+    if name is None or any(name not in r for r in rows):
+        raise AntidoteError(f"{config.data} needs a prompt field in every row ({', '.join(PROMPT_FIELDS)})")
+    out = check_output_dir(config.output, config.overwrite, inputs=(config.data,))
+    kept, held = split_by_prompt([str(r[name]) for r in rows], config.fraction, config.seed)
+    record = {
+        "data": str(Path(config.data).expanduser().resolve()),
+        "fraction": config.fraction,
+        "seed": config.seed,
+        "rows": len(rows),
+        "train_rows": len(kept),
+        "heldout_rows": len(held),
+        "split": "by prompt text (whitespace-normalised): no prompt on both sides",
+    }
+    with atomic_output_dir(out, config.overwrite) as tmp:
+        for file, idx in (("train.jsonl", kept), ("heldout.jsonl", held)):
+            (tmp / file).write_text("".join(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in idx))
+        (tmp / "split.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def cmd_split(config: JudgeSplitConfig) -> int:
+    r = run_judge_split(config)
+    print(f"{r['train_rows']} training rows, {r['heldout_rows']} held-out rows -> {config.output}")
+    return 0
+
+
+# ---- the sub-subcommand table ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JudgeCommand:
+    name: str
+    help: str
+    config: type
+    run: Callable[[Any], int]
+    description: str = ""
+
+
+JUDGE_COMMANDS = (
+    JudgeCommand(
+        "eval",
+        "agreement of a judge with human labels: accuracy, precision, recall, F1, kappa, HS, 95%% intervals",
+        JudgeEvalConfig,
+        cmd_eval,
+        "Judge each labelled (prompt, response) pair and compare with the human label: accuracy, "
+        "precision, recall, F1, Cohen's kappa and the judge's HS beside the human HS, each with a 95% "
+        "percentile bootstrap interval, a confusion table and example disagreements. Degenerate and "
+        "unparsed verdicts are counted and treated as not harmful.",
+    ),
+    JudgeCommand(
+        "train",
+        "train the learned judge: a logistic probe on a frozen local LM's hidden states (CPU)",
+        JudgeTrainConfig,
+        cmd_train,
+        "Featurise each labelled pair with the frozen base model (chat template, hidden states pooled "
+        "over the response), choose layer, pooling, L2 and the keyword feature on a validation split by "
+        "prompt, and write a judge folder that --judge learned:PATH loads.",
+    ),
+    JudgeCommand(
+        "split",
+        "split a labelled file by prompt into train.jsonl and heldout.jsonl",
+        JudgeSplitConfig,
+        cmd_split,
+        "Seeded split of whole prompts, so that a judge trained on train.jsonl is measured on prompts "
+        "it never saw.",
+    ),
+)
+
+
+def add_judge_subcommands(
+    parser: argparse.ArgumentParser,
+    add_arguments: Callable[[argparse.ArgumentParser, type], None],
+    add_config_file: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    """`antidote judge ACTION`: one sub-parser per entry of JUDGE_COMMANDS, options from its dataclass."""
+    actions = parser.add_subparsers(dest="judge_action", metavar="ACTION", required=True)
+    for command in JUDGE_COMMANDS:
+        sub = actions.add_parser(
+            command.name, help=command.help, description=command.description or command.help
+        )
+        add_config_file(sub)
+        add_arguments(sub, command.config)
+        sub.set_defaults(judge_command=command)
+
+
+def run_judge_command(
+    args: argparse.Namespace, config_from_args: Callable[[type, argparse.Namespace], Any]
+) -> int:
+    command: JudgeCommand = args.judge_command
+    return command.run(config_from_args(command.config, args))
