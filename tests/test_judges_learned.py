@@ -223,7 +223,12 @@ def test_train_writes_a_judge_folder_chosen_on_validation(trained: dict[str, Pat
     from antidote.evaluation.learned import weights_key
 
     folder = trained["judge"]
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "judge.json", "probe.safetensors"]
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "README.md",
+        "judge.json",
+        "probe.safetensors",
+    ]
+    assert (folder / ".antidote-output.json").is_file()  # the marker: --overwrite may replace it
     record = json.loads((folder / "judge.json").read_text())
     assert record["base_model_key"] == weights_key(trained["model"])
     assert record["layer"] in (1, 2) and record["pooling"] in ("mean", "last")
