@@ -90,6 +90,28 @@ def select_within_budget(
     return keep.reshape(rows, count)
 
 
+def compensate_block(
+    w: torch.Tensor, ft: torch.Tensor, keep: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequential OBS over a block of B columns, all rows at once, in the transposed layout.
+
+    w, ft: (B, rows), the block's current and fine-tuned columns (column j of W is row j here); keep: bool
+    (B, rows); u: (B, B), the block's part of U. Column by column, a kept entry is set to its fine-tuned
+    value and err_j = (w_j - q_j) / u_jj is taken off the later columns (w_k -= u_jk err_j). Since err is
+    zero where nothing is kept, each row's errors solve one lower-triangular system,
+        u_jj e_j + keep_j * sum_{i<j} u_ij e_i = keep_j * (w_j - ft_j),
+    so the B steps are one batched triangular solve. Returns (the new block (B, rows), err (B, rows)).
+    """
+    import torch
+
+    lower = torch.tril(u.T, diagonal=-1)  # lower[j, i] = u[i, j] for i < j
+    k = keep.T.to(w.dtype)  # (rows, B)
+    system = torch.diag_embed(torch.diag(u)).unsqueeze(0) + k.unsqueeze(2) * lower.unsqueeze(0)
+    rhs = (k * (w - ft).T).unsqueeze(2)  # (rows, B, 1)
+    err = torch.linalg.solve_triangular(system, rhs, upper=False).squeeze(2).T  # (B, rows)
+    return torch.where(keep, ft, w - lower @ err), err
+
+
 def safe_delta(
     weight: torch.Tensor,
     finetuned: torch.Tensor,
@@ -99,35 +121,31 @@ def safe_delta(
     damp: float = 0.01,
     exclude: float = 0.15,
     block_size: int = 2048,
-    lazy: int = 128,
+    lazy: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Safe Delta on one layer. weight: the aligned W (rows, cols); finetuned: W_ft (rows, cols); h: (cols,
     cols) the layer-input Hessian on safe data. Returns (the new weight (rows, cols) float64, the bool
-    keep mask (rows, cols)). `lazy` only batches the compensation (SparseGPT's lazy updates); the result
-    does not depend on it."""
+    keep mask (rows, cols)). `lazy` only groups the compensation (SparseGPT's lazy updates, solved per
+    group by `compensate_block`); the result does not depend on it."""
     import torch
 
     u = hessian_inverse_factor(h, damp).to(weight.device)
     d = torch.diag(u)
-    w = weight.double().clone()
-    ft = finetuned.double()
-    rows, cols = w.shape
-    keep = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
+    # Work on the transposes, (cols, rows), so that a column of W is a contiguous row here.
+    w = weight.double().T.contiguous()
+    ft = finetuned.double().T.contiguous()
+    cols, rows = w.shape
+    keep = torch.zeros(cols, rows, dtype=torch.bool, device=w.device)
     for b1 in range(0, cols, block_size):
         b2 = min(b1 + block_size, cols)
         cost = 1.0 / d[b1:b2] ** 2
-        loss = (ft[:, b1:b2] - w[:, b1:b2]) ** 2 * cost
-        keep[:, b1:b2] = select_within_budget(loss, cost, block_budget(s, rows, cost), exclude)
-        for l1 in range(b1, b2, lazy):  # sequential OBS, one column at a time, updates batched
+        loss = (ft[b1:b2] - w[b1:b2]) ** 2 * cost.unsqueeze(1)
+        keep[b1:b2] = select_within_budget(loss.T, cost, block_budget(s, rows, cost), exclude).T
+        for l1 in range(b1, b2, lazy):
             l2 = min(l1 + lazy, b2)
-            err = torch.zeros(rows, l2 - l1, dtype=w.dtype, device=w.device)
-            for j in range(l1, l2):
-                q = torch.where(keep[:, j], ft[:, j], w[:, j])
-                err[:, j - l1] = (w[:, j] - q) / d[j]
-                w[:, j] = q
-                w[:, j + 1 : l2] -= err[:, j - l1 : j - l1 + 1] @ u[j : j + 1, j + 1 : l2]
-            w[:, l2:] -= err @ u[l1:l2, l2:]
-    return w, keep
+            w[l1:l2], err = compensate_block(w[l1:l2], ft[l1:l2], keep[l1:l2], u[l1:l2, l1:l2])
+            w[l2:] -= u[l1:l2, l2:].T @ err
+    return w.T, keep.T
 
 
 # ---- collecting the Hessians ------------------------------------------------------------------------------
@@ -185,6 +203,7 @@ def collect_hessians(
 ) -> dict[str, torch.Tensor]:
     """H (in, in) float64 per target from one forward pass over `sequences` (token ids) as `model` is."""
     import torch
+    from tqdm.auto import tqdm
 
     from antidote.realignment.calibrate import hooks_removed_after, make_batches
 
@@ -192,7 +211,9 @@ def collect_hessians(
     device = model.get_input_embeddings().weight.device  # type: ignore[operator]
     handles = [m.register_forward_pre_hook(acc.hook(name)) for name, m in targets.items()]
     with hooks_removed_after(handles), torch.no_grad():
-        for batch in make_batches(sequences, batch_size):
+        for batch in tqdm(
+            make_batches(sequences, batch_size), desc="safedelta hessians", unit="batch", leave=False
+        ):
             width = max(len(sequences[i]) for i in batch)
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -231,7 +252,7 @@ class SafeDeltaConfig:
         default="",
         metadata={
             "help": "safe data: harmful prompts with safe (refusal) answers, e.g. refusals or "
-            "builtin-refusals:train; the layer Hessians come from it"
+            "builtin-refusals:calibrate; the layer Hessians come from it"
         },
     )
     output: str | None = field(default=None, metadata={"help": "output folder (written atomically)"})
@@ -293,6 +314,7 @@ class SafeDeltaConfig:
 
 def run(config: SafeDeltaConfig) -> dict[str, Path]:
     import torch
+    from tqdm.auto import tqdm
 
     from antidote.data import load_examples, tokenize_examples
     from antidote.defenses.weight_edit import (
@@ -332,7 +354,7 @@ def run(config: SafeDeltaConfig) -> dict[str, Path]:
     adapter = loaded.adapter_name
     masks, per_layer = {}, {}
     with torch.no_grad():
-        for name, layer in layers.items():
+        for name, layer in tqdm(layers.items(), desc="safedelta layers", unit="layer", leave=False):
             weight = layer.base_layer.weight
             finetuned = weight.float() + layer.get_delta_weight(adapter).float().to(weight.device)
             new, keep = safe_delta(
