@@ -199,6 +199,24 @@ def _stage_folder(out: Path, overwrite: bool) -> Iterator[Path]:
             yield Path(scratch)
 
 
+def _fit(loaded: Any, pairs: list[tuple[str, str]], config: TrainConfig, tmp: Path, desc: str) -> Any:
+    """Train a LoRA on `pairs` (Trainer files under tmp/.trainer, logs under tmp/runs); the adapter records
+    the model it was trained on, as given (resolved), so PEFT alone loads the right base."""
+    from antidote.training.sft import fit_lora
+
+    trained = fit_lora(
+        loaded.model,
+        loaded.tokenizer,
+        pairs,
+        config,
+        output_dir=tmp / TRAINER_DIR,
+        desc=desc,
+        logging_dir=tmp / "runs",
+    )
+    trained.model.peft_config["default"].base_model_name_or_path = _base_reference(loaded.folder)
+    return trained
+
+
 def _base_reference(folder: str) -> str:
     """What an adapter records as its base model: the model folder as an absolute path, or the hub id."""
     path = Path(folder).expanduser()
@@ -217,7 +235,6 @@ def _train_report(trained: Any) -> dict[str, Any]:
 def run_align(config: AlignConfig) -> Path:
     from antidote.models import load_model
     from antidote.outputs import check_output_dir
-    from antidote.training.sft import fit_lora
 
     if not config.output:
         raise AntidoteError("missing --output DIR for the aligned model")
@@ -245,16 +262,7 @@ def run_align(config: AlignConfig) -> Path:
     loaded = load_model(config.model, device=_load_device())
     pairs = _format(loaded.tokenizer, config.template, refusals + helpful + task)
     with _stage_folder(out, config.overwrite) as tmp:
-        trained = fit_lora(
-            loaded.model,
-            loaded.tokenizer,
-            pairs,
-            config,
-            output_dir=tmp / TRAINER_DIR,
-            desc="align",
-            logging_dir=tmp / "runs",
-        )
-        trained.model.peft_config["default"].base_model_name_or_path = _base_reference(loaded.folder)
+        trained = _fit(loaded, pairs, config, tmp, "align")
         adapter = tmp / "adapter"
         if trained.sharded:  # gather the adapter (every process takes part), merge it from disk on the CPU
             trained.save_adapter(adapter)
@@ -311,7 +319,6 @@ def attack_mix(
 def run_finetune(config: FinetuneConfig) -> Path:
     from antidote.models import load_model
     from antidote.outputs import check_output_dir
-    from antidote.training.sft import fit_lora
 
     if not config.output:
         raise AntidoteError("missing --output DIR for the attack adapter")
@@ -330,17 +337,7 @@ def run_finetune(config: FinetuneConfig) -> Path:
     loaded = load_model(config.model, device=_load_device())
     pairs = _format(loaded.tokenizer, config.template, mix)
     with _stage_folder(out, config.overwrite) as tmp:
-        trained = fit_lora(
-            loaded.model,
-            loaded.tokenizer,
-            pairs,
-            config,
-            output_dir=tmp / TRAINER_DIR,
-            desc="finetune",
-            logging_dir=tmp / "runs",
-        )
-        # The model it was trained on, as given (resolved): PEFT loads this base with the adapter.
-        trained.model.peft_config["default"].base_model_name_or_path = _base_reference(loaded.folder)
+        trained = _fit(loaded, pairs, config, tmp, "finetune")
         trained.save_adapter(tmp)
         if not _is_main_process():
             return out
