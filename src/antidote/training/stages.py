@@ -18,7 +18,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,9 +199,22 @@ def _stage_folder(out: Path, overwrite: bool) -> Iterator[Path]:
             yield Path(scratch)
 
 
-def _fit(loaded: Any, pairs: list[tuple[str, str]], config: TrainConfig, tmp: Path, desc: str) -> Any:
+# The seam for training-stage defenses: given the loaded model (model, tokenizer, folder) and the stage's
+# config, return extra keyword arguments of `fit_lora` (trainer_class, callbacks, extra).
+Seam = Callable[[Any, Any], dict[str, Any]]
+
+
+def _fit(
+    loaded: Any,
+    pairs: list[tuple[str, str]],
+    config: TrainConfig,
+    tmp: Path,
+    desc: str,
+    seam: Seam | None = None,
+) -> Any:
     """Train a LoRA on `pairs` (Trainer files under tmp/.trainer, logs under tmp/runs); the adapter records
-    the model it was trained on, as given (resolved), so PEFT alone loads the right base."""
+    the model it was trained on, as given (resolved), so PEFT alone loads the right base. `seam` (a
+    training-stage defense) supplies its Trainer subclass, callbacks and their arguments."""
     from antidote.training.sft import fit_lora
 
     trained = fit_lora(
@@ -212,6 +225,7 @@ def _fit(loaded: Any, pairs: list[tuple[str, str]], config: TrainConfig, tmp: Pa
         output_dir=tmp / TRAINER_DIR,
         desc=desc,
         logging_dir=tmp / "runs",
+        **(seam(loaded, config) if seam is not None else {}),
     )
     trained.model.peft_config["default"].base_model_name_or_path = _base_reference(loaded.folder)
     return trained
@@ -232,7 +246,9 @@ def _train_report(trained: Any) -> dict[str, Any]:
     }
 
 
-def run_align(config: AlignConfig) -> Path:
+def run_align(config: AlignConfig, seam: Seam | None = None) -> Path:
+    """Align `config.model` and write the merged model to `config.output`. An alignment-stage defense passes
+    `seam` (its Trainer subclass and arguments) and is otherwise this same stage."""
     from antidote.models import load_model
     from antidote.outputs import check_output_dir
 
@@ -262,7 +278,7 @@ def run_align(config: AlignConfig) -> Path:
     loaded = load_model(config.model, device=_load_device())
     pairs = _format(loaded.tokenizer, config.template, refusals + helpful + task)
     with _stage_folder(out, config.overwrite) as tmp:
-        trained = _fit(loaded, pairs, config, tmp, "align")
+        trained = _fit(loaded, pairs, config, tmp, "align", seam)
         adapter = tmp / "adapter"
         if trained.sharded:  # gather the adapter (every process takes part), merge it from disk on the CPU
             trained.save_adapter(adapter)
@@ -316,7 +332,9 @@ def attack_mix(
     return mix, n_harmful
 
 
-def run_finetune(config: FinetuneConfig) -> Path:
+def run_finetune(config: FinetuneConfig, seam: Seam | None = None) -> Path:
+    """Train the fine-tuning adapter and write it to `config.output`. A fine-tuning-stage defense passes
+    `seam` (its Trainer subclass and arguments) and is otherwise this same stage."""
     from antidote.models import load_model
     from antidote.outputs import check_output_dir
 
@@ -337,7 +355,7 @@ def run_finetune(config: FinetuneConfig) -> Path:
     loaded = load_model(config.model, device=_load_device())
     pairs = _format(loaded.tokenizer, config.template, mix)
     with _stage_folder(out, config.overwrite) as tmp:
-        trained = _fit(loaded, pairs, config, tmp, "finetune")
+        trained = _fit(loaded, pairs, config, tmp, "finetune", seam)
         trained.save_adapter(tmp)
         if not _is_main_process():
             return out
