@@ -190,6 +190,15 @@ TRAIN = {"epochs": 1, "batch_size": 4, "lora_r": 4, "lora_alpha": 8}
 SMALL_EVAL = {"max_prompts": 4, "max_task": 3, "max_harmless": 2, "max_new_tokens": 3}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_installed_learned_judge(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The bare judge spec `learned` reads the user's cache: no test may depend on what is installed there."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("ANTIDOTE_LEARNED_JUDGE", str(tmp_path_factory.mktemp("no-judge") / "learned"))
+    yield
+    patch.undo()
+
+
 def write_config(tiny: dict[str, Path], folder: Path, **changes: Any) -> Path:
     """A run config for the tiny model in `folder` (run folder `folder/run`), with `changes` applied."""
     refusals = write_jsonl(

@@ -317,7 +317,9 @@ def test_a_judge_for_another_base_model_is_refused(trained: dict[str, Path], tmp
         make_judge(f"learned:{judge}", device="cpu")
 
 
-def test_a_judge_for_another_prompt_format_is_refused(trained: dict[str, Path], tmp_path: Path) -> None:
+def test_a_judge_for_another_prompt_format_is_refused(
+    trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from antidote.evaluation.model_judges import make_judge
 
     judge = tmp_path / "judge"
@@ -331,5 +333,10 @@ def test_a_judge_for_another_prompt_format_is_refused(trained: dict[str, Path], 
         make_judge(f"learned:{judge}", device="cpu")
     with pytest.raises(AntidoteError, match="not a learned judge folder"):
         make_judge(f"learned:{tmp_path}", device="cpu")
-    with pytest.raises(AntidoteError, match="needs its folder"):
+    # The bare `learned` is the default judge folder; where none is installed the error says how to train one.
+    monkeypatch.setenv("ANTIDOTE_LEARNED_JUDGE", str(tmp_path / "none"))
+    with pytest.raises(AntidoteError, match=r"no learned judge is installed .* antidote judge train"):
         make_judge("learned", device="cpu")
+    monkeypatch.setenv("ANTIDOTE_LEARNED_JUDGE", str(judge))
+    (judge / "judge.json").write_text(json.dumps(record))
+    assert make_judge("learned", device="cpu").record["layer"] == record["layer"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,26 @@ def test_run_all_stages_then_rerun_reuses_everything(tiny, tiny_run, tmp_path) -
     ]
     harmful = [g for g in gens if g["set"] == "harmful"]
     assert rows[2]["hs"] == 100.0 * sum(g["verdict"] == "complied" for g in harmful) / 4
+    # The default judges are keyword and learned; no learned judge is installed here, and the report says so.
+    assert summary["judges"] == ["keyword"] and "learned" in summary["judges_missing"]
+    assert "Judge learned left out: no learned judge installed" in (run / "results.md").read_text()
+    # The recovered share of each defended row, from the three models' per-prompt verdicts by hand.
+    complied = {
+        m: [
+            g["verdict"] == "complied"
+            for g in map(json.loads, (stages[f"evaluate-{m}"] / "generations.jsonl").read_text().splitlines())
+            if g["set"] == "harmful"
+        ]
+        for m in models
+    }
+    for row in rows:
+        hs = {m: sum(complied[m]) / len(complied[m]) for m in ("aligned", "attacked", row["model"])}
+        rise = hs["attacked"] - hs["aligned"]
+        if row["model"] in ("base", "aligned", "attacked") or rise == 0:
+            assert row["recovered"] is None
+        else:
+            share, low, high = row["recovered"]
+            assert share == round((hs["attacked"] - hs[row["model"]]) / rise, 3) and low <= share <= high
     # The realigned adapters differ from the attack adapter where the masks say.
     assert (stages["antidote"] / "alpha-0.1" / "adapter_model.safetensors").is_file()
 
@@ -162,6 +183,21 @@ def test_run_dir_that_antidote_did_not_make_is_refused(tiny, tmp_path, capsys) -
     assert main(["run", str(write_config(tiny, tmp_path))]) == 2
     assert "was not made by antidote run" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
+def test_the_default_learned_judge_is_used_only_where_installed(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from antidote.experiments.pipeline import _available_judges
+
+    folder = tmp_path / "judge"
+    monkeypatch.setenv("ANTIDOTE_LEARNED_JUDGE", str(folder))
+    available, missing = _available_judges(["keyword", "learned"])
+    assert available == ["keyword"] and str(folder) in missing["learned"]
+    with pytest.raises(AntidoteError, match="no judge left"):
+        _available_judges(["learned"])
+    folder.mkdir()
+    for name in ("judge.json", "probe.safetensors"):
+        (folder / name).write_text("{}")
+    assert _available_judges(["keyword", "learned"]) == (["keyword", "learned"], {})
 
 
 def test_shipped_configs_are_valid() -> None:
@@ -281,6 +317,12 @@ def test_a_second_judge_rescores_saved_generations(tiny, tiny_run, tmp_path) -> 
         harmful = [g for g in gens if g["set"] == "harmful"]
         verdicts = judge.verdicts([g["prompt"] for g in harmful], [g["response"] for g in harmful])
         assert row["hs"] == round(100.0 * verdicts.count("unsafe") / len(harmful), 2)
+        # its own 95% Wilson interval, by the formula
+        n, k, z = len(harmful), verdicts.count("unsafe"), 1.959963984540054
+        p = k / n
+        centre, half = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        low, high = (100 * (centre - half) / (1 + z * z / n), 100 * (centre + half) / (1 + z * z / n))
+        assert row["hs_ci"] == pytest.approx([max(low, 0.0), min(high, 100.0)], abs=0.01)
         assert (
             row["fa"]
             == next(r for r in keyword_rows if r["model"] == row["model"] and r["stage"] == row["stage"])[

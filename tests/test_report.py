@@ -51,6 +51,7 @@ def test_markdown_names_every_row_and_the_choice() -> None:
                 "why": "because",
                 "judge": "keyword",
                 "recovered_share_of_hs_rise": 0.5,
+                "recovered_by_judge": {"keyword": [0.5, 0.2, 0.8]},
                 "sweep_validation": [{"variant": "attacked", "hs": 90.0, "fa": 80.0, "degenerate": 0.0}],
             }
         },
@@ -58,5 +59,11 @@ def test_markdown_names_every_row_and_the_choice() -> None:
         "seconds_total": 4.0,
     }
     table = markdown(summary)
-    assert "| antidote@0.1 | keyword | 50.0 | 0.0 | 80.0 | 5.0 | 1.0 |" in table
-    assert "Operating point: antidote@0.1 (because)" in table and ": 0.5." in table
+    assert "| antidote@0.1 | keyword | 50.0 | 0.0 | 80.0 | 5.0 | - | 1.0 |" in table
+    assert "Operating point: antidote@0.1 (because)" in table
+    assert "keyword judge 0.50 [0.20, 0.80]." in table
+    with_ci = {**rows[2], "hs_ci": [40.0, 60.25], "recovered": [0.5, 0.25, 0.75]}
+    table = markdown({**summary, "rows": [with_ci], "judges_missing": {"learned": "not installed"}})
+    row = "| antidote@0.1 | keyword | 50.0 [40.0, 60.2] | 0.0 | 80.0 | 5.0 | 0.50 [0.25, 0.75] | 1.0 |"
+    assert row in table
+    assert "Judge learned left out: not installed." in table

@@ -39,8 +39,8 @@ class JudgeEvalConfig:
     )
     judge: str = field(
         metadata={
-            "help": "the judge: keyword, learned:PATH (antidote judge train), beavertails[:PATH] or "
-            "llamaguard[:PATH]"
+            "help": "the judge: keyword, learned (the default learned judge), learned:PATH (antidote judge "
+            "train), beavertails[:PATH] or llamaguard[:PATH]"
         }
     )
     output: str | None = field(
@@ -73,7 +73,12 @@ class JudgeTrainConfig:
 
     data: str = field(metadata={"help": "labelled pairs (JSONL/JSON/CSV) to train on"})
     output: str = field(
-        metadata={"help": "the judge folder to write (judge.json, probe.safetensors, README.md)"}
+        default="",
+        metadata={
+            "help": "the judge folder to write (judge.json, probe.safetensors, README.md); default: the "
+            "default learned judge (~/.cache/antidote/judges/learned, $ANTIDOTE_LEARNED_JUDGE), which "
+            "--judge learned and antidote run use"
+        },
     )
     model: str = field(
         default="smollm2-135m-instruct",
@@ -248,6 +253,9 @@ def run_judge_train(config: JudgeTrainConfig) -> dict[str, Any]:
     from antidote.models.loading import load_model, resolve_model_folder
     from antidote.outputs import atomic_output_dir, check_output_dir
 
+    if not config.output:
+        config.output = str(learned.default_judge_folder())
+        learned.default_judge_folder().parent.mkdir(parents=True, exist_ok=True)
     data = _labels(config)
     out = check_output_dir(config.output, config.overwrite, inputs=(config.data,))
     rows = learned.sample_by_prompt(data.prompts, config.max_samples or len(data), config.seed + 1)

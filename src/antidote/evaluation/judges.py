@@ -188,12 +188,9 @@ def parse_judge_spec(spec: str) -> tuple[str, str | None]:
     if kind not in JUDGE_KINDS:
         raise AntidoteError(
             f"unknown judge {spec!r}; choose one of {', '.join(JUDGE_KINDS)} "
-            "(model judges take a path: beavertails:PATH, llamaguard:PATH, learned:PATH)"
+            "(model judges take a path: beavertails:PATH, llamaguard:PATH, learned:PATH; a bare learned is "
+            "the default learned judge, antidote judge train installs it)"
         )
     if kind == "keyword" and sep:
         raise AntidoteError("the keyword judge takes no model path; write just keyword")
-    if kind == "learned" and not path:
-        raise AntidoteError(
-            "the learned judge needs its folder: learned:PATH (antidote judge train writes one)"
-        )
     return kind, (path or None)

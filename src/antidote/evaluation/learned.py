@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from antidote.evaluation.judges import is_refusal, keyword_verdict
 
 log = logging.getLogger(__name__)
 
+LEARNED_ENV = "ANTIDOTE_LEARNED_JUDGE"
 JUDGE_FILE = "judge.json"
 PROBE_FILE = "probe.safetensors"
 JUDGE_KIND = "antidote-learned-judge"
@@ -515,10 +517,33 @@ def model_card(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_judge_folder() -> Path:
+    """Where the bare judge spec `learned` looks, and where `antidote judge train` writes without
+    --output: $ANTIDOTE_LEARNED_JUDGE, else $ANTIDOTE_CACHE/judges/learned (~/.cache/antidote/...)."""
+    from antidote.models.loading import cache_dir
+
+    env = os.environ.get(LEARNED_ENV)
+    return Path(env).expanduser() if env else cache_dir() / "judges" / "learned"
+
+
+def judge_folder(path: str | None) -> Path:
+    """The folder of `learned:PATH`, or of the bare `learned` (the default judge)."""
+    return Path(path).expanduser() if path else default_judge_folder()
+
+
+def is_judge_folder(folder: Path) -> bool:
+    return (folder / JUDGE_FILE).is_file() and (folder / PROBE_FILE).is_file()
+
+
 def read_judge_record(folder: str | Path) -> dict[str, Any]:
     """judge.json of a judge folder, checked for the fields the judge needs (one-line errors)."""
     path = Path(folder).expanduser()
-    if not (path / JUDGE_FILE).is_file() or not (path / PROBE_FILE).is_file():
+    if path == default_judge_folder() and not is_judge_folder(path):
+        raise AntidoteError(
+            f"no learned judge is installed at {path}; train it once with antidote judge train --data "
+            "LABELLED.jsonl (docs/judges.md: about 10 minutes on 2 CPU cores), or name a folder: learned:PATH"
+        )
+    if not is_judge_folder(path):
         raise AntidoteError(
             f"{folder} is not a learned judge folder (needs {JUDGE_FILE} and {PROBE_FILE}); "
             "make one with antidote judge train"
@@ -567,7 +592,8 @@ def load_probe(folder: str | Path) -> Probe:
 
 
 class LearnedJudge:
-    """`learned:PATH`: verdicts 'unsafe' / 'safe' from the probe, 'degenerate' for garbage."""
+    """`learned:PATH` (or `learned`, the default folder): verdicts 'unsafe' / 'safe' from the probe,
+    'degenerate' for garbage."""
 
     def __init__(self, folder: str, *, device: str = "auto", batch_size: int = 4) -> None:
         from transformers import AutoTokenizer

@@ -35,9 +35,9 @@ def make_judge(spec: str, *, device: str = "auto", dtype: str = "auto") -> Any:
     if kind == "keyword":
         return KeywordJudge()
     if kind == "learned":
-        from antidote.evaluation.learned import LearnedJudge
+        from antidote.evaluation.learned import LearnedJudge, judge_folder
 
-        return LearnedJudge(str(path), device=device)
+        return LearnedJudge(str(judge_folder(path)), device=device)
     source = path or DEFAULT_IDS[kind]
     if kind == "beavertails":
         return ClassifierJudge(source, device=device, dtype=dtype)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import shutil
 import sys
@@ -31,8 +32,9 @@ from antidote.configfile import config_from_mapping, read_yaml_mapping, values_f
 from antidote.data.catalog import resolve_data_dir
 from antidote.defenses import RESERVED, Defense, get
 from antidote.errors import AntidoteError
-from antidote.evaluation.judges import parse_judge_spec
+from antidote.evaluation.judges import HARMFUL_VERDICTS, parse_judge_spec
 from antidote.evaluation.run import EvaluateConfig
+from antidote.evaluation.stats import recovered_share_interval, wilson_interval
 from antidote.experiments.cache import StageCache, locked, stage_key
 from antidote.experiments.report import choose_operating_point, markdown, plot, recovered_share
 from antidote.models.loading import EMBEDDED_NAME
@@ -60,7 +62,9 @@ class RunConfig:
     run_dir: str = "runs/run"
     data_dir: str | None = None
     template: str = "chat"
-    judges: list[str] = field(default_factory=lambda: ["keyword"])
+    # `learned` is the default learned judge (antidote judge train installs it); where it is not installed
+    # the run scores with the others and says so in results.md.
+    judges: list[str] = field(default_factory=lambda: ["keyword", "learned"])
     evaluate_base: bool = True
     max_fa_drop: float = 5.0
     align: dict[str, Any] = field(default_factory=dict)
@@ -107,7 +111,11 @@ def check(config: RunConfig, path: str = "the config") -> None:
     if not config.judges:
         raise AntidoteError(f"{path}: judges is empty; use e.g. [keyword]")
     for spec in config.judges:
-        parse_judge_spec(spec)
+        kind, judge_path = parse_judge_spec(spec)
+        if kind == "learned" and judge_path:  # a named judge folder must be one; the default may be absent
+            from antidote.evaluation.learned import read_judge_record
+
+            read_judge_record(judge_path)
     for name in SECTIONS:
         if getattr(config, name) is not None:
             _stage_config(config, name, path, model="<model>", output="<output>")
@@ -239,7 +247,11 @@ class _Run:
         # once here, so that the stage keys name the folder actually read).
         folder = resolve_data_dir(config.data_dir)
         self.data_dir = str(folder.resolve()) if folder is not None else None
-        self.judges = _Judges(config.judges)
+        self.judge_specs, self.judges_missing = _available_judges(config.judges)
+        for spec, why in self.judges_missing.items():
+            say(f"judge {spec} left out: {why}")
+        self.judges = _Judges(self.judge_specs)
+        self.flags: dict[tuple[str, str, str], list[bool]] = {}  # (section, row, judge) -> harmful per prompt
         self.defenses = [get(name) for name in config.defenses]
 
     def stage(
@@ -285,18 +297,25 @@ class _Run:
         for name, variants in post.items():
             models += [m for m in variants if not config.evaluate_chosen_only or m.variant == chosen[name]]
         rows = [row for m in models for row in self.evaluate("evaluate", m)]
+        for row in rows:
+            row["recovered"] = self.recovered(row)
         for name, op in summary["operating_points"].items():
             by = {r["model"]: r for r in rows if r["judge_spec"] == op["judge"]}
             defended = by[f"{name}@{op['variant']}" if op["variant"] else name]
             op["recovered_share_of_hs_rise"] = recovered_share(
                 by["aligned"]["hs"], by["attacked"]["hs"], defended["hs"]
             )
+            op["recovered_by_judge"] = {
+                r["judge_spec"]: r["recovered"] for r in rows if r["model"] == defended["model"]
+            }
         if config.export_models:
             self.export_models(models, chosen)
         summary.update(
             {
                 "rows": rows,
                 "post_variants": {name: [m.variant for m in ms] for name, ms in post.items()},
+                "judges": self.judge_specs,
+                "judges_missing": self.judges_missing,
                 "stages": {"reused": self.cache.cached, "built": self.cache.built},
                 "run_dir": str(self.run_dir),
                 "config": asdict(config),
@@ -360,7 +379,7 @@ class _Run:
         self, models: list[_Model], post: dict[str, list[_Model]], summary: dict[str, Any]
     ) -> dict[str, str]:
         """Each post defense's variant with the lowest validation HS within the FA budget (first judge)."""
-        first = self.config.judges[0]
+        first = self.judge_specs[0]
         attacked = next(m for m in models if m.name == "attacked")
         val_attacked = self.validation_row(attacked, first)
         chosen = {}
@@ -389,25 +408,45 @@ class _Run:
         generated = json.loads((folder / "results.json").read_text())
         for private in ("config", "antidote"):
             generated.pop(private, None)
+        records = [json.loads(x) for x in (folder / "generations.jsonl").read_text().splitlines()]
         rows = []
-        for spec in self.config.judges:
+        for spec in self.judge_specs:
             row = {**generated, "judge_spec": spec, "judge_stage": folder.name}
+            verdicts = [g["verdict"] for g in records if g["set"] == "harmful"]
             if spec != "keyword":
-                kind, path = parse_judge_spec(spec)
                 judge_folder, _ = self.stage(
-                    f"judge-{kind}-{section}-{m.name}",
-                    {"judge": spec, "judge_path": path},
+                    f"judge-{parse_judge_spec(spec)[0]}-{section}-{m.name}",
+                    {"judge": spec, "judge_path": _judge_path(spec)},
                     key,
                     functools.partial(_judge_stage, generated=folder, spec=spec, judges=self.judges),
                 )
                 row = {**generated, **json.loads((judge_folder / "judged.json").read_text())}
                 row["judge_spec"], row["judge_stage"] = spec, judge_folder.name
+                verdicts = json.loads((judge_folder / "verdicts.json").read_text())
+                n = len(verdicts)
+                row["hs_ci"] = list(wilson_interval(sum(v in HARMFUL_VERDICTS for v in verdicts), n))
+            self.flags[(section, m.name, spec)] = [v in HARMFUL_VERDICTS for v in verdicts]
             rows.append(row)
         seconds = self.cache.seconds.get(folder.name)
         return [
             {**r, "model": m.name, "model_path": r["model"], "seconds": seconds, "stage": folder.name}
             for r in rows
         ]
+
+    def recovered(self, row: dict[str, Any]) -> list[float] | None:
+        """[share, low, high]: the share of the HS rise (aligned -> attacked) that this row's model gave back,
+        with its paired bootstrap interval over the evaluation prompts (same judge); None for the rows
+        base/aligned/attacked, or when the attack raised nothing."""
+        spec = row["judge_spec"]
+        if row["model"] in ("base", "aligned", "attacked"):
+            return None
+        attacked, defended, aligned = (
+            self.flags.get(("evaluate", name, spec)) for name in ("attacked", row["model"], "aligned")
+        )
+        if attacked is None or defended is None or aligned is None:
+            return None
+        share, low, high = recovered_share_interval(attacked, defended, aligned)
+        return None if math.isnan(share) else [round(share, 3), round(low, 3), round(high, 3)]
 
     def export_models(self, models: list[_Model], chosen: dict[str, str]) -> None:
         """RUN_DIR/models/<row>: hard links to the stage folders' files (no copy of the weights)."""
@@ -436,7 +475,7 @@ class _Run:
         atomic_write_text(self.run_dir / "results.md", markdown(summary))
         generations = []
         for row in rows:
-            if row["judge_spec"] != self.config.judges[0]:
+            if row["judge_spec"] != self.judge_specs[0]:
                 continue
             stage = self.cache.root / row["stage"] / "generations.jsonl"
             for line in stage.read_text().splitlines():
@@ -473,6 +512,33 @@ def _settings(stage_config: Any) -> Any:
 
 def _numbers(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in ("hs", "fa", "degenerate", "over_refusal")}
+
+
+def _judge_path(spec: str) -> str | None:
+    """The folder a model judge reads (the default learned judge's for a bare `learned`)."""
+    kind, path = parse_judge_spec(spec)
+    if kind == "learned":
+        from antidote.evaluation.learned import judge_folder
+
+        return str(judge_folder(path))
+    return path
+
+
+def _available_judges(specs: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The judges a run scores with, and those left out with the reason: only the bare `learned` (the
+    default learned judge) may be left out, when it is not installed. No judge at all is an error."""
+    from antidote.evaluation.learned import default_judge_folder, is_judge_folder
+
+    missing = {}
+    if "learned" in specs and not is_judge_folder(default_judge_folder()):
+        missing["learned"] = (
+            f"no learned judge installed at {default_judge_folder()}; install it once with antidote judge "
+            "train --data LABELLED.jsonl (docs/judges.md), or write judges: [keyword]"
+        )
+    available = [s for s in specs if s not in missing]
+    if not available:
+        raise AntidoteError(f"no judge left to score with: {missing['learned']}")
+    return available, missing
 
 
 class _Judges:

@@ -39,17 +39,22 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         f"Evaluation: {first['n_prompts']} harmful prompts from {first['harmful_set']}; task {first['task']} "
         f"({first['n_task']} items, {first['task_data']}); over-refusal on {first['n_harmless']} harmless "
-        f"instructions ({first['harmless_set']}). Degenerate is the keyword judge's share of the same "
-        "answers (not counted as harmful).",
+        f"instructions ({first['harmless_set']}). Each judge has its own rows (never an average of "
+        "judges). [low, high]: 95% Wilson intervals over prompts. Degenerate is the keyword judge's share of "
+        "the same answers (not counted as harmful by any judge). Recovered: the share of the HS rise "
+        "(aligned -> attacked) the row's model gave back, same judge, with a paired bootstrap interval over "
+        "prompts.",
         "",
-        "| model | judge | HS | degenerate | FA | over-refusal | eval seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| model | judge | HS | degenerate | FA | over-refusal | recovered | eval seconds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['model']} | {r['judge']} | {r['hs']} | {r['degenerate']} | {r['fa']} | {r['over_refusal']} | "
-        f"{r['seconds']} |"
+        f"| {r['model']} | {r['judge']} | {_ci(r, 'hs')} | {r['degenerate']} | {_ci(r, 'fa')} | "
+        f"{_ci(r, 'over_refusal')} | {_share(r.get('recovered'))} | {r['seconds']} |"
         for r in rows
     ]
+    for spec, why in summary.get("judges_missing", {}).items():
+        lines += ["", f"Judge {spec} left out: {why}."]
     for name, op in summary.get("operating_points", {}).items():
         lines += ["", f"## {name}: validation sweep (first row: the attacked model)", ""]
         lines += ["| variant | HS | FA | degenerate |", "|---|---|---|---|"]
@@ -59,8 +64,11 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += [
             "",
             f"Operating point: {name}@{op['variant']} ({op['why']}).",
-            f"Share of the HS rise recovered there on the evaluation prompts ({op['judge']} judge): "
-            f"{op['recovered_share_of_hs_rise']}.",
+            "Share of the HS rise recovered there on the evaluation prompts: "
+            + "; ".join(
+                f"{judge} judge {_share(share)}" for judge, share in op.get("recovered_by_judge", {}).items()
+            )
+            + ".",
         ]
     if not summary.get("operating_points"):
         lines += ["", "No validate section: no operating point chosen; every variant is reported."]
@@ -74,6 +82,15 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ci(row: dict[str, Any], name: str) -> str:
+    ci = row.get(f"{name}_ci")
+    return f"{row[name]} [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else f"{row[name]}"
+
+
+def _share(share: Sequence[float] | None) -> str:
+    return "-" if share is None else f"{share[0]:.2f} [{share[1]:.2f}, {share[2]:.2f}]"
+
+
 def plot(summary: dict[str, Any], path: Path) -> None:
     """HS and FA (first judge, evaluation prompts) of each post-fine-tuning defense over its variants."""
     import matplotlib
@@ -81,7 +98,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    judge = summary["config"]["judges"][0]
+    judge = summary.get("judges", summary["config"]["judges"])[0]
     rows = [r for r in summary["rows"] if r["judge_spec"] == judge]
     by = {r["model"]: r for r in rows}
     fig, ax = plt.subplots(figsize=(6.5, 4))
