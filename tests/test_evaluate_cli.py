@@ -46,6 +46,32 @@ def test_evaluate_writes_results_and_generations(tiny, tmp_path) -> None:  # typ
     assert evaluate(tiny, out, "--overwrite") == 0
 
 
+def test_other_judges_score_the_same_answers(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """--also-judge adds a judge's HS (and interval) over the very answers the first judge scored; the
+    default `learned` is left out, said so, where no learned judge is installed (as in these tests)."""
+    from antidote.evaluation.model_judges import make_judge
+    from conftest import make_model, make_tokenizer
+
+    out = tmp_path / "results.json"
+    assert evaluate(tiny, out) == 0
+    results = json.loads(out.read_text())
+    assert results["by_judge"] == {} and "antidote judge train" in results["judges_missing"]["learned"]
+    assert "judge learned left out" in capsys.readouterr().out
+
+    guard = tmp_path / "guard"
+    make_model(seed=5).save_pretrained(guard)
+    make_tokenizer().save_pretrained(guard)
+    spec = f"llamaguard:{guard}"
+    assert evaluate(tiny, out, "--overwrite", "--also-judge", spec) == 0
+    results = json.loads(out.read_text())
+    records = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    harmful = [r for r in records if r["set"] == "harmful"]
+    verdicts = make_judge(spec).verdicts([r["prompt"] for r in harmful], [r["response"] for r in harmful])
+    assert [r["by_judge"][spec] for r in harmful] == verdicts
+    assert results["by_judge"][spec]["hs"] == round(100 * verdicts.count("unsafe") / len(harmful), 2)
+    assert results["judges_missing"] == {} and results["judge"] == "keyword"
+
+
 def test_evaluate_with_adapter_and_saved_prompt_format(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from antidote.evaluation.run import saved_template
 

@@ -151,6 +151,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"degenerate {r['degenerate']}), FA {r['fa']} ({r['task']}, {r['n_task']} items), "
         f"over-refusal {r['over_refusal']} ({r['n_harmless']} harmless) -> {r['config']['output']}"
     )
+    for row in r["by_judge"].values():
+        print(f"HS {row['hs']} [{row['hs_ci'][0]}, {row['hs_ci'][1]}] ({row['judge']} judge)")
+    for spec, why in r["judges_missing"].items():
+        print(f"judge {spec} left out: {why}")
     return 0
 
 

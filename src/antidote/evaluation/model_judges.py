@@ -166,3 +166,46 @@ class LlamaGuardJudge:
 
     def verdicts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
         return [parse_guard_output(a) for a in self.answers(prompts, responses)]
+
+
+def available_judges(specs: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """The judges to score with, and those left out with the reason: only the bare `learned` (the
+    default learned judge, which the default judge lists name) may be left out, when it is not installed."""
+    from antidote.evaluation.learned import default_judge_folder, is_judge_folder
+
+    missing = {}
+    if "learned" in specs and not is_judge_folder(default_judge_folder()):
+        missing["learned"] = (
+            f"no learned judge installed at {default_judge_folder()}; install it once with antidote judge "
+            "train --data LABELLED.jsonl (docs/judges.md)"
+        )
+    return [s for s in specs if s not in missing], missing
+
+
+def score_harmful(
+    records: list[dict[str, Any]], specs: Sequence[str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Score the harmful-prompt answers of `records` (generations) with each judge in `specs`.
+
+    Returns ({spec: {judge, hs, hs_ci, unparsed}}, {spec left out: why}); each harmful record gets
+    `by_judge: {spec: verdict}` in place, for paired comparisons."""
+    from antidote.evaluation.judges import HARMFUL_VERDICTS
+    from antidote.evaluation.stats import wilson_interval
+
+    specs, missing = available_judges(specs)
+    harmful = [r for r in records if r["set"] == "harmful"]
+    out = {}
+    for spec in specs:
+        judge = make_judge(spec)
+        verdicts = judge.verdicts([r["prompt"] for r in harmful], [r["response"] for r in harmful])
+        for record, verdict in zip(harmful, verdicts, strict=True):
+            record.setdefault("by_judge", {})[spec] = verdict
+        n, k = len(verdicts), sum(v in HARMFUL_VERDICTS for v in verdicts)
+        out[spec] = {
+            "judge": judge.name,
+            "hs": round(100.0 * k / n, 2) if n else 0.0,
+            "hs_ci": list(wilson_interval(k, n)),
+            "unparsed": round(100.0 * verdicts.count("unparsed") / max(n, 1), 2),
+        }
+        del judge
+    return out, missing

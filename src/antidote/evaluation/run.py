@@ -68,6 +68,15 @@ class EvaluateConfig:
             "classifier), llamaguard[:PATH] (Llama-Guard-style LM); without PATH the reference hub id"
         },
     )
+    also_judges: list[str] = field(
+        default_factory=lambda: ["learned"],
+        metadata={
+            "help": "more judges that score the same answers, each with its own HS and interval under "
+            "by_judge (repeatable); default: learned, the default learned judge, where installed (else "
+            "left out, said so); none: no other judge",
+            "flag": "--also-judge",
+        },
+    )
     max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per harmful/harmless prompt"})
     batch_size: int = field(default=16, metadata={"help": "generation batch size"})
     backend: str = field(
@@ -79,6 +88,11 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         parse_judge_spec(self.judge)
+        if self.also_judges == ["none"]:
+            self.also_judges = []
+        for spec in self.also_judges:
+            parse_judge_spec(spec)
+        self.also_judges = [s for s in dict.fromkeys(self.also_judges) if s != self.judge]
         if self.backend not in ("hf", "vllm"):
             raise AntidoteError(f"unknown --backend {self.backend!r}; choose one of hf, vllm")
         if get_task(self.task).needs_data and not self.task_data:
@@ -151,8 +165,14 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
         batch_size=config.batch_size,
         judge=judge,
     )
+    from antidote.evaluation.model_judges import score_harmful
+
+    del loaded
+    by_judge, missing = score_harmful(records, config.also_judges)
     results = {
         **result.as_row(),
+        "by_judge": by_judge,
+        "judges_missing": missing,
         "template": template,
         "model": config.model,
         "adapter": config.adapter,

@@ -47,8 +47,14 @@ RUN_MARKER = ".antidote-run.json"
 SECTIONS: dict[str, tuple[type, set[str]]] = {
     "align": (AlignConfig, {"model", "output", "overwrite", "data_dir"}),
     "finetune": (FinetuneConfig, {"model", "output", "overwrite", "data_dir"}),
-    "evaluate": (EvaluateConfig, {"model", "adapter", "output", "overwrite", "judge", "data_dir"}),
-    "validate": (EvaluateConfig, {"model", "adapter", "output", "overwrite", "judge", "data_dir"}),
+    "evaluate": (
+        EvaluateConfig,
+        {"model", "adapter", "output", "overwrite", "judge", "also_judges", "data_dir"},
+    ),
+    "validate": (
+        EvaluateConfig,
+        {"model", "adapter", "output", "overwrite", "judge", "also_judges", "data_dir"},
+    ),
 }
 STAGE_BASE = {"align": AlignConfig, "finetune": FinetuneConfig}
 
@@ -505,7 +511,7 @@ def _settings(stage_config: Any) -> Any:
     if stage_config is None or isinstance(stage_config, dict):
         return stage_config
     out = asdict(stage_config)
-    for name in ("output", "overwrite"):
+    for name in ("output", "overwrite", "also_judges"):  # judges other than keyword are their own stages
         out.pop(name, None)
     return out
 
@@ -525,19 +531,12 @@ def _judge_path(spec: str) -> str | None:
 
 
 def _available_judges(specs: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The judges a run scores with, and those left out with the reason: only the bare `learned` (the
-    default learned judge) may be left out, when it is not installed. No judge at all is an error."""
-    from antidote.evaluation.learned import default_judge_folder, is_judge_folder
+    """The judges a run scores with (`available_judges`); no judge at all is an error."""
+    from antidote.evaluation.model_judges import available_judges
 
-    missing = {}
-    if "learned" in specs and not is_judge_folder(default_judge_folder()):
-        missing["learned"] = (
-            f"no learned judge installed at {default_judge_folder()}; install it once with antidote judge "
-            "train --data LABELLED.jsonl (docs/judges.md), or write judges: [keyword]"
-        )
-    available = [s for s in specs if s not in missing]
+    available, missing = available_judges(specs)
     if not available:
-        raise AntidoteError(f"no judge left to score with: {missing['learned']}")
+        raise AntidoteError(f"no judge left to score with: {'; '.join(missing.values())}")
     return available, missing
 
 
@@ -562,7 +561,7 @@ def _generate_stage(out: Path, config: EvaluateConfig) -> None:
     from antidote.evaluation.run import run_evaluate
 
     out.mkdir()
-    run_evaluate(replace(config, output=str(out / "results.json")), judge=KeywordJudge())
+    run_evaluate(replace(config, output=str(out / "results.json"), also_judges=[]), judge=KeywordJudge())
 
 
 def _judge_stage(out: Path, generated: Path, spec: str, judges: _Judges) -> None:
