@@ -1,8 +1,8 @@
-"""`ldifs`: the training loss of every step is CE + rho * the feature distance recomputed by hand (each MLP's
-input caught by a pre-hook, the MLP done by hand with the LoRA deltas B A * alpha/r added, the aligned side on a
-separate copy of the aligned model, summed over real tokens only); it is 0 at the fresh LoRA and positive once
-the adapter moves; `layers` picks the layers; the defense writes a loadable float32 adapter; bad options are
-one-line errors before anything is written."""
+"""`ldifs`: the training loss of every step is CE + rho * the feature distance recomputed by hand (each
+MLP's input caught by a pre-hook, the MLP done by hand with the LoRA deltas B A * alpha/r added, the aligned
+side on a separate copy of the aligned model, summed over real tokens only); it is 0 at the fresh LoRA and
+positive once the adapter moves, and its gradient holds the features back; `layers` picks the layers; the
+defense writes a loadable float32 adapter; bad options are one-line errors before anything is written."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_feature_distance_sums_squares_over_layers_real_tokens_and_dimensions() 
     reference = [torch.randn(2, 3, 4, generator=gen) for _ in range(2)]
     attention = torch.tensor([[1, 1, 1], [1, 1, 0]])
     by_hand = 0.0
-    for c, r in zip(current, reference):
+    for c, r in zip(current, reference, strict=True):
         for b, length in enumerate((3, 2)):
             for t in range(length):
                 by_hand += sum((float(c[b, t, d]) - float(r[b, t, d])) ** 2 for d in range(4))
@@ -49,7 +49,7 @@ def test_mlp_modules_are_the_decoder_layers_mlps() -> None:
     model = make_model()
     assert list(mlp_modules(model, None)) == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert list(mlp_modules(model, [1])) == ["model.layers.1.mlp"]
-    with pytest.raises(Exception, match="--layers 2: the model's MLP layers are 0..1"):
+    with pytest.raises(Exception, match=r"--layers 2: the model's MLP layers are 0\.\.1"):
         mlp_modules(model, [0, 2])
 
 

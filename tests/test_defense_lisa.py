@@ -38,7 +38,8 @@ def test_phase_schedule_by_hand() -> None:
 
 def _rows(batch: dict[str, torch.Tensor]) -> set[tuple[int, ...]]:
     return {
-        tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])
+        tuple(ids[mask.bool()].tolist())
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
     }
 
 
