@@ -97,7 +97,10 @@ def distance_by_hand(
     return total
 
 
-def run_recorded(tmp_path: Path, rho: float, layers: tuple[int, ...] | None) -> list[dict[str, float]]:
+def run_recorded(
+    tmp_path: Path, rho: float, layers: tuple[int, ...] | None
+) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """Train 2 epochs of 3 batches; per step: loss, CE and the distance by hand; and Trainer's log."""
     records: list[dict[str, float]] = []
     aligned = make_model(seed=SEED)  # the aligned model, kept apart from the one being trained
 
@@ -112,7 +115,7 @@ def run_recorded(tmp_path: Path, rho: float, layers: tuple[int, ...] | None) -> 
             return loss
 
     config = TrainConfig(lora_r=2, lr=5e-2, epochs=2, batch_size=3, scheduler="constant", seed=1)
-    fit_lora(
+    trained = fit_lora(
         make_model(seed=SEED),
         make_tokenizer(),
         USER,
@@ -121,19 +124,21 @@ def run_recorded(tmp_path: Path, rho: float, layers: tuple[int, ...] | None) -> 
         trainer_class=Recording,
         extra={"rho": rho, "layers": layers},
     )
-    return records
+    return records, trained.trainer.state.log_history
 
 
 @pytest.mark.parametrize("layers", [None, (1,)])
 def test_loss_is_ce_plus_rho_times_the_feature_distance_by_hand(tmp_path: Path, layers) -> None:  # type: ignore[no-untyped-def]
     rho = 1e-2
-    records = run_recorded(tmp_path, rho, layers)
+    records, log_history = run_recorded(tmp_path, rho, layers)
     assert len(records) == 6 and any(r["padded"] for r in records)  # 3 steps x 2 epochs; padding occurs
     assert records[0]["by_hand"] == 0.0  # fresh LoRA: B = 0, the same features as the aligned model
     assert records[0]["loss"] == pytest.approx(records[0]["ce"], abs=1e-6)
     assert all(r["by_hand"] > 1e-2 for r in records[1:])  # the adapter moved: the features moved
     for r in records:
         assert r["loss"] - r["ce"] == pytest.approx(rho * r["by_hand"], rel=1e-4, abs=5e-6)
+    logged = [h["feature_distance"] for h in log_history if "feature_distance" in h]
+    assert logged == pytest.approx([r["by_hand"] for r in records], rel=1e-4, abs=1e-6)
 
 
 def test_run_writes_a_loadable_float32_adapter(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -152,7 +157,7 @@ def test_run_writes_a_loadable_float32_adapter(tiny, tmp_path: Path) -> None:  #
         batch_size=2,
         lora_r=4,
         lora_alpha=8,
-        layers=[0, 1],  # type: ignore[arg-type]  # as YAML gives it
+        layers="0,1",
         output=str(tmp_path / "out"),
     )
     out = get("ldifs").run(config)[""]
@@ -186,7 +191,7 @@ def test_bad_input_is_a_one_line_error_before_anything_is_written(
 
 
 def test_the_penalty_holds_the_features_near_the_aligned_model(tmp_path: Path) -> None:
-    free = run_recorded(tmp_path / "free", rho=0.0, layers=None)
-    held = run_recorded(tmp_path / "held", rho=1.0, layers=None)
+    free, _ = run_recorded(tmp_path / "free", rho=0.0, layers=None)
+    held, _ = run_recorded(tmp_path / "held", rho=1.0, layers=None)
     assert all(r["loss"] == r["ce"] for r in free)  # rho 0: plain fine-tuning
     assert held[-1]["by_hand"] < 0.2 * free[-1]["by_hand"]  # its gradient reaches the adapter

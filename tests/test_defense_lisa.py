@@ -117,6 +117,9 @@ def test_steps_follow_the_schedule_and_the_proximal_term_is_by_hand(tmp_path: Pa
         assert records[s]["extra"] == pytest.approx(by_hand[s], rel=1e-4, abs=5e-6), s
     assert min(by_hand[s] for s in range(2, total) if starts[s] is None) > 1e-3  # the term is exercised
     assert all(by_hand[s] == 0 for s in range(total) if starts[s] is not None)  # zero at each phase start
+    logged = [h for h in trained.trainer.state.log_history if "proximal" in h]
+    assert [h["alignment_step"] for h in logged] == [float(p == A) for p in expected]
+    assert [h["proximal"] for h in logged] == pytest.approx([0.0, 0.0, *by_hand[2:]], rel=1e-4, abs=1e-6)
 
 
 def test_rho_zero_leaves_the_cross_entropy_alone(tmp_path: Path) -> None:

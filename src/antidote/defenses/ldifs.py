@@ -141,6 +141,12 @@ def trainer_class() -> type:
             loss = loss + self.rho * distance
             return (loss, None) if return_outputs else loss
 
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            """Each step's log (and TensorBoard etc. with --report-to) also gets its feature distance."""
+            if "loss" in logs and self.last_distance is not None:
+                logs = {**logs, "feature_distance": self.last_distance}
+            super().log(logs, start_time)
+
     return LDIFSTrainer
 
 
@@ -163,8 +169,6 @@ class LDIFSConfig(FinetuneConfig):
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, (list, tuple)):  # YAML may give a list
-            self.layers = ",".join(str(i) for i in self.layers)
         if not self.rho >= 0:
             raise AntidoteError(f"--rho must be 0 or more (SPEC 4: 1e-4), got {self.rho}")
         self.layer_indices  # noqa: B018 (parses --layers: a bad value is an error now, before any loading)

@@ -92,6 +92,7 @@ def trainer_class() -> type:
             self.rho = rho
             self.phase: str | None = None  # the phase of the step being trained
             self.anchor: dict[str, torch.Tensor] = {}  # the weights at the start of that phase
+            self.last_proximal = 0.0  # the proximal term of the last batch
             self._align_batches: Iterator[dict[str, torch.Tensor]] | None = None
 
         def training_step(
@@ -113,9 +114,22 @@ def trainer_class() -> type:
             num_items_in_batch: torch.Tensor | int | None = None,
         ) -> Any:
             loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            self.last_proximal = 0.0
             if self.rho > 0 and self.anchor and proximal_on(self.state.global_step, self.state.max_steps):
-                loss = loss + proximal_term(_trainable(model), self.anchor, self.rho)
+                proximal = proximal_term(_trainable(model), self.anchor, self.rho)
+                self.last_proximal = float(proximal.detach())
+                loss = loss + proximal
             return (loss, None) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            """Each step's log (TensorBoard etc. with --report-to) also gets its phase and proximal term."""
+            if "loss" in logs and self.phase is not None:
+                logs = {
+                    **logs,
+                    "alignment_step": float(self.phase == ALIGNMENT),
+                    "proximal": self.last_proximal,
+                }
+            super().log(logs, start_time)
 
         def _next_alignment_batch(self) -> dict[str, torch.Tensor]:
             if self._align_batches is None:
