@@ -73,8 +73,8 @@ def trainer_class() -> type:
 
     class LisaTrainer(ResponseOnlyTrainer):
         """`ResponseOnlyTrainer` whose steps follow `lisa_phase`: alignment steps train on a batch of
-        `align_dataset` (features as the train set's) instead of the user batch; the loss adds
-        `proximal_term` to the anchor of the current phase once `proximal_on`."""
+        `align_dataset` (features as the train set's) instead of the user batch; once `proximal_on`, the
+        loss adds `proximal_term` towards the anchor, the weights at the start of the current phase."""
 
         def __init__(
             self,
