@@ -8,6 +8,8 @@ config section `defenses: {NAME: {...}}` take their options from its config data
 
 # One line per method (importing a module registers it).
 from antidote.defenses import antidote as _antidote  # noqa: F401
+from antidote.defenses import ldifs as _ldifs  # noqa: F401
+from antidote.defenses import lisa as _lisa  # noqa: F401
 from antidote.defenses import lox as _lox  # noqa: F401
 from antidote.defenses import magnitude_prune as _magnitude_prune  # noqa: F401
 from antidote.defenses import random_prune as _random_prune  # noqa: F401
