@@ -137,6 +137,9 @@ def test_adding_a_defense_builds_only_its_stages(
     path.write_text(yaml.safe_dump(config))
     plan_before = _plan(path)
     assert "build   antidote" in plan_before and "build   align" not in plan_before
+    # the new evaluations are estimated from the recorded evaluation stages; antidote has no recorded kind
+    assert "build   evaluate-antidote@?  ~" in plan_before
+    assert "build   antidote  (no estimate)" in plan_before
     assert main(["compare", str(path)]) == 0
     rows = json.loads((tmp_path / "out" / "results.json").read_text())
     built = sorted(
@@ -253,3 +256,32 @@ def test_output_folder_rules(compared: dict[str, Any], tiny: dict[str, Path], tm
     (copy / "notes.txt").write_text("mine")
     clear_compare_dir(copy)
     assert sorted(p.name for p in copy.iterdir() if p.name != ".lock") == [".antidote-run.json", "notes.txt"]
+
+
+def test_stage_records_its_own_peak_memory(tmp_path: Path) -> None:
+    from antidote.experiments.cache import StageCache, reset_peak_memory
+
+    def resident_mib() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+    def big(out: Path) -> None:
+        out.mkdir()
+        buffer = b"\x01" * (100 * 2**20)  # 100 MiB, written, so resident
+        (out / "size").write_text(str(len(buffer)))
+
+    def small(out: Path) -> None:
+        out.mkdir()
+
+    cache = StageCache(tmp_path, lambda m: None)
+    before = resident_mib()
+    first, _ = cache.run("big", {"n": 1}, big)
+    second, _ = cache.run("small", {"n": 2}, small)
+    peaks = [
+        json.loads((f / "stage.json").read_text())["peak_memory"]["peak_rss_mib"] for f in (first, second)
+    ]
+    if not reset_peak_memory():  # no /proc/self/clear_refs here: not measured, and said so
+        assert peaks == [None, None]
+        return
+    assert peaks[0] >= before + 90  # the 100 MiB buffer was resident during the first stage
+    assert peaks[1] < peaks[0] - 50  # the window was reset at the second stage's start
+    assert cache.peak_memory[first.name]["peak_rss_mib"] == peaks[0]
