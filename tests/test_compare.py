@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -285,3 +286,49 @@ def test_stage_records_its_own_peak_memory(tmp_path: Path) -> None:
     assert peaks[0] >= before + 90  # the 100 MiB buffer was resident during the first stage
     assert peaks[1] < peaks[0] - 50  # the window was reset at the second stage's start
     assert cache.peak_memory[first.name]["peak_rss_mib"] == peaks[0]
+
+
+def test_general_utility_runs_lm_eval_once_per_model(
+    compared: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against a stand-in for lm_eval.simple_evaluate (lm-eval is not installed here): each evaluated model
+    is scored once (the aligned model once for all cells), with its adapter; the numbers reach the rows."""
+    import types
+
+    calls: list[dict[str, Any]] = []
+
+    def simple_evaluate(**kwargs: Any) -> dict[str, Any]:
+        calls.append(kwargs)
+        acc = 0.25 if "peft=" in kwargs["model_args"] else 0.75
+        return {"results": {"arc_easy": {"alias": "arc_easy", "acc,none": acc, "acc_stderr,none": 0.1}}}
+
+    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
+    shutil.copytree(compared["out"], tmp_path / "out", ignore=shutil.ignore_patterns(".lock"))
+    config = yaml.safe_load(compared["path"].read_text())
+    config.update(run_dir=str(tmp_path / "out"), general_utility={"tasks": ["arc_easy"], "limit": 5})
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_compare(load_compare_config(str(path)), say=lambda m: None)
+    assert len(calls) == 1 + 4 + 2 * 2  # aligned; the attack of each of 4 cells; 2 post defenses x 2 cells
+    for call in calls:
+        assert call["model"] == "hf" and call["tasks"] == ["arc_easy"] and call["limit"] == 5
+        args = dict(part.split("=", 1) for part in call["model_args"].split(","))
+        assert (Path(args["pretrained"]) / "config.json").is_file()
+        assert "peft" not in args or (Path(args["peft"]) / "adapter_config.json").is_file()
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    for r in rows:
+        expected = 0.75 if r["defense"] == "aligned" else 0.25
+        assert r["general_utility"]["arc_easy"]["acc,none"] == expected
+    assert "## General utility" in (tmp_path / "out" / "report.md").read_text()
+    run_compare(load_compare_config(str(path)), say=lambda m: None)
+    assert len(calls) == 9  # all cached
+
+
+def test_general_utility_needs_lm_eval(tiny: dict[str, Path], tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-eval is installed here")
+    path = compare_yaml(tiny, tmp_path, general_utility={"tasks": ["arc_easy"]})
+    with pytest.raises(AntidoteError, match="general_utility needs lm-evaluation-harness"):
+        load_compare_config(str(path))

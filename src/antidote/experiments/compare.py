@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -55,7 +56,7 @@ CSV_FIELDS = (
     "defense", "variant", "label", "cell", "setting", "seed", "judge", "judge_spec", "hs", "hs_low",
     "hs_high", "fa", "fa_low", "fa_high", "over_refusal", "degenerate", "seconds", "pipeline_seconds",
     "peak_rss_mib", "peak_cuda_allocated_mib", "lr", "epochs", "harmful_ratio", "num_samples", "task",
-    "prompt_set", "n_prompts", "eval_task", "n_task",
+    "prompt_set", "n_prompts", "eval_task", "n_task", "general_utility",
 )  # fmt: skip
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -100,6 +101,26 @@ class MatrixConfig:
                 )
 
 
+@dataclass
+class UtilityConfig:
+    """The `general_utility:` section: lm-evaluation-harness tasks run on every evaluated model."""
+
+    tasks: list[str] = field(default_factory=list, metadata={"help": "lm-eval task names, e.g. [arc_easy]"})
+    limit: int | None = field(default=None, metadata={"help": "at most this many items per task"})
+    num_fewshot: int | None = field(
+        default=None, metadata={"help": "few-shot examples (default: the task's)"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "lm-eval batch size"})
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise AntidoteError("general_utility: tasks is empty; give lm-eval task names, e.g. [arc_easy]")
+        if self.limit is not None and self.limit < 1:
+            raise AntidoteError(f"general_utility: limit must be at least 1, got {self.limit}")
+        if self.batch_size < 1:
+            raise AntidoteError(f"general_utility: batch_size must be at least 1, got {self.batch_size}")
+
+
 @dataclass(frozen=True)
 class Cell:
     """One (setting, seed): its run config and what it varies."""
@@ -117,6 +138,7 @@ class CompareConfig:
     matrix: MatrixConfig
     cells: list[Cell]
     path: str
+    utility: UtilityConfig | None = None
 
     @property
     def out(self) -> Path:
@@ -131,6 +153,15 @@ def load_compare_config(path: str, **overrides: Any) -> CompareConfig:
     if "matrix" not in data:
         raise AntidoteError(f"{path} has no matrix: section; give e.g. matrix: {{lr: [1e-4, 5e-4]}}")
     matrix = config_from_mapping(MatrixConfig, data.pop("matrix") or {}, f"{path}: matrix")
+    utility = data.pop("general_utility", None)
+    if utility is not None:
+        utility = config_from_mapping(UtilityConfig, utility, f"{path}: general_utility")
+        import importlib.util
+
+        if sys.modules.get("lm_eval") is None and importlib.util.find_spec("lm_eval") is None:
+            raise AntidoteError(
+                f"{path}: general_utility needs lm-evaluation-harness (pip install lm-eval); or drop it"
+            )
     defenses = dict(data.get("defenses") or {})
     if defenses.pop(SFT, None):
         raise AntidoteError(f"{path}: defenses: {SFT} (the plain attack) takes no options; write {SFT}: {{}}")
@@ -154,7 +185,7 @@ def load_compare_config(path: str, **overrides: Any) -> CompareConfig:
                 )
     cells = _cells(run, matrix, path)
     _check_attack_data(cells, path)
-    return CompareConfig(run, matrix, cells, path)
+    return CompareConfig(run, matrix, cells, path, utility)
 
 
 def settings(matrix: MatrixConfig) -> list[dict[str, Any]]:
@@ -280,7 +311,8 @@ def run_compare(config: CompareConfig, say: Callable[[str], None] = _say) -> dic
             folder.mkdir(parents=True, exist_ok=True)
             cache = StageCache(out, say)  # one cache folder; a fresh view per cell counts its own stages
             summary = _Run(cell.config, folder, say, cache=cache).run()
-            rows += cell_rows(cell, summary, cache)
+            utility = general_utility(summary, cache, config.utility) if config.utility else {}
+            rows += cell_rows(cell, summary, cache, utility)
             built += cache.built
             reused += [s for s in cache.cached if s not in built and s not in reused]
         atomic_write_text(out / "results.json", json.dumps(rows, indent=2) + "\n")
@@ -321,7 +353,68 @@ def own_stages(defense: str, stage: str | None) -> tuple[list[str], list[str]]:
     return [], []
 
 
-def cell_rows(cell: Cell, summary: dict[str, Any], cache: StageCache) -> list[dict[str, Any]]:
+def general_utility(
+    summary: dict[str, Any], cache: StageCache, config: UtilityConfig
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Row model name -> lm-eval task -> metric -> value, one cached stage per evaluated model."""
+    out = {}
+    for r in summary["rows"]:
+        if r["model"] in out:
+            continue
+        model, adapter = r["model_path"], r.get("adapter")
+        folder, _ = cache.run(
+            f"utility-{r['model']}",
+            {"model": model, "adapter": adapter, "lm_eval": dataclasses.asdict(config)},
+            functools.partial(_utility_stage, model=model, adapter=adapter, config=config),
+        )
+        out[r["model"]] = json.loads((folder / "utility.json").read_text())
+    return out
+
+
+def _utility_stage(out: Path, model: str, adapter: str | None, config: UtilityConfig) -> None:
+    """lm-evaluation-harness (`simple_evaluate`, the hf backend) on the model, with the adapter if any."""
+    import lm_eval
+
+    from antidote.models.loading import resolve_model_folder
+
+    args = f"pretrained={resolve_model_folder(model)}" + (f",peft={adapter}" if adapter else "")
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=args,
+        tasks=list(config.tasks),
+        num_fewshot=config.num_fewshot,
+        limit=config.limit,
+        batch_size=config.batch_size,
+    )
+    scores = {
+        task: {
+            k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        for task, metrics in results["results"].items()
+    }
+    out.mkdir()
+    (out / "utility.json").write_text(json.dumps(scores, indent=2) + "\n")
+
+
+UTILITY_METRICS = ("acc_norm,none", "acc,none", "exact_match,strict-match", "exact_match,none")
+
+
+def headline(metrics: dict[str, float]) -> tuple[str, float] | None:
+    """The metric a table shows for an lm-eval task: the first of UTILITY_METRICS it has, else its first
+    metric that is not a standard error."""
+    for name in UTILITY_METRICS:
+        if name in metrics:
+            return name, metrics[name]
+    rest = [(k, v) for k, v in metrics.items() if "stderr" not in k]
+    return rest[0] if rest else None
+
+
+def cell_rows(
+    cell: Cell,
+    summary: dict[str, Any],
+    cache: StageCache,
+    utility: dict[str, dict[str, dict[str, float]]] | None = None,
+) -> list[dict[str, Any]]:
     """The cell's result rows (one per model x judge), named by defense, with cost and settings."""
     ft = _stage_config(cell.config, "finetune", model="<model>", output="<output>")
     folders = _stage_names(summary)
@@ -373,6 +466,7 @@ def cell_rows(cell: Cell, summary: dict[str, Any], cache: StageCache) -> list[di
                 "n_task": r["n_task"],
                 "stages": {n: folders[n] for n in own if n in folders},
                 "eval_stage": r["stage"],
+                "general_utility": (utility or {}).get(r["model"]),
             }
         )
     return rows
@@ -385,6 +479,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         flat = {**r, "hs_low": r["hs_ci"][0], "hs_high": r["hs_ci"][1]}
         flat.update(fa_low=r["fa_ci"][0], fa_high=r["fa_ci"][1])
+        flat["general_utility"] = json.dumps(r["general_utility"]) if r.get("general_utility") else ""
         writer.writerow(
             {k: "n/a" if flat.get(k) is None and k in _MEASURED else flat.get(k) for k in CSV_FIELDS}
         )
@@ -429,6 +524,9 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "seconds": _mean_or_none(seconds),
                 "pipeline_seconds": _mean_or_none(pipeline),
                 "peak_rss_mib": max(peaks) if peaks and None not in peaks else None,
+                "general_utility": mean_utility(
+                    [g["general_utility"] for g in group if g.get("general_utility")]
+                ),
                 "prompt_set": group[0]["prompt_set"],
                 "n_prompts": group[0]["n_prompts"],
                 "eval_task": group[0]["eval_task"],
@@ -436,6 +534,19 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 **{k: group[0][k] for k in (*MATRIX_KEYS, "task")},
             }
         )
+    return out
+
+
+def mean_utility(runs: list[dict[str, dict[str, float]]]) -> dict[str, list[Any]] | None:
+    """task -> [headline metric, its mean over the runs (seeds)]; None without lm-eval results."""
+    if not runs:
+        return None
+    out: dict[str, list[Any]] = {}
+    for task, metrics in runs[0].items():
+        shown = headline(metrics)
+        if shown is not None:
+            values = [r[task][shown[0]] for r in runs if shown[0] in r.get(task, {})]
+            out[task] = [shown[0], round(sum(values) / len(values), 4)]
     return out
 
 
@@ -506,6 +617,15 @@ def report_markdown(config: CompareConfig, rows: list[dict[str, Any]], table: li
             f"| {label} | {_na(_mean_or_none([t['seconds'] for t in ts]))} | {_na(pipe)} | "
             f"{_ratio(pipe, sft_pipe)} | {_na(peak)} | {_ratio(peak, sft_peak)} |"
         )
+    utility = [t for t in table if t["judge_spec"] == judge and t["general_utility"]]
+    if utility:
+        tasks = list(dict.fromkeys(task for t in utility for task in t["general_utility"]))
+        lines += ["", "## General utility (lm-evaluation-harness; mean over seeds)", ""]
+        lines += ["| defense | setting | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+        for t in utility:
+            shown = [t["general_utility"].get(task) for task in tasks]
+            cells = [f"{v[1]:.4g} ({v[0]})" if v else "-" for v in shown]
+            lines.append(f"| {t['label']} | {t['setting']} | " + " | ".join(cells) + " |")
     lines += ["", "Cells: " + ", ".join(c.id for c in config.cells), ""]
     return "\n".join(lines)
 
