@@ -322,7 +322,7 @@ def run_compare(config: CompareConfig, say: Callable[[str], None] = _say) -> dic
         atomic_write_text(out / "table.tex", latex_table(table, config.run.judges[0]))
         plots = out / "plots"
         plots.mkdir(exist_ok=True)
-        compare_plots.write_all(config, rows, table, out / "stages", plots)
+        compare_plots.write_all(config, rows, table, settings(config.matrix)[0], out / "stages", plots)
     return {"rows": rows, "stages": {"built": built, "reused": reused}, "out": str(out)}
 
 

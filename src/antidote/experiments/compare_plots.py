@@ -41,14 +41,17 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def write_all(
-    config: Any, rows: list[dict[str, Any]], table: list[dict[str, Any]], stages: Path, folder: Path
+    config: Any,
+    rows: list[dict[str, Any]],
+    table: list[dict[str, Any]],
+    default: dict[str, Any],
+    stages: Path,
+    folder: Path,
 ) -> list[Path]:
-    """Every plot that the results allow; returns the files written."""
-    from antidote.experiments.compare import settings
-
+    """Every plot that the results allow; returns the files written. `config`: the CompareConfig; `default`:
+    the default setting (matrix key -> value); `stages`: the stage cache folder (for Antidote's mask file)."""
     judge = config.run.judges[0]
     entries = [t for t in table if t["judge_spec"] == judge]
-    default = settings(config.matrix)[0]
     at_default = [t for t in entries if all(t[k] == v for k, v in default.items())]
     written = [hs_vs_fa(entries, folder / "hs_vs_fa.png")]
     for key in ("lr", "epochs"):
