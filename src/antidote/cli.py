@@ -214,6 +214,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _finish_run(run_pipeline(config))
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from antidote.experiments.compare import clear_compare_dir, load_compare_config, plan, run_compare
+
+    config = load_compare_config(args.config_file, run_dir=args.out, data_dir=args.data_dir)
+    if args.plan:
+        print(plan(config))
+        return 0
+    if args.overwrite:
+        clear_compare_dir(config.out)
+    result = run_compare(config)
+    out = Path(result["out"])
+    print((out / "report.md").read_text())
+    print(
+        f"everything is in {out}: results.csv, results.json, report.md, table.tex, plots/, cells/ and "
+        f"stages/ ({len(result['stages']['built'])} stages built, {len(result['stages']['reused'])} reused)"
+    )
+    return 0
+
+
+def _compare_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "config_file",
+        metavar="CONFIG.yaml",
+        help="a run config plus a matrix: section (see configs/compare-*)",
+    )
+    parser.add_argument("--out", help="output folder (overrides run_dir in the config)")
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the cells and stages (cached or not, time estimate); no work",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="redo everything: remove what an earlier compare wrote there"
+    )
+
+
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
@@ -372,6 +408,16 @@ COMMANDS = (
         "after an interruption redoes only unfinished stages.",
     ),
     Command(
+        "compare",
+        "every defense over a matrix of attack settings and seeds: CSV/JSON, report, LaTeX table, plots",
+        cmd_compare,
+        options=_compare_options,
+        description="The run config of CONFIG.yaml plus a matrix: section (lr, epochs, harmful_ratio, "
+        "num_samples, seeds, tasks, all_seeds_for, sweep: one-at-a-time or product). Every cell is an "
+        "`antidote run` in OUT/cells/ sharing one stage cache OUT/stages, so a setting or defense added "
+        "later reuses the rest. See docs/compare.md.",
+    ),
+    Command(
         "demo",
         "align -> attack -> realign -> evaluate the embedded SmolLM2 on built-in data (CPU, ~15 min)",
         cmd_demo,
@@ -406,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
             add_dataclass_arguments(p, command.config())
         if command.options is not None:
             command.options(p)
-        if command.name in ("run", "demo"):
+        if command.name in ("run", "demo", "compare"):
             _add_data_dir(p)
         p.set_defaults(func=command.run)
     return parser

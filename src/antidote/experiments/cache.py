@@ -48,6 +48,35 @@ def release_memory() -> None:
             ctypes.CDLL(libc_name).malloc_trim(0)
 
 
+def reset_peak_memory() -> bool:
+    """Start a new peak-memory window: the kernel's resident-size high-water mark (VmHWM) is reset to the
+    present size (`/proc/self/clear_refs`, Linux 4.0+), and torch's CUDA peak if CUDA is in use. False when
+    the resident peak cannot be reset here (then it is not reported: an inherited peak would mislead)."""
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def read_peak_memory(reset: bool) -> dict[str, float | None]:
+    """Peak resident size (MiB) of this process since `reset_peak_memory` (None if that failed) and peak
+    allocated CUDA memory (MiB; None when CUDA was not used)."""
+    from antidote.memory import peak_rss_mib
+
+    out: dict[str, float | None] = {"peak_rss_mib": round(peak_rss_mib(), 1) if reset else None}
+    out["peak_cuda_allocated_mib"] = None
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["peak_cuda_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
 def _folder_fingerprint(folder: Path) -> list[Any]:
     """(relative name, size, mtime) of every file below `folder`, sorted; hidden entries left out."""
     out = []
@@ -97,6 +126,7 @@ class StageCache:
         self.cached: list[str] = []
         self.built: list[str] = []
         self.seconds: dict[str, float] = {}
+        self.peak_memory: dict[str, dict[str, float | None]] = {}  # stage folder -> read_peak_memory()
         for entry in sorted(self.root.iterdir()):
             if entry.name.startswith("."):
                 say(f"removing an unfinished stage from an interrupted run: {entry.name}")
@@ -115,16 +145,20 @@ class StageCache:
         if (folder / RECORD).is_file():
             self.say(f"[{name}] done before, reusing {folder.name}")
             self.cached.append(folder.name)
-            self.seconds[folder.name] = json.loads((folder / RECORD).read_text()).get("seconds", 0.0)
+            record = json.loads((folder / RECORD).read_text())
+            self.seconds[folder.name] = record.get("seconds", 0.0)
+            self.peak_memory[folder.name] = record.get("peak_memory", {})  # {} from before it was recorded
             return folder, key
         self.say(f"[{name}] running -> {folder.name}")
         tmp = self.root / f".{folder.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        reset = reset_peak_memory()
         start = time.perf_counter()
         try:
             build(tmp)
             seconds = round(time.perf_counter() - start, 1)
-            record = {"stage": name, "key": key, "seconds": seconds, "spec": spec}
+            peak = read_peak_memory(reset)
+            record = {"stage": name, "key": key, "seconds": seconds, "peak_memory": peak, "spec": spec}
             (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
             tmp.rename(folder)
         except BaseException:
@@ -134,6 +168,7 @@ class StageCache:
             release_memory()
         self.built.append(folder.name)
         self.seconds[folder.name] = seconds
+        self.peak_memory[folder.name] = peak
         return folder, key
 
 

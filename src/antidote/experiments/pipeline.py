@@ -207,13 +207,14 @@ RUN_OUTPUTS = (
 )
 
 
-def clear_run_dir(run_dir: Path) -> None:
-    """Remove what an earlier `antidote run` wrote into `run_dir` (and nothing else): all is redone.
-    A folder antidote did not make is left alone (`prepare_run_dir` then refuses it if it is not empty)."""
+def clear_run_dir(run_dir: Path, outputs: tuple[str, ...] = RUN_OUTPUTS) -> None:
+    """Remove what an earlier `antidote run` (or `antidote compare`: its `outputs`) wrote into `run_dir`, and
+    nothing else: all is redone. A folder antidote did not make is left alone (`prepare_run_dir` then
+    refuses it if it is not empty)."""
     if not (run_dir / RUN_MARKER).is_file():
         return
     with locked(run_dir):
-        for name in RUN_OUTPUTS:
+        for name in outputs:
             path = run_dir / name
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
@@ -244,11 +245,16 @@ class _Model:
 
 
 class _Run:
-    def __init__(self, config: RunConfig, run_dir: Path, say: Callable[[str], None]) -> None:
+    """One run's stages and results in `run_dir`. `cache`: the stage cache to use (default: RUN_DIR/stages);
+    `antidote compare` passes one shared by all its cells."""
+
+    def __init__(
+        self, config: RunConfig, run_dir: Path, say: Callable[[str], None], cache: StageCache | None = None
+    ) -> None:
         self.config = config
         self.run_dir = run_dir
         self.say = say
-        self.cache = StageCache(run_dir, say)
+        self.cache = cache if cache is not None else StageCache(run_dir, say)
         # The data folder every stage reads names from: the config's, else $ANTIDOTE_DATA_DIR (resolved
         # once here, so that the stage keys name the folder actually read).
         folder = resolve_data_dir(config.data_dir)

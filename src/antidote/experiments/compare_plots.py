@@ -1,0 +1,202 @@
+"""The plots of `antidote compare` (matplotlib, Agg), from the aggregated table (first judge):
+- hs_vs_fa.png: HS against FA, one marker per defense (variant) and setting;
+- hs_vs_lr.png, hs_vs_epochs.png: HS against the attack's learning rate / epochs, one line per defense, the
+  other matrix keys at their default (only for keys that the matrix varies);
+- antidote_mask_ratio.png: Antidote's HS and FA against its mask ratio (0: the attacked model), when two or
+  more ratios were evaluated;
+- antidote_mask_layers.png: the share of weights Antidote pruned per layer and module type (its mask file
+  at the largest ratio, default setting, first seed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REFERENCE = ("base", "aligned")
+MASK_FILE = "antidote_mask.safetensors"
+_NOT_MODULE = {"weight", "bias", "lora_A", "lora_B", "default", "base_layer", "lora_magnitude_vector"}
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    _pyplot().close(fig)
+    os.replace(tmp, path)
+
+
+def write_all(
+    config: Any,
+    rows: list[dict[str, Any]],
+    table: list[dict[str, Any]],
+    default: dict[str, Any],
+    stages: Path,
+    folder: Path,
+) -> list[Path]:
+    """Every plot that the results allow; returns the files written. `config`: the CompareConfig; `default`:
+    the default setting (matrix key -> value); `stages`: the stage cache folder (for Antidote's mask file)."""
+    judge = config.run.judges[0]
+    entries = [t for t in table if t["judge_spec"] == judge]
+    at_default = [t for t in entries if all(t[k] == v for k, v in default.items())]
+    written = [hs_vs_fa(entries, folder / "hs_vs_fa.png")]
+    for key in ("lr", "epochs"):
+        values = getattr(config.matrix, key) or []
+        if len(values) > 1:
+            others = {k: v for k, v in default.items() if k != key}
+            line = [t for t in entries if all(t[k] == v for k, v in others.items())]
+            written.append(hs_against(line, key, folder / f"hs_vs_{key}.png"))
+    ratio = mask_ratio_plot(at_default, folder / "antidote_mask_ratio.png")
+    if ratio is not None:
+        written.append(ratio)
+    first_seed = [
+        r
+        for r in rows
+        if r["defense"] == "antidote"
+        and r["judge_spec"] == judge
+        and all(r[k] == v for k, v in default.items())
+    ]
+    if first_seed and "antidote" in first_seed[0]["stages"]:
+        heat = mask_heatmap(stages / first_seed[0]["stages"]["antidote"], folder / "antidote_mask_layers.png")
+        if heat is not None:
+            written.append(heat)
+    return written
+
+
+def hs_vs_fa(entries: list[dict[str, Any]], path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    labels = list(dict.fromkeys(t["label"] for t in entries))
+    for i, label in enumerate(labels):
+        pts = [t for t in entries if t["label"] == label]
+        style = (
+            {"color": "gray", "marker": "x"} if label in REFERENCE else {"color": f"C{i % 10}", "marker": "o"}
+        )
+        ax.scatter([t["fa"]["mean"] for t in pts], [t["hs"]["mean"] for t in pts], label=label, **style)
+    ax.set_xlabel("fine-tuning accuracy FA (%)")
+    ax.set_ylabel(f"harmful score HS (%, {entries[0]['judge']} judge)")
+    ax.set_title("Harm against task accuracy, every defense and setting")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    _save(fig, path)
+    return path
+
+
+def hs_against(entries: list[dict[str, Any]], key: str, path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    labels = [x for x in dict.fromkeys(t["label"] for t in entries) if x not in REFERENCE]
+    for i, label in enumerate(labels):
+        pts = sorted((t for t in entries if t["label"] == label), key=lambda t: t[key])
+        ax.plot([t[key] for t in pts], [t["hs"]["mean"] for t in pts], "o-", color=f"C{i % 10}", label=label)
+    if key == "lr":
+        ax.set_xscale("log")
+    ax.set_xlabel({"lr": "fine-tuning learning rate", "epochs": "fine-tuning epochs"}[key])
+    ax.set_ylabel(f"harmful score HS (%, {entries[0]['judge']} judge)" if entries else "HS (%)")
+    ax.set_title(f"HS against the attack's {key} (other settings at default)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    _save(fig, path)
+    return path
+
+
+def mask_ratio_plot(entries: list[dict[str, Any]], path: Path) -> Path | None:
+    """Antidote's variants (mean over seeds) against their ratio; the attacked model (sft) at ratio 0."""
+    points = []
+    for t in entries:
+        if t["defense"] == "antidote" and t["variant"]:
+            try:
+                points.append((float(t["variant"]), t))
+            except ValueError:
+                continue
+    if len(points) < 2:
+        return None
+    sft = [t for t in entries if t["label"] == "sft"]
+    points = sorted([(0.0, sft[0])] if sft else [], key=lambda p: p[0]) + sorted(points, key=lambda p: p[0])
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    xs = [x for x, _ in points]
+    ax.plot(xs, [t["hs"]["mean"] for _, t in points], "o-", color="C3", label="HS")
+    ax.plot(xs, [t["fa"]["mean"] for _, t in points], "s--", color="C0", label="FA")
+    ax.set_xlabel("Antidote mask ratio alpha (0 = the attacked model)")
+    ax.set_ylabel("percent")
+    ax.set_title("Antidote: harm and accuracy against the share pruned")
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+    return path
+
+
+def pruned_share_by_layer(shares: dict[str, tuple[int, int]]) -> tuple[list[int], list[str], torch.Tensor]:
+    """(layers, module types, share (layers, types) in percent; NaN where a layer has no such module) from
+    {weight name: (pruned, numel)}; names without a layer index are left out. A module's type is the last
+    part of its name (q_proj), its LoRA factors (lora_A, lora_B) pooled: counts are summed, then divided."""
+    cells: dict[tuple[int, str], list[int]] = {}
+    for name, (pruned, numel) in shares.items():
+        match = _LAYER.search(name)
+        if match is None:
+            continue
+        parts = [p for p in name[match.end() :].split(".") if p not in _NOT_MODULE]
+        kind = parts[-1] if parts else "?"
+        total = cells.setdefault((int(match.group(1)), kind), [0, 0])
+        total[0] += pruned
+        total[1] += numel
+    layers = sorted({k[0] for k in cells})
+    kinds = sorted({k[1] for k in cells})
+    grid = torch.full((len(layers), len(kinds)), float("nan"))
+    for (layer, kind), (pruned, numel) in cells.items():
+        grid[layers.index(layer), kinds.index(kind)] = 100.0 * pruned / max(numel, 1)
+    return layers, kinds, grid
+
+
+def mask_heatmap(stage: Path, path: Path) -> Path | None:
+    """The heatmap of the largest ratio's mask file in an antidote stage folder; None without one."""
+    from safetensors import safe_open
+
+    variants_file = stage / "variants.json"
+    if not variants_file.is_file():
+        return None
+    variants = json.loads(variants_file.read_text())
+    ratios = []
+    for label, rel in variants.items():
+        try:
+            ratios.append((float(label), stage / rel / MASK_FILE))
+        except ValueError:
+            continue
+    ratios = [r for r in ratios if r[1].is_file()]
+    if not ratios:
+        return None
+    ratio, mask_file = max(ratios)
+    counts = {}
+    with safe_open(str(mask_file), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open has keys(), not iteration)
+            mask = f.get_tensor(name)
+            counts[name] = (int(mask.sum()), mask.numel())
+    layers, kinds, grid = pruned_share_by_layer(counts)
+    if not layers:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.8 * len(kinds)), max(3.0, 1.5 + 0.22 * len(layers))))
+    image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=6)
+    ax.set_ylabel("layer")
+    ax.set_title(f"Antidote: % pruned per layer and module (ratio {ratio:g})", fontsize=9)
+    fig.colorbar(image, ax=ax, label="% of weights pruned")
+    fig.tight_layout()
+    _save(fig, path)
+    return path

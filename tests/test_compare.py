@@ -1,0 +1,334 @@
+"""`antidote compare` on the tiny model: outputs, the shared stage cache, aggregation over seeds, --plan and
+bad input. Expected numbers are recomputed here from the cells' own results files and stage records."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from antidote.cli import main
+from antidote.errors import AntidoteError
+from antidote.evaluation.stats import wilson_interval
+from antidote.experiments.aggregate import mean_t_interval, t_quantile
+from antidote.experiments.compare import load_compare_config, run_compare, settings
+from antidote.experiments.compare_plots import pruned_share_by_layer
+from conftest import write_config
+
+T975 = {1: 12.7062, 2: 4.3027, 5: 2.5706, 10: 2.2281, 30: 2.0423}  # textbook Student-t 97.5% quantiles
+
+
+def compare_yaml(tiny: dict[str, Path], folder: Path, **matrix_and_changes: Any) -> Path:
+    """A compare config: the tiny run config, two data-free post defenses, and a matrix."""
+    folder.mkdir(parents=True, exist_ok=True)
+    run = yaml.safe_load(write_config(tiny, folder).read_text())
+    run.update(
+        run_dir=str(folder / "out"),
+        validate=None,
+        evaluate_base=False,
+        defenses={
+            "sft": {},
+            "random-prune": {"mask_ratios": [0.2]},
+            "magnitude-prune": {"mask_ratios": [0.2]},
+        },
+        matrix={"lr": [1e-3, 2e-3], "seeds": [0, 1], "all_seeds_for": ["sft"]},
+    )
+    run.update(matrix_and_changes)
+    path = folder / "compare.yaml"
+    path.write_text(yaml.safe_dump(run))
+    return path
+
+
+@pytest.fixture(scope="module")
+def compared(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("compare")
+    path = compare_yaml(tiny, folder)
+    result = run_compare(load_compare_config(str(path)), say=lambda m: None)
+    return {"path": path, "out": folder / "out", "result": result, "folder": folder}
+
+
+def cell_results(out: Path, cell: str) -> dict[str, dict[str, Any]]:
+    return {r["model"]: r for r in json.loads((out / "cells" / cell / "results.json").read_text())}
+
+
+def entry(value: float, low: float, high: float, n: int | None = None) -> str:
+    return f"{value:.1f} [{low:.1f}, {high:.1f}]" + (f" (n={n})" if n else "")
+
+
+def test_two_cells_write_every_output_from_the_cells_results(compared: dict[str, Any]) -> None:
+    out = compared["out"]
+    for name in (
+        "results.csv",
+        "results.json",
+        "report.md",
+        "table.tex",
+        "plots/hs_vs_fa.png",
+        "plots/hs_vs_lr.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    cells = sorted(p.name for p in (out / "cells").iterdir())
+    assert cells == ["lr=0.001,seed=0", "lr=0.001,seed=1", "lr=0.002,seed=0", "lr=0.002,seed=1"]
+    rows = json.loads((out / "results.json").read_text())
+    # Seed 1 runs only sft (all_seeds_for), seed 0 every defense; aligned is there as a reference.
+    assert sorted((r["cell"], r["label"]) for r in rows) == sorted(
+        [(c, label) for c in cells for label in ("aligned", "sft")]
+        + [(c, d) for c in cells if c.endswith("seed=0") for d in ("random-prune@0.2", "magnitude-prune@0.2")]
+    )
+    for r in rows:
+        source = cell_results(out, r["cell"])["attacked" if r["defense"] == "sft" else r["label"]]
+        assert (r["hs"], r["fa"], r["judge"], r["n_prompts"]) == (
+            source["hs"],
+            source["fa"],
+            source["judge"],
+            source["n_prompts"],
+        )
+        assert r["lr"] == float(r["setting"].split("=")[1]) and r["seed"] == int(r["cell"][-1])
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == len(rows) + 1 and csv_lines[0].startswith("defense,variant,label,cell")
+
+    report = (out / "report.md").read_text()
+    table = (out / "table.tex").read_text()
+    assert "\\toprule" in table and "\\bottomrule" in table and "judge: keyword" in report
+    for setting in ("lr=0.001", "lr=0.002"):
+        one = cell_results(out, f"{setting},seed=0")
+        for label in ("random-prune@0.2", "magnitude-prune@0.2"):  # one seed: the Wilson interval
+            r = one[label]
+            hs = entry(r["hs"], *wilson_interval(round(r["hs"] * r["n_prompts"] / 100), r["n_prompts"]))
+            fa = entry(r["fa"], *wilson_interval(round(r["fa"] * r["n_task"] / 100), r["n_task"]))
+            assert f"| {label} | " in report and hs in report and fa in report
+            assert f"{r['hs']:.1f} {{\\scriptsize" in table
+        # sft at two seeds: the mean and the t interval, by hand from the two cells' files
+        hs = [cell_results(out, f"{setting},seed={s}")["attacked"]["hs"] for s in (0, 1)]
+        mean, half = (hs[0] + hs[1]) / 2, T975[1] * abs(hs[0] - hs[1]) / 2
+        line = next(x for x in report.splitlines() if x.startswith("| sft |"))
+        assert entry(mean, mean - half, mean + half, 2) in line or (
+            hs[0] == hs[1] and f"{mean:.1f} [{mean:.1f}, {mean:.1f}] (n=2)" in line
+        )
+
+
+def test_alignment_built_once_and_costs_come_from_the_stage_records(compared: dict[str, Any]) -> None:
+    out = compared["out"]
+    built = [s.rsplit("-", 1)[0] for s in compared["result"]["stages"]["built"]]
+    assert built.count("align") == 1 and built.count("finetune") == 4  # 2 settings x 2 seeds
+    assert len(list((out / "stages").glob("align-*"))) == 1
+    for r in json.loads((out / "results.json").read_text()):
+        if r["defense"] != "random-prune":
+            continue
+        stage = out / "stages" / r["stages"]["random-prune"]
+        record = json.loads((stage / "stage.json").read_text())
+        assert r["seconds"] == record["seconds"]
+        assert r["peak_rss_mib"] == record["peak_memory"]["peak_rss_mib"]
+
+
+def test_adding_a_defense_builds_only_its_stages(
+    compared: dict[str, Any], tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    shutil.copytree(compared["out"], tmp_path / "out", ignore=shutil.ignore_patterns(".lock"))
+    config = yaml.safe_load(compared["path"].read_text())
+    config["run_dir"] = str(tmp_path / "out")
+    config["defenses"]["antidote"] = {"data": str(tiny["harmful"]), "mask_ratios": [0.1, 0.3]}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    plan_before = _plan(path)
+    assert "build   antidote" in plan_before and "build   align" not in plan_before
+    # the new evaluations are estimated from the recorded evaluation stages; antidote has no recorded kind
+    assert "build   evaluate-antidote@?  ~" in plan_before
+    assert "build   antidote  (no estimate)" in plan_before
+    assert main(["compare", str(path)]) == 0
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    built = sorted(
+        p.name.rsplit("-", 1)[0]
+        for p in (tmp_path / "out" / "stages").iterdir()
+        if not (compared["out"] / "stages" / p.name).exists() and not p.name.startswith(".")
+    )
+    # antidote runs at the first seed of each setting: its stage and the evaluation of its two ratios
+    assert built == sorted(["antidote", "evaluate-antidote@0.1", "evaluate-antidote@0.3"] * 2)
+    assert {r["label"] for r in rows} >= {"antidote@0.1", "antidote@0.3"}
+    assert (tmp_path / "out" / "plots" / "antidote_mask_ratio.png").stat().st_size > 0
+    assert (tmp_path / "out" / "plots" / "antidote_mask_layers.png").stat().st_size > 0
+    assert "0 stages to build" in _plan(path)
+
+
+def _plan(path: Path) -> str:
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main(["compare", str(path), "--plan"]) == 0
+    return buffer.getvalue()
+
+
+def test_plan_writes_nothing(tiny: dict[str, Path], tmp_path: Path) -> None:
+    path = compare_yaml(tiny, tmp_path)
+    text = _plan(path)
+    assert not (tmp_path / "out").exists()
+    assert "4 cells" in text and text.count("build   align\n") + text.count("build   align ") == 1
+    # the second seed of a setting reuses nothing of the first but the alignment
+    assert "cell lr=0.001,seed=1" in text and "  cached  align" in text
+
+
+def test_aggregation_over_seeds_is_the_mean_and_t_interval() -> None:
+    for df, t in T975.items():
+        assert t_quantile(0.95, df) == pytest.approx(t, abs=1e-4)
+    values = [10.0, 30.0, 35.0]
+    mean, low, high = mean_t_interval(values)
+    s = math.sqrt(sum((v - 25.0) ** 2 for v in values) / 2)
+    assert mean == 25.0 and (low, high) == pytest.approx(
+        (25 - 4.3027 * s / math.sqrt(3), 25 + 4.3027 * s / 3**0.5), abs=1e-3
+    )
+    assert s == pytest.approx(statistics.stdev(values))
+
+
+def test_settings_one_at_a_time_and_product() -> None:
+    from antidote.experiments.compare import MatrixConfig
+
+    m = MatrixConfig(lr=[1.0, 2.0, 3.0], epochs=[1, 2])
+    assert settings(m) == [
+        {"lr": 1.0, "epochs": 1},
+        {"lr": 2.0, "epochs": 1},
+        {"lr": 3.0, "epochs": 1},
+        {"lr": 1.0, "epochs": 2},
+    ]
+    m = MatrixConfig(lr=[1.0, 2.0], epochs=[1, 2], sweep="product")
+    assert len(settings(m)) == 4 and {"lr": 2.0, "epochs": 2} in settings(m)
+
+
+def test_pruned_share_by_layer_from_counts() -> None:
+    counts = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (1, 4),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": (1, 6),
+        "model.layers.0.mlp.up_proj.weight": (0, 8),
+        "model.layers.1.self_attn.q_proj.weight": (5, 10),
+        "lm_head.weight": (3, 3),
+    }
+    layers, kinds, grid = pruned_share_by_layer(counts)
+    assert layers == [0, 1] and kinds == ["q_proj", "up_proj"]
+    assert grid[0].tolist() == [20.0, 0.0] and grid[1, 0] == 50.0 and math.isnan(grid[1, 1])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"defenses": {"no-such": {}}}, r"unknown defense 'no-such'; known defenses: .*random-prune"),
+        ({"defenses": {"safelora": {}}, "align": {}}, r"safelora needs the base -> aligned pair"),
+        ({"matrix": {"learning_rate": [1e-3]}}, r"matrix has unknown keys: learning_rate"),
+        ({"matrix": {"lr": []}}, r"matrix: lr is empty"),
+        ({"matrix": {"harmful_ratio": [0.4, 1.5]}}, r"cell harmful_ratio=1\.5,seed=0: .*outside \[0, 1\]"),
+        ({"matrix": {"num_samples": [10, 40]}}, r"num_samples=40.*needs 16 harmful .* data has 10"),
+        ({"matrix": {"lr": [1e-3], "all_seeds_for": ["antidote"]}}, r"all_seeds_for names 'antidote'"),
+        ({"matrix": {"lr": [1e-3], "sweep": "grid"}}, r"sweep 'grid' is unknown"),
+    ],
+)
+def test_bad_input_fails_before_any_work(
+    tiny: dict[str, Path],
+    tmp_path: Path,
+    change: dict[str, Any],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = compare_yaml(tiny, tmp_path, **change)
+    with pytest.raises(AntidoteError, match=message):
+        load_compare_config(str(path))
+    assert main(["compare", str(path)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_rules(compared: dict[str, Any], tiny: dict[str, Path], tmp_path: Path) -> None:
+    from antidote.experiments.compare import clear_compare_dir
+
+    path = compare_yaml(tiny, tmp_path / "cfg")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("mine")
+    assert main(["compare", str(path), "--out", str(foreign), "--overwrite"]) == 2
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+    # --overwrite in a folder compare made removes what it wrote, nothing else
+    copy = tmp_path / "copy"
+    shutil.copytree(compared["out"], copy, ignore=shutil.ignore_patterns(".lock"))
+    (copy / "notes.txt").write_text("mine")
+    clear_compare_dir(copy)
+    assert sorted(p.name for p in copy.iterdir() if p.name != ".lock") == [".antidote-run.json", "notes.txt"]
+
+
+def test_stage_records_its_own_peak_memory(tmp_path: Path) -> None:
+    from antidote.experiments.cache import StageCache, reset_peak_memory
+
+    def resident_mib() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+    def big(out: Path) -> None:
+        out.mkdir()
+        buffer = b"\x01" * (100 * 2**20)  # 100 MiB, written, so resident
+        (out / "size").write_text(str(len(buffer)))
+
+    def small(out: Path) -> None:
+        out.mkdir()
+
+    cache = StageCache(tmp_path, lambda m: None)
+    before = resident_mib()
+    first, _ = cache.run("big", {"n": 1}, big)
+    second, _ = cache.run("small", {"n": 2}, small)
+    peaks = [
+        json.loads((f / "stage.json").read_text())["peak_memory"]["peak_rss_mib"] for f in (first, second)
+    ]
+    if not reset_peak_memory():  # no /proc/self/clear_refs here: not measured, and said so
+        assert peaks == [None, None]
+        return
+    assert peaks[0] >= before + 90  # the 100 MiB buffer was resident during the first stage
+    assert peaks[1] < peaks[0] - 50  # the window was reset at the second stage's start
+    assert cache.peak_memory[first.name]["peak_rss_mib"] == peaks[0]
+
+
+def test_general_utility_runs_lm_eval_once_per_model(
+    compared: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against a stand-in for lm_eval.simple_evaluate (lm-eval is not installed here): each evaluated model
+    is scored once (the aligned model once for all cells), with its adapter; the numbers reach the rows."""
+    import types
+
+    calls: list[dict[str, Any]] = []
+
+    def simple_evaluate(**kwargs: Any) -> dict[str, Any]:
+        calls.append(kwargs)
+        acc = 0.25 if "peft=" in kwargs["model_args"] else 0.75
+        return {"results": {"arc_easy": {"alias": "arc_easy", "acc,none": acc, "acc_stderr,none": 0.1}}}
+
+    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
+    shutil.copytree(compared["out"], tmp_path / "out", ignore=shutil.ignore_patterns(".lock"))
+    config = yaml.safe_load(compared["path"].read_text())
+    config.update(run_dir=str(tmp_path / "out"), general_utility={"tasks": ["arc_easy"], "limit": 5})
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_compare(load_compare_config(str(path)), say=lambda m: None)
+    assert len(calls) == 1 + 4 + 2 * 2  # aligned; the attack of each of 4 cells; 2 post defenses x 2 cells
+    for call in calls:
+        assert call["model"] == "hf" and call["tasks"] == ["arc_easy"] and call["limit"] == 5
+        args = dict(part.split("=", 1) for part in call["model_args"].split(","))
+        assert (Path(args["pretrained"]) / "config.json").is_file()
+        assert "peft" not in args or (Path(args["peft"]) / "adapter_config.json").is_file()
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    for r in rows:
+        expected = 0.75 if r["defense"] == "aligned" else 0.25
+        assert r["general_utility"]["arc_easy"]["acc,none"] == expected
+    assert "## General utility" in (tmp_path / "out" / "report.md").read_text()
+    run_compare(load_compare_config(str(path)), say=lambda m: None)
+    assert len(calls) == 9  # all cached
+
+
+def test_general_utility_needs_lm_eval(tiny: dict[str, Path], tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-eval is installed here")
+    path = compare_yaml(tiny, tmp_path, general_utility={"tasks": ["arc_easy"]})
+    with pytest.raises(AntidoteError, match="general_utility needs lm-evaluation-harness"):
+        load_compare_config(str(path))
