@@ -329,3 +329,35 @@ def test_a_second_judge_rescores_saved_generations(tiny, tiny_run, tmp_path) -> 
                 "fa"
             ]
         )
+
+
+def test_seeds_repeat_the_attack_and_report_mean_and_spread(tiny, tiny_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`seeds: [a, b]`: the attack and every defense at each seed on one stage cache (the alignment
+    reused), report.md with each row's mean over the seeds and its t interval, computed here by hand."""
+    path = copy_run(tiny_run, tiny, tmp_path, seeds=[1, 2], validate=None)
+    summary = run_pipeline(load_run_config(str(path)), say=lambda m: None)
+    run = tmp_path / "run"
+    rows = json.loads((run / "results.json").read_text())
+    assert sorted({r["seed"] for r in rows}) == [1, 2]
+    assert sorted(p.name for p in (run / "cells").iterdir()) == ["default,seed=1", "default,seed=2"]
+    assert not any(n.startswith("align-") for n in summary["stages"]["built"])  # reused from the copy
+    assert sum(n.startswith("finetune-") for n in summary["stages"]["built"]) >= 1
+    hs = [r["hs"] for r in rows if r["label"] == "antidote@0.3" and r["judge_spec"] == "keyword"]
+    assert len(hs) == 2
+    mean, sd = sum(hs) / 2, math.sqrt(sum((h - sum(hs) / 2) ** 2 for h in hs))  # n - 1 = 1
+    t_975_df1 = 12.706204736174707
+    half = t_975_df1 * sd / math.sqrt(2)
+    report = (run / "report.md").read_text()
+    entry = f"{mean:.1f} [{mean - half:.1f}, {mean + half:.1f}] (n=2)"
+    line = next(x for x in report.splitlines() if x.startswith("| antidote@0.3 |"))
+    assert entry in line, (entry, line)
+    assert main(["run", str(path)]) == 0  # and the command prints it
+
+
+def test_seeds_with_export_models_is_refused(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    path = write_config(tiny, tmp_path, seeds=[1, 2], export_models=True)
+    assert main(["run", str(path)]) == 2
+    assert "export_models exports one run's models" in capsys.readouterr().err
+    path = write_config(tiny, tmp_path, seeds=[1, 1])
+    assert main(["run", str(path)]) == 2
+    assert "seeds repeats a value" in capsys.readouterr().err

@@ -178,6 +178,10 @@ def _run_config(path: str, args: argparse.Namespace, run_dir: str | None) -> Any
 
 def _finish_run(summary: dict[str, Any]) -> int:
     run_dir = Path(summary["run_dir"])
+    if "out" in summary:  # a run over several seeds is a compare over the attack's seed
+        print((run_dir / "report.md").read_text())
+        print(f"everything is in {run_dir}: report.md, results.csv, results.json, table.tex, plots/, cells/")
+        return 0
     print((run_dir / "results.md").read_text())
     print(
         f"everything is in {run_dir}: results.json, summary.json, results.md, generations.jsonl, "

@@ -167,6 +167,8 @@ def load_compare_config(path: str, **overrides: Any) -> CompareConfig:
         raise AntidoteError(f"{path}: defenses: {SFT} (the plain attack) takes no options; write {SFT}: {{}}")
     data["defenses"] = defenses
     run = config_from_mapping(RunConfig, data, f"config file {path}")
+    if run.seeds:
+        raise AntidoteError(f"{path}: give the seeds of a compare in its matrix: seeds: {run.seeds}")
     check(run, path)
     if matrix.all_seeds_for is None:
         matrix.all_seeds_for = [n for n in (SFT, "antidote") if n == SFT or n in run.defenses]
@@ -292,6 +294,16 @@ def _attack_data_sizes(ft: Any) -> tuple[int, int]:
 
 def _say(message: str) -> None:
     print(f"antidote compare: {message}", file=sys.stderr, flush=True)
+
+
+def seeds_compare(run: RunConfig, path: str = "the config") -> CompareConfig:
+    """`antidote run` with `seeds: [...]`: every defense (and the plain attack) at every seed, in the run
+    folder; report.md gives the mean and 95% t interval over seeds, cells/ the runs one by one."""
+    matrix = MatrixConfig(seeds=list(run.seeds), all_seeds_for=[SFT, *run.defenses])
+    base = replace(run, seeds=[])
+    cells = _cells(base, matrix, path)
+    _check_attack_data(cells, path)
+    return CompareConfig(base, matrix, cells, path)
 
 
 def run_compare(config: CompareConfig, say: Callable[[str], None] = _say) -> dict[str, Any]:
@@ -467,6 +479,7 @@ def cell_rows(
                 "stages": {n: folders[n] for n in own if n in folders},
                 "eval_stage": r["stage"],
                 "general_utility": (utility or {}).get(r["model"]),
+                "recovered": r.get("recovered"),
             }
         )
     return rows

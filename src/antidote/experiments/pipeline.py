@@ -81,6 +81,9 @@ class RunConfig:
     validate: dict[str, Any] | None = None
     evaluate_chosen_only: bool = False  # evaluate only each post defense's chosen variant (needs validate)
     export_models: bool = False  # hard-link the final models into RUN_DIR/models/<row>
+    # The attack's seeds: the attack and everything after it runs at each (results per seed in
+    # RUN_DIR/cells/), and report.md gives the mean and 95% t interval over seeds (`antidote compare`).
+    seeds: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.judges, str):
@@ -130,6 +133,10 @@ def check(config: RunConfig, path: str = "the config") -> None:
         _defense_config(config, defense, _placeholders(defense), path)
     if config.evaluate_chosen_only and config.validate is None:
         raise AntidoteError(f"{path}: evaluate_chosen_only needs a validate section to choose on")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise AntidoteError(f"{path}: seeds repeats a value: {config.seeds}")
+    if config.seeds and config.export_models:
+        raise AntidoteError(f"{path}: export_models exports one run's models; drop it or give one seed")
 
 
 def _values(cls: type, section: Any, where: str, reserved: set[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -226,6 +233,11 @@ def run_pipeline(config: RunConfig, say: Callable[[str], None] = _say) -> dict[s
     """Run (or resume) every stage; write results.json, results.md, summary.json, generations.jsonl and
     tradeoff.png into the run folder, and return the summary."""
     check(config)
+    if config.seeds:  # one run per seed, sharing the stage cache: a compare over the attack's seed
+        from antidote.experiments.compare import run_compare, seeds_compare
+
+        result = run_compare(seeds_compare(config), say)
+        return {**result, "run_dir": result["out"]}
     run_dir = Path(config.run_dir).expanduser().resolve()
     prepare_run_dir(run_dir)
     with locked(run_dir):
