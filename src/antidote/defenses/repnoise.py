@@ -8,7 +8,7 @@ Each alignment step, as in the authors' `rep_noise_loss` (domenicrosati/represen
 - CE(harmful answers): response-only cross-entropy of a batch of harmful prompt -> harmful answer pairs
   (from `harmful_data`); the bounded -log(CE + 1) ascends it. With `logit_lens` it is, as in the authors'
   code, the mean of that CE and of the CE read through the final norm and output layer at every
-  intermediate layer; off by default, since it costs one output-layer pass per layer.
+  intermediate layer; off by default (one more output-layer pass per layer, at the answer positions).
 - h_l: the output of decoder layer l's MLP (`layers.<l>.mlp`, as the authors) on that harmful batch,
   zeroed outside the answer tokens and flattened per sequence, (B, T * H); the noise is N(0, I) with the
   same mask. MMD: the authors' sum of 5 RBF kernels with bandwidths 2^k * (mean squared distance) / 4.
