@@ -1,0 +1,106 @@
+"""Booster (Huang et al. 2024, "Booster: tackling harmful fine-tuning for large language models via
+attenuating harmful perturbation"): align while making one simulated harmful fine-tuning step useless.
+
+Each alignment step, as in the authors' `BoosterAlignmentTrainer` (git-disl/Booster, trainer.py, without its
+optional `perturb_aware` SAM part), with f the alignment loss on the batch and h the loss of the model on a
+batch of harmful prompt -> harmful answer pairs:
+    grad = grad f(w) + lam * (grad h(w) - grad h(w - a * grad h(w) / ||grad h(w)||))
+||.|| is the L2 norm over all trained (LoRA) parameters together; lam = 5, a = 0.1 (SPEC 4). The harmful
+batch is drawn from `harmful_data` (default: the built-in align split's compliant answers), `batch_size`
+pairs at a time in a seeded order. Cost: two extra forward+backward passes per step (~3x alignment).
+The trainer (`BoosterTrainer`) lives in `training_hooks`, which imports torch only when a run starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from antidote.defenses.base import Defense, register
+from antidote.errors import AntidoteError
+from antidote.training.stages import BUILTIN, AlignConfig, run_align
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+# ---- the math ---------------------------------------------------------------------------------------------
+
+
+def harmful_shift(grads: Sequence[torch.Tensor], step_size: float) -> list[torch.Tensor]:
+    """The simulated harmful step: -a * g_i / ||g|| per parameter, ||g|| over all of them (+1e-7, as the
+    authors). grads: the harmful-loss gradients, one tensor per trained parameter (its shape)."""
+    import torch
+
+    norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))  # type: ignore[arg-type]
+    return [(-step_size * g.float() / (norm + 1e-7)).to(g.dtype) for g in grads]
+
+
+def booster_gradient(
+    align: torch.Tensor, harmful: torch.Tensor, harmful_after: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """grad f + lam * (grad h(w) - grad h(w after the harmful step)), for one parameter (any shape)."""
+    return align + lam * (harmful - harmful_after)
+
+
+# ---- the defense ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BoosterConfig(AlignConfig):
+    """Booster's options (plus every option of `antidote align`)."""
+
+    harmful_data: str = field(
+        default=BUILTIN,
+        metadata={
+            "help": "harmful prompt -> harmful answer pairs file, or builtin (the align split's answers)"
+        },
+    )
+    lam: float = field(
+        default=5.0, metadata={"help": "lambda, weight of the harmful-perturbation attenuation (SPEC 4: 5)"}
+    )
+    step_size: float = field(
+        default=0.1,
+        metadata={"help": "a, norm of the simulated harmful step on the LoRA weights (SPEC 4: 0.1)"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.lam < 0:
+            raise AntidoteError(f"--lam must be at least 0, got {self.lam}")
+        if not self.step_size > 0:
+            raise AntidoteError(f"--step-size must be positive, got {self.step_size}")
+        super().__post_init__()
+
+
+def run(config: BoosterConfig) -> dict[str, Path]:
+    from antidote.defenses.training_hooks import BoosterTrainer, encode_harmful, harmful_pairs
+
+    triples = harmful_pairs(config.harmful_data, config.data_dir)
+    if not triples:
+        raise AntidoteError(
+            f"--harmful-data {config.harmful_data} holds no pairs; give harmful prompt -> answer pairs"
+        )
+
+    def seam(loaded: Any, cfg: Any) -> dict[str, Any]:
+        features = encode_harmful(loaded, cfg, triples)
+        extra = {"harmful": features, "lam": config.lam, "step_size": config.step_size}
+        return {"trainer_class": BoosterTrainer, "extra": extra}
+
+    log.info("booster: lam %g, step %g, %d harmful pairs", config.lam, config.step_size, len(triples))
+    return {"": run_align(config, seam=seam)}
+
+
+DEFENSE = register(
+    Defense(
+        name="booster",
+        stage="align",
+        config=BoosterConfig,
+        run=run,
+        summary="align while attenuating the loss drop of a simulated harmful step (~3x alignment)",
+    )
+)

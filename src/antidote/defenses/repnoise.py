@@ -1,0 +1,162 @@
+"""RepNoise (Rosati et al. 2024, "Representation noising: a defence mechanism against harmful finetuning"):
+align while pushing the representations of harmful answers towards Gaussian noise.
+
+Each alignment step, as in the authors' `rep_noise_loss` (domenicrosati/representation-noising, loss.py):
+    loss = CE(alignment batch) - alpha * log(CE(harmful answers) + 1) + beta * mean_l MMD(h_l, N(0, I))
+- CE(alignment batch): the plain response-only alignment loss (refusals and helpful answers), where the
+  authors take the refusal paired with each harmful prompt; the refusals are in the alignment data.
+- CE(harmful answers): response-only cross-entropy of a batch of harmful prompt -> harmful answer pairs
+  (from `harmful_data`); the bounded -log(CE + 1) ascends it. With `logit_lens` it is, as in the authors'
+  code, the mean of that CE and of the CE read through the final norm and output layer at every
+  intermediate layer; off by default (one more output-layer pass per layer, at the answer positions).
+- h_l: the output of decoder layer l's MLP (`layers.<l>.mlp`, as the authors) on that harmful batch,
+  zeroed outside the answer tokens and flattened per sequence, (B, T * H); the noise is N(0, I) with the
+  same mask. MMD: the authors' sum of 5 RBF kernels with bandwidths 2^k * (mean squared distance) / 4.
+alpha = 1 (the RepNoise paper; git-disl's re-implementation uses 0.1), beta = 0.001.
+Needs paired data: the harmful prompts of `harmful_data` must include prompts of the refusal data `data`.
+The trainer (`RepNoiseTrainer`) lives in `training_hooks`, which imports torch only when a run starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from antidote.defenses.base import Defense, register
+from antidote.errors import AntidoteError
+from antidote.training.stages import BUILTIN, AlignConfig, run_align
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+# ---- the math ---------------------------------------------------------------------------------------------
+
+
+def mmd_rbf(x: torch.Tensor, y: torch.Tensor, kernel_mul: float = 2.0, kernel_num: int = 5) -> torch.Tensor:
+    """Squared maximum mean discrepancy between samples x: (n, d) and y: (m, d), with the kernel
+    k(a, b) = sum_k exp(-||a - b||^2 / s_k), s_k = s * kernel_mul^(k - kernel_num // 2), s the mean squared
+    distance between distinct points of x and y together (held constant for the gradient), as the authors.
+    Returns mean k(x, x') + mean k(y, y') - 2 mean k(x, y), a scalar (float32)."""
+    import torch
+
+    total = torch.cat([x, y]).float()
+    count = total.shape[0]
+    sq = ((total.unsqueeze(0) - total.unsqueeze(1)) ** 2).sum(-1)  # (n + m, n + m)
+    scale = (sq.detach().sum() / (count * count - count)).clamp_min(1e-12) / kernel_mul ** (kernel_num // 2)
+    kernel = sum(torch.exp(-sq / (scale * kernel_mul**k)) for k in range(kernel_num))
+    n = x.shape[0]
+    xx, yy, xy = kernel[:n, :n], kernel[n:, n:], kernel[:n, n:]  # type: ignore[index]
+    return xx.mean() + yy.mean() - 2 * xy.mean()
+
+
+def noise_distance(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MMD between the masked hidden states (B, T, H) and Gaussian noise (B, T, H) under the same mask (B, T),
+    each sequence one sample of dimension T * H. The noise comes from torch's global generator."""
+    import torch
+
+    keep = mask.unsqueeze(-1).to(hidden.dtype)
+    x = (hidden * keep).reshape(hidden.shape[0], -1)
+    y = (torch.randn_like(hidden) * keep).reshape(hidden.shape[0], -1)
+    return mmd_rbf(x, y)
+
+
+def repnoise_loss(
+    align: torch.Tensor, harmful: torch.Tensor, noise: torch.Tensor, alpha: float, beta: float
+) -> torch.Tensor:
+    """align - alpha * log(harmful + 1) + beta * noise (scalars: the two CEs and the mean MMD)."""
+    import torch
+
+    return align - alpha * torch.log(harmful + 1) + beta * noise
+
+
+def check_paired(refusals: list[tuple[str, str, str]], harmful: list[tuple[str, str, str]]) -> int:
+    """How many harmful prompts also have a refusal; an AntidoteError when none does (not paired data)."""
+    if not harmful:
+        raise AntidoteError(
+            "--harmful-data holds no pairs; repnoise needs harmful prompt -> harmful answer pairs"
+        )
+    asked = {(p, x) for p, x, _ in refusals}
+    paired = sum((p, x) in asked for p, x, _ in harmful)
+    if paired == 0:
+        raise AntidoteError(
+            "repnoise needs paired data: no prompt of --harmful-data has a refusal in --data; give both "
+            "with answers to the same harmful prompts (or leave both builtin)"
+        )
+    return paired
+
+
+# ---- the defense ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RepNoiseConfig(AlignConfig):
+    """RepNoise's options (plus every option of `antidote align`)."""
+
+    harmful_data: str = field(
+        default=BUILTIN,
+        metadata={
+            "help": "harmful prompt -> harmful answer pairs file (prompts as in --data), or builtin (the "
+            "align split's answers)"
+        },
+    )
+    alpha: float = field(
+        default=1.0, metadata={"help": "weight of the bounded ascent -log(CE(harmful) + 1) (paper: 1)"}
+    )
+    beta: float = field(
+        default=0.001, metadata={"help": "weight of the noise term mean_l MMD(h_l, N(0, I)) (paper: 0.001)"}
+    )
+    logit_lens: bool = field(
+        default=False,
+        metadata={"help": "ascend the harmful CE at every layer through the logit lens (authors; slower)"},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta"):
+            if getattr(self, name) < 0:
+                raise AntidoteError(f"--{name} must be at least 0, got {getattr(self, name)}")
+        super().__post_init__()
+
+
+def run(config: RepNoiseConfig) -> dict[str, Path]:
+    from antidote.data.builtin import harmful_split
+    from antidote.defenses.training_hooks import RepNoiseTrainer, encode_harmful, harmful_pairs
+    from antidote.training.stages import _pairs
+
+    builtin_refusals = [(h.prompt, "", h.refusal) for h in harmful_split("align")]
+    refusals = _pairs(config.data, builtin_refusals, config.data_dir)
+    triples = harmful_pairs(config.harmful_data, config.data_dir)
+    paired = check_paired(refusals, triples)
+
+    def seam(loaded: Any, cfg: Any) -> dict[str, Any]:
+        extra = {
+            "harmful": encode_harmful(loaded, cfg, triples),
+            "alpha": config.alpha,
+            "beta": config.beta,
+            "logit_lens": config.logit_lens,
+        }
+        return {"trainer_class": RepNoiseTrainer, "extra": extra}
+
+    log.info(
+        "repnoise: alpha %g, beta %g, %d harmful pairs (%d paired)",
+        config.alpha,
+        config.beta,
+        len(triples),
+        paired,
+    )
+    return {"": run_align(config, seam=seam)}
+
+
+DEFENSE = register(
+    Defense(
+        name="repnoise",
+        stage="align",
+        config=RepNoiseConfig,
+        run=run,
+        summary="align while ascending the harmful loss and pushing harmful representations to noise",
+    )
+)
