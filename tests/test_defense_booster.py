@@ -47,7 +47,9 @@ def test_harmful_shift_is_a_descent_step_of_norm_a() -> None:
 
 
 def test_applied_gradient_is_the_booster_formula(tmp_path: Path) -> None:
-    from antidote.defenses.training_hooks import BoosterTrainer
+    from antidote.defenses.booster import trainer_class
+
+    BoosterTrainer = trainer_class()
     from antidote.training.sft import ResponseCollator, encode_pairs
 
     lam, a = 5.0, 0.1

@@ -37,7 +37,9 @@ def mmd_by_hand(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def harmful_trainer(tmp_path: Path, **extra: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-    from antidote.defenses.training_hooks import RepNoiseTrainer
+    from antidote.defenses.repnoise import trainer_class
+
+    RepNoiseTrainer = trainer_class()
     from antidote.training.sft import ResponseCollator, encode_pairs
 
     tokenizer = make_tokenizer()

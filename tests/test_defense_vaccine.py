@@ -116,7 +116,9 @@ def test_perturbation_has_global_norm_rho_and_the_gradient_direction() -> None:
 
 
 def test_perturbation_raises_the_loss_to_first_order(tmp_path: Path) -> None:
-    from antidote.defenses.training_hooks import VaccineTrainer
+    from antidote.defenses.vaccine import trainer_class
+
+    VaccineTrainer = trainer_class()
 
     rho = 1e-2
     trainer = tiny_trainer(tmp_path, VaccineTrainer, {"rho": rho}, PAIRS)
@@ -139,7 +141,9 @@ def test_perturbation_raises_the_loss_to_first_order(tmp_path: Path) -> None:
 
 
 def test_update_is_the_gradient_at_the_perturbed_forward(tmp_path: Path) -> None:
-    from antidote.defenses.training_hooks import VaccineTrainer
+    from antidote.defenses.vaccine import trainer_class
+
+    VaccineTrainer = trainer_class()
 
     rho = 2.0
     trainer = tiny_trainer(tmp_path, VaccineTrainer, {"rho": rho}, PAIRS)

@@ -334,8 +334,12 @@ def test_a_second_judge_rescores_saved_generations(tiny, tiny_run, tmp_path) -> 
 def test_seeds_repeat_the_attack_and_report_mean_and_spread(tiny, tiny_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """`seeds: [a, b]`: the attack and every defense at each seed on one stage cache (the alignment
     reused), report.md with each row's mean over the seeds and its t interval, computed here by hand."""
+    from antidote.experiments.compare import run_seeds
+
     path = copy_run(tiny_run, tiny, tmp_path, seeds=[1, 2], validate=None)
-    summary = run_pipeline(load_run_config(str(path)), say=lambda m: None)
+    with pytest.raises(AntidoteError, match="run_seeds"):
+        run_pipeline(load_run_config(str(path)))
+    summary = run_seeds(load_run_config(str(path)), say=lambda m: None)
     run = tmp_path / "run"
     rows = json.loads((run / "results.json").read_text())
     assert sorted({r["seed"] for r in rows}) == [1, 2]

@@ -176,6 +176,17 @@ def _run_config(path: str, args: argparse.Namespace, run_dir: str | None) -> Any
     return load_run_config(path, run_dir=run_dir, data_dir=getattr(args, "data_dir", None))
 
 
+def _run(config: Any) -> dict[str, Any]:
+    """A run config's run: one pipeline, or with `seeds:` one per seed on one cache (a compare)."""
+    if config.seeds:
+        from antidote.experiments.compare import run_seeds
+
+        return run_seeds(config)
+    from antidote.experiments.pipeline import run_pipeline
+
+    return run_pipeline(config)
+
+
 def _finish_run(summary: dict[str, Any]) -> int:
     run_dir = Path(summary["run_dir"])
     if "out" in summary:  # a run over several seeds is a compare over the attack's seed
@@ -191,19 +202,19 @@ def _finish_run(summary: dict[str, Any]) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from antidote.experiments.pipeline import PACKAGED_CONFIGS, packaged_config, run_pipeline
+    from antidote.experiments.pipeline import PACKAGED_CONFIGS, packaged_config
 
     path = args.config_file
     if not Path(path).exists() and (PACKAGED_CONFIGS / f"{path}.yaml").is_file():
         path = str(packaged_config(path))  # `antidote run demo`: a config shipped in the package
     config = _run_config(path, args, args.run_dir)
-    return _finish_run(run_pipeline(config))
+    return _finish_run(_run(config))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import time as _time
 
-    from antidote.experiments.pipeline import clear_run_dir, packaged_config, run_pipeline
+    from antidote.experiments.pipeline import clear_run_dir, packaged_config
 
     output = args.output
     if output is None:  # the default place: runs/ is made here if needed; a given folder's parent must exist
@@ -215,7 +226,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         prepare_run_dir(Path(config.run_dir).expanduser().resolve(), create=False)  # refuses before removing
         clear_run_dir(Path(config.run_dir).expanduser())
-    return _finish_run(run_pipeline(config))
+    return _finish_run(_run(config))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

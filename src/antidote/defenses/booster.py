@@ -8,11 +8,12 @@ batch of harmful prompt -> harmful answer pairs:
 ||.|| is the L2 norm over all trained (LoRA) parameters together; lam = 5, a = 0.1 (SPEC 4). The harmful
 batch is drawn from `harmful_data` (default: the built-in align split's compliant answers), `batch_size`
 pairs at a time in a seeded order. Cost: two extra forward+backward passes per step (~3x alignment).
-The trainer (`BoosterTrainer`) lives in `training_hooks`, which imports torch only when a run starts.
+Its trainer (`BoosterTrainer`) is built by `trainer_class()` on first use; hooks: `training_hooks`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -77,8 +78,79 @@ class BoosterConfig(AlignConfig):
         super().__post_init__()
 
 
+@functools.cache
+def trainer_class() -> type:
+    """`BoosterTrainer`, built on first use: torch and transformers are imported only when a run starts."""
+    import torch
+    from torch import nn
+
+    from antidote.defenses.training_hooks import HarmfulBatches
+    from antidote.training.sft import ResponseOnlyTrainer
+
+    class BoosterTrainer(ResponseOnlyTrainer):
+        """Each step's gradient is `booster_gradient`: the alignment gradient (accumulated into .grad as
+        usual) plus lam * (grad h(w) - grad h(w - a g/||g||)) on a harmful batch, computed with
+        `torch.autograd.grad` (the weights are shifted in place and restored bit for bit)."""
+
+        def __init__(
+            self,
+            *args: Any,
+            harmful: list[dict[str, Any]],
+            lam: float = 5.0,
+            step_size: float = 0.1,
+            **kwargs: Any,
+        ) -> None:
+            super().__init__(*args, **kwargs)
+            self.harmful = HarmfulBatches(
+                harmful, self.data_collator, self.args.train_batch_size, self.args.seed
+            )
+            self.lam = lam
+            self.step_size = step_size
+
+        def _gradients(
+            self, model: nn.Module, batch: dict[str, Any], params: list[nn.Parameter]
+        ) -> list[torch.Tensor]:
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, batch)
+            return [g.detach() for g in torch.autograd.grad(loss, params, allow_unused=False)]
+
+        def harmful_terms(self, model: nn.Module, batch: dict[str, Any]) -> list[torch.Tensor]:
+            """grad h(w) - grad h(w - a g/||g||), one tensor per trained parameter."""
+
+            params = [p for p in model.parameters() if p.requires_grad]
+            before = self._gradients(model, batch, params)
+            saved = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, shift in zip(params, harmful_shift(before, self.step_size), strict=True):
+                    p.add_(shift)
+            try:
+                after = self._gradients(model, batch, params)
+            finally:
+                with torch.no_grad():
+                    for p, value in zip(params, saved, strict=True):
+                        p.copy_(value)
+            return [b - a for b, a in zip(before, after, strict=True)]
+
+        def training_step(
+            self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+        ) -> torch.Tensor:
+            model.train()
+            terms = self.harmful_terms(model, self._prepare_inputs(self.harmful.next()))
+            loss = super().training_step(model, inputs, num_items_in_batch)  # .grad += grad f / accumulation
+            scale = self.lam / self.current_gradient_accumulation_steps
+            with torch.no_grad():
+                params = [p for p in model.parameters() if p.requires_grad]
+                for p, term in zip(params, terms, strict=True):
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad.add_(term.to(p.grad.dtype), alpha=scale)
+            return loss
+
+    return BoosterTrainer
+
+
 def run(config: BoosterConfig) -> dict[str, Path]:
-    from antidote.defenses.training_hooks import BoosterTrainer, encode_harmful, harmful_pairs
+    from antidote.defenses.training_hooks import encode_harmful, harmful_pairs
 
     triples = harmful_pairs(config.harmful_data, config.data_dir)
     if not triples:
@@ -89,7 +161,7 @@ def run(config: BoosterConfig) -> dict[str, Path]:
     def seam(loaded: Any, cfg: Any) -> dict[str, Any]:
         features = encode_harmful(loaded, cfg, triples)
         extra = {"harmful": features, "lam": config.lam, "step_size": config.step_size}
-        return {"trainer_class": BoosterTrainer, "extra": extra}
+        return {"trainer_class": trainer_class(), "extra": extra}
 
     log.info("booster: lam %g, step %g, %d harmful pairs", config.lam, config.step_size, len(triples))
     return {"": run_align(config, seam=seam)}

@@ -14,11 +14,12 @@ Each alignment step, as in the authors' `rep_noise_loss` (domenicrosati/represen
   same mask. MMD: the authors' sum of 5 RBF kernels with bandwidths 2^k * (mean squared distance) / 4.
 alpha = 1 (the RepNoise paper; git-disl's re-implementation uses 0.1), beta = 0.001.
 Needs paired data: the harmful prompts of `harmful_data` must include prompts of the refusal data `data`.
-The trainer (`RepNoiseTrainer`) lives in `training_hooks`, which imports torch only when a run starts.
+Its trainer (`RepNoiseTrainer`) is built by `trainer_class()` on first use; hooks: `training_hooks`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,9 +123,93 @@ class RepNoiseConfig(AlignConfig):
         super().__post_init__()
 
 
+@functools.cache
+def trainer_class() -> type:
+    """`RepNoiseTrainer`, built on first use: torch and transformers are imported only when a run starts."""
+    import torch
+    from torch import nn
+
+    from antidote.defenses.training_hooks import HarmfulBatches, capture_outputs, layer_modules
+    from antidote.errors import AntidoteError
+    from antidote.training.sft import IGNORE_INDEX, ResponseOnlyTrainer
+
+    class RepNoiseTrainer(ResponseOnlyTrainer):
+        """The loss of each step is `repnoise_loss`: the alignment CE of the batch, the bounded ascent on a
+        harmful batch's CE, and the MMD of its MLP outputs to Gaussian noise."""
+
+        def __init__(
+            self,
+            *args: Any,
+            harmful: list[dict[str, Any]],
+            alpha: float = 1.0,
+            beta: float = 0.001,
+            logit_lens: bool = False,
+            **kwargs: Any,
+        ) -> None:
+            super().__init__(*args, **kwargs)
+            self.harmful = HarmfulBatches(
+                harmful, self.data_collator, self.args.train_batch_size, self.args.seed
+            )
+            self.alpha = alpha
+            self.beta = beta
+            self.logit_lens = logit_lens
+
+        def harmful_terms(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+            """(CE of the harmful answers, mean over layers of the MLP outputs' MMD to noise) on one batch."""
+
+            ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+            targets = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
+            keep = torch.zeros_like(labels, dtype=torch.bool)
+            keep[:, :-1] = targets  # positions whose next token is an answer token
+            with capture_outputs(layer_modules(model, "mlp")) as mlps:
+                out = model(
+                    input_ids=ids,
+                    attention_mask=attention,
+                    logits_to_keep=keep,
+                    use_cache=False,
+                    output_hidden_states=self.logit_lens,
+                )
+            logits = out.logits[keep] if out.logits.dim() == 3 else out.logits
+            wanted = labels[:, 1:][targets]
+            ces = [nn.functional.cross_entropy(logits.float(), wanted)]
+            if self.logit_lens:
+                ces += [
+                    nn.functional.cross_entropy(self._lens(model, h[keep]).float(), wanted)
+                    for h in out.hidden_states[1:-1]
+                ]
+            answer = labels != IGNORE_INDEX  # (B, T) the answer tokens
+            noise = torch.stack([noise_distance(h, answer) for h in mlps]).mean()
+            return torch.stack(ces).mean(), noise
+
+        def _lens(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+            """Logits read from an intermediate hidden state (N, H) through the final norm and output
+            layer."""
+            inner: Any = self.accelerator.unwrap_model(model)
+            base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+            norm = getattr(getattr(base, "model", None), "norm", None)
+            if norm is None:
+                raise AntidoteError("--logit-lens needs a Llama-style model with model.norm; leave it off")
+            return base.get_output_embeddings()(norm(hidden))
+
+        def compute_loss(
+            self,
+            model: nn.Module,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+
+            align = super().compute_loss(model, inputs)
+            harmful, noise = self.harmful_terms(model, self._prepare_inputs(self.harmful.next()))
+            loss = repnoise_loss(align, harmful, noise, self.alpha, self.beta)
+            return (loss, None) if return_outputs else loss
+
+    return RepNoiseTrainer
+
+
 def run(config: RepNoiseConfig) -> dict[str, Path]:
     from antidote.data.builtin import harmful_split
-    from antidote.defenses.training_hooks import RepNoiseTrainer, encode_harmful, harmful_pairs
+    from antidote.defenses.training_hooks import encode_harmful, harmful_pairs
     from antidote.training.stages import _pairs
 
     builtin_refusals = [(h.prompt, "", h.refusal) for h in harmful_split("align")]
@@ -139,7 +224,7 @@ def run(config: RepNoiseConfig) -> dict[str, Path]:
             "beta": config.beta,
             "logit_lens": config.logit_lens,
         }
-        return {"trainer_class": RepNoiseTrainer, "extra": extra}
+        return {"trainer_class": trainer_class(), "extra": extra}
 
     log.info(
         "repnoise: alpha %g, beta %g, %d harmful pairs (%d paired)",

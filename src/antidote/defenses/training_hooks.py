@@ -1,8 +1,8 @@
 """The torch side of the alignment-stage defenses (vaccine, repnoise, booster): the decoder sub-modules they
 watch, forward hooks that read or shift those modules' outputs (always removed), the extra harmful batches
-(harmful prompt -> harmful answer) that Booster and RepNoise draw beside the alignment batch, and their
-`ResponseOnlyTrainer` subclasses. The math lives in each method's module; this module is imported only
-when a run starts (it imports torch and transformers; the registry must not).
+(harmful prompt -> harmful answer) that Booster and RepNoise draw beside the alignment batch. The math and
+the `ResponseOnlyTrainer` subclasses live in each method's module; this module is imported only when a run
+starts (it imports torch and transformers; the registry must not).
 
 Modules are chosen by name pattern (`layers.<i>.self_attn`, `layers.<i>.mlp`, as in Llama, Qwen, Mistral,
 SmolLM2, Gemma), never by replaying layers by hand.
@@ -21,14 +21,10 @@ from torch import nn
 
 from antidote.data.builtin import harmful_split
 from antidote.errors import AntidoteError
-from antidote.training.sft import ResponseOnlyTrainer
 from antidote.training.stages import _format, _pairs
 
 __all__ = [
-    "BoosterTrainer",
     "HarmfulBatches",
-    "RepNoiseTrainer",
-    "VaccineTrainer",
     "add_to_outputs",
     "capture_outputs",
     "encode_harmful",
@@ -164,160 +160,3 @@ def encode_harmful(loaded: Any, config: Any, triples: list[tuple[str, str, str]]
 # ---- the trainers -----------------------------------------------------------------------------------------
 
 ATTENTION = "self_attn"  # Vaccine: the sub-module of each decoder layer whose output is perturbed
-
-
-class VaccineTrainer(ResponseOnlyTrainer):
-    """Each step trains on the forward whose attention outputs are shifted by `sam_perturbation` (vaccine)."""
-
-    def __init__(self, *args: Any, rho: float = 2.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.rho = rho
-
-    def perturbation(self, model: nn.Module, inputs: dict[str, Any]) -> list[torch.Tensor]:
-        """eps_l for this batch, one (B, T, H) tensor per decoder layer; no parameter's .grad is touched."""
-        from antidote.defenses.vaccine import sam_perturbation
-
-        with probe_outputs(layer_modules(model, ATTENTION)) as probes, self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        grads = torch.autograd.grad(loss, probes)
-        return sam_perturbation([g.detach() for g in grads], self.rho)
-
-    def training_step(
-        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
-    ) -> torch.Tensor:
-        model.train()
-        inputs = self._prepare_inputs(inputs)
-        eps = self.perturbation(model, inputs)
-        with add_to_outputs(layer_modules(model, ATTENTION), eps):
-            return super().training_step(model, inputs, num_items_in_batch)
-
-
-class BoosterTrainer(ResponseOnlyTrainer):
-    """Each step's gradient is `booster_gradient`: the alignment gradient (accumulated into .grad as usual)
-    plus lam * (grad h(w) - grad h(w - a g/||g||)) on a harmful batch, computed with `torch.autograd.grad`
-    (the weights are shifted in place and restored bit for bit)."""
-
-    def __init__(
-        self,
-        *args: Any,
-        harmful: list[dict[str, Any]],
-        lam: float = 5.0,
-        step_size: float = 0.1,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.harmful = HarmfulBatches(harmful, self.data_collator, self.args.train_batch_size, self.args.seed)
-        self.lam = lam
-        self.step_size = step_size
-
-    def _gradients(
-        self, model: nn.Module, batch: dict[str, Any], params: list[nn.Parameter]
-    ) -> list[torch.Tensor]:
-        with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, batch)
-        return [g.detach() for g in torch.autograd.grad(loss, params, allow_unused=False)]
-
-    def harmful_terms(self, model: nn.Module, batch: dict[str, Any]) -> list[torch.Tensor]:
-        """grad h(w) - grad h(w - a g/||g||), one tensor per trained parameter."""
-        from antidote.defenses.booster import harmful_shift
-
-        params = [p for p in model.parameters() if p.requires_grad]
-        before = self._gradients(model, batch, params)
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, shift in zip(params, harmful_shift(before, self.step_size), strict=True):
-                p.add_(shift)
-        try:
-            after = self._gradients(model, batch, params)
-        finally:
-            with torch.no_grad():
-                for p, value in zip(params, saved, strict=True):
-                    p.copy_(value)
-        return [b - a for b, a in zip(before, after, strict=True)]
-
-    def training_step(
-        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
-    ) -> torch.Tensor:
-        model.train()
-        terms = self.harmful_terms(model, self._prepare_inputs(self.harmful.next()))
-        loss = super().training_step(model, inputs, num_items_in_batch)  # .grad += grad f / accumulation
-        scale = self.lam / self.current_gradient_accumulation_steps
-        with torch.no_grad():
-            params = [p for p in model.parameters() if p.requires_grad]
-            for p, term in zip(params, terms, strict=True):
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.add_(term.to(p.grad.dtype), alpha=scale)
-        return loss
-
-
-class RepNoiseTrainer(ResponseOnlyTrainer):
-    """The loss of each step is `repnoise_loss`: the alignment CE of the batch, the bounded ascent on a
-    harmful batch's CE, and the MMD of its MLP outputs to Gaussian noise."""
-
-    def __init__(
-        self,
-        *args: Any,
-        harmful: list[dict[str, Any]],
-        alpha: float = 1.0,
-        beta: float = 0.001,
-        logit_lens: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.harmful = HarmfulBatches(harmful, self.data_collator, self.args.train_batch_size, self.args.seed)
-        self.alpha = alpha
-        self.beta = beta
-        self.logit_lens = logit_lens
-
-    def harmful_terms(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(CE of the harmful answers, mean over layers of the MLP outputs' MMD to noise) on one batch."""
-        from antidote.defenses.repnoise import noise_distance
-        from antidote.training.sft import IGNORE_INDEX
-
-        ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        targets = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
-        keep = torch.zeros_like(labels, dtype=torch.bool)
-        keep[:, :-1] = targets  # positions whose next token is an answer token
-        with capture_outputs(layer_modules(model, "mlp")) as mlps:
-            out = model(
-                input_ids=ids,
-                attention_mask=attention,
-                logits_to_keep=keep,
-                use_cache=False,
-                output_hidden_states=self.logit_lens,
-            )
-        logits = out.logits[keep] if out.logits.dim() == 3 else out.logits
-        wanted = labels[:, 1:][targets]
-        ces = [nn.functional.cross_entropy(logits.float(), wanted)]
-        if self.logit_lens:
-            ces += [
-                nn.functional.cross_entropy(self._lens(model, h[keep]).float(), wanted)
-                for h in out.hidden_states[1:-1]
-            ]
-        answer = labels != IGNORE_INDEX  # (B, T) the answer tokens
-        noise = torch.stack([noise_distance(h, answer) for h in mlps]).mean()
-        return torch.stack(ces).mean(), noise
-
-    def _lens(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits read from an intermediate hidden state (N, H) through the final norm and output layer."""
-        inner: Any = self.accelerator.unwrap_model(model)
-        base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-        norm = getattr(getattr(base, "model", None), "norm", None)
-        if norm is None:
-            raise AntidoteError("--logit-lens needs a Llama-style model with model.norm; leave it off")
-        return base.get_output_embeddings()(norm(hidden))
-
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: Any = None,
-    ) -> Any:
-        from antidote.defenses.repnoise import repnoise_loss
-
-        align = super().compute_loss(model, inputs)
-        harmful, noise = self.harmful_terms(model, self._prepare_inputs(self.harmful.next()))
-        loss = repnoise_loss(align, harmful, noise, self.alpha, self.beta)
-        return (loss, None) if return_outputs else loss

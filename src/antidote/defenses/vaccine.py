@@ -9,11 +9,12 @@ Each alignment step, as in the authors' `VaccineTrainer` (git-disl/Vaccine, trai
 3. forward again with eps_l added to those outputs, and backward that loss: the update is the gradient of
    the loss at the perturbed forward (eps held constant).
 Cost: one extra forward and backward per step (~2x alignment). The plain alignment stage otherwise.
-The trainer (`VaccineTrainer`) lives in `training_hooks`, which imports torch only when a run starts.
+Its trainer (`VaccineTrainer`) is built by `trainer_class()` on first use; hooks: `training_hooks`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -60,11 +61,48 @@ class VaccineConfig(AlignConfig):
         super().__post_init__()
 
 
+@functools.cache
+def trainer_class() -> type:
+    """`VaccineTrainer`, built on first use: torch and transformers are imported only when a run starts."""
+    import torch
+    from torch import nn
+
+    from antidote.defenses.training_hooks import ATTENTION, add_to_outputs, layer_modules, probe_outputs
+    from antidote.training.sft import ResponseOnlyTrainer
+
+    class VaccineTrainer(ResponseOnlyTrainer):
+        """Each step trains on the forward whose attention outputs are shifted by `sam_perturbation`."""
+
+        def __init__(self, *args: Any, rho: float = 2.0, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.rho = rho
+
+        def perturbation(self, model: nn.Module, inputs: dict[str, Any]) -> list[torch.Tensor]:
+            """eps_l for this batch, one (B, T, H) tensor per decoder layer; no .grad is touched."""
+            with (
+                probe_outputs(layer_modules(model, ATTENTION)) as probes,
+                self.compute_loss_context_manager(),
+            ):
+                loss = self.compute_loss(model, inputs)
+            grads = torch.autograd.grad(loss, probes)
+            return sam_perturbation([g.detach() for g in grads], self.rho)
+
+        def training_step(
+            self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+        ) -> torch.Tensor:
+            model.train()
+            inputs = self._prepare_inputs(inputs)
+            eps = self.perturbation(model, inputs)
+            with add_to_outputs(layer_modules(model, ATTENTION), eps):
+                return super().training_step(model, inputs, num_items_in_batch)
+
+    return VaccineTrainer
+
+
 def run(config: VaccineConfig) -> dict[str, Path]:
-    from antidote.defenses.training_hooks import VaccineTrainer
 
     def seam(loaded: Any, cfg: Any) -> dict[str, Any]:
-        return {"trainer_class": VaccineTrainer, "extra": {"rho": config.rho}}
+        return {"trainer_class": trainer_class(), "extra": {"rho": config.rho}}
 
     log.info("vaccine: perturbation-aware alignment, rho %g", config.rho)
     return {"": run_align(config, seam=seam)}

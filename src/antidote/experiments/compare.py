@@ -306,6 +306,13 @@ def seeds_compare(run: RunConfig, path: str = "the config") -> CompareConfig:
     return CompareConfig(base, matrix, cells, path)
 
 
+def run_seeds(run: RunConfig, say: Callable[[str], None] = _say) -> dict[str, Any]:
+    """`antidote run` of a config with `seeds:` (see `seeds_compare`); the result names its run_dir."""
+    check(run)
+    result = run_compare(seeds_compare(run), say)
+    return {**result, "run_dir": result["out"]}
+
+
 def run_compare(config: CompareConfig, say: Callable[[str], None] = _say) -> dict[str, Any]:
     """Run (or resume) every cell in OUT with one stage cache; write results.csv, results.json, report.md,
     table.tex and plots/. Returns {"rows", "stages": {"built", "reused"}, "out"}."""

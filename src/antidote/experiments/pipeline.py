@@ -233,11 +233,11 @@ def run_pipeline(config: RunConfig, say: Callable[[str], None] = _say) -> dict[s
     """Run (or resume) every stage; write results.json, results.md, summary.json, generations.jsonl and
     tradeoff.png into the run folder, and return the summary."""
     check(config)
-    if config.seeds:  # one run per seed, sharing the stage cache: a compare over the attack's seed
-        from antidote.experiments.compare import run_compare, seeds_compare
-
-        result = run_compare(seeds_compare(config), say)
-        return {**result, "run_dir": result["out"]}
+    if config.seeds:
+        raise AntidoteError(
+            "a run over several seeds is a compare over the attack's seed: call "
+            "antidote.experiments.compare.run_seeds(config) (antidote run does)"
+        )
     run_dir = Path(config.run_dir).expanduser().resolve()
     prepare_run_dir(run_dir)
     with locked(run_dir):
