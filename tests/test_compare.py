@@ -260,7 +260,8 @@ def test_output_folder_rules(compared: dict[str, Any], tiny: dict[str, Path], tm
 
 
 def test_stage_records_its_own_peak_memory(tmp_path: Path) -> None:
-    from antidote.experiments.cache import StageCache, reset_peak_memory
+    from antidote.experiments.cache import StageCache
+    from antidote.memory import reset_peak_memory
 
     def resident_mib() -> float:
         return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20

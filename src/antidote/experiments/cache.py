@@ -17,64 +17,16 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from antidote.errors import AntidoteError
+from antidote.memory import read_peak_memory, release_memory, reset_peak_memory
 
 STAGE_VERSION = 2  # bump when a stage's code changes what it writes: old cache entries are then not reused
 RECORD = "stage.json"
-
-
-def release_memory() -> None:
-    """Give what a finished stage allocated back to the system. Freed model weights otherwise stay in the
-    C allocator's heap (glibc raises its mmap threshold after large frees), so a long run's resident size
-    would grow stage after stage, far beyond its largest stage."""
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    if "torch" in sys.modules:
-        torch = sys.modules["torch"]
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
-    libc_name = ctypes.util.find_library("c")
-    if libc_name and sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(libc_name).malloc_trim(0)
-
-
-def reset_peak_memory() -> bool:
-    """Start a new peak-memory window: the kernel's resident-size high-water mark (VmHWM) is reset to the
-    present size (`/proc/self/clear_refs`, Linux 4.0+), and torch's CUDA peak if CUDA is in use. False when
-    the resident peak cannot be reset here (then it is not reported: an inherited peak would mislead)."""
-    if "torch" in sys.modules:
-        torch = sys.modules["torch"]
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.reset_peak_memory_stats()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def read_peak_memory(reset: bool) -> dict[str, float | None]:
-    """Peak resident size (MiB) of this process since `reset_peak_memory` (None if that failed) and peak
-    allocated CUDA memory (MiB; None when CUDA was not used)."""
-    from antidote.memory import peak_rss_mib
-
-    out: dict[str, float | None] = {"peak_rss_mib": round(peak_rss_mib(), 1) if reset else None}
-    out["peak_cuda_allocated_mib"] = None
-    if "torch" in sys.modules:
-        torch = sys.modules["torch"]
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            out["peak_cuda_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return out
 
 
 def _folder_fingerprint(folder: Path) -> list[Any]:

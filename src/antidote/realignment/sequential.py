@@ -30,11 +30,8 @@ not safetensors or names its tensors differently from the model's modules.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import logging
-import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from antidote.errors import AntidoteError
-from antidote.memory import peak_memory
+from antidote.memory import peak_memory, trim_heap
 from antidote.models import LoadedModel
 from antidote.models.loading import DTYPES, resolve_model_folder
 from antidote.outputs import atomic_output_dir
@@ -249,9 +246,7 @@ def free_block(block: nn.Module) -> None:
 
     for name, _ in list(block.named_parameters()):
         set_module_tensor_to_device(block, name, "meta")
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    trim_heap()
 
 
 # ---- recording what the decoder passes each block --------------------------------------------------------
