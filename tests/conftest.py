@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,9 @@ from typing import Any
 import pytest
 import torch
 import yaml
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one process per core already: one thread each, no oversubscription
+    torch.set_num_threads(1)
 
 WORDS = [
     "how",
