@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # one process per core already: one thread each, no oversubscription
+if os.environ.get("PYTEST_XDIST_WORKER"):  # a process per core already: one thread each
     torch.set_num_threads(1)
 
 WORDS = [
