@@ -208,3 +208,17 @@ def test_bad_input_is_a_one_line_error(tiny, tmp_path: Path, capsys, options, ex
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert expected in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_run_with_unpaired_data_fails_before_any_training(tiny, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """`antidote run` checks RepNoise's paired data with every other config, before the alignment starts:
+    one line, nothing written."""
+    from conftest import write_config
+
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"prompt": "a prompt no refusal answers", "response": "a harmful answer"}\n')
+    path = write_config(tiny, tmp_path, defenses={"repnoise": {"harmful_data": str(other)}})
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "defenses: repnoise: repnoise needs paired data" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

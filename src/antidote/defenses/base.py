@@ -42,6 +42,9 @@ class Defense:
     config: type
     run: Callable[[Any], dict[str, Path]]
     summary: str
+    # Checks of the inputs that need the defense's data (e.g. RepNoise's paired data), run by `antidote run`
+    # and `antidote compare` before any training; option values are checked by the config itself.
+    preflight: Callable[[Any], None] | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:

@@ -149,14 +149,25 @@ def trainer_class() -> type:
     return BoosterTrainer
 
 
-def run(config: BoosterConfig) -> dict[str, Path]:
-    from antidote.defenses.training_hooks import encode_harmful, harmful_pairs
+def _harmful(config: BoosterConfig) -> list[tuple[str, str, str]]:
+    from antidote.defenses.training_hooks import harmful_pairs
 
     triples = harmful_pairs(config.harmful_data, config.data_dir)
     if not triples:
         raise AntidoteError(
             f"--harmful-data {config.harmful_data} holds no pairs; give harmful prompt -> answer pairs"
         )
+    return triples
+
+
+def preflight(config: BoosterConfig) -> None:
+    _harmful(config)
+
+
+def run(config: BoosterConfig) -> dict[str, Path]:
+    from antidote.defenses.training_hooks import encode_harmful
+
+    triples = _harmful(config)
 
     def seam(loaded: Any, cfg: Any) -> dict[str, Any]:
         features = encode_harmful(loaded, cfg, triples)
@@ -174,5 +185,6 @@ DEFENSE = register(
         config=BoosterConfig,
         run=run,
         summary="align while attenuating the loss drop of a simulated harmful step (~3x alignment)",
+        preflight=preflight,
     )
 )

@@ -207,15 +207,26 @@ def trainer_class() -> type:
     return RepNoiseTrainer
 
 
-def run(config: RepNoiseConfig) -> dict[str, Path]:
+def _paired_data(config: RepNoiseConfig) -> tuple[list[tuple[str, str, str]], int]:
+    """The harmful (prompt, input, answer) triples and how many have a refusal in --data (checked)."""
     from antidote.data.builtin import harmful_split
-    from antidote.defenses.training_hooks import encode_harmful, harmful_pairs
+    from antidote.defenses.training_hooks import harmful_pairs
     from antidote.training.stages import _pairs
 
     builtin_refusals = [(h.prompt, "", h.refusal) for h in harmful_split("align")]
     refusals = _pairs(config.data, builtin_refusals, config.data_dir)
     triples = harmful_pairs(config.harmful_data, config.data_dir)
-    paired = check_paired(refusals, triples)
+    return triples, check_paired(refusals, triples)
+
+
+def preflight(config: RepNoiseConfig) -> None:
+    _paired_data(config)
+
+
+def run(config: RepNoiseConfig) -> dict[str, Path]:
+    from antidote.defenses.training_hooks import encode_harmful
+
+    triples, paired = _paired_data(config)
 
     def seam(loaded: Any, cfg: Any) -> dict[str, Any]:
         extra = {
@@ -243,5 +254,6 @@ DEFENSE = register(
         config=RepNoiseConfig,
         run=run,
         summary="align while ascending the harmful loss and pushing harmful representations to noise",
+        preflight=preflight,
     )
 )

@@ -130,7 +130,14 @@ def check(config: RunConfig, path: str = "the config") -> None:
             _stage_config(config, name, path, model="<model>", output="<output>")
     for name in config.defenses:
         defense = get(name)
-        _defense_config(config, defense, _placeholders(defense), path)
+        fixed = _placeholders(defense)
+        fixed.pop("data_dir", None)  # the run's own data folder: a preflight reads the defense's data
+        defense_config = _defense_config(config, defense, fixed, path)
+        if defense.preflight is not None:
+            try:
+                defense.preflight(defense_config)
+            except AntidoteError as err:
+                raise AntidoteError(f"{path}: defenses: {name}: {err}") from None
     if config.evaluate_chosen_only and config.validate is None:
         raise AntidoteError(f"{path}: evaluate_chosen_only needs a validate section to choose on")
     if len(set(config.seeds)) != len(config.seeds):
