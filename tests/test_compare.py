@@ -58,6 +58,20 @@ def cell_results(out: Path, cell: str) -> dict[str, dict[str, Any]]:
     return {r["model"]: r for r in json.loads((out / "cells" / cell / "results.json").read_text())}
 
 
+def table_cell(report: str, label: str, column: str) -> str:
+    """The entry of row `label` under header `column` (e.g. "HS lr=0.001") in the first HS/FA table."""
+    lines = report.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith("| defense |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == label:
+            return cells[header.index(column)]
+    raise AssertionError(f"no row {label!r}")
+
+
 def entry(value: float, low: float, high: float, n: int | None = None) -> str:
     return f"{value:.1f} [{low:.1f}, {high:.1f}]" + (f" (n={n})" if n else "")
 
@@ -102,15 +116,18 @@ def test_two_cells_write_every_output_from_the_cells_results(compared: dict[str,
             r = one[label]
             hs = entry(r["hs"], *wilson_interval(round(r["hs"] * r["n_prompts"] / 100), r["n_prompts"]))
             fa = entry(r["fa"], *wilson_interval(round(r["fa"] * r["n_task"] / 100), r["n_task"]))
-            assert f"| {label} | " in report and hs in report and fa in report
+            assert table_cell(report, label, f"HS {setting}") == hs
+            assert table_cell(report, label, f"FA {setting}") == fa
             assert f"{r['hs']:.1f} {{\\scriptsize" in table
         # sft at two seeds: the mean and the t interval, by hand from the two cells' files
         hs = [cell_results(out, f"{setting},seed={s}")["attacked"]["hs"] for s in (0, 1)]
         mean, half = (hs[0] + hs[1]) / 2, T975[1] * abs(hs[0] - hs[1]) / 2
-        line = next(x for x in report.splitlines() if x.startswith("| sft |"))
-        assert entry(mean, mean - half, mean + half, 2) in line or (
-            hs[0] == hs[1] and f"{mean:.1f} [{mean:.1f}, {mean:.1f}] (n=2)" in line
-        )
+        assert table_cell(report, "sft", f"HS {setting}") == entry(mean, mean - half, mean + half, 2)
+        # The aligned model is one evaluation at every seed: counted once, its own Wilson interval.
+        aligned = one["aligned"]
+        n = aligned["n_prompts"]
+        expected = entry(aligned["hs"], *wilson_interval(round(aligned["hs"] * n / 100), n))
+        assert table_cell(report, "aligned", f"HS {setting}") == expected
 
 
 def test_alignment_built_once_and_costs_come_from_the_stage_records(compared: dict[str, Any]) -> None:

@@ -44,7 +44,7 @@ class Defense:
     summary: str
     # Checks of the inputs that need the defense's data (e.g. RepNoise's paired data), run by `antidote run`
     # and `antidote compare` before any training; option values are checked by the config itself.
-    preflight: Callable[[Any], None] | None = None
+    preflight: Callable[[Any], object] | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:

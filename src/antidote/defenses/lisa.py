@@ -247,5 +247,6 @@ DEFENSE = register(
         config=LisaConfig,
         run=run,
         summary="fine-tune in alternating alignment / user-data phases with a proximal term between them",
+        preflight=alignment_pairs,
     )
 )

@@ -91,7 +91,11 @@ class EvaluateConfig:
         if self.also_judges == ["none"]:
             self.also_judges = []
         for spec in self.also_judges:
-            parse_judge_spec(spec)
+            kind, path = parse_judge_spec(spec)
+            if kind == "learned" and path:  # a named folder must be a judge: fail before generating
+                from antidote.evaluation.learned import read_judge_record
+
+                read_judge_record(path)
         self.also_judges = [s for s in dict.fromkeys(self.also_judges) if s != self.judge]
         if self.backend not in ("hf", "vllm"):
             raise AntidoteError(f"unknown --backend {self.backend!r}; choose one of hf, vllm")

@@ -306,6 +306,11 @@ def seeds_compare(run: RunConfig, path: str = "the config") -> CompareConfig:
     return CompareConfig(base, matrix, cells, path)
 
 
+def first_judge(rows: list[dict[str, Any]]) -> str:
+    """The first judge that scored (a configured judge may have been left out: not installed)."""
+    return str(rows[0]["judge_spec"])
+
+
 def run_seeds(run: RunConfig, say: Callable[[str], None] = _say) -> dict[str, Any]:
     """`antidote run` of a config with `seeds:` (see `seeds_compare`); the result names its run_dir."""
     check(run)
@@ -338,7 +343,7 @@ def run_compare(config: CompareConfig, say: Callable[[str], None] = _say) -> dic
         atomic_write_text(out / "results.csv", to_csv(rows))
         table = aggregate(rows)
         atomic_write_text(out / "report.md", report_markdown(config, rows, table))
-        atomic_write_text(out / "table.tex", latex_table(table, config.run.judges[0]))
+        atomic_write_text(out / "table.tex", latex_table(table, first_judge(rows)))
         plots = out / "plots"
         plots.mkdir(exist_ok=True)
         compare_plots.write_all(config, rows, table, settings(config.matrix)[0], out / "stages", plots)
@@ -622,7 +627,7 @@ def report_markdown(config: CompareConfig, rows: list[dict[str, Any]], table: li
         "| defense | seconds | pipeline seconds | x SFT | peak RSS MiB | x SFT |",
         "|---|---|---|---|---|---|",
     ]
-    judge = config.run.judges[0]
+    judge = first_judge(rows)
     per: dict[str, list[dict[str, Any]]] = {}
     for t in table:
         if t["judge_spec"] == judge and t["defense"] not in ("base", "aligned"):

@@ -50,7 +50,7 @@ def write_all(
 ) -> list[Path]:
     """Every plot that the results allow; returns the files written. `config`: the CompareConfig; `default`:
     the default setting (matrix key -> value); `stages`: the stage cache folder (for Antidote's mask file)."""
-    judge = config.run.judges[0]
+    judge = str(rows[0]["judge_spec"])  # the first judge that scored
     entries = [t for t in table if t["judge_spec"] == judge]
     at_default = [t for t in entries if all(t[k] == v for k, v in default.items())]
     written = [hs_vs_fa(entries, folder / "hs_vs_fa.png")]

@@ -119,6 +119,7 @@ def check(config: RunConfig, path: str = "the config") -> None:
         raise AntidoteError(f"{path}: max_fa_drop must be a number of FA points in [0, 100]")
     if not config.judges:
         raise AntidoteError(f"{path}: judges is empty; use e.g. [keyword]")
+    _available_judges(config.judges)  # none left (only an uninstalled default) fails before any work
     for spec in config.judges:
         kind, judge_path = parse_judge_spec(spec)
         if kind == "learned" and judge_path:  # a named judge folder must be one; the default may be absent
