@@ -111,8 +111,16 @@ class UtilityConfig:
         default=None, metadata={"help": "few-shot examples (default: the task's)"}
     )
     batch_size: int = field(default=8, metadata={"help": "lm-eval batch size"})
+    include_path: str | None = field(
+        default=None,
+        metadata={"help": "a folder of lm-eval task YAMLs (e.g. over local data files: works offline)"},
+    )
 
     def __post_init__(self) -> None:
+        if self.include_path is not None and not Path(self.include_path).expanduser().is_dir():
+            raise AntidoteError(
+                f"general_utility: include_path {self.include_path} is not a folder of lm-eval task YAMLs"
+            )
         if not self.tasks:
             raise AntidoteError("general_utility: tasks is empty; give lm-eval task names, e.g. [arc_easy]")
         if self.limit is not None and self.limit < 1:
@@ -402,13 +410,22 @@ def _utility_stage(out: Path, model: str, adapter: str | None, config: UtilityCo
     from antidote.models.loading import resolve_model_folder
 
     args = f"pretrained={resolve_model_folder(model)}" + (f",peft={adapter}" if adapter else "")
+    extra: dict[str, Any] = {}
+    if config.include_path:  # the user's own task YAMLs beside lm-eval's
+        from lm_eval.tasks import TaskManager
+
+        extra["task_manager"] = TaskManager(include_path=str(Path(config.include_path).expanduser()))
+    import torch
+
     results = lm_eval.simple_evaluate(
         model="hf",
         model_args=args,
+        device="cuda" if torch.cuda.is_available() else "cpu",  # lm-eval's hf model defaults to cuda
         tasks=list(config.tasks),
         num_fewshot=config.num_fewshot,
         limit=config.limit,
         batch_size=config.batch_size,
+        **extra,
     )
     scores = {
         task: {
