@@ -17,7 +17,7 @@ import yaml
 from antidote.cli import main
 from antidote.errors import AntidoteError
 from antidote.evaluation.stats import wilson_interval
-from antidote.experiments.aggregate import mean_t_interval, t_quantile
+from antidote.experiments.aggregate import mean_t_interval, summarize, t_quantile
 from antidote.experiments.compare import load_compare_config, run_compare, settings
 from antidote.experiments.compare_plots import pruned_share_by_layer
 from conftest import write_config
@@ -122,7 +122,8 @@ def test_two_cells_write_every_output_from_the_cells_results(compared: dict[str,
         # sft at two seeds: the mean and the t interval, by hand from the two cells' files
         hs = [cell_results(out, f"{setting},seed={s}")["attacked"]["hs"] for s in (0, 1)]
         mean, half = (hs[0] + hs[1]) / 2, T975[1] * abs(hs[0] - hs[1]) / 2
-        assert table_cell(report, "sft", f"HS {setting}") == entry(mean, mean - half, mean + half, 2)
+        expected = entry(mean, max(mean - half, 0.0), min(mean + half, 100.0), 2)  # a percentage's bounds
+        assert table_cell(report, "sft", f"HS {setting}") == expected
         # The aligned model is one evaluation at every seed: counted once, its own Wilson interval.
         aligned = one["aligned"]
         n = aligned["n_prompts"]
@@ -202,6 +203,9 @@ def test_aggregation_over_seeds_is_the_mean_and_t_interval() -> None:
         (25 - 4.3027 * s / math.sqrt(3), 25 + 4.3027 * s / 3**0.5), abs=1e-3
     )
     assert s == pytest.approx(statistics.stdev(values))
+    # Percentages: the interval stops at 0 and 100 (two seeds at 90 and 100: 95 +- 63.5).
+    entry = summarize([90.0, 100.0], [None, None])
+    assert (entry["mean"], entry["low"], entry["high"]) == (95.0, 31.47, 100.0)
 
 
 def test_settings_one_at_a_time_and_product() -> None:

@@ -352,7 +352,7 @@ def test_seeds_repeat_the_attack_and_report_mean_and_spread(tiny, tiny_run, tmp_
     t_975_df1 = 12.706204736174707
     half = t_975_df1 * sd / math.sqrt(2)
     report = (run / "report.md").read_text()
-    entry = f"{mean:.1f} [{mean - half:.1f}, {mean + half:.1f}] (n=2)"
+    entry = f"{mean:.1f} [{max(mean - half, 0):.1f}, {min(mean + half, 100):.1f}] (n=2)"
     line = next(x for x in report.splitlines() if x.startswith("| antidote@0.3 |"))
     assert entry in line, (entry, line)
     assert main(["run", str(path)]) == 0  # and the command prints it

@@ -64,24 +64,27 @@ def mean_t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float
 
 
 def summarize(
-    values: Sequence[float], intervals: Sequence[Sequence[float] | None], level: float = 0.95
+    values: Sequence[float],
+    intervals: Sequence[Sequence[float] | None],
+    level: float = 0.95,
+    bounds: tuple[float, float] = (0.0, 100.0),
 ) -> dict[str, object]:
     """One table entry from the same number over seeds: several seeds give the mean and its t interval
     (`interval_kind` "t"); one seed gives the value and its own per-prompt interval (`intervals[0]`,
     e.g. Wilson; kind "per-prompt", or None when the row has none)."""
     if len(values) >= 2:
         mean, t_low, t_high = mean_t_interval(values, level)
-        return {
+        return {  # a percentage's interval ends at its bounds (a t interval of 2 seeds easily passes 100)
             "mean": round(mean, 2),
-            "low": round(t_low, 2),
-            "high": round(t_high, 2),
+            "low": round(max(t_low, bounds[0]), 2),
+            "high": round(min(t_high, bounds[1]), 2),
             "n": len(values),
             "interval_kind": "t",
         }
     if len(values) == 1:
         ci = intervals[0] if intervals else None
-        bounds: tuple[float | None, float | None] = (float(ci[0]), float(ci[1])) if ci else (None, None)
-        low, high = bounds
+        own: tuple[float | None, float | None] = (float(ci[0]), float(ci[1])) if ci else (None, None)
+        low, high = own
         return {
             "mean": values[0],
             "low": low,
