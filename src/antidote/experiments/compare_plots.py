@@ -77,15 +77,22 @@ def write_all(
     return written
 
 
+_MARKERS = "os^vDP*Xhp"
+_LINES = ("-", "--", ":")
+
+
+def _style(i: int) -> dict[str, Any]:
+    """A color and marker pair of its own for each of up to 30 defenses (colors repeat every 10)."""
+    return {"color": f"C{i % 10}", "marker": _MARKERS[(i + i // 10) % len(_MARKERS)]}
+
+
 def hs_vs_fa(entries: list[dict[str, Any]], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     labels = list(dict.fromkeys(t["label"] for t in entries))
     for i, label in enumerate(labels):
         pts = [t for t in entries if t["label"] == label]
-        style = (
-            {"color": "gray", "marker": "x"} if label in REFERENCE else {"color": f"C{i % 10}", "marker": "o"}
-        )
+        style = {"color": "gray", "marker": "x"} if label in REFERENCE else _style(i)
         ax.scatter([t["fa"]["mean"] for t in pts], [t["hs"]["mean"] for t in pts], label=label, **style)
     ax.set_xlabel("fine-tuning accuracy FA (%)")
     ax.set_ylabel(f"harmful score HS (%, {entries[0]['judge']} judge)")
@@ -102,7 +109,9 @@ def hs_against(entries: list[dict[str, Any]], key: str, path: Path) -> Path:
     labels = [x for x in dict.fromkeys(t["label"] for t in entries) if x not in REFERENCE]
     for i, label in enumerate(labels):
         pts = sorted((t for t in entries if t["label"] == label), key=lambda t: t[key])
-        ax.plot([t[key] for t in pts], [t["hs"]["mean"] for t in pts], "o-", color=f"C{i % 10}", label=label)
+        style = _style(i)
+        xs, ys = [t[key] for t in pts], [t["hs"]["mean"] for t in pts]
+        ax.plot(xs, ys, linestyle=_LINES[i // 10 % 3], label=label, **style)
     if key == "lr":
         ax.set_xscale("log")
     ax.set_xlabel({"lr": "fine-tuning learning rate", "epochs": "fine-tuning epochs"}[key])
