@@ -92,7 +92,7 @@ _SENTENCE_END = re.compile(r"[.!?\n]")
 MIN_OPENING = 40  # characters: "Hello!" alone is not the opening
 MAX_OPENING = 240
 
-JUDGE_KINDS = ("keyword", "beavertails", "llamaguard", "learned")
+JUDGE_KINDS = ("keyword", "beavertails", "llamaguard", "harmbench", "learned")
 # Human label values of labelled (prompt, response) files, as `antidote judge` maps them by default.
 HARMFUL_LABELS = ("harmful", "unsafe", "complied", "1")
 SAFE_LABELS = ("safe", "refused", "0")
@@ -188,8 +188,8 @@ def parse_judge_spec(spec: str) -> tuple[str, str | None]:
     if kind not in JUDGE_KINDS:
         raise AntidoteError(
             f"unknown judge {spec!r}; choose one of {', '.join(JUDGE_KINDS)} "
-            "(model judges take a path: beavertails:PATH, llamaguard:PATH, learned:PATH; a bare learned is "
-            "the default learned judge, antidote judge train installs it)"
+            "(model judges take a path: beavertails:PATH, llamaguard:PATH, harmbench:PATH, learned:PATH; a "
+            "bare learned is the default learned judge, antidote judge train installs it)"
         )
     if kind == "keyword" and sep:
         raise AntidoteError("the keyword judge takes no model path; write just keyword")
