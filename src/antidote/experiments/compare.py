@@ -610,6 +610,21 @@ def _grid(table: list[dict[str, Any]], judge: str) -> tuple[list[str], list[str]
     return labels, setting_ids, {(t["label"], t["setting"]): t for t in entries}
 
 
+def _hs_fa_cells(
+    grid: dict[tuple[str, str], Any],
+    label: str,
+    setting_ids: list[str],
+    fmt: Callable[[dict[str, Any]], str],
+    missing: str,
+) -> list[str]:
+    """One table row's HS and FA entries, setting by setting (`missing` where a defense did not run)."""
+    cells = []
+    for s in setting_ids:
+        t = grid.get((label, s))
+        cells += [fmt(t["hs"]), fmt(t["fa"])] if t else [missing, missing]
+    return cells
+
+
 def report_markdown(config: CompareConfig, rows: list[dict[str, Any]], table: list[dict[str, Any]]) -> str:
     first = rows[0]
     lines = [
@@ -629,10 +644,7 @@ def report_markdown(config: CompareConfig, rows: list[dict[str, Any]], table: li
         lines += ["| defense | " + " | ".join(f"HS {s} | FA {s}" for s in setting_ids) + " |"]
         lines += ["|---" * (1 + 2 * len(setting_ids)) + "|"]
         for label in labels:
-            cells = []
-            for s in setting_ids:
-                t = grid.get((label, s))
-                cells += [_entry(t["hs"]), _entry(t["fa"])] if t else ["-", "-"]
+            cells = _hs_fa_cells(grid, label, setting_ids, _entry, "-")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "## Cost per defense (over plain SFT)", ""]
     lines += [
@@ -702,10 +714,7 @@ def latex_table(table: list[dict[str, Any]], judge: str) -> str:
         "\\midrule",
     ]
     for label in labels:
-        cells = []
-        for s in setting_ids:
-            t = grid.get((label, s))
-            cells += [_tex_entry(t["hs"]), _tex_entry(t["fa"])] if t else ["--", "--"]
+        cells = _hs_fa_cells(grid, label, setting_ids, _tex_entry, "--")
         lines.append(f"{_tex(label)} & " + " & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", ""]
     return "\n".join(lines)

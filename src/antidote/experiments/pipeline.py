@@ -34,7 +34,7 @@ from antidote.defenses import RESERVED, Defense, get
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import HARMFUL_VERDICTS, parse_judge_spec
 from antidote.evaluation.run import EvaluateConfig
-from antidote.evaluation.stats import recovered_share_interval, wilson_interval
+from antidote.evaluation.stats import recovered_share_interval
 from antidote.experiments.cache import StageCache, locked, stage_key
 from antidote.experiments.report import choose_operating_point, markdown, plot, recovered_share
 from antidote.models.loading import EMBEDDED_NAME
@@ -440,6 +440,8 @@ class _Run:
         generated = json.loads((folder / "results.json").read_text())
         for private in ("config", "antidote"):
             generated.pop(private, None)
+        from antidote.evaluation.model_judges import verdict_row
+
         records = [json.loads(x) for x in (folder / "generations.jsonl").read_text().splitlines()]
         rows = []
         for spec in self.judge_specs:
@@ -452,11 +454,10 @@ class _Run:
                     key,
                     functools.partial(_judge_stage, generated=folder, spec=spec, judges=self.judges),
                 )
-                row = {**generated, **json.loads((judge_folder / "judged.json").read_text())}
-                row["judge_spec"], row["judge_stage"] = spec, judge_folder.name
                 verdicts = json.loads((judge_folder / "verdicts.json").read_text())
-                n = len(verdicts)
-                row["hs_ci"] = list(wilson_interval(sum(v in HARMFUL_VERDICTS for v in verdicts), n))
+                judge = json.loads((judge_folder / "judged.json").read_text())["judge"]
+                row = {**generated, **verdict_row(verdicts, judge)}
+                row["judge_spec"], row["judge_stage"] = spec, judge_folder.name
             self.flags[(section, m.name, spec)] = [v in HARMFUL_VERDICTS for v in verdicts]
             rows.append(row)
         seconds = self.cache.seconds.get(folder.name)
@@ -592,15 +593,12 @@ def _generate_stage(out: Path, config: EvaluateConfig) -> None:
 
 def _judge_stage(out: Path, generated: Path, spec: str, judges: _Judges) -> None:
     """Score an evaluation stage's saved harmful-prompt generations with one more judge."""
-    from antidote.evaluation.judges import harmful_score
+    from antidote.evaluation.model_judges import verdict_row
 
     records = [json.loads(line) for line in (generated / "generations.jsonl").read_text().splitlines()]
     harmful = [g for g in records if g["set"] == "harmful"]
     judge = judges[spec]
     verdicts = judge.verdicts([g["prompt"] for g in harmful], [g["response"] for g in harmful])
-    score = harmful_score(verdicts, judge.name)
-    unparsed = round(100.0 * verdicts.count("unparsed") / max(len(verdicts), 1), 2)
     out.mkdir()
     (out / "verdicts.json").write_text(json.dumps(verdicts) + "\n")
-    row = {"hs": score.hs, "judge": judge.name, "unparsed": unparsed}
-    (out / "judged.json").write_text(json.dumps(row, indent=2) + "\n")
+    (out / "judged.json").write_text(json.dumps(verdict_row(verdicts, judge.name), indent=2) + "\n")
