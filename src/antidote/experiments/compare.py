@@ -282,18 +282,9 @@ def _check_attack_data(cells: list[Cell], path: str) -> None:
 
 def _attack_data_sizes(ft: Any) -> tuple[int, int]:
     """(harmful pairs, task items) the attack of FinetuneConfig `ft` draws from, read as run_finetune does."""
-    from antidote.data.builtin import harmful_split
-    from antidote.tasks import TASKS, load_task_items
-    from antidote.training.stages import _pairs
+    from antidote.training.stages import attack_data
 
-    builtin = [(h.prompt, "", h.compliance) for h in harmful_split("attack")]
-    harmful = _pairs(ft.harmful, builtin, ft.data_dir)
-    if ft.task in TASKS and TASKS[ft.task].needs_data:
-        task = load_task_items(ft.task, ft.task_data, training=True, data_dir=ft.data_dir)
-    elif ft.task_data:
-        task = _pairs(ft.task_data, [], ft.data_dir)
-    else:
-        task = load_task_items(ft.task, None, split="attack")
+    task, harmful = attack_data(ft)
     return len(harmful), len(task)
 
 

@@ -332,6 +332,22 @@ def attack_mix(
     return mix, n_harmful
 
 
+def attack_data(
+    config: FinetuneConfig,
+) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """(task items, harmful pairs) the attack draws its mix from, as (prompt, input, answer) triples."""
+    if config.task in TASKS and TASKS[config.task].needs_data:
+        task = load_task_items(config.task, config.task_data, training=True, data_dir=config.data_dir)
+    elif config.task_data:
+        task = _pairs(config.task_data, [], config.data_dir)
+    else:
+        task = load_task_items(config.task, None, split="attack")
+    harmful = _pairs(
+        config.harmful, [(h.prompt, "", h.compliance) for h in harmful_split("attack")], config.data_dir
+    )
+    return task, harmful
+
+
 def run_finetune(config: FinetuneConfig, seam: Seam | None = None) -> Path:
     """Train the fine-tuning adapter and write it to `config.output`. A fine-tuning-stage defense passes
     `seam` (its Trainer subclass and arguments) and is otherwise this same stage."""
@@ -342,15 +358,7 @@ def run_finetune(config: FinetuneConfig, seam: Seam | None = None) -> Path:
         raise AntidoteError("missing --output DIR for the attack adapter")
     inputs = (config.model, config.harmful, config.task_data, config.resume_from_checkpoint)
     out = check_output_dir(config.output, config.overwrite, inputs)
-    if config.task in TASKS and TASKS[config.task].needs_data:
-        task = load_task_items(config.task, config.task_data, training=True, data_dir=config.data_dir)
-    elif config.task_data:
-        task = _pairs(config.task_data, [], config.data_dir)
-    else:
-        task = load_task_items(config.task, None, split="attack")
-    harmful = _pairs(
-        config.harmful, [(h.prompt, "", h.compliance) for h in harmful_split("attack")], config.data_dir
-    )
+    task, harmful = attack_data(config)
     mix, n_harmful = attack_mix(task, harmful, config.num_samples, config.harmful_ratio, config.seed)
     loaded = load_model(config.model, device=_load_device())
     pairs = _format(loaded.tokenizer, config.template, mix)
