@@ -85,7 +85,7 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     assert [r["model"] for r in rows] == ["base", "aligned", "attacked", f"antidote@{chosen}"]
     for r in rows:
         assert {"model", "hs", "fa", "over_refusal", "seconds", "judge", "n_prompts"} <= set(r)
-        assert r["judge"] == "keyword" and r["n_prompts"] == 8
+        assert r["judge"] == "keyword" and r["n_prompts"] == 4
     assert (out / "tradeoff.png").stat().st_size > 1000 and (out / "results.md").is_file()
     aligned = AutoModelForCausalLM.from_pretrained(out / "models" / "aligned")
     PeftModel.from_pretrained(aligned, out / "models" / "antidote")

@@ -290,7 +290,7 @@ def _demo_options(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="redo every stage: remove what an earlier run wrote there"
     )
     parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes: a smoke run of every stage (~2 min)"
+        "--quick", action="store_true", help="tiny sizes: a smoke run of every stage (under a minute)"
     )
 
 
