@@ -15,6 +15,14 @@ import yaml
 if os.environ.get("PYTEST_XDIST_WORKER"):  # a process per core already: one thread each
     torch.set_num_threads(1)
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the slow end-to-end tests first. xdist (`--dist loadfile --no-loadscope-reorder`) hands out test
+    files in this order; with them last, the demo-quick test (a minute or more) ran alone at the end while
+    the other worker idled."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the rest keep their order
+
+
 WORDS = [
     "how",
     "do",
