@@ -342,10 +342,11 @@ def run_compare(config: CompareConfig, say: Callable[[str], None] = _say) -> dic
         atomic_write_text(out / "results.csv", to_csv(rows))
         table = aggregate(rows)
         atomic_write_text(out / "report.md", report_markdown(config, rows, table))
-        atomic_write_text(out / "table.tex", latex_table(table, first_judge(rows)))
+        judge = first_judge(rows)
+        atomic_write_text(out / "table.tex", latex_table(table, judge))
         plots = out / "plots"
         plots.mkdir(exist_ok=True)
-        compare_plots.write_all(config, rows, table, settings(config.matrix)[0], out / "stages", plots)
+        compare_plots.write_all(config, rows, table, settings(config.matrix)[0], out / "stages", plots, judge)
     return {"rows": rows, "stages": {"built": built, "reused": reused}, "out": str(out)}
 
 

@@ -47,10 +47,11 @@ def write_all(
     default: dict[str, Any],
     stages: Path,
     folder: Path,
+    judge: str,
 ) -> list[Path]:
     """Every plot that the results allow; returns the files written. `config`: the CompareConfig; `default`:
-    the default setting (matrix key -> value); `stages`: the stage cache folder (for Antidote's mask file)."""
-    judge = str(rows[0]["judge_spec"])  # the first judge that scored
+    the default setting (matrix key -> value); `stages`: the stage cache folder (for Antidote's mask file);
+    `judge`: the judge spec whose rows are plotted."""
     entries = [t for t in table if t["judge_spec"] == judge]
     at_default = [t for t in entries if all(t[k] == v for k, v in default.items())]
     written = [hs_vs_fa(entries, folder / "hs_vs_fa.png")]
