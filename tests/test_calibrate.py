@@ -63,19 +63,66 @@ def test_targets_exclude_lm_head_and_lm_head_is_never_run() -> None:
     assert calls == []  # calibration runs the decoder body only
 
 
+def padded_activations(model: nn.Module, targets: list[str], seqs: list[list[int]], size: int, pad: int):  # type: ignore[no-untyped-def]
+    """Each target's inputs at the real tokens, in sample order, from a hand-written padded forward at
+    batch size `size` (the same batches as the engine's): what the engine sees at that batch size."""
+    modules = dict(model.named_modules())
+    seen: dict[str, dict[int, torch.Tensor]] = {n: {} for n in targets}
+    batches = make_batches(seqs, size)
+    current: list[int] = []
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def fn(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach()
+            for row, i in enumerate(current):
+                seen[name][i] = x[row, : len(seqs[i])].clone()  # right padding: real tokens first
+
+        return fn
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in targets]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                current[:] = batch
+                width = max(len(seqs[i]) for i in batch)
+                ids = torch.full((len(batch), width), pad)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+                    mask[row, : len(seqs[i])] = 1
+                model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: [seen[n][i] for i in range(len(seqs))] for n in targets}
+
+
 def test_statistics_and_masks_bitwise_identical_for_batch_sizes_1_3_6_in_float32() -> None:
+    # The engine's promise (calibrate.py's docstring): the sums, and so the masks, are bit for bit the same
+    # at every batch size whenever the forward pass gives each real token's activations bit for bit the
+    # same at every batch size. Whether it does is the CPU's BLAS (some kernels, e.g. without AVX2, round
+    # other shapes differently), so the test checks the promise under its own condition, measured here.
     model = make_model()
     targets = find_targets(model)
     seqs = sequences()
+    sizes = ((1, 3), (3, 3), (6, 7))  # the pad id must not matter either
     by_size = {
         size: collect_statistics(model, targets, seqs, batch_size=size, pad_id=pad, compute_dtype=None)
-        for size, pad in ((1, 3), (3, 3), (6, 7))  # the pad id must not matter either
+        for size, pad in sizes
     }
+    acts = {size: padded_activations(model, list(targets), seqs, size, pad) for size, pad in sizes}
     one = by_size[1]
     for size in (3, 6):
         other = by_size[size]
         assert other.compute_dtype == "float32"
-        assert all(torch.equal(one.sq_sums[n], other.sq_sums[n]) for n in targets)  # bit for bit
+        same_forward = all(
+            torch.equal(a, b) for n in targets for a, b in zip(acts[1][n], acts[size][n], strict=True)
+        )
+        if same_forward:
+            assert all(torch.equal(one.sq_sums[n], other.sq_sums[n]) for n in targets)  # bit for bit
+        else:  # the forward differs in its last bits here; the sums may only differ as much
+            for n in targets:
+                torch.testing.assert_close(one.sq_sums[n], other.sq_sums[n], rtol=1e-6, atol=0)
         for granularity in ("row", "layer", "global"):
             a = compute_masks(targets, one, 0.1, granularity=granularity)
             b = compute_masks(targets, other, 0.1, granularity=granularity)

@@ -77,7 +77,11 @@ def test_simulated_processes_give_bit_identical_statistics_and_masks(world: int)
     seqs = tokenize_examples(load_examples(HARMFUL), make_tokenizer(), "alpaca", 64) * 2  # 20 samples
     single_model = make_model()
     targets = find_targets(single_model)
-    single = collect_statistics(single_model, targets, seqs, batch_size=3, compute_dtype=None)
+    # Batch size 1 everywhere: each sample's forward then has the same shapes in every process, so its
+    # activations are bit for bit the same whatever the split. (At larger batch sizes the processes form
+    # other batches than the single process, and some CPU BLAS kernels, e.g. without AVX2, give other
+    # last bits for other shapes: that is the forward pass, not the exchange this test is about.)
+    single = collect_statistics(single_model, targets, seqs, batch_size=1, compute_dtype=None)
     group = ThreadGroup(world)
     results: dict[int, object] = {}
     seen: dict[int, int] = {}
@@ -89,7 +93,7 @@ def test_simulated_processes_give_bit_identical_statistics_and_masks(world: int)
         calls = []
         model.model.embed_tokens.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
         results[rank] = collect_statistics(
-            model, find_targets(model), seqs, batch_size=3, compute_dtype=None, parallel=group.member(rank)
+            model, find_targets(model), seqs, batch_size=1, compute_dtype=None, parallel=group.member(rank)
         )
         seen[rank] = sum(calls)
 
@@ -114,7 +118,7 @@ def run_collector(model, seqs: list[list[int]], parallel=None) -> StatisticsColl
     rank, world = (parallel.rank, parallel.world) if parallel is not None else (0, 1)
     collector = StatisticsCollector(find_targets(model), len(seqs), parallel=parallel)
     with torch.no_grad(), collector.hooked():
-        for batch in plan_batches(seqs, 3, rank=rank, world=world):
+        for batch in plan_batches(seqs, 1, rank=rank, world=world):
             ids, mask = padded_batch(seqs, batch, pad_id=3)
             with collector.batch(seqs, batch):
                 model.model(input_ids=ids, attention_mask=mask, use_cache=False)
