@@ -186,18 +186,18 @@ def test_run_dir_that_antidote_did_not_make_is_refused(tiny, tmp_path, capsys) -
 
 
 def test_the_default_learned_judge_is_used_only_where_installed(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from antidote.experiments.pipeline import _available_judges
+    from antidote.experiments.pipeline import scoring_judges
 
     folder = tmp_path / "judge"
     monkeypatch.setenv("ANTIDOTE_LEARNED_JUDGE", str(folder))
-    available, missing = _available_judges(["keyword", "learned"])
+    available, missing = scoring_judges(["keyword", "learned"])
     assert available == ["keyword"] and str(folder) in missing["learned"]
     with pytest.raises(AntidoteError, match="no judge left"):
-        _available_judges(["learned"])
+        scoring_judges(["learned"])
     folder.mkdir()
     for name in ("judge.json", "probe.safetensors"):
         (folder / name).write_text("{}")
-    assert _available_judges(["keyword", "learned"]) == (["keyword", "learned"], {})
+    assert scoring_judges(["keyword", "learned"]) == (["keyword", "learned"], {})
 
 
 def test_shipped_configs_are_valid() -> None:
@@ -291,7 +291,7 @@ def test_chosen_only_and_exported_models(tiny, tiny_run, tmp_path) -> None:  # t
 def test_a_second_judge_rescores_saved_generations(tiny, tiny_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Adding a judge to a finished run builds only judge stages: one row per model and judge, the new
     judge's HS counted from its verdicts on the very generations the keyword row came from."""
-    from antidote.evaluation.model_judges import make_judge
+    from antidote.evaluation.judges import make_judge
     from conftest import make_model, make_tokenizer
 
     guard = tmp_path / "guard"

@@ -392,8 +392,8 @@ COMMANDS = (
         cmd_evaluate,
         _evaluate_config,
         description="Generate on harmful prompts, task items and harmless instructions; score HS with a "
-        "judge (keyword: offline, degenerate output reported apart; beavertails or llamaguard: a judge "
-        "model) and FA with the task's exact-match metric.",
+        "judge (keyword: offline, degenerate output reported apart; the others: --judge lists them) and "
+        "FA with the task's exact-match metric.",
     ),
     Command(
         "judge",

@@ -32,7 +32,7 @@ from antidote.configfile import config_from_mapping, read_yaml_mapping, values_f
 from antidote.data.catalog import resolve_data_dir
 from antidote.defenses import RESERVED, Defense, get
 from antidote.errors import AntidoteError
-from antidote.evaluation.judges import HARMFUL_VERDICTS, parse_judge_spec
+from antidote.evaluation.judges import HARMFUL_VERDICTS, check_judge, judge_source, parse_judge_spec
 from antidote.evaluation.run import EvaluateConfig
 from antidote.evaluation.stats import recovered_share_interval
 from antidote.experiments.cache import StageCache, locked, stage_key
@@ -119,13 +119,9 @@ def check(config: RunConfig, path: str = "the config") -> None:
         raise AntidoteError(f"{path}: max_fa_drop must be a number of FA points in [0, 100]")
     if not config.judges:
         raise AntidoteError(f"{path}: judges is empty; use e.g. [keyword]")
-    _available_judges(config.judges)  # none left (only an uninstalled default) fails before any work
+    scoring_judges(config.judges)  # none left (only an uninstalled default) fails before any work
     for spec in config.judges:
-        kind, judge_path = parse_judge_spec(spec)
-        if kind == "learned" and judge_path:  # a named judge folder must be one; the default may be absent
-            from antidote.evaluation.learned import read_judge_record
-
-            read_judge_record(judge_path)
+        check_judge(spec)  # a named judge folder must be one; the default may be absent
     for name in SECTIONS:
         if getattr(config, name) is not None:
             _stage_config(config, name, path, model="<model>", output="<output>")
@@ -279,7 +275,7 @@ class _Run:
         # once here, so that the stage keys name the folder actually read).
         folder = resolve_data_dir(config.data_dir)
         self.data_dir = str(folder.resolve()) if folder is not None else None
-        self.judge_specs, self.judges_missing = _available_judges(config.judges)
+        self.judge_specs, self.judges_missing = scoring_judges(config.judges)
         for spec, why in self.judges_missing.items():
             say(f"judge {spec} left out: {why}")
         self.judges = _Judges(self.judge_specs)
@@ -440,7 +436,7 @@ class _Run:
         generated = json.loads((folder / "results.json").read_text())
         for private in ("config", "antidote"):
             generated.pop(private, None)
-        from antidote.evaluation.model_judges import verdict_row
+        from antidote.evaluation.judges import verdict_row
 
         records = [json.loads(x) for x in (folder / "generations.jsonl").read_text().splitlines()]
         rows = []
@@ -450,7 +446,7 @@ class _Run:
             if spec != "keyword":
                 judge_folder, _ = self.stage(
                     f"judge-{parse_judge_spec(spec)[0]}-{section}-{m.name}",
-                    {"judge": spec, "judge_path": _judge_path(spec)},
+                    {"judge": spec, "judge_path": judge_source(spec)},
                     key,
                     functools.partial(_judge_stage, generated=folder, spec=spec, judges=self.judges),
                 )
@@ -547,19 +543,9 @@ def _numbers(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in ("hs", "fa", "degenerate", "over_refusal")}
 
 
-def _judge_path(spec: str) -> str | None:
-    """The folder a model judge reads (the default learned judge's for a bare `learned`)."""
-    kind, path = parse_judge_spec(spec)
-    if kind == "learned":
-        from antidote.evaluation.learned import judge_folder
-
-        return str(judge_folder(path))
-    return path
-
-
-def _available_judges(specs: list[str]) -> tuple[list[str], dict[str, str]]:
+def scoring_judges(specs: list[str]) -> tuple[list[str], dict[str, str]]:
     """The judges a run scores with (`available_judges`); no judge at all is an error."""
-    from antidote.evaluation.model_judges import available_judges
+    from antidote.evaluation.judges import available_judges
 
     available, missing = available_judges(specs)
     if not available:
@@ -576,7 +562,7 @@ class _Judges:
 
     def __getitem__(self, spec: str) -> Any:
         if spec not in self.loaded:
-            from antidote.evaluation.model_judges import make_judge
+            from antidote.evaluation.judges import make_judge
 
             self.loaded[spec] = make_judge(spec)
         return self.loaded[spec]
@@ -584,7 +570,7 @@ class _Judges:
 
 def _generate_stage(out: Path, config: EvaluateConfig) -> None:
     """Generate into `out` (results.json, generations.jsonl), scored by the keyword judge as it goes."""
-    from antidote.evaluation.judges import KeywordJudge
+    from antidote.evaluation.judges.keyword import KeywordJudge
     from antidote.evaluation.run import run_evaluate
 
     out.mkdir()
@@ -593,7 +579,7 @@ def _generate_stage(out: Path, config: EvaluateConfig) -> None:
 
 def _judge_stage(out: Path, generated: Path, spec: str, judges: _Judges) -> None:
     """Score an evaluation stage's saved harmful-prompt generations with one more judge."""
-    from antidote.evaluation.model_judges import verdict_row
+    from antidote.evaluation.judges import verdict_row
 
     records = [json.loads(line) for line in (generated / "generations.jsonl").read_text().splitlines()]
     harmful = [g for g in records if g["set"] == "harmful"]
