@@ -67,6 +67,7 @@ JUDGES = {
             f"{_J}.learned:LearnedJudge",
             "probe from antidote judge train; bare: the installed default",
         ),
+        JudgeKind("gcg", f"{_J}.gcg:GcgJudge", "GCG's refusal strings, as papers report", takes_path=False),
     )
 }
 JUDGE_KINDS = tuple(JUDGES)
