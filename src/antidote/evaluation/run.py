@@ -17,13 +17,12 @@ from typing import Any
 from antidote.data.builtin import harmful_split, task_split
 from antidote.data.catalog import data_dir_field
 from antidote.data.loading import load_examples
-from antidote.data.templates import check_template
+from antidote.data.templates import PROMPT_FILE, check_template
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import judge_help, parse_judge_spec
 from antidote.outputs import atomic_write_text, check_output_file
 from antidote.tasks import get_task, load_task_items, task_help, task_names
 
-PROMPT_FILE = "antidote_prompt.json"
 GENERATIONS_FILE = "generations.jsonl"
 
 
