@@ -10,7 +10,9 @@ Rows `base`, `aligned` and `attacked` (no defense) are always there. With a `val
 defense's variant is chosen on validation prompts, never on the evaluation prompts.
 
 Each stage is cached (`experiments/cache.py`): a rerun after a kill or a changed setting redoes only what
-changed. `antidote demo` is this pipeline on a config shipped in the package (`experiments/configs/`).
+changed. `antidote demo` is this pipeline on a config shipped in the package (`experiments/configs/`). The
+config is read and checked in `runconfig.py`, the run folder kept in `rundir.py`; `Pipeline` is the one walk
+over the stages, which `antidote compare` runs per cell and, on a `DryRunCache`, for `--plan`.
 """
 
 from __future__ import annotations
@@ -149,7 +151,6 @@ class Pipeline:
             lambda out: run_finetune(replace(ft_cfg, output=str(out))),
             {"kind": "finetune", "defense": None, "method": "plain"},
         )
-        self.plain = {"align": aligned.name, "finetune": attack.name}
         models += [
             RowModel("aligned", str(aligned), None, align_key),
             RowModel(
