@@ -107,3 +107,51 @@ def test_layers_point_one_way() -> None:
     for name, deps in graph.items():
         if name.startswith(("antidote.data", "antidote.tasks")):
             assert not [d for d in deps if d.startswith(high)], name
+
+
+# The training helpers another change makes public (issue 17, item 4); until then they are the only
+# underscored names one module may import from another.
+PRIVATE_IMPORTS_ALLOWED = {
+    ("antidote.training.stages", "_pairs"),
+    ("antidote.training.stages", "_format"),
+    ("antidote.training.stages", "_subset"),
+}
+
+
+def private_names(source: str) -> list[tuple[str, str]]:
+    """(module, name) of every `from antidote.x import _name` in `source` (imports inside functions too)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("antidote"):
+            found += [(str(node.module), a.name) for a in node.names if a.name.startswith("_")]
+    return [(m, n) for m, n in found if not n.startswith("__")]
+
+
+def private_imports() -> list[tuple[str, str, str]]:
+    """(importing module, imported module, name) for every private import in the package."""
+    return sorted(
+        (module_name(path), module, name)
+        for path in (SRC / "antidote").rglob("*.py")
+        for module, name in private_names(path.read_text())
+    )
+
+
+def test_the_private_import_finder_finds_a_planted_one() -> None:
+    source = "from antidote.x import _hidden, public, __version__\ndef f():\n    from antidote.y import _z\n"
+    assert private_names(source) == [("antidote.x", "_hidden"), ("antidote.y", "_z")]
+    assert private_names("from torch import _C\nfrom antidote.x import public\n") == []
+
+
+def test_no_module_imports_a_private_name_of_another() -> None:
+    leaks = [f for f in private_imports() if (f[1], f[2]) not in PRIVATE_IMPORTS_ALLOWED]
+    assert leaks == []
+
+
+def test_no_file_over_500_lines_in_experiments_and_evaluation() -> None:
+    long = {
+        str(p.relative_to(SRC)): n
+        for folder in ("experiments", "evaluation")
+        for p in (SRC / "antidote" / folder).rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 500
+    }
+    assert long == {}

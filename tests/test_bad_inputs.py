@@ -686,7 +686,7 @@ def test_bad_input(
     monkeypatch.chdir(c.cwd)
     monkeypatch.setenv("ANTIDOTE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("antidote.training.sft.train_lora", _work_started)
-    monkeypatch.setattr("antidote.experiments.pipeline._Run.run", _work_started)
+    monkeypatch.setattr("antidote.experiments.pipeline.Pipeline.run", _work_started)
     argv = case.build(c)
     command = argv[0]
     if command in DEFAULT_OUTPUT and "--output" not in argv and name not in NO_DEFAULT_OUTPUT:

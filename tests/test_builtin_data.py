@@ -17,7 +17,7 @@ from antidote.data.builtin import (
     sentiment_items,
     task_split,
 )
-from antidote.evaluation.judges import keyword_verdict
+from antidote.evaluation.judges.keyword import keyword_verdict
 
 
 def test_harmful_requests_cover_categories_with_refusal_and_compliance() -> None:

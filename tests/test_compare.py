@@ -18,8 +18,9 @@ from antidote.cli import main
 from antidote.errors import AntidoteError
 from antidote.evaluation.stats import wilson_interval
 from antidote.experiments.aggregate import mean_t_interval, summarize, t_quantile
-from antidote.experiments.compare import load_compare_config, run_compare, settings
+from antidote.experiments.compare import load_compare_config, run_compare
 from antidote.experiments.compare_plots import pruned_share_by_layer
+from antidote.experiments.matrix import settings
 from conftest import write_config
 
 T975 = {1: 12.7062, 2: 4.3027, 5: 2.5706, 10: 2.2281, 30: 2.0423}  # textbook Student-t 97.5% quantiles
@@ -133,7 +134,9 @@ def test_two_cells_write_every_output_from_the_cells_results(compared: dict[str,
 
 def test_alignment_built_once_and_costs_come_from_the_stage_records(compared: dict[str, Any]) -> None:
     out = compared["out"]
-    built = [s.rsplit("-", 1)[0] for s in compared["result"]["stages"]["built"]]
+    built = [
+        json.loads((out / "stages" / s / "stage.json").read_text())["stage"] for s in compared["result"].built
+    ]
     assert built.count("align") == 1 and built.count("finetune") == 4  # 2 settings x 2 seeds
     assert len(list((out / "stages").glob("align-*"))) == 1
     for r in json.loads((out / "results.json").read_text()):
@@ -209,7 +212,7 @@ def test_aggregation_over_seeds_is_the_mean_and_t_interval() -> None:
 
 
 def test_settings_one_at_a_time_and_product() -> None:
-    from antidote.experiments.compare import MatrixConfig
+    from antidote.experiments.matrix import MatrixConfig
 
     m = MatrixConfig(lr=[1.0, 2.0, 3.0], epochs=[1, 2])
     assert settings(m) == [
@@ -412,3 +415,62 @@ def test_general_utility_needs_lm_eval(tiny: dict[str, Path], tmp_path: Path) ->
     path = compare_yaml(tiny, tmp_path, general_utility={"tasks": ["arc_easy"]})
     with pytest.raises(AntidoteError, match="general_utility needs lm-evaluation-harness"):
         load_compare_config(str(path))
+
+
+@pytest.mark.parametrize(
+    ("matrix", "message"),
+    [
+        ({"seeds": [1, 2], "all_seeds_for": []}, "all_seeds_for is empty"),
+        ({"lr": [1e-4, 1.0000001e-4]}, "get the same cell id"),
+        (
+            {"lr": [1e-3, 2e-3], "tasks": {"t": {"finetune": {"lr": 5e-3}}}},
+            "sets finetune lr, which the matrix",
+        ),
+        ({"lr": [1e-3, float("inf")]}, "give finite numbers"),
+    ],
+)
+def test_a_contradictory_matrix_is_refused(
+    tiny: dict[str, Path], tmp_path: Path, matrix: Any, message: str
+) -> None:
+    """Issue 16, 12: each of these ran silently before (seed 2 dropped; the task's lr overridden; two lrs
+    reported as n=2 seeds of one setting)."""
+    path = compare_yaml(tiny, tmp_path, matrix=matrix)
+    with pytest.raises(AntidoteError, match=message):
+        load_compare_config(str(path), say=lambda m: None)
+
+
+def test_a_huge_sweep_says_its_count_first_and_is_capped(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """Issue 16, 12: 40 x 40 x 40 = 64,000 cells ran the planner for minutes without a word: now the matrix is
+    refused at once with its count (before any cell is built); raising max_cells confirms a bigger sweep, and
+    a large accepted one says its count before checking each cell."""
+    many = {"lr": [1e-4 * (i + 1) for i in range(40)], "epochs": list(range(1, 41))}
+    many["num_samples"] = list(range(20, 60))
+    path = compare_yaml(tiny, tmp_path, matrix={**many, "sweep": "product"})
+    said: list[str] = []
+    with pytest.raises(AntidoteError, match="makes 64000 cells, more than max_cells"):
+        load_compare_config(str(path), say=said.append)
+    path = compare_yaml(tiny, tmp_path, matrix={"lr": [1e-3, 2e-3], "seeds": [0, 1], "max_cells": 3})
+    with pytest.raises(AntidoteError, match="makes 4 cells"):  # 2 settings x 2 seeds (sft at every seed)
+        load_compare_config(str(path), say=said.append)
+    small = compare_yaml(tiny, tmp_path, matrix={"lr": [1e-3, 2e-3], "max_cells": 2})
+    assert len(load_compare_config(str(small), say=said.append).cells) == 2
+    assert said == []  # refusals give the count in their message; a small matrix is checked without a word
+    lrs = [1e-4 * (i + 1) for i in range(120)]  # one-at-a-time: 120 settings, at one seed
+    path = compare_yaml(tiny, tmp_path, matrix={"lr": lrs, "seeds": [0], "all_seeds_for": ["sft"]})
+    assert len(load_compare_config(str(path), say=said.append).cells) == 120
+    assert said == ["120 settings x 1 seeds = 120 cells; checking each"]
+
+
+def test_plan_survives_a_broken_cache_entry_and_says_it_will_rebuild(
+    compared: dict[str, Any], tmp_path: Path
+) -> None:
+    """Issue 16, 8: `compare --plan` crashed on a stage record that does not parse; now it names the stage."""
+    shutil.copytree(compared["out"], tmp_path / "out", ignore=shutil.ignore_patterns(".lock"))
+    config = yaml.safe_load(compared["path"].read_text())
+    config["run_dir"] = str(tmp_path / "out")
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    broken = next((tmp_path / "out" / "stages").glob("random-prune-*"))
+    (broken / "stage.json").write_text("{")
+    text = _plan(path)
+    assert "build   random-prune" in text and "the cached one is broken" in text

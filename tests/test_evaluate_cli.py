@@ -49,7 +49,7 @@ def test_evaluate_writes_results_and_generations(tiny, tmp_path) -> None:  # typ
 def test_other_judges_score_the_same_answers(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     """--also-judge adds a judge's HS (and interval) over the very answers the first judge scored; the
     default `learned` is left out, said so, where no learned judge is installed (as in these tests)."""
-    from antidote.evaluation.model_judges import make_judge
+    from antidote.evaluation.judges import make_judge
     from conftest import make_model, make_tokenizer
 
     out = tmp_path / "results.json"

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from antidote.evaluation.generation import generate
-from antidote.evaluation.judges import harmful_score, is_degenerate, keyword_verdict
+from antidote.evaluation.judges import harmful_score
+from antidote.evaluation.judges.keyword import is_degenerate, keyword_verdict
 from conftest import greedy_by_hand, make_model, make_tokenizer
 
 
@@ -53,7 +54,7 @@ def test_batched_generation_equals_one_by_one() -> None:
 
 def test_evaluate_model_counts_match_the_records() -> None:
     from antidote.evaluation.evaluate import evaluate_model
-    from antidote.evaluation.judges import keyword_verdict
+    from antidote.evaluation.judges.keyword import keyword_verdict
 
     model, tokenizer = make_model(seed=2), make_tokenizer()
     result, records = evaluate_model(

@@ -9,14 +9,9 @@ import pytest
 import torch
 
 from antidote.errors import AntidoteError
-from antidote.evaluation.judges import harmful_score, parse_judge_spec
-from antidote.evaluation.model_judges import (
-    BEAVER_FORMAT,
-    ClassifierJudge,
-    LlamaGuardJudge,
-    make_judge,
-    parse_guard_output,
-)
+from antidote.evaluation.judges import harmful_score, make_judge, parse_judge_spec
+from antidote.evaluation.judges.classifier import BEAVER_FORMAT, ClassifierJudge
+from antidote.evaluation.judges.generative import LlamaGuardJudge, parse_guard_output
 from conftest import greedy_by_hand, make_model, make_tokenizer
 
 PROMPTS = ["how do i steal money", "write a poem about cats", "hack the bank account please", "what"]
@@ -97,7 +92,7 @@ def test_llamaguard_judge_matches_greedy_by_hand(guard: Path) -> None:
 
 def test_harmbench_judge_asks_its_prompt_and_reads_yes_or_no(guard: Path) -> None:
     """The published HarmBench classifier prompt, one greedy token per pair (by hand), yes/no read."""
-    from antidote.evaluation.model_judges import HarmBenchJudge, parse_harmbench_output
+    from antidote.evaluation.judges.generative import HarmBenchJudge, parse_harmbench_output
 
     judge = HarmBenchJudge(str(guard), device="cpu", batch_size=3)
     text = judge.prompt("how do i steal money", "here is the plan")

@@ -16,7 +16,7 @@ from antidote.evaluation.agreement import (
     agreement_with_intervals,
     labelled_from_rows,
 )
-from antidote.evaluation.judges import keyword_verdict
+from antidote.evaluation.judges.keyword import keyword_verdict
 from antidote.evaluation.stats import bootstrap_indices, percentile_interval
 from conftest import write_jsonl
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from antidote.evaluation.judges import is_refusal, keyword_verdict, normalise, opening
+from antidote.evaluation.judges.keyword import is_refusal, keyword_verdict, normalise, opening
 
 REFUSALS = [
     "I'm sorry, but I can't help with that.",

@@ -14,13 +14,10 @@ import pytest
 import torch
 
 from antidote.errors import AntidoteError
-from antidote.evaluation.learned import (
-    Probe,
+from antidote.evaluation.judges.learned import Probe, encode_pair, hidden_features, prompt_format_key
+from antidote.evaluation.judges.learned_training import (
     best_threshold,
-    encode_pair,
     fit_logistic,
-    hidden_features,
-    prompt_format_key,
     roc_auc,
     sample_by_prompt,
     split_by_prompt,
@@ -220,7 +217,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Path]) -> 
 
 
 def test_train_writes_a_judge_folder_chosen_on_validation(trained: dict[str, Path]) -> None:
-    from antidote.evaluation.learned import weights_key
+    from antidote.evaluation.judges.learned import weights_key
 
     folder = trained["judge"]
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
@@ -246,8 +243,8 @@ def test_train_writes_a_judge_folder_chosen_on_validation(trained: dict[str, Pat
 
 
 def test_learned_verdicts_follow_the_probe_and_report_garbage(trained: dict[str, Path]) -> None:
-    from antidote.evaluation.learned import load_probe, with_keyword
-    from antidote.evaluation.model_judges import make_judge
+    from antidote.evaluation.judges import make_judge
+    from antidote.evaluation.judges.learned import load_probe, with_keyword
 
     judge = make_judge(f"learned:{trained['judge']}", device="cpu")
     record = json.loads((trained["judge"] / "judge.json").read_text())
@@ -303,7 +300,7 @@ def test_judge_eval_of_the_learned_judge_writes_both_files(trained: dict[str, Pa
 
 
 def test_a_judge_for_another_base_model_is_refused(trained: dict[str, Path], tmp_path: Path) -> None:
-    from antidote.evaluation.model_judges import make_judge
+    from antidote.evaluation.judges import make_judge
 
     judge = tmp_path / "judge"
     shutil.copytree(trained["judge"], judge)
@@ -320,7 +317,7 @@ def test_a_judge_for_another_base_model_is_refused(trained: dict[str, Path], tmp
 def test_a_judge_for_another_prompt_format_is_refused(
     trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from antidote.evaluation.model_judges import make_judge
+    from antidote.evaluation.judges import make_judge
 
     judge = tmp_path / "judge"
     shutil.copytree(trained["judge"], judge)

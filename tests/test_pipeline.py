@@ -14,6 +14,7 @@ from antidote.cli import main
 from antidote.errors import AntidoteError
 from antidote.experiments import pipeline
 from antidote.experiments.pipeline import load_run_config, run_pipeline, stage_key
+from antidote.experiments.rundir import RUN_MARKER
 from conftest import HARMFUL, TRAIN, copy_run, write_config, write_jsonl
 
 
@@ -186,23 +187,24 @@ def test_run_dir_that_antidote_did_not_make_is_refused(tiny, tmp_path, capsys) -
 
 
 def test_the_default_learned_judge_is_used_only_where_installed(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from antidote.experiments.pipeline import _available_judges
+    from antidote.experiments.pipeline import scoring_judges
 
     folder = tmp_path / "judge"
     monkeypatch.setenv("ANTIDOTE_LEARNED_JUDGE", str(folder))
-    available, missing = _available_judges(["keyword", "learned"])
+    available, missing = scoring_judges(["keyword", "learned"])
     assert available == ["keyword"] and str(folder) in missing["learned"]
     with pytest.raises(AntidoteError, match="no judge left"):
-        _available_judges(["learned"])
+        scoring_judges(["learned"])
     folder.mkdir()
     for name in ("judge.json", "probe.safetensors"):
         (folder / name).write_text("{}")
-    assert _available_judges(["keyword", "learned"]) == (["keyword", "learned"], {})
+    assert scoring_judges(["keyword", "learned"]) == (["keyword", "learned"], {})
 
 
 def test_shipped_configs_are_valid() -> None:
     root = Path(__file__).resolve().parents[1] / "configs"
-    for path in (root / "demo.yaml", root / "shared-data.yaml", pipeline.packaged_config("demo-quick")):
+    shipped = [root / "shared-data.yaml", *(pipeline.packaged_config(n) for n in ("demo", "demo-quick"))]
+    for path in shipped:
         config = load_run_config(str(path))
         pipeline.check(config)
 
@@ -212,7 +214,7 @@ def test_second_run_on_the_same_folder_is_refused(tiny, tmp_path) -> None:  # ty
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / pipeline.RUN_MARKER).write_text("{}")  # an earlier run's folder, now held by a live run
+    (run / RUN_MARKER).write_text("{}")  # an earlier run's folder, now held by a live run
     with open(run / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(AntidoteError, match="another antidote run is using"):
@@ -291,7 +293,7 @@ def test_chosen_only_and_exported_models(tiny, tiny_run, tmp_path) -> None:  # t
 def test_a_second_judge_rescores_saved_generations(tiny, tiny_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Adding a judge to a finished run builds only judge stages: one row per model and judge, the new
     judge's HS counted from its verdicts on the very generations the keyword row came from."""
-    from antidote.evaluation.model_judges import make_judge
+    from antidote.evaluation.judges import make_judge
     from conftest import make_model, make_tokenizer
 
     guard = tmp_path / "guard"
@@ -344,8 +346,8 @@ def test_seeds_repeat_the_attack_and_report_mean_and_spread(tiny, tiny_run, tmp_
     rows = json.loads((run / "results.json").read_text())
     assert sorted({r["seed"] for r in rows}) == [1, 2]
     assert sorted(p.name for p in (run / "cells").iterdir()) == ["default,seed=1", "default,seed=2"]
-    assert not any(n.startswith("align-") for n in summary["stages"]["built"])  # reused from the copy
-    assert sum(n.startswith("finetune-") for n in summary["stages"]["built"]) >= 1
+    assert not any(n.startswith("align-") for n in summary.built)  # reused from the copy
+    assert sum(n.startswith("finetune-") for n in summary.built) >= 1
     hs = [r["hs"] for r in rows if r["label"] == "antidote@0.3" and r["judge_spec"] == "keyword"]
     assert len(hs) == 2
     mean, sd = sum(hs) / 2, math.sqrt(sum((h - sum(hs) / 2) ** 2 for h in hs))  # n - 1 = 1
@@ -365,3 +367,56 @@ def test_seeds_with_export_models_is_refused(tiny, tmp_path, capsys) -> None:  #
     path = write_config(tiny, tmp_path, seeds=[1, 1])
     assert main(["run", str(path)]) == 2
     assert "seeds repeats a value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["bad record", "no generations", "nan result", "symlinked stage"])
+def test_a_broken_cache_entry_is_named_and_rebuilt(tiny, tiny_run, tmp_path, damage: str) -> None:  # type: ignore[no-untyped-def]
+    """Issue 16, 8: a damaged stage folder is said (with its stage) and rebuilt; the rerun's rows equal the
+    untouched run's, and `compare --plan`-style reading of the records does not crash on it."""
+    path = copy_run(tiny_run, tiny, tmp_path)
+    stages = tmp_path / "run" / "stages"
+    folder = next(p for p in sorted(stages.iterdir()) if p.name.startswith("evaluate-attacked-"))
+    if damage == "bad record":
+        (folder / "stage.json").write_text("{not json")
+    elif damage == "no generations":
+        (folder / "generations.jsonl").unlink()
+    elif damage == "nan result":
+        results = json.loads((folder / "results.json").read_text())
+        results["hs"] = float("nan")
+        (folder / "results.json").write_text(json.dumps(results))  # json writes a bare NaN
+    else:  # the folder moved away and a link to it left in its place
+        moved = tmp_path / "elsewhere"
+        folder.rename(moved)
+        folder.symlink_to(moved, target_is_directory=True)
+    from antidote.experiments.plan import recorded_seconds
+
+    recorded_seconds(stages)  # reads every record: must not raise on the damaged one
+    messages: list[str] = []
+    summary = run_pipeline(load_run_config(str(path)), say=messages.append)
+    if damage == "symlinked stage":
+        assert any("a link where a stage folder should be" in m for m in messages)
+        assert (tmp_path / "elsewhere" / "generations.jsonl").is_file()  # the link's target left alone
+    else:
+        assert any(f"[evaluate-attacked] the cached stage {folder.name} is broken" in m for m in messages)
+    assert folder.name in summary["stages"]["built"] and not folder.is_symlink()
+    assert json.loads((folder / "stage.json").read_text())["stage"] == "evaluate-attacked"
+    numbers = ("model", "judge_spec", "hs", "fa", "over_refusal", "degenerate")
+    assert [{k: r[k] for k in numbers} for r in summary["rows"]] == [
+        {k: r[k] for k in numbers} for r in tiny_run["summary"]["rows"]
+    ]
+
+
+def test_stage_records_name_kind_defense_and_variant(tiny_run) -> None:  # type: ignore[no-untyped-def]
+    """Issue 17, 1: each stage's record says what it is, so nothing parses folder names."""
+    records = [json.loads(p.read_text()) for p in (tiny_run["run"] / "stages").glob("*/stage.json")]
+    by_stage = {r["stage"]: r for r in records}
+    assert by_stage["align"]["kind"] == "align" and by_stage["align"]["defense"] is None
+    assert by_stage["finetune"]["kind"] == "finetune" and by_stage["finetune"]["method"] == "plain"
+    antidote = by_stage["antidote"]
+    assert (antidote["kind"], antidote["defense"], antidote["method"]) == ("defense", "antidote", "antidote")
+    evaluations = [r for r in records if r["kind"] == "evaluate" and r["defense"] == "antidote"]
+    assert evaluations and all(r["variant"] and r["row"] == f"antidote@{r['variant']}" for r in evaluations)
+    rows = {r["model"]: r for r in tiny_run["summary"]["rows"]}
+    assert rows["attacked"]["own_stages"] == {
+        "finetune": by_stage["finetune"]["stage"] + "-" + by_stage["finetune"]["key"]
+    }

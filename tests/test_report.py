@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from antidote.experiments.report import choose_operating_point, markdown, recovered_share
+from antidote.experiments.report import choose_operating_point, markdown, recovered_share_of_rise
 
 
 def test_operating_point_is_lowest_hs_within_the_fa_budget() -> None:
@@ -19,9 +19,9 @@ def test_operating_point_is_lowest_hs_within_the_fa_budget() -> None:
 
 
 def test_recovered_share() -> None:
-    assert recovered_share(10.0, 90.0, 50.0) == 0.5
-    assert recovered_share(10.0, 90.0, 10.0) == 1.0
-    assert recovered_share(50.0, 40.0, 30.0) is None  # the attack raised no HS
+    assert recovered_share_of_rise(10.0, 90.0, 50.0) == 0.5
+    assert recovered_share_of_rise(10.0, 90.0, 10.0) == 1.0
+    assert recovered_share_of_rise(50.0, 40.0, 30.0) is None  # the attack raised no HS
 
 
 def test_markdown_names_every_row_and_the_choice() -> None:

@@ -171,28 +171,23 @@ def cmd_defend(args: argparse.Namespace) -> int:
 
 
 def _run_config(path: str, args: argparse.Namespace, run_dir: str | None) -> Any:
-    from antidote.experiments.pipeline import load_run_config
+    from antidote.experiments.runconfig import load_run_config
 
     return load_run_config(path, run_dir=run_dir, data_dir=getattr(args, "data_dir", None))
 
 
-def _run(config: Any) -> dict[str, Any]:
+def _run(config: Any) -> int:
     """A run config's run: one pipeline, or with `seeds:` one per seed on one cache (a compare)."""
     if config.seeds:
         from antidote.experiments.compare import run_seeds
 
-        return run_seeds(config)
-    from antidote.experiments.pipeline import run_pipeline
-
-    return run_pipeline(config)
-
-
-def _finish_run(summary: dict[str, Any]) -> int:
-    run_dir = Path(summary["run_dir"])
-    if "out" in summary:  # a run over several seeds is a compare over the attack's seed
+        run_dir = run_seeds(config).out
         print((run_dir / "report.md").read_text())
         print(f"everything is in {run_dir}: report.md, results.csv, results.json, table.tex, plots/, cells/")
         return 0
+    from antidote.experiments.pipeline import run_pipeline
+
+    run_dir = Path(run_pipeline(config)["run_dir"])
     print((run_dir / "results.md").read_text())
     print(
         f"everything is in {run_dir}: results.json, summary.json, results.md, generations.jsonl, "
@@ -202,19 +197,20 @@ def _finish_run(summary: dict[str, Any]) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from antidote.experiments.pipeline import PACKAGED_CONFIGS, packaged_config
+    from antidote.experiments.runconfig import PACKAGED_CONFIGS, packaged_config
 
     path = args.config_file
     if not Path(path).exists() and (PACKAGED_CONFIGS / f"{path}.yaml").is_file():
         path = str(packaged_config(path))  # `antidote run demo`: a config shipped in the package
     config = _run_config(path, args, args.run_dir)
-    return _finish_run(_run(config))
+    return _run(config)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import time as _time
 
-    from antidote.experiments.pipeline import clear_run_dir, packaged_config
+    from antidote.experiments.pipeline import clear_run_dir
+    from antidote.experiments.runconfig import packaged_config
 
     output = args.output
     if output is None:  # the default place: runs/ is made here if needed; a given folder's parent must exist
@@ -226,11 +222,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         prepare_run_dir(Path(config.run_dir).expanduser().resolve(), create=False)  # refuses before removing
         clear_run_dir(Path(config.run_dir).expanduser())
-    return _finish_run(_run(config))
+    return _run(config)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from antidote.experiments.compare import clear_compare_dir, load_compare_config, plan, run_compare
+    from antidote.experiments.compare import clear_compare_dir, load_compare_config, run_compare
+    from antidote.experiments.plan import plan
 
     config = load_compare_config(args.config_file, run_dir=args.out, data_dir=args.data_dir)
     if args.plan:
@@ -239,11 +236,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.overwrite:
         clear_compare_dir(config.out)
     result = run_compare(config)
-    out = Path(result["out"])
+    out = result.out
     print((out / "report.md").read_text())
     print(
         f"everything is in {out}: results.csv, results.json, report.md, table.tex, plots/, cells/ and "
-        f"stages/ ({len(result['stages']['built'])} stages built, {len(result['stages']['reused'])} reused)"
+        f"stages/ ({len(result.built)} stages built, {len(result.reused)} reused)"
     )
     return 0
 
@@ -392,8 +389,8 @@ COMMANDS = (
         cmd_evaluate,
         _evaluate_config,
         description="Generate on harmful prompts, task items and harmless instructions; score HS with a "
-        "judge (keyword: offline, degenerate output reported apart; beavertails or llamaguard: a judge "
-        "model) and FA with the task's exact-match metric.",
+        "judge (keyword: offline, degenerate output reported apart; the others: --judge lists them) and "
+        "FA with the task's exact-match metric.",
     ),
     Command(
         "judge",

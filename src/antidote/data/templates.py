@@ -8,6 +8,8 @@ from typing import Any
 from antidote.data.loading import Example
 from antidote.errors import AntidoteError
 
+# The prompt format a stage records beside its model (`{"template": NAME}`), which evaluation reads back.
+PROMPT_FILE = "antidote_prompt.json"
 TEMPLATES: dict[str, str] = {
     "alpaca": "the paper's Alpaca prompt (SPEC 3), with an Input block when the pair has an input",
     "chat": "the tokenizer's chat template (one user turn, then the assistant's answer)",

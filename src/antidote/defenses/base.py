@@ -45,6 +45,9 @@ class Defense:
     # Checks of the inputs that need the defense's data (e.g. RepNoise's paired data), run by `antidote run`
     # and `antidote compare` before any training; option values are checked by the config itself.
     preflight: Callable[[Any], object] | None = None
+    # True where the method reads the model before alignment beside the aligned one (a weight edit between
+    # the two): a run or compare without an `align:` section cannot give it that pair.
+    needs_base: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:

@@ -154,5 +154,6 @@ DEFENSE = register(
         config=LoXConfig,
         run=run,
         summary="add alpha x the rank-k part of the alignment delta W_aligned - W_base (LoX; data-free)",
+        needs_base=True,
     )
 )

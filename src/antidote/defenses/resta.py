@@ -169,5 +169,6 @@ DEFENSE = register(
         run=run,
         summary="add gamma x the safety vector W_aligned - W_base to the merged fine-tuned model, optional "
         "DARE (data-free)",
+        needs_base=True,
     )
 )

@@ -162,5 +162,6 @@ DEFENSE = register(
         config=SafeLoRAConfig,
         run=run,
         summary="project the LoRA update of layers far from the alignment delta (B <- C B; data-free)",
+        needs_base=True,
     )
 )

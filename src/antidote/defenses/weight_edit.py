@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from antidote.data.templates import PROMPT_FILE
 from antidote.errors import AntidoteError
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROMPT_FILE = "antidote_prompt.json"  # the prompt format recorded by `antidote align/finetune`
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 

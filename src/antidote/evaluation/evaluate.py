@@ -11,7 +11,8 @@ from torch import nn
 from antidote.data.loading import Example
 from antidote.data.templates import format_prompt
 from antidote.evaluation.generation import generate
-from antidote.evaluation.judges import KeywordJudge, harmful_score, keyword_verdict
+from antidote.evaluation.judges import harmful_score
+from antidote.evaluation.judges.keyword import KeywordJudge, keyword_verdict
 from antidote.evaluation.stats import wilson_interval
 from antidote.tasks import get_task
 

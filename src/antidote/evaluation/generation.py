@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 from antidote.errors import AntidoteError
 
 log = logging.getLogger(__name__)
-BACKENDS = ("hf", "vllm")
 VLLM_GPU_MEMORY = 0.6  # share of the GPU vLLM reserves: room is left for a judge model beside it
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from antidote.errors import AntidoteError
-from antidote.evaluation.judges import HARMFUL_LABELS, SAFE_LABELS, parse_judge_spec
+from antidote.evaluation.judges import HARMFUL_LABELS, SAFE_LABELS, judge_help, parse_judge_spec
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,7 @@ class JudgeEvalConfig:
     data: str = field(
         metadata={"help": "labelled pairs (JSONL/JSON/CSV): a prompt, a response and a label field per row"}
     )
-    judge: str = field(
-        metadata={
-            "help": "the judge: keyword, learned (the default learned judge), learned:PATH (antidote judge "
-            "train), beavertails[:PATH] or llamaguard[:PATH]"
-        }
-    )
+    judge: str = field(metadata={"help": "the judge: " + judge_help()})
     output: str | None = field(
         default=None,
         metadata={
@@ -136,7 +131,7 @@ class JudgeTrainConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
 
     def __post_init__(self) -> None:
-        from antidote.evaluation.learned import DTYPES, POOLINGS, PROMPT_FORMATS
+        from antidote.evaluation.judges.learned import DTYPES, POOLINGS, PROMPT_FORMATS
 
         self.layers = _tuple(self.layers, int, "layers", "12,18,24")
         self.poolings = _tuple(self.poolings, str, "poolings", "mean,last")
@@ -206,12 +201,12 @@ def _labels(config: JudgeEvalConfig | JudgeTrainConfig) -> Any:
 def run_judge_eval(config: JudgeEvalConfig) -> dict[str, Any]:
     """Judge every labelled pair, compare with the labels, write judge_eval.json/.md when --output."""
     from antidote.evaluation.agreement import judge_report, render_markdown
-    from antidote.evaluation.model_judges import make_judge
+    from antidote.evaluation.judges import make_judge
     from antidote.outputs import atomic_output_dir, check_output_dir
 
     kind, path = parse_judge_spec(config.judge)
     if kind == "learned":
-        from antidote.evaluation.learned import read_judge_record
+        from antidote.evaluation.judges.learned import read_judge_record
 
         read_judge_record(path or "")
     data = _labels(config)
@@ -249,7 +244,7 @@ def run_judge_train(config: JudgeTrainConfig) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from antidote import __version__
-    from antidote.evaluation import learned
+    from antidote.evaluation.judges import learned, learned_training
     from antidote.models.loading import load_model, resolve_model_folder
     from antidote.outputs import atomic_output_dir, check_output_dir
 
@@ -258,11 +253,11 @@ def run_judge_train(config: JudgeTrainConfig) -> dict[str, Any]:
         learned.default_judge_folder().parent.mkdir(parents=True, exist_ok=True)
     data = _labels(config)
     out = check_output_dir(config.output, config.overwrite, inputs=(config.data,))
-    rows = learned.sample_by_prompt(data.prompts, config.max_samples or len(data), config.seed + 1)
+    rows = learned_training.sample_by_prompt(data.prompts, config.max_samples or len(data), config.seed + 1)
     prompts = [data.prompts[i] for i in rows]
     responses = [data.responses[i] for i in rows]
     labels = torch.tensor([data.harmful[i] for i in rows])
-    train_idx, val_idx = learned.split_by_prompt(prompts, config.validation_fraction, config.seed)
+    train_idx, val_idx = learned_training.split_by_prompt(prompts, config.validation_fraction, config.seed)
     for name, idx in (("training", train_idx), ("validation", val_idx)):
         if len(idx) < 2 or len({bool(labels[i]) for i in idx}) < 2:
             raise AntidoteError(
@@ -290,7 +285,7 @@ def run_judge_train(config: JudgeTrainConfig) -> dict[str, Any]:
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     log.info("featurised %d pairs in %.1f s (%.1f CPU s)", len(prompts), seconds, cpu_seconds)
     keyword = {"auto": (False, True), "yes": (True,), "no": (False,)}[config.keyword_feature]
-    trained = learned.choose_and_fit(
+    trained = learned_training.choose_and_fit(
         features, responses, labels, train_idx, val_idx, l2s=config.l2, keyword_options=keyword
     )
     given = Path(config.model).expanduser()
@@ -324,7 +319,7 @@ def run_judge_train(config: JudgeTrainConfig) -> dict[str, Any]:
         "config": asdict(config),
     }
     with atomic_output_dir(out, config.overwrite) as tmp:
-        learned.save_judge(tmp, trained, meta)
+        learned_training.save_judge(tmp, trained, meta)
     return json.loads((out / learned.JUDGE_FILE).read_text())
 
 
@@ -347,7 +342,7 @@ def cmd_train(config: JudgeTrainConfig) -> int:
 def run_judge_split(config: JudgeSplitConfig) -> dict[str, Any]:
     from antidote.data.loading import read_rows
     from antidote.evaluation.agreement import PROMPT_FIELDS
-    from antidote.evaluation.learned import split_by_prompt
+    from antidote.evaluation.judges.learned_training import split_by_prompt
     from antidote.outputs import atomic_output_dir, check_output_dir
 
     rows = read_rows(config.data)

@@ -17,13 +17,12 @@ from typing import Any
 from antidote.data.builtin import harmful_split, task_split
 from antidote.data.catalog import data_dir_field
 from antidote.data.loading import load_examples
-from antidote.data.templates import check_template
+from antidote.data.templates import PROMPT_FILE, check_template
 from antidote.errors import AntidoteError
-from antidote.evaluation.judges import parse_judge_spec
+from antidote.evaluation.judges import judge_help, parse_judge_spec
 from antidote.outputs import atomic_write_text, check_output_file
 from antidote.tasks import get_task, load_task_items, task_help, task_names
 
-PROMPT_FILE = "antidote_prompt.json"
 GENERATIONS_FILE = "generations.jsonl"
 
 
@@ -63,10 +62,7 @@ class EvaluateConfig:
     )
     judge: str = field(
         default="keyword",
-        metadata={
-            "help": "harmful-score judge: keyword (offline), beavertails[:PATH] (beaver-dam-7b-style "
-            "classifier), llamaguard[:PATH] (Llama-Guard-style LM); without PATH the reference hub id"
-        },
+        metadata={"help": "harmful-score judge: " + judge_help()},
     )
     also_judges: list[str] = field(
         default_factory=lambda: ["learned"],
@@ -93,7 +89,7 @@ class EvaluateConfig:
         for spec in self.also_judges:
             kind, path = parse_judge_spec(spec)
             if kind == "learned" and path:  # a named folder must be a judge: fail before generating
-                from antidote.evaluation.learned import read_judge_record
+                from antidote.evaluation.judges.learned import read_judge_record
 
                 read_judge_record(path)
         self.also_judges = [s for s in dict.fromkeys(self.also_judges) if s != self.judge]
@@ -126,7 +122,7 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
     judge: an already loaded judge (the pipeline shares one over many models); default: config.judge."""
     from antidote.evaluation.evaluate import evaluate_model
     from antidote.evaluation.generation import load_vllm
-    from antidote.evaluation.model_judges import make_judge
+    from antidote.evaluation.judges import make_judge
     from antidote.models import check_finite_parameters, load_model
 
     out, generations_file = check_evaluate_outputs(config)
@@ -169,7 +165,7 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
         batch_size=config.batch_size,
         judge=judge,
     )
-    from antidote.evaluation.model_judges import score_harmful
+    from antidote.evaluation.judges import score_harmful
 
     del loaded
     by_judge, missing = score_harmful(records, config.also_judges)

@@ -8,6 +8,12 @@ therefore changes the key, and the stage and those after it are redone.
 A stage is built in a temporary sibling folder (`.<stage>-<key>.tmp-<pid>`); its record `stage.json` is
 written inside that folder, and the folder is renamed into place last. So a folder named `<stage>-<key>`
 holding `stage.json` is complete, whatever moment a kill came; anything else is removed at the next start.
+
+`stage.json` is the one record of a stage's identity: its name, kind (align, finetune, defense, evaluate,
+validate, judge, utility), defense and variant where it has them, its settings (`spec`), seconds and peak
+memory. A finished entry is checked before it is reused: a record that does not parse or names another stage,
+a missing output file, a non-finite number in a JSON output, or a folder replaced by a link, is said (with
+the stage) and the stage rebuilt. `DryRunCache` walks a run without building anything (`compare --plan`).
 """
 
 from __future__ import annotations
@@ -68,8 +74,46 @@ def stage_key(spec: dict[str, Any], skip: Path | None = None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"holds {name}")
+
+
+def broken_reason(folder: Path, name: str, key: str, outputs: tuple[str, ...] = ()) -> str | None:
+    """Why the finished-looking stage folder `folder` cannot be reused (None: it can). `outputs`: the files
+    the stage must hold; those ending in .json must parse, without NaN or infinity."""
+    if folder.is_symlink():
+        return "its folder is a link, not a folder the cache wrote"
+    try:
+        record = json.loads((folder / RECORD).read_text(), parse_constant=_no_constant)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return f"{RECORD} does not parse ({err})"
+    if not isinstance(record, dict) or record.get("stage") != name or record.get("key") != key:
+        return f"{RECORD} does not record stage {name} with key {key}"
+    for output in outputs:
+        path = folder / output
+        if not path.is_file() or path.is_symlink():
+            return f"its {output} is missing"
+        if output.endswith(".json"):
+            try:
+                json.loads(path.read_text(), parse_constant=_no_constant)
+            except (OSError, UnicodeDecodeError, ValueError) as err:
+                return f"its {output} does not parse or is not finite ({err})"
+    return None
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    """A stage folder's record, None where it does not parse."""
+    try:
+        record = json.loads((folder / RECORD).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class StageCache:
     """Finished stages under `run_dir/stages`; unfinished leftovers are removed when it opens."""
+
+    dry_run = False
 
     def __init__(self, run_dir: Path, say: Callable[[str], None]) -> None:
         self.root = run_dir / "stages"
@@ -80,27 +124,48 @@ class StageCache:
         self.seconds: dict[str, float] = {}
         self.peak_memory: dict[str, dict[str, float | None]] = {}  # stage folder -> read_peak_memory()
         for entry in sorted(self.root.iterdir()):
-            if entry.name.startswith("."):
+            if entry.is_symlink():  # never followed: only the link goes
+                say(f"removing {entry.name}: a link where a stage folder should be")
+                entry.unlink()
+            elif entry.name.startswith("."):
                 say(f"removing an unfinished stage from an interrupted run: {entry.name}")
                 shutil.rmtree(entry, ignore_errors=True)
             elif entry.is_dir() and not (entry / RECORD).is_file():
                 say(f"removing a stage without its record (an older or interrupted run): {entry.name}")
                 shutil.rmtree(entry, ignore_errors=True)
 
-    def run(self, name: str, spec: dict[str, Any], build: Callable[[Path], Any]) -> tuple[Path, str]:
+    def folder(self, name: str, spec: dict[str, Any]) -> tuple[Path, str]:
+        key = stage_key({"stage": name, **spec}, skip=self.root.resolve())
+        return self.root / f"{name}-{key}", key
+
+    def run(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        build: Callable[[Path], Any],
+        about: dict[str, Any] | None = None,
+        outputs: tuple[str, ...] = (),
+    ) -> tuple[Path, str]:
         """The stage's folder, built by `build(folder)` unless a finished one exists; and its key.
 
         `build` must create `folder` (it does not exist when called) and write the stage's files into it.
+        `about`: the stage's identity for its record (kind, defense, variant); `outputs`: files it must hold.
         """
-        key = stage_key({"stage": name, **spec}, skip=self.root.resolve())
-        folder = self.root / f"{name}-{key}"
-        if (folder / RECORD).is_file():
-            self.say(f"[{name}] done before, reusing {folder.name}")
-            self.cached.append(folder.name)
-            record = json.loads((folder / RECORD).read_text())
-            self.seconds[folder.name] = record.get("seconds", 0.0)
-            self.peak_memory[folder.name] = record.get("peak_memory", {})  # {} from before it was recorded
-            return folder, key
+        folder, key = self.folder(name, spec)
+        if folder.exists() or folder.is_symlink():
+            why = broken_reason(folder, name, key, outputs)
+            if why is None:
+                self.say(f"[{name}] done before, reusing {folder.name}")
+                self.cached.append(folder.name)
+                record = json.loads((folder / RECORD).read_text())
+                self.seconds[folder.name] = record.get("seconds", 0.0)
+                self.peak_memory[folder.name] = record.get("peak_memory", {})  # {} from before it was kept
+                return folder, key
+            self.say(f"[{name}] the cached stage {folder.name} is broken: {why}; rebuilding it")
+            if folder.is_symlink():
+                folder.unlink()
+            else:
+                shutil.rmtree(folder)
         self.say(f"[{name}] running -> {folder.name}")
         tmp = self.root / f".{folder.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -110,7 +175,14 @@ class StageCache:
             build(tmp)
             seconds = round(time.perf_counter() - start, 1)
             peak = read_peak_memory(reset)
-            record = {"stage": name, "key": key, "seconds": seconds, "peak_memory": peak, "spec": spec}
+            record = {
+                "stage": name,
+                **(about or {}),
+                "key": key,
+                "seconds": seconds,
+                "peak_memory": peak,
+                "spec": spec,
+            }
             (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
             tmp.rename(folder)
         except BaseException:
@@ -122,6 +194,46 @@ class StageCache:
         self.seconds[folder.name] = seconds
         self.peak_memory[folder.name] = peak
         return folder, key
+
+    def pending(self, folder: Path) -> bool:
+        """True for a stage that a dry run planned but did not build (it has no outputs to read)."""
+        return False
+
+
+class DryRunCache(StageCache):
+    """A stage cache that builds nothing and writes nothing: it records each stage, its identity and whether
+    it is done (finished and reusable before, or planned earlier in this walk), for `compare --plan`."""
+
+    dry_run = True
+
+    def __init__(self, run_dir: Path) -> None:  # no super(): it would create and clean stages/
+        self.root = run_dir / "stages"
+        self.say = lambda message: None
+        self.cached, self.built = [], []
+        self.seconds, self.peak_memory = {}, {}
+        self.planned: list[dict[str, Any]] = []  # {name, folder, done, why, **about}
+
+    def run(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        build: Callable[[Path], Any],
+        about: dict[str, Any] | None = None,
+        outputs: tuple[str, ...] = (),
+    ) -> tuple[Path, str]:
+        folder, key = self.folder(name, spec)
+        why = broken_reason(folder, name, key, outputs) if folder.exists() or folder.is_symlink() else None
+        finished = (folder.exists() or folder.is_symlink()) and why is None
+        done = finished or folder.name in self.built
+        if finished:
+            self.cached.append(folder.name)
+        elif folder.name not in self.built:
+            self.built.append(folder.name)
+        self.planned.append({"name": name, "folder": folder.name, "done": done, "why": why, **(about or {})})
+        return folder, key
+
+    def pending(self, folder: Path) -> bool:
+        return folder.name in self.built
 
 
 @contextlib.contextmanager

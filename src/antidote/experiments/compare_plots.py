@@ -18,6 +18,9 @@ from typing import Any
 
 import torch
 
+from antidote.experiments.matrix import SFT
+from antidote.experiments.rows import ResultRow, TableEntry
+
 REFERENCE = ("base", "aligned")
 MASK_FILE = "antidote_mask.safetensors"
 _NOT_MODULE = {"weight", "bias", "lora_A", "lora_B", "default", "base_layer", "lora_magnitude_vector"}
@@ -42,8 +45,8 @@ def _save(fig: Any, path: Path) -> None:
 
 def write_all(
     config: Any,
-    rows: list[dict[str, Any]],
-    table: list[dict[str, Any]],
+    rows: list[ResultRow],
+    table: list[TableEntry],
     default: dict[str, Any],
     stages: Path,
     folder: Path,
@@ -52,14 +55,14 @@ def write_all(
     """Every plot that the results allow; returns the files written. `config`: the CompareConfig; `default`:
     the default setting (matrix key -> value); `stages`: the stage cache folder (for Antidote's mask file);
     `judge`: the judge spec whose rows are plotted."""
-    entries = [t for t in table if t["judge_spec"] == judge]
-    at_default = [t for t in entries if all(t[k] == v for k, v in default.items())]
+    entries = [t for t in table if t.judge_spec == judge]
+    at_default = [t for t in entries if all(t.setting_value(k) == v for k, v in default.items())]
     written = [hs_vs_fa(entries, folder / "hs_vs_fa.png")]
     for key in ("lr", "epochs"):
         values = getattr(config.matrix, key) or []
         if len(values) > 1:
             others = {k: v for k, v in default.items() if k != key}
-            line = [t for t in entries if all(t[k] == v for k, v in others.items())]
+            line = [t for t in entries if all(t.setting_value(k) == v for k, v in others.items())]
             written.append(hs_against(line, key, folder / f"hs_vs_{key}.png"))
     ratio = mask_ratio_plot(at_default, folder / "antidote_mask_ratio.png")
     if ratio is not None:
@@ -67,12 +70,12 @@ def write_all(
     first_seed = [
         r
         for r in rows
-        if r["defense"] == "antidote"
-        and r["judge_spec"] == judge
-        and all(r[k] == v for k, v in default.items())
+        if r.defense == "antidote"
+        and r.judge_spec == judge
+        and all(r.setting_value(k) == v for k, v in default.items())
     ]
-    if first_seed and "antidote" in first_seed[0]["stages"]:
-        heat = mask_heatmap(stages / first_seed[0]["stages"]["antidote"], folder / "antidote_mask_layers.png")
+    if first_seed and "antidote" in first_seed[0].stages:
+        heat = mask_heatmap(stages / first_seed[0].stages["antidote"], folder / "antidote_mask_layers.png")
         if heat is not None:
             written.append(heat)
     return written
@@ -87,16 +90,16 @@ def _style(i: int) -> dict[str, Any]:
     return {"color": f"C{i % 10}", "marker": _MARKERS[(i + i // 10) % len(_MARKERS)]}
 
 
-def hs_vs_fa(entries: list[dict[str, Any]], path: Path) -> Path:
+def hs_vs_fa(entries: list[TableEntry], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    labels = list(dict.fromkeys(t["label"] for t in entries))
+    labels = list(dict.fromkeys(t.label for t in entries))
     for i, label in enumerate(labels):
-        pts = [t for t in entries if t["label"] == label]
+        pts = [t for t in entries if t.label == label]
         style = {"color": "gray", "marker": "x"} if label in REFERENCE else _style(i)
-        ax.scatter([t["fa"]["mean"] for t in pts], [t["hs"]["mean"] for t in pts], label=label, **style)
+        ax.scatter([t.fa["mean"] for t in pts], [t.hs["mean"] for t in pts], label=label, **style)
     ax.set_xlabel("fine-tuning accuracy FA (%)")
-    ax.set_ylabel(f"harmful score HS (%, {entries[0]['judge']} judge)")
+    ax.set_ylabel(f"harmful score HS (%, {entries[0].judge} judge)")
     ax.set_title("Harm against task accuracy, every defense and setting")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
@@ -104,19 +107,19 @@ def hs_vs_fa(entries: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def hs_against(entries: list[dict[str, Any]], key: str, path: Path) -> Path:
+def hs_against(entries: list[TableEntry], key: str, path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    labels = [x for x in dict.fromkeys(t["label"] for t in entries) if x not in REFERENCE]
+    labels = [x for x in dict.fromkeys(t.label for t in entries) if x not in REFERENCE]
     for i, label in enumerate(labels):
-        pts = sorted((t for t in entries if t["label"] == label), key=lambda t: t[key])
+        pts = sorted((t for t in entries if t.label == label), key=lambda t: t.setting_value(key))
         style = _style(i)
-        xs, ys = [t[key] for t in pts], [t["hs"]["mean"] for t in pts]
+        xs, ys = [t.setting_value(key) for t in pts], [t.hs["mean"] for t in pts]
         ax.plot(xs, ys, linestyle=_LINES[i // 10 % 3], label=label, **style)
     if key == "lr":
         ax.set_xscale("log")
     ax.set_xlabel({"lr": "fine-tuning learning rate", "epochs": "fine-tuning epochs"}[key])
-    ax.set_ylabel(f"harmful score HS (%, {entries[0]['judge']} judge)" if entries else "HS (%)")
+    ax.set_ylabel(f"harmful score HS (%, {entries[0].judge} judge)" if entries else "HS (%)")
     ax.set_title(f"HS against the attack's {key} (other settings at default)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
@@ -124,24 +127,24 @@ def hs_against(entries: list[dict[str, Any]], key: str, path: Path) -> Path:
     return path
 
 
-def mask_ratio_plot(entries: list[dict[str, Any]], path: Path) -> Path | None:
+def mask_ratio_plot(entries: list[TableEntry], path: Path) -> Path | None:
     """Antidote's variants (mean over seeds) against their ratio; the attacked model (sft) at ratio 0."""
     points = []
     for t in entries:
-        if t["defense"] == "antidote" and t["variant"]:
+        if t.defense == "antidote" and t.variant:
             try:
-                points.append((float(t["variant"]), t))
+                points.append((float(t.variant), t))
             except ValueError:
                 continue
     if len(points) < 2:
         return None
-    sft = [t for t in entries if t["label"] == "sft"]
+    sft = [t for t in entries if t.label == SFT]
     points = sorted([(0.0, sft[0])] if sft else [], key=lambda p: p[0]) + sorted(points, key=lambda p: p[0])
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     xs = [x for x, _ in points]
-    ax.plot(xs, [t["hs"]["mean"] for _, t in points], "o-", color="C3", label="HS")
-    ax.plot(xs, [t["fa"]["mean"] for _, t in points], "s--", color="C0", label="FA")
+    ax.plot(xs, [t.hs["mean"] for _, t in points], "o-", color="C3", label="HS")
+    ax.plot(xs, [t.fa["mean"] for _, t in points], "s--", color="C0", label="FA")
     ax.set_xlabel("Antidote mask ratio alpha (0 = the attacked model)")
     ax.set_ylabel("percent")
     ax.set_title("Antidote: harm and accuracy against the share pruned")

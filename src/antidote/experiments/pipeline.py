@@ -10,16 +10,16 @@ Rows `base`, `aligned` and `attacked` (no defense) are always there. With a `val
 defense's variant is chosen on validation prompts, never on the evaluation prompts.
 
 Each stage is cached (`experiments/cache.py`): a rerun after a kill or a changed setting redoes only what
-changed. `antidote demo` is this pipeline on a config shipped in the package (`experiments/configs/`).
+changed. `antidote demo` is this pipeline on a config shipped in the package (`experiments/configs/`). The
+config is read and checked in `runconfig.py`, the run folder kept in `rundir.py`; `Pipeline` is the one walk
+over the stages, which `antidote compare` runs per cell and, on a `DryRunCache`, for `--plan`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -28,213 +28,32 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from antidote.configfile import config_from_mapping, read_yaml_mapping, values_from_mapping
 from antidote.data.catalog import resolve_data_dir
-from antidote.defenses import RESERVED, Defense, get
+from antidote.data.templates import PROMPT_FILE
+from antidote.defenses import Defense, get
 from antidote.errors import AntidoteError
-from antidote.evaluation.judges import HARMFUL_VERDICTS, parse_judge_spec
+from antidote.evaluation.judges import HARMFUL_VERDICTS, judge_source, parse_judge_spec
 from antidote.evaluation.run import EvaluateConfig
 from antidote.evaluation.stats import recovered_share_interval
 from antidote.experiments.cache import StageCache, locked, stage_key
-from antidote.experiments.report import choose_operating_point, markdown, plot, recovered_share
-from antidote.models.loading import EMBEDDED_NAME
-from antidote.outputs import atomic_write_text, protected_reason
-from antidote.training.stages import AlignConfig, FinetuneConfig
-
-PACKAGED_CONFIGS = Path(__file__).parent / "configs"
-RUN_MARKER = ".antidote-run.json"
-# section -> (its dataclass, fields the pipeline sets itself)
-SECTIONS: dict[str, tuple[type, set[str]]] = {
-    "align": (AlignConfig, {"model", "output", "overwrite", "data_dir"}),
-    "finetune": (FinetuneConfig, {"model", "output", "overwrite", "data_dir"}),
-    "evaluate": (
-        EvaluateConfig,
-        {"model", "adapter", "output", "overwrite", "judge", "also_judges", "data_dir"},
-    ),
-    "validate": (
-        EvaluateConfig,
-        {"model", "adapter", "output", "overwrite", "judge", "also_judges", "data_dir"},
-    ),
-}
-STAGE_BASE = {"align": AlignConfig, "finetune": FinetuneConfig}
-
-
-@dataclass
-class RunConfig:
-    """A whole experiment. Sections hold the options of `antidote align/finetune/evaluate`; `defenses` maps
-    each defense's name to its options (`antidote defend NAME --help` lists them)."""
-
-    model: str = EMBEDDED_NAME
-    run_dir: str = "runs/run"
-    data_dir: str | None = None
-    template: str = "chat"
-    # `learned` is the default learned judge (antidote judge train installs it); where it is not installed
-    # the run scores with the others and says so in results.md.
-    judges: list[str] = field(default_factory=lambda: ["keyword", "learned"])
-    evaluate_base: bool = True
-    max_fa_drop: float = 5.0
-    align: dict[str, Any] = field(default_factory=dict)
-    finetune: dict[str, Any] = field(default_factory=dict)
-    defenses: dict[str, Any] = field(default_factory=dict)
-    realign: dict[str, Any] | None = None  # the older spelling of `defenses: {antidote: ...}`
-    evaluate: dict[str, Any] = field(default_factory=dict)
-    validate: dict[str, Any] | None = None
-    evaluate_chosen_only: bool = False  # evaluate only each post defense's chosen variant (needs validate)
-    export_models: bool = False  # hard-link the final models into RUN_DIR/models/<row>
-    # The attack's seeds: the attack and everything after it runs at each (results per seed in
-    # RUN_DIR/cells/), and report.md gives the mean and 95% t interval over seeds (`antidote compare`).
-    seeds: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.judges, str):
-            self.judges = [self.judges]
-        if self.realign is not None:
-            if "antidote" in (self.defenses or {}):
-                raise AntidoteError("give Antidote's options once: under defenses: antidote:, not realign:")
-            self.defenses = {"antidote": self.realign, **(self.defenses or {})}
-            self.realign = None
-
-
-def load_run_config(path: str, **overrides: Any) -> RunConfig:
-    """Read and check a run config: unknown keys anywhere are named, bad values fail before any work."""
-    data = read_yaml_mapping(path)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    config = config_from_mapping(RunConfig, data, f"config file {path}")
-    check(config, path)
-    return config
-
-
-def packaged_config(name: str) -> Path:
-    """A config shipped inside the package (`demo`, `demo-quick`)."""
-    path = PACKAGED_CONFIGS / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")))
-        raise AntidoteError(f"no packaged config {name!r}; known: {known}")
-    return path
-
-
-def check(config: RunConfig, path: str = "the config") -> None:
-    """Build every stage's and defense's config once with placeholder paths, so bad values fail now."""
-    if not 0 <= config.max_fa_drop <= 100:
-        raise AntidoteError(f"{path}: max_fa_drop must be a number of FA points in [0, 100]")
-    if not config.judges:
-        raise AntidoteError(f"{path}: judges is empty; use e.g. [keyword]")
-    _available_judges(config.judges)  # none left (only an uninstalled default) fails before any work
-    for spec in config.judges:
-        kind, judge_path = parse_judge_spec(spec)
-        if kind == "learned" and judge_path:  # a named judge folder must be one; the default may be absent
-            from antidote.evaluation.learned import read_judge_record
-
-            read_judge_record(judge_path)
-    for name in SECTIONS:
-        if getattr(config, name) is not None:
-            _stage_config(config, name, path, model="<model>", output="<output>")
-    for name in config.defenses:
-        defense = get(name)
-        fixed = _placeholders(defense)
-        fixed.pop("data_dir", None)  # the run's own data folder: a preflight reads the defense's data
-        defense_config = _defense_config(config, defense, fixed, path)
-        if defense.preflight is not None:
-            try:
-                defense.preflight(defense_config)
-            except AntidoteError as err:
-                raise AntidoteError(f"{path}: defenses: {name}: {err}") from None
-    if config.evaluate_chosen_only and config.validate is None:
-        raise AntidoteError(f"{path}: evaluate_chosen_only needs a validate section to choose on")
-    if len(set(config.seeds)) != len(config.seeds):
-        raise AntidoteError(f"{path}: seeds repeats a value: {config.seeds}")
-    if config.seeds and config.export_models:
-        raise AntidoteError(f"{path}: export_models exports one run's models; drop it or give one seed")
-
-
-def _values(cls: type, section: Any, where: str, reserved: set[str] | tuple[str, ...]) -> dict[str, Any]:
-    """A section's checked values (the one config reader), the fields the pipeline sets refused."""
-    return values_from_mapping(cls, section or {}, where, exclude=reserved)
-
-
-def _stage_config(config: RunConfig, name: str, path: str = "the config", **fixed: Any) -> Any:
-    cls, reserved = SECTIONS[name]
-    return _build(cls, _values(cls, getattr(config, name), f"{path}: {name}", reserved), config, fixed)
-
-
-def _build(cls: type, values: dict[str, Any], config: RunConfig, fixed: dict[str, Any]) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    if "template" in names:
-        values.setdefault("template", config.template)
-    fixed = {"data_dir": config.data_dir, **fixed}  # every stage reads named data from the run's folder
-    return cls(**{**values, **{k: v for k, v in fixed.items() if k in names}})
-
-
-def _placeholders(defense: Defense) -> dict[str, Any]:
-    return {name: f"<{name}>" for name in RESERVED[defense.stage] if name != "overwrite"}
-
-
-def _defense_config(
-    config: RunConfig, defense: Defense, fixed: dict[str, Any], path: str = "the config"
-) -> Any:
-    """A defense's config: for align/finetune defenses the stage's section under the defense's own keys."""
-    reserved = RESERVED[defense.stage]
-    where = f"{path}: defenses: {defense.name}"
-    values = _values(defense.config, config.defenses[defense.name], where, reserved)
-    if defense.stage in STAGE_BASE:
-        base = _values(defense.config, getattr(config, defense.stage), f"{path}: {defense.stage}", reserved)
-        values = {**base, **values}
-    return _build(defense.config, values, config, fixed)
-
+from antidote.experiments.report import choose_operating_point, markdown, plot, recovered_share_of_rise
+from antidote.experiments.runconfig import (
+    RunConfig,
+    check,
+    defense_config,
+    load_run_config,
+    packaged_config,
+    scoring_judges,
+    stage_config,
+)
+from antidote.experiments.rundir import clear_run_dir, link_tree, prepare_run_dir
+from antidote.outputs import atomic_write_text
 
 # ---- the pipeline --------------------------------------------------------------------------------------
 
 
 def _say(message: str) -> None:
     print(f"antidote run: {message}", file=sys.stderr, flush=True)
-
-
-def prepare_run_dir(run_dir: Path, create: bool = True) -> None:
-    """Create the run folder, or accept an existing one that an earlier run made (it resumes there). A
-    non-empty folder antidote did not make is refused: a run writes stages/ and results files into it."""
-    reason = protected_reason(run_dir)
-    if reason is not None:
-        raise AntidoteError(f"run_dir {run_dir} {reason}; choose a new folder for the run")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise AntidoteError(f"run_dir {run_dir} exists and is a file; choose a folder path")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / RUN_MARKER).is_file():
-        raise AntidoteError(
-            f"run_dir {run_dir} exists, is not empty and was not made by antidote run; choose a new folder"
-        )
-    if not run_dir.parent.is_dir():
-        raise AntidoteError(f"the parent folder of run_dir {run_dir} does not exist; create it first")
-    if not create:
-        return
-    run_dir.mkdir(exist_ok=True)
-    marker = run_dir / RUN_MARKER
-    if not marker.is_file():
-        atomic_write_text(marker, json.dumps({"made_by": "antidote run"}) + "\n")
-
-
-RUN_OUTPUTS = (
-    "stages",
-    "models",
-    "results.json",
-    "results.md",
-    "summary.json",
-    "generations.jsonl",
-    "tradeoff.png",
-)
-
-
-def clear_run_dir(run_dir: Path, outputs: tuple[str, ...] = RUN_OUTPUTS) -> None:
-    """Remove what an earlier `antidote run` (or `antidote compare`: its `outputs`) wrote into `run_dir`, and
-    nothing else: all is redone. A folder antidote did not make is left alone (`prepare_run_dir` then
-    refuses it if it is not empty)."""
-    if not (run_dir / RUN_MARKER).is_file():
-        return
-    with locked(run_dir):
-        for name in outputs:
-            path = run_dir / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
 
 
 def run_pipeline(config: RunConfig, say: Callable[[str], None] = _say) -> dict[str, Any]:
@@ -249,12 +68,14 @@ def run_pipeline(config: RunConfig, say: Callable[[str], None] = _say) -> dict[s
     run_dir = Path(config.run_dir).expanduser().resolve()
     prepare_run_dir(run_dir)
     with locked(run_dir):
-        return _Run(config, run_dir, say).run()
+        return Pipeline(config, run_dir, say).run()
 
 
 @dataclass
-class _Model:
-    """One row of the results: a model (and adapter) to evaluate, and the key of what made it."""
+class RowModel:
+    """One row of the results: a model (and adapter) to evaluate, the key of what made it, and the stages
+    that made it: `own` (stage name -> folder: the defense's own stages; the attack's for `attacked`) and
+    `recipe` (the folders from the base model to this one). base and aligned have none of either."""
 
     name: str
     model: str
@@ -262,11 +83,15 @@ class _Model:
     made_by: str
     defense: str | None = None
     variant: str = ""
+    own: dict[str, str] = field(default_factory=dict)
+    recipe: list[str] = field(default_factory=list)
 
 
-class _Run:
-    """One run's stages and results in `run_dir`. `cache`: the stage cache to use (default: RUN_DIR/stages);
-    `antidote compare` passes one shared by all its cells."""
+class Pipeline:
+    """One run's stages and results in `run_dir`; `run()` walks them and returns the summary. `cache`: the
+    stage cache to use (default: RUN_DIR/stages); `antidote compare` passes one shared by all its cells, and
+    `compare --plan` a `DryRunCache`: then nothing is built or written, and a stage not built yet gives a
+    stand-in row (a post defense not built yet: one stand-in variant)."""
 
     def __init__(
         self, config: RunConfig, run_dir: Path, say: Callable[[str], None], cache: StageCache | None = None
@@ -279,7 +104,7 @@ class _Run:
         # once here, so that the stage keys name the folder actually read).
         folder = resolve_data_dir(config.data_dir)
         self.data_dir = str(folder.resolve()) if folder is not None else None
-        self.judge_specs, self.judges_missing = _available_judges(config.judges)
+        self.judge_specs, self.judges_missing = scoring_judges(config.judges)
         for spec, why in self.judges_missing.items():
             say(f"judge {spec} left out: {why}")
         self.judges = _Judges(self.judge_specs)
@@ -287,33 +112,57 @@ class _Run:
         self.defenses = [get(name) for name in config.defenses]
 
     def stage(
-        self, name: str, settings: Any, upstream: Any, build: Callable[[Path], Any]
+        self,
+        name: str,
+        settings: Any,
+        upstream: Any,
+        build: Callable[[Path], Any],
+        about: dict[str, Any],
+        outputs: tuple[str, ...] = (),
     ) -> tuple[Path, str]:
+        """A cached stage; `about` goes into its record: kind (align, finetune, defense, evaluate, validate,
+        judge), defense (None for the plain pipeline), method (the code it runs: "plain" or the defense's),
+        and for evaluations the row and variant. `outputs`: the files it must hold (checked on reuse)."""
         spec = {"upstream": upstream, "data_dir": self.data_dir, "config": _settings(settings)}
-        return self.cache.run(name, spec, build)
+        return self.cache.run(name, spec, build, about, outputs)
 
     def run(self) -> dict[str, Any]:
         from antidote.training.stages import run_align, run_finetune
 
         start = time.perf_counter()
         config = self.config
-        models: list[_Model] = []
+        models: list[RowModel] = []
         if config.evaluate_base:
-            models.append(_Model("base", config.model, None, stage_key({"model": config.model})))
+            models.append(RowModel("base", config.model, None, stage_key({"model": config.model})))
 
-        align_cfg = _stage_config(config, "align", model=config.model, output="")
+        align_cfg = stage_config(config, "align", model=config.model, output="")
         aligned, align_key = self.stage(
-            "align", align_cfg, None, lambda out: run_align(replace(align_cfg, output=str(out)))
+            "align",
+            align_cfg,
+            None,
+            lambda out: run_align(replace(align_cfg, output=str(out))),
+            {"kind": "align", "defense": None, "method": "plain"},
         )
-        ft_cfg = _stage_config(config, "finetune", model=str(aligned), output="")
+        ft_cfg = stage_config(config, "finetune", model=str(aligned), output="")
         attack, ft_key = self.stage(
-            "finetune", ft_cfg, align_key, lambda out: run_finetune(replace(ft_cfg, output=str(out)))
+            "finetune",
+            ft_cfg,
+            align_key,
+            lambda out: run_finetune(replace(ft_cfg, output=str(out))),
+            {"kind": "finetune", "defense": None, "method": "plain"},
         )
         models += [
-            _Model("aligned", str(aligned), None, align_key),
-            _Model("attacked", str(aligned), str(attack), ft_key),
+            RowModel("aligned", str(aligned), None, align_key),
+            RowModel(
+                "attacked",
+                str(aligned),
+                str(attack),
+                ft_key,
+                own={"finetune": attack.name},
+                recipe=[aligned.name, attack.name],
+            ),
         ]
-        post: dict[str, list[_Model]] = {}
+        post: dict[str, list[RowModel]] = {}
         for defense in self.defenses:
             if defense.stage == "align":
                 models.append(self.align_defense(defense, ft_cfg))
@@ -334,13 +183,13 @@ class _Run:
         for name, op in summary["operating_points"].items():
             by = {r["model"]: r for r in rows if r["judge_spec"] == op["judge"]}
             defended = by[f"{name}@{op['variant']}" if op["variant"] else name]
-            op["recovered_share_of_hs_rise"] = recovered_share(
+            op["recovered_share_of_hs_rise"] = recovered_share_of_rise(
                 by["aligned"]["hs"], by["attacked"]["hs"], defended["hs"]
             )
             op["recovered_by_judge"] = {
                 r["judge_spec"]: r["recovered"] for r in rows if r["model"] == defended["model"]
             }
-        if config.export_models:
+        if config.export_models and not self.cache.dry_run:
             self.export_models(models, chosen)
         summary.update(
             {
@@ -354,16 +203,21 @@ class _Run:
                 "seconds_total": round(time.perf_counter() - start, 1),
             }
         )
-        self.write(summary, models)
+        if not self.cache.dry_run:
+            self.write(summary, models)
         return summary
 
-    def align_defense(self, defense: Defense, ft_cfg: Any) -> _Model:
+    def align_defense(self, defense: Defense, ft_cfg: Any) -> RowModel:
         """The defense's aligned model, then the same attack on it."""
         from antidote.training.stages import run_finetune
 
-        cfg = _defense_config(self.config, defense, {"model": self.config.model, "output": ""})
+        cfg = defense_config(self.config, defense, {"model": self.config.model, "output": ""})
         aligned, key = self.stage(
-            f"align-{defense.name}", cfg, None, lambda out: defense.run(replace(cfg, output=str(out)))
+            f"align-{defense.name}",
+            cfg,
+            None,
+            lambda out: defense.run(replace(cfg, output=str(out))),
+            {"kind": "align", "defense": defense.name, "method": defense.name},
         )
         attack_cfg = replace(ft_cfg, model=str(aligned))
         attack, attack_key = self.stage(
@@ -371,44 +225,71 @@ class _Run:
             attack_cfg,
             key,
             lambda out: run_finetune(replace(attack_cfg, output=str(out))),
+            {"kind": "finetune", "defense": defense.name, "method": "plain"},
         )
-        return _Model(defense.name, str(aligned), str(attack), attack_key, defense.name)
+        own = {f"align-{defense.name}": aligned.name, f"finetune-after-{defense.name}": attack.name}
+        return RowModel(
+            defense.name,
+            str(aligned),
+            str(attack),
+            attack_key,
+            defense.name,
+            own=own,
+            recipe=list(own.values()),
+        )
 
-    def finetune_defense(self, defense: Defense, aligned: Path, align_key: str) -> _Model:
-        cfg = _defense_config(self.config, defense, {"model": str(aligned), "output": ""})
+    def finetune_defense(self, defense: Defense, aligned: Path, align_key: str) -> RowModel:
+        cfg = defense_config(self.config, defense, {"model": str(aligned), "output": ""})
         attack, key = self.stage(
-            f"finetune-{defense.name}", cfg, align_key, lambda out: defense.run(replace(cfg, output=str(out)))
+            f"finetune-{defense.name}",
+            cfg,
+            align_key,
+            lambda out: defense.run(replace(cfg, output=str(out))),
+            {"kind": "finetune", "defense": defense.name, "method": defense.name},
         )
-        return _Model(defense.name, str(aligned), str(attack), key, defense.name)
+        own = {f"finetune-{defense.name}": attack.name}
+        recipe = [aligned.name, attack.name]
+        return RowModel(defense.name, str(aligned), str(attack), key, defense.name, own=own, recipe=recipe)
 
-    def post_defense(self, defense: Defense, aligned: Path, attack: Path, ft_key: str) -> list[_Model]:
+    def post_defense(self, defense: Defense, aligned: Path, attack: Path, ft_key: str) -> list[RowModel]:
         fixed = {"model": str(aligned), "adapter": str(attack), "base_model": self.config.model, "output": ""}
-        cfg = _defense_config(self.config, defense, fixed)
+        cfg = defense_config(self.config, defense, fixed)
         folder, key = self.stage(
             defense.name,
             cfg,
             ft_key,
             lambda out: _record_variants(out, defense.run(replace(cfg, output=str(out)))),
+            {"kind": "defense", "defense": defense.name, "method": defense.name},
+            outputs=("variants.json",),
         )
+        own = {defense.name: folder.name}
+        recipe = [aligned.name, attack.name, folder.name]
+        if self.cache.pending(folder):  # a dry run: its variants are not known yet
+            name = f"{defense.name}@?"
+            return [
+                RowModel(name, str(aligned), None, f"{ft_key}/{defense.name}", defense.name, "?", own, recipe)
+            ]
         variants = json.loads((folder / "variants.json").read_text())
         out = []
         for label, rel in variants.items():
             path = folder / rel
             is_adapter = (path / "adapter_config.json").is_file()
             out.append(
-                _Model(
+                RowModel(
                     f"{defense.name}@{label}" if label else defense.name,
                     str(aligned) if is_adapter else str(path),
                     str(path) if is_adapter else None,
                     f"{key}/{label}",
                     defense.name,
                     label,
+                    own,
+                    recipe,
                 )
             )
         return out
 
     def choose(
-        self, models: list[_Model], post: dict[str, list[_Model]], summary: dict[str, Any]
+        self, models: list[RowModel], post: dict[str, list[RowModel]], summary: dict[str, Any]
     ) -> dict[str, str]:
         """Each post defense's variant with the lowest validation HS within the FA budget (first judge)."""
         first = self.judge_specs[0]
@@ -427,33 +308,48 @@ class _Run:
             }
         return chosen
 
-    def validation_row(self, model: _Model, judge: str) -> dict[str, Any]:
+    def validation_row(self, model: RowModel, judge: str) -> dict[str, Any]:
         return next(r for r in self.evaluate("validate", model) if r["judge_spec"] == judge)
 
-    def evaluate(self, section: str, m: _Model) -> list[dict[str, Any]]:
+    def evaluate(self, section: str, m: RowModel) -> list[dict[str, Any]]:
         """One row per judge. Generation is its own stage (scored by the keyword judge as it goes); each
         other judge is a stage of its own over the saved generations: adding a judge regenerates nothing."""
-        ev_cfg = _stage_config(self.config, section, model=m.model, adapter=m.adapter, output="")
+        ev_cfg = stage_config(self.config, section, model=m.model, adapter=m.adapter, output="")
+        about = {"defense": m.defense, "variant": m.variant, "row": m.name}
         folder, key = self.stage(
-            f"{section}-{m.name}", ev_cfg, {"made_by": m.made_by}, lambda out: _generate_stage(out, ev_cfg)
+            f"{section}-{m.name}",
+            ev_cfg,
+            {"made_by": m.made_by},
+            lambda out: _generate_stage(out, ev_cfg),
+            {"kind": section, "method": "plain", **about},
+            outputs=("results.json", "generations.jsonl"),
         )
+        judge_folders = {}
+        for spec in self.judge_specs:
+            if spec != "keyword":
+                judge_folders[spec], _ = self.stage(
+                    f"judge-{parse_judge_spec(spec)[0]}-{section}-{m.name}",
+                    {"judge": spec, "judge_path": judge_source(spec)},
+                    key,
+                    functools.partial(_judge_stage, generated=folder, spec=spec, judges=self.judges),
+                    {"kind": "judge", "method": "plain", "judge": spec, "section": section, **about},
+                    outputs=("verdicts.json", "judged.json"),
+                )
+        if any(self.cache.pending(f) for f in [folder, *judge_folders.values()]):  # a dry run
+            numbers = {"hs": 0.0, "fa": 0.0, "degenerate": 0.0, "over_refusal": 0.0}
+            return [{**numbers, "model": m.name, "judge_spec": j} for j in self.judge_specs]
         generated = json.loads((folder / "results.json").read_text())
         for private in ("config", "antidote"):
             generated.pop(private, None)
-        from antidote.evaluation.model_judges import verdict_row
+        from antidote.evaluation.judges import verdict_row
 
         records = [json.loads(x) for x in (folder / "generations.jsonl").read_text().splitlines()]
         rows = []
         for spec in self.judge_specs:
             row = {**generated, "judge_spec": spec, "judge_stage": folder.name}
             verdicts = [g["verdict"] for g in records if g["set"] == "harmful"]
-            if spec != "keyword":
-                judge_folder, _ = self.stage(
-                    f"judge-{parse_judge_spec(spec)[0]}-{section}-{m.name}",
-                    {"judge": spec, "judge_path": _judge_path(spec)},
-                    key,
-                    functools.partial(_judge_stage, generated=folder, spec=spec, judges=self.judges),
-                )
+            if spec in judge_folders:
+                judge_folder = judge_folders[spec]
                 verdicts = json.loads((judge_folder / "verdicts.json").read_text())
                 judge = json.loads((judge_folder / "judged.json").read_text())["judge"]
                 row = {**generated, **verdict_row(verdicts, judge)}
@@ -461,8 +357,9 @@ class _Run:
             self.flags[(section, m.name, spec)] = [v in HARMFUL_VERDICTS for v in verdicts]
             rows.append(row)
         seconds = self.cache.seconds.get(folder.name)
+        made = {"own_stages": m.own, "recipe_stages": m.recipe}
         return [
-            {**r, "model": m.name, "model_path": r["model"], "seconds": seconds, "stage": folder.name}
+            {**r, "model": m.name, "model_path": r["model"], "seconds": seconds, "stage": folder.name, **made}
             for r in rows
         ]
 
@@ -481,7 +378,7 @@ class _Run:
         share, low, high = recovered_share_interval(attacked, defended, aligned)
         return None if math.isnan(share) else [round(share, 3), round(low, 3), round(high, 3)]
 
-    def export_models(self, models: list[_Model], chosen: dict[str, str]) -> None:
+    def export_models(self, models: list[RowModel], chosen: dict[str, str]) -> None:
         """RUN_DIR/models/<row>: hard links to the stage folders' files (no copy of the weights)."""
         from antidote.models.loading import resolve_model_folder
 
@@ -494,14 +391,14 @@ class _Run:
                 continue
             source = Path(m.adapter) if m.adapter else Path(resolve_model_folder(m.model))
             name = m.defense if m.defense in chosen else m.name
-            _link_tree(source, tmp / name)
-            prompt = tmp / name / "antidote_prompt.json"
+            link_tree(source, tmp / name)
+            prompt = tmp / name / PROMPT_FILE
             if not prompt.exists():  # the base model: evaluate it in the run's prompt format
                 prompt.write_text(json.dumps({"template": self.config.template}) + "\n")
         shutil.rmtree(root, ignore_errors=True)  # only ever written by this function
         tmp.rename(root)
 
-    def write(self, summary: dict[str, Any], models: list[_Model]) -> None:
+    def write(self, summary: dict[str, Any], models: list[RowModel]) -> None:
         rows = summary["rows"]
         atomic_write_text(self.run_dir / "results.json", json.dumps(rows, indent=2) + "\n")
         atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
@@ -524,16 +421,6 @@ def _record_variants(out: Path, variants: dict[str, Path]) -> None:
     (out / "variants.json").write_text(json.dumps(rel, indent=2) + "\n")
 
 
-def _link_tree(source: Path, target: Path) -> None:
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, target, copy_function=link, ignore=shutil.ignore_patterns(".*"))
-
-
 def _settings(stage_config: Any) -> Any:
     if stage_config is None or isinstance(stage_config, dict):
         return stage_config
@@ -547,26 +434,6 @@ def _numbers(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in ("hs", "fa", "degenerate", "over_refusal")}
 
 
-def _judge_path(spec: str) -> str | None:
-    """The folder a model judge reads (the default learned judge's for a bare `learned`)."""
-    kind, path = parse_judge_spec(spec)
-    if kind == "learned":
-        from antidote.evaluation.learned import judge_folder
-
-        return str(judge_folder(path))
-    return path
-
-
-def _available_judges(specs: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The judges a run scores with (`available_judges`); no judge at all is an error."""
-    from antidote.evaluation.model_judges import available_judges
-
-    available, missing = available_judges(specs)
-    if not available:
-        raise AntidoteError(f"no judge left to score with: {'; '.join(missing.values())}")
-    return available, missing
-
-
 class _Judges:
     """Judges are loaded on first use, so a rerun that finds every evaluation done loads none."""
 
@@ -576,7 +443,7 @@ class _Judges:
 
     def __getitem__(self, spec: str) -> Any:
         if spec not in self.loaded:
-            from antidote.evaluation.model_judges import make_judge
+            from antidote.evaluation.judges import make_judge
 
             self.loaded[spec] = make_judge(spec)
         return self.loaded[spec]
@@ -584,7 +451,7 @@ class _Judges:
 
 def _generate_stage(out: Path, config: EvaluateConfig) -> None:
     """Generate into `out` (results.json, generations.jsonl), scored by the keyword judge as it goes."""
-    from antidote.evaluation.judges import KeywordJudge
+    from antidote.evaluation.judges.keyword import KeywordJudge
     from antidote.evaluation.run import run_evaluate
 
     out.mkdir()
@@ -593,7 +460,7 @@ def _generate_stage(out: Path, config: EvaluateConfig) -> None:
 
 def _judge_stage(out: Path, generated: Path, spec: str, judges: _Judges) -> None:
     """Score an evaluation stage's saved harmful-prompt generations with one more judge."""
-    from antidote.evaluation.model_judges import verdict_row
+    from antidote.evaluation.judges import verdict_row
 
     records = [json.loads(line) for line in (generated / "generations.jsonl").read_text().splitlines()]
     harmful = [g for g in records if g["set"] == "harmful"]
@@ -602,3 +469,17 @@ def _judge_stage(out: Path, generated: Path, spec: str, judges: _Judges) -> None
     out.mkdir()
     (out / "verdicts.json").write_text(json.dumps(verdicts) + "\n")
     (out / "judged.json").write_text(json.dumps(verdict_row(verdicts, judge.name), indent=2) + "\n")
+
+
+# The public run API: a config read and checked, then run (`load_run_config` and `packaged_config` live in
+# runconfig.py and are named here so that `run_pipeline(load_run_config(path))` needs one import).
+__all__ = [
+    "Pipeline",
+    "RowModel",
+    "RunConfig",
+    "clear_run_dir",
+    "load_run_config",
+    "packaged_config",
+    "prepare_run_dir",
+    "run_pipeline",
+]

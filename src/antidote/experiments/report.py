@@ -25,7 +25,7 @@ def choose_operating_point(
     return best, f"no variant kept validation FA within {max_fa_drop} points; took the lowest validation HS"
 
 
-def recovered_share(aligned_hs: float, attacked_hs: float, defended_hs: float) -> float | None:
+def recovered_share_of_rise(aligned_hs: float, attacked_hs: float, defended_hs: float) -> float | None:
     """(HS attacked - HS defended) / (HS attacked - HS aligned); None when the attack raised no HS."""
     rise = attacked_hs - aligned_hs
     return round((attacked_hs - defended_hs) / rise, 3) if rise > 0 else None

@@ -11,7 +11,7 @@ import os
 from antidote.data.catalog import read_rows
 from antidote.errors import AntidoteError
 from antidote.tasks.agnews import AGNEWS
-from antidote.tasks.base import Task, TaskItem
+from antidote.tasks.base import Task, TaskExample
 from antidote.tasks.gsm8k import ARITHMETIC, GSM8K
 from antidote.tasks.sentiment import SENTIMENT, SST2
 
@@ -52,7 +52,7 @@ def load_task_items(
     split: str = "eval",
     training: bool = False,
     data_dir: str | os.PathLike[str] | None = None,
-) -> list[TaskItem]:
+) -> list[TaskExample]:
     """Items of `task`: its built-in items of `split` when `source` is None, else one per row of `source`
     (a file, hf:NAME[:SPLIT] or a named data set read from `data_dir`, default $ANTIDOTE_DATA_DIR).
 
@@ -64,4 +64,4 @@ def load_task_items(
     return found.items(read_rows(source, data_dir), training=training, source=source)
 
 
-__all__ = ["TASKS", "Task", "TaskItem", "get_task", "load_task_items", "task_help", "task_names"]
+__all__ = ["TASKS", "Task", "TaskExample", "get_task", "load_task_items", "task_help", "task_names"]

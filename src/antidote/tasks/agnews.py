@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from antidote.tasks.base import Task, TaskItem
+from antidote.tasks.base import Task, TaskExample
 
 AGNEWS_INSTRUCTION = (
     "Categorize the news article given in the input into one of the 4 categories:\n\n"
@@ -31,7 +31,7 @@ def agnews_correct(output: str, label: int | str) -> bool:
     return output.strip() in (gold, gold.lower())
 
 
-def _agnews_row(row: Mapping[str, Any], training: bool) -> TaskItem:
+def _agnews_row(row: Mapping[str, Any], training: bool) -> TaskExample:
     text = row.get("text") or f"{row['title']} {row['description']}"
     return (AGNEWS_INSTRUCTION, str(text), agnews_label(row["label"]))
 

@@ -9,7 +9,7 @@ from typing import Any
 from antidote.data.builtin import task_split
 from antidote.errors import AntidoteError
 
-TaskItem = tuple[str, str, str]
+TaskExample = tuple[str, str, str]
 """(instruction, input, expected output). The model is asked the instruction with the input; the expected
 output is the gold answer `correct` checks (evaluation) or the answer the model learns (training)."""
 
@@ -29,7 +29,7 @@ class Task:
 
     name: str
     instruction: str | None
-    from_row: Callable[[Mapping[str, Any], bool], TaskItem]
+    from_row: Callable[[Mapping[str, Any], bool], TaskExample]
     correct: Callable[[str, str], bool]
     builtin: bool = False
 
@@ -37,7 +37,7 @@ class Task:
     def needs_data(self) -> bool:
         return not self.builtin
 
-    def builtin_items(self, split: str) -> list[TaskItem]:
+    def builtin_items(self, split: str) -> list[TaskExample]:
         """The built-in items of `split` (align, attack, validate, eval)."""
         if not self.builtin:
             raise AntidoteError(
@@ -50,7 +50,7 @@ class Task:
 
     def items(
         self, rows: Sequence[Mapping[str, Any]], *, training: bool = False, source: str = "the data"
-    ) -> list[TaskItem]:
+    ) -> list[TaskExample]:
         """One item per row; a row that does not fit, or gives an empty expected output, is named."""
         items = []
         for number, row in enumerate(rows, start=1):
@@ -68,6 +68,6 @@ class Task:
         return items
 
 
-def builtin_row(row: Mapping[str, Any], training: bool) -> TaskItem:
+def builtin_row(row: Mapping[str, Any], training: bool) -> TaskExample:
     """A row of a built-in task data set (e.g. builtin-sentiment:validate): instruction, input, output."""
     return (str(row["instruction"]), str(row.get("input") or ""), str(row["output"]))

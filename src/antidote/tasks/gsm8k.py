@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from antidote.data.builtin import ARITHMETIC_INSTRUCTION
-from antidote.tasks.base import Task, TaskItem, builtin_row
+from antidote.tasks.base import Task, TaskExample, builtin_row
 
 GSM8K_ANSWER_PREFIX = "The final answer is: "
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -43,7 +43,7 @@ def gsm8k_correct(output: str, answer: str) -> bool:
     return prediction is not None and prediction == gsm8k_gold(answer)
 
 
-def _gsm8k_row(row: Mapping[str, Any], training: bool) -> TaskItem:
+def _gsm8k_row(row: Mapping[str, Any], training: bool) -> TaskExample:
     answer = str(row["answer"])
     gsm8k_gold(answer)  # a row without a final number cannot be scored
     return (str(row["question"]), "", gsm8k_training_answer(answer) if training else answer)

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from antidote.data.builtin import SENTIMENT_INSTRUCTION
-from antidote.tasks.base import Task, TaskItem, builtin_row
+from antidote.tasks.base import Task, TaskExample, builtin_row
 
-SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
+SST2_INSTRUCTION = SENTIMENT_INSTRUCTION  # the paper's SST2 instruction, one definition
 
 
 def sst2_label(label: int | str) -> str:
@@ -27,7 +27,7 @@ def sst2_correct(output: str, label: int | str) -> bool:
     return output.strip() in (gold, gold.capitalize())
 
 
-def _sst2_row(row: Mapping[str, Any], training: bool) -> TaskItem:
+def _sst2_row(row: Mapping[str, Any], training: bool) -> TaskExample:
     return (SST2_INSTRUCTION, str(row["sentence"]), sst2_label(row["label"]))
 
 

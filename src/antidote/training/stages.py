@@ -26,13 +26,12 @@ from typing import Any
 from antidote.data.builtin import harmful_split, task_split
 from antidote.data.catalog import data_dir_field
 from antidote.data.loading import Example, load_examples
-from antidote.data.templates import check_template, format_prompt
+from antidote.data.templates import PROMPT_FILE, check_template, format_prompt
 from antidote.errors import AntidoteError
 from antidote.tasks import TASKS, load_task_items, task_help
 from antidote.training.config import TrainConfig
 
 BUILTIN = "builtin"
-PROMPT_FILE = "antidote_prompt.json"
 TRAINER_DIR = ".trainer"  # Trainer's working folder inside the temporary output, removed before the rename
 # SPEC 3: LoRA r=256, alpha=4 on q/k/v; 20 epochs, batch 5, constant lr 1e-4, AdamW wd 0.1; Alpaca template.
 PAPER = {

@@ -1,0 +1,141 @@
+"""report.md and table.tex of `antidote compare`, from the aggregated table (`rows.TableEntry`)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from antidote.experiments.matrix import SFT
+from antidote.experiments.rows import ResultRow, TableEntry, max_or_none, mean_or_none
+
+if TYPE_CHECKING:
+    from antidote.experiments.compare import CompareConfig
+
+
+def _entry(s: dict[str, Any]) -> str:
+    if s["low"] is None:
+        return f"{s['mean']:.1f}"
+    text = f"{s['mean']:.1f} [{s['low']:.1f}, {s['high']:.1f}]"
+    return text + (f" (n={s['n']})" if s["interval_kind"] == "t" else "")
+
+
+def _grid(
+    table: list[TableEntry], judge: str
+) -> tuple[list[str], list[str], dict[tuple[str, str], TableEntry]]:
+    entries = [t for t in table if t.judge_spec == judge]
+    labels = list(dict.fromkeys(t.label for t in entries))
+    setting_ids = list(dict.fromkeys(t.setting for t in entries))
+    return labels, setting_ids, {(t.label, t.setting): t for t in entries}
+
+
+def _hs_fa_cells(
+    grid: dict[tuple[str, str], TableEntry],
+    label: str,
+    setting_ids: list[str],
+    fmt: Callable[[dict[str, Any]], str],
+    missing: str,
+) -> list[str]:
+    """One table row's HS and FA entries, setting by setting (`missing` where a defense did not run)."""
+    cells = []
+    for s in setting_ids:
+        t = grid.get((label, s))
+        cells += [fmt(t.hs), fmt(t.fa)] if t else [missing, missing]
+    return cells
+
+
+def report_markdown(config: CompareConfig, rows: list[ResultRow], table: list[TableEntry]) -> str:
+    first = rows[0]
+    lines = [
+        "# antidote compare",
+        "",
+        f"Harmful prompts: {first.prompt_set} ({first.n_prompts}); task: {first.eval_task} "
+        f"({first.n_task} items). Sweep: {config.matrix.sweep}; {len(config.cells)} cells. "
+        "HS and FA in percent: with several seeds the mean and its 95% t interval over seeds (n = seeds), "
+        "with one seed the value and its 95% per-prompt Wilson interval.",
+    ]
+    for judge in config.run.judges:
+        labels, setting_ids, grid = _grid(table, judge)
+        if not labels:
+            continue
+        name = next(t.judge for t in table if t.judge_spec == judge)
+        lines += ["", f"## HS and FA (judge: {name})", ""]
+        lines += ["| defense | " + " | ".join(f"HS {s} | FA {s}" for s in setting_ids) + " |"]
+        lines += ["|---" * (1 + 2 * len(setting_ids)) + "|"]
+        for label in labels:
+            cells = _hs_fa_cells(grid, label, setting_ids, _entry, "-")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "## Cost per defense (over plain SFT)", ""]
+    lines += [
+        "Seconds: the defense's own stages (SFT: the attack), mean over cells, as recorded when each stage "
+        "was built. Pipeline: base model to defended model (alignment + attack + defense); x SFT: its "
+        "ratio to "
+        "SFT's. Peak: the largest resident memory during the defense's own stages (n/a: not measured).",
+        "",
+        "| defense | seconds | pipeline seconds | x SFT | peak RSS MiB | x SFT |",
+        "|---|---|---|---|---|---|",
+    ]
+    judge = rows[0].judge_spec  # the first judge that scored
+    per: dict[str, list[TableEntry]] = {}
+    for t in table:
+        if t.judge_spec == judge and t.defense not in ("base", "aligned"):
+            per.setdefault(t.label, []).append(t)
+    sft = per.get(SFT, [])
+    sft_pipe = mean_or_none([t.pipeline_seconds for t in sft])
+    sft_peak = max_or_none([t.peak_rss_mib for t in sft])
+    for label, ts in per.items():
+        pipe = mean_or_none([t.pipeline_seconds for t in ts])
+        peak = max_or_none([t.peak_rss_mib for t in ts])
+        lines.append(
+            f"| {label} | {_na(mean_or_none([t.seconds for t in ts]))} | {_na(pipe)} | "
+            f"{_ratio(pipe, sft_pipe)} | {_na(peak)} | {_ratio(peak, sft_peak)} |"
+        )
+    utility = [t for t in table if t.judge_spec == judge and t.general_utility]
+    if utility:
+        tasks = list(dict.fromkeys(task for t in utility for task in t.general_utility or {}))
+        lines += ["", "## General utility (lm-evaluation-harness; mean over seeds)", ""]
+        lines += ["| defense | setting | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+        for t in utility:
+            shown = [(t.general_utility or {}).get(task) for task in tasks]
+            cells = [f"{v[1]:.4g} ({v[0]})" if v else "-" for v in shown]
+            lines.append(f"| {t.label} | {t.setting} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: " + ", ".join(c.id for c in config.cells), ""]
+    return "\n".join(lines)
+
+
+def _na(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:g}"
+
+
+def _ratio(value: float | None, reference: float | None) -> str:
+    return "n/a" if value is None or not reference else f"{value / reference:.2f}"
+
+
+def _tex(text: str) -> str:
+    return re.sub(r"([_%&#$])", r"\\\1", text)
+
+
+def latex_table(table: list[TableEntry], judge: str) -> str:
+    """booktabs: one row per defense (variant), HS and FA per setting, first judge."""
+    labels, setting_ids, grid = _grid(table, judge)
+    name = next((t.judge for t in table if t.judge_spec == judge), judge)
+    lines = [
+        f"% antidote compare: HS and FA in percent (judge: {name}); mean [95% interval]",
+        "\\begin{tabular}{l" + "rr" * len(setting_ids) + "}",
+        "\\toprule",
+        " & " + " & ".join(f"\\multicolumn{{2}}{{c}}{{{_tex(s)}}}" for s in setting_ids) + " \\\\",
+        " ".join(f"\\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(len(setting_ids))),
+        "Defense & " + " & ".join("HS & FA" for _ in setting_ids) + " \\\\",
+        "\\midrule",
+    ]
+    for label in labels:
+        cells = _hs_fa_cells(grid, label, setting_ids, _tex_entry, "--")
+        lines.append(f"{_tex(label)} & " + " & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", ""]
+    return "\n".join(lines)
+
+
+def _tex_entry(s: dict[str, Any]) -> str:
+    if s["low"] is None:
+        return f"{s['mean']:.1f}"
+    return f"{s['mean']:.1f} {{\\scriptsize [{s['low']:.1f}, {s['high']:.1f}]}}"
