@@ -223,7 +223,10 @@ def test_paper_preset_keeps_every_gsm8k_final_answer(tmp_path: Path) -> None:
     from antidote.tasks import load_task_items
     from antidote.training.data import encode_pairs, format_pairs
 
-    shared = Path(__file__).resolve().parents[3] / "shared" / "data"
+    shared = next(
+        (d for d in (Path(__file__).resolve().parents[i] / "shared" / "data" for i in (2, 3)) if d.is_dir()),
+        Path("missing"),
+    )
     rows = [{"question": "What is 2 + 3? " * 40, "answer": "Add them. " * 60 + "2 + 3 = 5\n#### 5"}]
     (tmp_path / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     items = load_task_items("gsm8k", str(tmp_path / "gsm8k.jsonl"), training=True)
