@@ -109,15 +109,6 @@ def test_layers_point_one_way() -> None:
             assert not [d for d in deps if d.startswith(high)], name
 
 
-# The training helpers another change makes public (issue 17, item 4); until then they are the only
-# underscored names one module may import from another.
-PRIVATE_IMPORTS_ALLOWED = {
-    ("antidote.training.stages", "_pairs"),
-    ("antidote.training.stages", "_format"),
-    ("antidote.training.stages", "_subset"),
-}
-
-
 def private_names(source: str) -> list[tuple[str, str]]:
     """(module, name) of every `from antidote.x import _name` in `source` (imports inside functions too)."""
     found = []
@@ -143,8 +134,7 @@ def test_the_private_import_finder_finds_a_planted_one() -> None:
 
 
 def test_no_module_imports_a_private_name_of_another() -> None:
-    leaks = [f for f in private_imports() if (f[1], f[2]) not in PRIVATE_IMPORTS_ALLOWED]
-    assert leaks == []
+    assert private_imports() == []
 
 
 def test_no_file_over_500_lines_in_experiments_and_evaluation() -> None:

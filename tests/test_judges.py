@@ -196,3 +196,17 @@ def test_evaluate_cli_with_a_classifier_judge(
     assert {g["verdict"] for g in harmful} <= {"safe", "unsafe"}
     assert results["hs"] == 100.0 * sum(g["verdict"] == "unsafe" for g in harmful) / 4
     assert results["refused"] == 100.0 * sum(g["keyword"] == "refused" for g in harmful) / 4
+
+
+def test_classifier_judge_reads_256_tokens_as_the_authors(classifier: Path) -> None:
+    """beaver-dam-7b reads the first 256 tokens of the QA pair (the Antidote authors' model_max_length)."""
+    judge = ClassifierJudge(str(classifier), device="cpu", batch_size=2)
+    widths: list[int] = []
+    judge.model.register_forward_pre_hook(
+        lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    long = " ".join(["the plan"] * 200)  # 400 words: over 256 tokens
+    judge.verdicts([PROMPTS[0], PROMPTS[1]], [long, "cats"])
+    assert widths == [256]
+    cut = judge.verdicts([PROMPTS[0]], [long + " then go home"])  # words past token 256 are not read
+    assert cut == judge.verdicts([PROMPTS[0]], [long])

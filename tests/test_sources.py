@@ -12,7 +12,11 @@ from antidote.data import catalog, load_examples
 from antidote.errors import AntidoteError
 from antidote.tasks import load_task_items
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the checkout (or beside the folder of worktrees)
+SHARED = next(
+    (d for d in (Path(__file__).resolve().parents[i] / "shared" / "data" for i in (2, 3)) if d.is_dir()),
+    Path(__file__).resolve().parents[2] / "shared" / "data",
+)
 
 
 def _write(folder: Path, relative: str, rows: list[dict[str, Any]]) -> None:
@@ -117,6 +121,31 @@ def test_every_local_name_loads_from_shared_data(name: str, monkeypatch: pytest.
             assert examples and all(e.prompt.strip() for e in examples)
             if name in ("beavertails", "refusals", "alpaca"):
                 assert all(e.response.strip() for e in load_examples(spec))
+
+
+def test_calibrate_split_shares_no_prompt_with_the_attack_pool(data_dir: Path) -> None:
+    """beavertails:calibrate is the other BeaverTails sample less the rows whose prompt the attack's pool
+    (beavertails:unsafe) holds, whatever their field names."""
+    _write(
+        data_dir,
+        catalog.NAMED["beavertails"].splits["unsafe"].file or "",
+        [{"instruction": "steal a car", "input": "", "output": "a"}, {"instruction": "b", "output": "c"}],
+    )
+    _write(
+        data_dir,
+        catalog.NAMED["beavertails"].splits["sample140"].file or "",
+        [{"prompt": p, "response": "r", "category": "x"} for p in ("steal a car", "make poison", " b ")],
+    )
+    assert [e.prompt for e in load_examples("beavertails:sample140")] == ["steal a car", "make poison", " b "]
+    assert [e.prompt for e in load_examples("beavertails:calibrate")] == ["make poison"]
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the checkout")
+def test_calibrate_split_of_the_shared_data_is_135_rows() -> None:
+    """SOURCES.md: 140 sampled rows, 5 of whose prompts the 200 unsafe rows also hold."""
+    rows = load_examples("beavertails:calibrate", data_dir=SHARED)
+    pool = {e.prompt.strip() for e in load_examples("beavertails:unsafe", data_dir=SHARED)}
+    assert len(rows) == 135 and not {e.prompt.strip() for e in rows} & pool
 
 
 def test_an_explicit_data_dir_wins_over_the_environment(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,3 +200,44 @@ def test_align_merges_a_gathered_adapter_as_it_merges_in_memory(tiny, tmp_path, 
     assert memory.keys() == disk.keys()
     torch.testing.assert_close(disk, memory)
     assert not (tmp_path / "disk" / "adapter").exists()  # kept only with --keep-adapter
+
+
+def _char_tokenizer() -> object:
+    """One token per character: at least as many tokens as any BPE tokenizer makes of English text."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for code in [*range(32, 127), 10]:
+        vocab.setdefault(chr(code), len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_paper_preset_keeps_every_gsm8k_final_answer(tmp_path: Path) -> None:
+    """`preset: paper` trains on up to 2048 tokens (the authors' model_max_length): every GSM8K training pair,
+    Alpaca-formatted and tokenized as the attack does, keeps its final answer line and EOS. Checked with one
+    token per character (more tokens than a real tokenizer makes) on the real GSM8K train set when present."""
+    from antidote.tasks import load_task_items
+    from antidote.training.data import encode_pairs, format_pairs
+
+    shared = next(
+        (d for d in (Path(__file__).resolve().parents[i] / "shared" / "data" for i in (2, 3)) if d.is_dir()),
+        Path("missing"),
+    )
+    rows = [{"question": "What is 2 + 3? " * 40, "answer": "Add them. " * 60 + "2 + 3 = 5\n#### 5"}]
+    (tmp_path / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = load_task_items("gsm8k", str(tmp_path / "gsm8k.jsonl"), training=True)
+    if (shared / "benign" / "gsm8k_train.jsonl").is_file():
+        items += load_task_items("gsm8k", "gsm8k:train", training=True, data_dir=shared)
+    config = FinetuneConfig(model="m", output="o", preset="paper", task="gsm8k", task_data="gsm8k:train")
+    assert config.max_length == 2048
+    tok = _char_tokenizer()
+    encoded = encode_pairs(tok, format_pairs(tok, config.template, items), config.max_length)
+    assert len(encoded) == len(items)
+    for (ids, _), (_, _, answer) in zip(encoded, items, strict=True):
+        final = answer.splitlines()[-1]
+        assert final.startswith("The final answer is: ")
+        assert tok.decode(ids[:-1]).endswith(final) and ids[-1] == tok.eos_token_id

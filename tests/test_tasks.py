@@ -201,7 +201,14 @@ def test_a_new_task_is_one_registry_entry(monkeypatch: pytest.MonkeyPatch, tmp_p
         assert isinstance(row, dict)
         return ("Say the colour", row["thing"], row["colour"])
 
-    colours = Task(name="colours", instruction="Say the colour", from_row=from_row, correct=str.__eq__)
+    colours = Task(
+        name="colours",
+        instruction="Say the colour",
+        from_row=from_row,
+        correct=str.__eq__,
+        max_new_tokens=4,
+        settled=lambda output: False,
+    )
     monkeypatch.setitem(TASKS, "colours", colours)
     assert get_task("colours") is colours
     data = _jsonl(tmp_path / "c.jsonl", [{"thing": "sky", "colour": "blue"}])

@@ -31,6 +31,9 @@ class Split:
     hub: tuple[str, str | None, str] | None = None  # (data set, config, split) for datasets.load_dataset
     filters: tuple[tuple[str, Any], ...] = ()  # (field, value) rows must match (hub copies only)
     builtin: tuple[str, str] | None = None  # (kind, part) of the project's own data
+    # (other source, its prompt field, this split's prompt field): rows whose prompt the other source also
+    # holds are left out, so the two never share a prompt (e.g. calibration data and the attack's pool)
+    disjoint_from: tuple[str, str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,12 @@ NAMED: dict[str, Named] = {
             "safe": Split(None, BEAVERTAILS, (("is_safe", True),)),
             # 140 other unsafe rows, ~10 per harm category (artkit's sample; 5 prompts shared with unsafe)
             "sample140": Split("harmful_qa/beavertails_30k_train_sample140_artkit.jsonl"),
+            # the same less those 5 prompts: 135 rows that share no prompt with `unsafe` (calibration data
+            # disjoint from an attack that draws its harmful samples from `unsafe`)
+            "calibrate": Split(
+                "harmful_qa/beavertails_30k_train_sample140_artkit.jsonl",
+                disjoint_from=("beavertails:unsafe", "instruction", "prompt"),
+            ),
         },
         default_split="unsafe",
     ),
@@ -221,7 +230,12 @@ def read_named(source: str, data_dir: str | os.PathLike[str] | None = None) -> l
     if folder is not None and entry.file is not None:
         path = folder / entry.file
         if path.is_file():
-            return read_file(path)
+            rows = read_file(path)
+            if entry.disjoint_from is not None:
+                other, other_field, own_field = entry.disjoint_from
+                taken = {str(r.get(other_field, "")).strip() for r in read_rows(other, folder)}
+                rows = [r for r in rows if str(r.get(own_field, "")).strip() not in taken]
+            return rows
         if entry.hub is None:
             raise AntidoteError(
                 f"{source}: {path} not found; --data-dir must be laid out like ../shared/data"

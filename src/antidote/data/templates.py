@@ -56,7 +56,8 @@ def format_prompt(example: Example, template: str, tokenizer: Any) -> str:
 
 
 def format_example(example: Example, template: str, tokenizer: Any) -> str:
-    """The full training-style text: prompt, response and the end-of-sequence marker."""
+    """The full text of a pair, for reading: prompt, response and the end-of-sequence marker. Token ids
+    come from `encode_pair` instead (the prompt and the response tokenized apart, as training sees them)."""
     check_template(template, tokenizer)
     eos = tokenizer.eos_token or ""
     if template == "chat":
@@ -75,15 +76,58 @@ def format_example(example: Example, template: str, tokenizer: Any) -> str:
     return f"{format_prompt(example, template, tokenizer)}{example.response}{eos}"
 
 
+def adds_special_tokens(template: str) -> bool:
+    """Whether the tokenizer's own special tokens (e.g. BOS) go in front of a prompt in `template`: not for
+    the chat template, which writes its own; for the others, whatever `add_special_tokens=True` adds."""
+    return template != "chat"
+
+
+def encode_prompt(tokenizer: Any, prompt: str, *, special_tokens: bool = True) -> list[int]:
+    """Token ids of a formatted prompt, the one way every stage tokenizes one (training, calibration,
+    evaluation). With `special_tokens`, the tokens `add_special_tokens=True` puts in front of the text
+    (BOS on Llama, Mistral, Gemma) lead; any it would put after the text (an EOS some tokenizers append)
+    are left out, since a response follows."""
+    plain = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if not special_tokens:
+        return plain
+    full = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):  # the text's ids inside the special ones
+        if full[start : start + len(plain)] == plain:
+            return full[: start + len(plain)]
+    return plain  # the special tokens changed the text's own ids: keep the text as it is
+
+
+def encode_pair(
+    tokenizer: Any, prompt: str, response: str, *, special_tokens: bool = True, max_length: int | None = None
+) -> tuple[list[int], int]:
+    """(formatted prompt, response) -> (token ids of prompt + response + EOS, number of prompt tokens).
+
+    The prompt is `encode_prompt`'s (the ids generation starts from); the response is tokenized on its own,
+    so the split point is exact, and gets the EOS token. Cut to `max_length` tokens when given.
+    """
+    p = encode_prompt(tokenizer, prompt, special_tokens=special_tokens)
+    eos = tokenizer.eos_token_id
+    r = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + ([eos] if eos is not None else [])
+    ids = p + r
+    return (ids[:max_length] if max_length is not None else ids), len(p)
+
+
 def tokenize_examples(
     examples: Sequence[Example], tokenizer: Any, template: str = "alpaca", max_length: int = 512
 ) -> list[list[int]]:
-    """Token ids of each formatted example, truncated to `max_length`. Every token counts."""
+    """Token ids of each example (prompt in `template`, response, EOS), truncated to `max_length`: the same
+    ids training sees for the pair (`encode_pair`). Every token counts."""
     check_template(template, tokenizer)
     if max_length < 2:
         raise AntidoteError(f"--max-length must be at least 2, got {max_length}")
-    # The chat template writes its own special tokens; the others get the tokenizer's defaults (e.g. BOS).
-    add_special = template != "chat"
-    texts = [format_example(e, template, tokenizer) for e in examples]
-    encoded = tokenizer(texts, add_special_tokens=add_special, truncation=True, max_length=max_length)
-    return [list(ids) for ids in encoded["input_ids"]]
+    special = adds_special_tokens(template)
+    return [
+        encode_pair(
+            tokenizer,
+            format_prompt(e, template, tokenizer),
+            e.response,
+            special_tokens=special,
+            max_length=max_length,
+        )[0]
+        for e in examples
+    ]

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from antidote.defenses.base import Defense, register
 from antidote.errors import AntidoteError
-from antidote.training.stages import BUILTIN, AlignConfig, run_align
+from antidote.training.data import BUILTIN
+from antidote.training.hooks import TrainingHooks
+from antidote.training.stages import AlignConfig, run_align
 
 if TYPE_CHECKING:
     import torch
@@ -169,13 +171,13 @@ def run(config: BoosterConfig) -> dict[str, Path]:
 
     triples = _harmful(config)
 
-    def seam(loaded: Any, cfg: Any) -> dict[str, Any]:
+    def hooks(loaded: Any, cfg: Any) -> TrainingHooks:
         features = encode_harmful(loaded, cfg, triples)
         extra = {"harmful": features, "lam": config.lam, "step_size": config.step_size}
-        return {"trainer_class": trainer_class(), "extra": extra}
+        return TrainingHooks(trainer_class=trainer_class(), extra=extra)
 
     log.info("booster: lam %g, step %g, %d harmful pairs", config.lam, config.step_size, len(triples))
-    return {"": run_align(config, seam=seam)}
+    return {"": run_align(config, hooks=hooks)}
 
 
 DEFENSE = register(

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from antidote.defenses.base import Defense, register
 from antidote.errors import AntidoteError
+from antidote.training.hooks import TrainingHooks
 from antidote.training.stages import FinetuneConfig, run_finetune
 
 if TYPE_CHECKING:
@@ -190,11 +191,13 @@ class LDIFSConfig(FinetuneConfig):
 
 
 def run(config: LDIFSConfig) -> dict[str, Path]:
-    def seam(loaded: Any, cfg: LDIFSConfig) -> dict[str, Any]:
+    def hooks(loaded: Any, cfg: LDIFSConfig) -> TrainingHooks:
         mlp_modules(loaded.model, cfg.layer_indices)  # a --layers the model lacks: an error before training
-        return {"trainer_class": trainer_class(), "extra": {"rho": cfg.rho, "layers": cfg.layer_indices}}
+        return TrainingHooks(
+            trainer_class=trainer_class(), extra={"rho": cfg.rho, "layers": cfg.layer_indices}
+        )
 
-    return {"": run_finetune(config, seam=seam)}
+    return {"": run_finetune(config, hooks=hooks)}
 
 
 DEFENSE = register(

@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 from antidote.defenses.base import Defense, register
 from antidote.errors import AntidoteError
-from antidote.training.stages import BUILTIN, FinetuneConfig, _format, _pairs, _subset, run_finetune
+from antidote.training.data import BUILTIN, encode_triples, read_triples, subset
+from antidote.training.hooks import TrainingHooks
+from antidote.training.stages import FinetuneConfig, run_finetune
 
 if TYPE_CHECKING:
     import torch
@@ -199,7 +201,7 @@ def alignment_pairs(config: LisaConfig) -> list[tuple[str, str, str]]:
     from antidote.data.builtin import harmful_split
 
     builtin = [(h.prompt, "", h.refusal) for h in harmful_split("align")]
-    triples = _subset(_pairs(config.align_data, builtin, config.data_dir), config.max_align, config.seed)
+    triples = subset(read_triples(config.align_data, builtin, config.data_dir), config.max_align, config.seed)
     if not triples:
         raise AntidoteError(
             f"--align-data {config.align_data} holds no pairs; give harmful prompt -> refusal pairs"
@@ -208,13 +210,10 @@ def alignment_pairs(config: LisaConfig) -> list[tuple[str, str, str]]:
 
 
 def run(config: LisaConfig) -> dict[str, Path]:
-    from antidote.training.sft import encode_pairs
-
     triples = alignment_pairs(config)
 
-    def seam(loaded: Any, cfg: LisaConfig) -> dict[str, Any]:
-        pairs = _format(loaded.tokenizer, cfg.template, triples)
-        encoded = encode_pairs(loaded.tokenizer, pairs, cfg.max_length)
+    def hooks(loaded: Any, cfg: LisaConfig) -> TrainingHooks:
+        encoded = encode_triples(loaded.tokenizer, cfg.template, triples, cfg.max_length)
         if not encoded:
             raise AntidoteError(
                 "no alignment pairs left after tokenization: every prompt fills --max-length "
@@ -227,17 +226,17 @@ def run(config: LisaConfig) -> dict[str, Path]:
             cfg.finetune_steps,
             cfg.rho,
         )
-        return {
-            "trainer_class": trainer_class(),
-            "extra": {
-                "align_dataset": [{"input_ids": ids, "n_prompt": n} for ids, n in encoded],
+        return TrainingHooks(
+            trainer_class=trainer_class(),
+            extra={
+                "align_dataset": encoded,
                 "align_steps": cfg.align_steps,
                 "finetune_steps": cfg.finetune_steps,
                 "rho": cfg.rho,
             },
-        }
+        )
 
-    return {"": run_finetune(config, seam=seam)}
+    return {"": run_finetune(config, hooks=hooks)}
 
 
 DEFENSE = register(

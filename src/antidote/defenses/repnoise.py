@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 from antidote.defenses.base import Defense, register
 from antidote.errors import AntidoteError
-from antidote.training.stages import BUILTIN, AlignConfig, run_align
+from antidote.training.data import BUILTIN, read_triples
+from antidote.training.hooks import TrainingHooks
+from antidote.training.stages import AlignConfig, run_align
 
 if TYPE_CHECKING:
     import torch
@@ -211,10 +213,9 @@ def _paired_data(config: RepNoiseConfig) -> tuple[list[tuple[str, str, str]], in
     """The harmful (prompt, input, answer) triples and how many have a refusal in --data (checked)."""
     from antidote.data.builtin import harmful_split
     from antidote.defenses.training_hooks import harmful_pairs
-    from antidote.training.stages import _pairs
 
     builtin_refusals = [(h.prompt, "", h.refusal) for h in harmful_split("align")]
-    refusals = _pairs(config.data, builtin_refusals, config.data_dir)
+    refusals = read_triples(config.data, builtin_refusals, config.data_dir)
     triples = harmful_pairs(config.harmful_data, config.data_dir)
     return triples, check_paired(refusals, triples)
 
@@ -228,14 +229,14 @@ def run(config: RepNoiseConfig) -> dict[str, Path]:
 
     triples, paired = _paired_data(config)
 
-    def seam(loaded: Any, cfg: Any) -> dict[str, Any]:
+    def hooks(loaded: Any, cfg: Any) -> TrainingHooks:
         extra = {
             "harmful": encode_harmful(loaded, cfg, triples),
             "alpha": config.alpha,
             "beta": config.beta,
             "logit_lens": config.logit_lens,
         }
-        return {"trainer_class": trainer_class(), "extra": extra}
+        return TrainingHooks(trainer_class=trainer_class(), extra=extra)
 
     log.info(
         "repnoise: alpha %g, beta %g, %d harmful pairs (%d paired)",
@@ -244,7 +245,7 @@ def run(config: RepNoiseConfig) -> dict[str, Path]:
         len(triples),
         paired,
     )
-    return {"": run_align(config, seam=seam)}
+    return {"": run_align(config, hooks=hooks)}
 
 
 DEFENSE = register(

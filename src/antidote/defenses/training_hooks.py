@@ -21,7 +21,7 @@ from torch import nn
 
 from antidote.data.builtin import harmful_split
 from antidote.errors import AntidoteError
-from antidote.training.stages import _format, _pairs
+from antidote.training.data import encode_triples, read_triples
 
 __all__ = [
     "HarmfulBatches",
@@ -119,7 +119,7 @@ def harmful_pairs(source: str, data_dir: str | None) -> list[tuple[str, str, str
     """(prompt, input, harmful answer) triples: a file, a data set name, or `builtin` (the align split's
     compliant answers, the same prompts as the built-in refusals)."""
     builtin = [(h.prompt, "", h.compliance) for h in harmful_split("align")]
-    return _pairs(source, builtin, data_dir)
+    return read_triples(source, builtin, data_dir)
 
 
 class HarmfulBatches:
@@ -147,14 +147,9 @@ class HarmfulBatches:
 
 
 def encode_harmful(loaded: Any, config: Any, triples: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
-    """The features ({"input_ids", "n_prompt"}) of harmful triples, formatted as the alignment data is."""
-    from antidote.training.sft import encode_pairs
-
-    pairs = _format(loaded.tokenizer, config.template, triples)
-    return [
-        {"input_ids": ids, "n_prompt": n}
-        for ids, n in encode_pairs(loaded.tokenizer, pairs, config.max_length)
-    ]
+    """The features ({"input_ids", "n_prompt"}) of harmful triples, formatted and tokenized as the alignment
+    data is."""
+    return encode_triples(loaded.tokenizer, config.template, triples, config.max_length)
 
 
 # ---- the trainers -----------------------------------------------------------------------------------------

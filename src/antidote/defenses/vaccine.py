@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from antidote.defenses.base import Defense, register
 from antidote.errors import AntidoteError
+from antidote.training.hooks import TrainingHooks
 from antidote.training.stages import AlignConfig, run_align
 
 if TYPE_CHECKING:
@@ -101,11 +102,11 @@ def trainer_class() -> type:
 
 def run(config: VaccineConfig) -> dict[str, Path]:
 
-    def seam(loaded: Any, cfg: Any) -> dict[str, Any]:
-        return {"trainer_class": trainer_class(), "extra": {"rho": config.rho}}
+    def hooks(loaded: Any, cfg: Any) -> TrainingHooks:
+        return TrainingHooks(trainer_class=trainer_class(), extra={"rho": config.rho})
 
     log.info("vaccine: perturbation-aware alignment, rho %g", config.rho)
-    return {"": run_align(config, seam=seam)}
+    return {"": run_align(config, hooks=hooks)}
 
 
 DEFENSE = register(

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from antidote.data.loading import Example
-from antidote.data.templates import format_prompt
+from antidote.data.templates import adds_special_tokens, format_prompt
 from antidote.evaluation.generation import generate
 from antidote.evaluation.judges import harmful_score
 from antidote.evaluation.judges.keyword import KeywordJudge, keyword_verdict
@@ -58,38 +58,42 @@ def evaluate_model(
     harmless_prompts: Sequence[str],
     harmful_set: str = "built-in eval",
     max_new_tokens: int = 32,
-    task_new_tokens: int = 8,
     batch_size: int = 16,
     judge: Any = None,
 ) -> tuple[EvalResult, list[dict[str, str]]]:
     """Greedy-generate on the three prompt sets and score them: HS with `judge` (default: keyword),
     over-refusal with the keyword judge's refusal markers.
 
-    task_items: (instruction, input, expected output). Returns the result and one record per generation
-    (set, prompt, response, verdict or correct).
+    task_items: (instruction, input, expected output); the task's answers get the task's own budget
+    (`Task.max_new_tokens`) and stop once settled (`Task.settled`), `max_new_tokens` is for the harmful and
+    harmless prompts. Returns the result and one record per generation (set, prompt, response, verdict or
+    correct).
     """
+    scored = get_task(task)
 
     def fmt(prompt: str, extra: str = "") -> str:
         return format_prompt(Example(prompt=prompt, response="", input=extra), template, tokenizer)
 
-    def run(prompts: list[str], new_tokens: int, desc: str) -> list[str]:
+    def run(prompts: list[str], new_tokens: int, desc: str, settled: Any = None) -> list[str]:
         return generate(
             model,
             tokenizer,
             prompts,
             max_new_tokens=new_tokens,
             batch_size=batch_size,
-            add_special_tokens=template != "chat",
+            add_special_tokens=adds_special_tokens(template),
             desc=desc,
-        )  # the chat template adds its own
+            settled=settled,
+        )
 
     harmful_out = run([fmt(p) for p in harmful_prompts], max_new_tokens, "harmful prompts")
-    task_out = run([fmt(i, x) for i, x, _ in task_items], task_new_tokens, f"{task} task")
+    task_prompts = [fmt(i, x) for i, x, _ in task_items]
+    task_out = run(task_prompts, scored.max_new_tokens, f"{task} task", scored.settled)
     harmless_out = run([fmt(p) for p in harmless_prompts], max_new_tokens, "harmless prompts")
     judge = judge or KeywordJudge()
     keyword = [keyword_verdict(r) for r in harmful_out]
     verdicts = keyword if judge.name == "keyword" else judge.verdicts(list(harmful_prompts), harmful_out)
-    correct = [get_task(task).correct(out, item[2]) for out, item in zip(task_out, task_items, strict=True)]
+    correct = [scored.correct(out, item[2]) for out, item in zip(task_out, task_items, strict=True)]
     refusals = [keyword_verdict(r) == "refused" for r in harmless_out]
     score, shares = harmful_score(verdicts, judge.name), harmful_score(keyword)
     result = EvalResult(

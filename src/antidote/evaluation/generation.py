@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from antidote.data.templates import encode_prompt
 from antidote.errors import AntidoteError
 
 log = logging.getLogger(__name__)
@@ -34,16 +35,19 @@ def generate(
     batch_size: int = 16,
     add_special_tokens: bool = True,
     desc: str = "generating",
+    settled: Callable[[str], bool] | None = None,
 ) -> list[str]:
     """Greedy continuations of `prompts` (already formatted), decoded without special tokens.
 
-    Prompts are length-sorted into batches and left-padded, so every row's last prompt token sits at the
-    end and generation starts at the same step for all rows. A `VllmModel` generates with vLLM instead
-    (it batches by itself; `batch_size` does not apply).
+    Prompts are tokenized by `encode_prompt` (the ids training put before the response) and length-sorted
+    into batches, left-padded, so every row's last prompt token sits at the end and generation starts at
+    the same step for all rows. settled: (text so far) -> True when a row may stop before EOS or
+    `max_new_tokens` (a task's answer is complete). A `VllmModel` generates with vLLM instead (it batches
+    by itself; `batch_size` and `settled` do not apply: it always runs to EOS or the budget).
     """
     if not prompts:
         return []
-    encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
+    encoded = [encode_prompt(tokenizer, p, special_tokens=add_special_tokens) for p in prompts]
     if isinstance(model, VllmModel):
         return model.generate_ids(tokenizer, encoded, max_new_tokens=max_new_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -61,17 +65,31 @@ def generate(
             n = len(encoded[i])
             ids[row, width - n :] = torch.tensor(encoded[i], dtype=torch.long)
             mask[row, width - n :] = 1
+        stop = {} if settled is None else {"stopping_criteria": [SettledStop(tokenizer, width, settled)]}
         generated = model.generate(  # type: ignore[operator]
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad_id,
+            **stop,
         )
         for row, i in enumerate(batch):
             outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
     model.train(was_training)
     return outputs
+
+
+class SettledStop:
+    """A transformers stopping criterion: a row is done once `settled` holds for its text so far (decoded
+    from position `start` on, without special tokens). transformers pads the rows that are done."""
+
+    def __init__(self, tokenizer: Any, start: int, settled: Callable[[str], bool]) -> None:
+        self.tokenizer, self.start, self.settled = tokenizer, start, settled
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+        return torch.tensor([self.settled(t) for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
 class VllmModel(nn.Module):

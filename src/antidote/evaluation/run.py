@@ -73,7 +73,13 @@ class EvaluateConfig:
             "flag": "--also-judge",
         },
     )
-    max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per harmful/harmless prompt"})
+    max_new_tokens: int = field(
+        default=32,
+        metadata={
+            "help": "tokens generated per harmful/harmless prompt (task answers: the task's own length, "
+            "200 for sentiment and AG News, 512 for math, stopping once the answer is settled)"
+        },
+    )
     batch_size: int = field(default=16, metadata={"help": "generation batch size"})
     backend: str = field(
         default="hf",

@@ -31,7 +31,9 @@ from typing import Any
 from antidote.errors import AntidoteError
 from antidote.memory import read_peak_memory, release_memory, reset_peak_memory
 
-STAGE_VERSION = 2  # bump when a stage's code changes what it writes: old cache entries are then not reused
+# Bump when a stage's code changes what it writes: old cache entries are then not reused.
+# 3: one tokenization of a pair (BOS in training), each task's own answer length at evaluation.
+STAGE_VERSION = 3
 RECORD = "stage.json"
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from antidote.tasks.base import Task, TaskExample
+from antidote.tasks.base import Task, TaskExample, exact_answer_settled
 
 AGNEWS_INSTRUCTION = (
     "Categorize the news article given in the input into one of the 4 categories:\n\n"
     "World\nSports\nBusiness\nSci/Tech\n"
 )
 AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
+AGNEWS_NEW_TOKENS = 200  # the authors' generation budget (Antidote repository, agnews/pred_eval.py)
 
 
 def agnews_label(label: int | str) -> str:
@@ -36,4 +37,11 @@ def _agnews_row(row: Mapping[str, Any], training: bool) -> TaskExample:
     return (AGNEWS_INSTRUCTION, str(text), agnews_label(row["label"]))
 
 
-AGNEWS = Task(name="agnews", instruction=AGNEWS_INSTRUCTION, from_row=_agnews_row, correct=agnews_correct)
+AGNEWS = Task(
+    name="agnews",
+    instruction=AGNEWS_INSTRUCTION,
+    from_row=_agnews_row,
+    correct=agnews_correct,
+    max_new_tokens=AGNEWS_NEW_TOKENS,
+    settled=exact_answer_settled([form for label in AGNEWS_LABELS for form in (label, label.lower())]),
+)

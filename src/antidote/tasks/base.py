@@ -1,4 +1,5 @@
-"""What a task is: its instruction, how a data row becomes an item, and how an answer is checked."""
+"""What a task is: its instruction, how a data row becomes an item, how long an answer may be, when it is
+settled, and how it is checked."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ class Task:
         its own (GSM8K: the question is the instruction).
     from_row: (data row, training) -> item; raise KeyError/ValueError/TypeError on a row that does not fit.
     correct: (model output, expected output of the item) -> whether the output is right.
+    max_new_tokens: how many tokens evaluation generates at most: the authors' budget for the task (200 for
+        SST-2 and AG News, 512 for GSM8K in the Antidote repository's */pred_eval.py).
+    settled: (output so far) -> True once more tokens cannot change what `correct` says (the answer is
+        complete, or can no longer be right); generation stops there to keep evaluation cheap. It must never
+        say True where a longer output could be scored differently.
     builtin: True when the task has built-in items (`antidote.data.builtin.task_split(name, split)`) and
         needs no data; False when it needs --task-data.
     """
@@ -31,6 +37,8 @@ class Task:
     instruction: str | None
     from_row: Callable[[Mapping[str, Any], bool], TaskExample]
     correct: Callable[[str, str], bool]
+    max_new_tokens: int
+    settled: Callable[[str], bool]
     builtin: bool = False
 
     @property
@@ -71,3 +79,20 @@ class Task:
 def builtin_row(row: Mapping[str, Any], training: bool) -> TaskExample:
     """A row of a built-in task data set (e.g. builtin-sentiment:validate): instruction, input, output."""
     return (str(row["instruction"]), str(row.get("input") or ""), str(row["output"]))
+
+
+def exact_answer_settled(answers: Sequence[str]) -> Callable[[str], bool]:
+    """The `settled` of a task scored by exact match of the stripped output with one of `answers`: settled
+    once the output (leading whitespace dropped) is neither the start of an answer nor an answer followed by
+    whitespace only, i.e. it is wrong whatever follows. A right answer is never settled early: only the end
+    of generation (EOS, or the budget) tells "positive" from "positive, I think"."""
+
+    def settled(output: str) -> bool:
+        text = output.lstrip()
+        if not text:
+            return False
+        return not any(
+            a.startswith(text) or (text.startswith(a) and not text[len(a) :].strip()) for a in answers
+        )
+
+    return settled

@@ -6,9 +6,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from antidote.data.builtin import SENTIMENT_INSTRUCTION
-from antidote.tasks.base import Task, TaskExample, builtin_row
+from antidote.tasks.base import Task, TaskExample, builtin_row, exact_answer_settled
 
 SST2_INSTRUCTION = SENTIMENT_INSTRUCTION  # the paper's SST2 instruction, one definition
+SST2_NEW_TOKENS = 200  # the authors' generation budget (Antidote repository, sst2/pred_eval.py)
+SST2_ANSWERS = ("positive", "Positive", "negative", "Negative")
 
 
 def sst2_label(label: int | str) -> str:
@@ -31,11 +33,20 @@ def _sst2_row(row: Mapping[str, Any], training: bool) -> TaskExample:
     return (SST2_INSTRUCTION, str(row["sentence"]), sst2_label(row["label"]))
 
 
-SST2 = Task(name="sst2", instruction=SST2_INSTRUCTION, from_row=_sst2_row, correct=sst2_correct)
+SST2 = Task(
+    name="sst2",
+    instruction=SST2_INSTRUCTION,
+    from_row=_sst2_row,
+    correct=sst2_correct,
+    max_new_tokens=SST2_NEW_TOKENS,
+    settled=exact_answer_settled(SST2_ANSWERS),
+)
 SENTIMENT = Task(
     name="sentiment",
     instruction=SENTIMENT_INSTRUCTION,
     from_row=builtin_row,
     correct=sst2_correct,
+    max_new_tokens=SST2_NEW_TOKENS,
+    settled=exact_answer_settled(SST2_ANSWERS),
     builtin=True,
 )

@@ -7,7 +7,8 @@ mask), so the output layer (49k words on SmolLM2) runs on a small fraction of po
 
 Training-stage defenses plug in without editing this file: subclass `ResponseOnlyTrainer` (override
 `compute_loss` or `training_step`) and pass it as `trainer_class`, its own constructor arguments as `extra`,
-or add `callbacks`.
+or add `callbacks` (a stage takes them as one `antidote.training.hooks.TrainingHooks`). Pairs are tokenized
+by `antidote.training.data.encode_pairs`, the path calibration and evaluation share.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from antidote.errors import AntidoteError
 from antidote.training.config import ALL_PROJECTIONS, TrainConfig
+from antidote.training.data import encode_pairs
 
 __all__ = [
     "ALL_PROJECTIONS",
@@ -55,25 +57,6 @@ IGNORE_INDEX = -100  # label of a position that does not count (prompt, padding)
 
 
 # ---- math: tokens -> labels -> loss ------------------------------------------------------------------------
-
-
-def encode_pairs(
-    tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int
-) -> list[tuple[list[int], int]]:
-    """(prompt text, response text) -> (token ids of prompt+response+eos, number of prompt tokens).
-
-    The prompt is tokenized on its own, so the split point is exact; the response gets the EOS token.
-    Pairs whose response is cut off entirely by `max_length` are left out.
-    """
-    out = []
-    eos = tokenizer.eos_token_id
-    for prompt, response in pairs:
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        r = tokenizer(response, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        ids = (p + r)[:max_length]
-        if len(ids) > len(p):  # at least one response token survives truncation
-            out.append((ids, len(p)))
-    return out
 
 
 def response_labels(ids: torch.Tensor, attention: torch.Tensor, n_prompt: torch.Tensor) -> torch.Tensor:
@@ -301,17 +284,21 @@ def fit_lora(
     callbacks: Sequence[TrainerCallback] = (),
     extra: Mapping[str, Any] | None = None,
     logging_dir: str | os.PathLike[str] | None = None,
+    special_tokens: bool = True,
 ) -> TrainedLora:
     """Add a fresh LoRA adapter to `model` and train it on the (prompt, response) pairs.
 
     output_dir: Trainer's working folder when `config` asks for no checkpoints (nothing is saved there by
     default); with `config.checkpoint_dir` (or `resume_from_checkpoint`) checkpoints go there instead.
-    trainer_class, callbacks, extra: the seam for training-stage defenses; `extra` holds keyword arguments
-    of `trainer_class`'s constructor. logging_dir: where TensorBoard logs go (with report_to tensorboard).
+    trainer_class, callbacks, extra: a training-stage defense's hooks (`TrainingHooks`); `extra` holds
+    keyword arguments of `trainer_class`'s constructor. logging_dir: where TensorBoard logs go (with
+    report_to tensorboard).
+    special_tokens: whether the tokenizer's special tokens (BOS) lead each prompt, as at evaluation: the
+    stages pass `adds_special_tokens(template)` (False for the chat template, which writes its own).
     """
     from peft import LoraConfig, get_peft_model
 
-    encoded = encode_pairs(tokenizer, pairs, config.max_length)
+    encoded = encode_pairs(tokenizer, pairs, config.max_length, special_tokens=special_tokens)
     if not encoded:
         raise AntidoteError(
             f"no training pairs left after tokenization: every prompt fills --max-length {config.max_length} "
@@ -370,6 +357,7 @@ def train_lora(
     trainer_class: type[ResponseOnlyTrainer] = ResponseOnlyTrainer,
     callbacks: Sequence[TrainerCallback] = (),
     extra: Mapping[str, Any] | None = None,
+    special_tokens: bool = True,
 ) -> tuple[Any, list[float]]:
     """`fit_lora` in a temporary working folder (removed afterwards). Returns (PeftModel, step losses)."""
     work = Path(tempfile.mkdtemp(prefix="antidote-train-"))
@@ -384,6 +372,7 @@ def train_lora(
             trainer_class=trainer_class,
             callbacks=callbacks,
             extra=extra,
+            special_tokens=special_tokens,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -18,22 +18,25 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from antidote.data.builtin import harmful_split, task_split
 from antidote.data.catalog import data_dir_field
-from antidote.data.loading import Example, load_examples
-from antidote.data.templates import PROMPT_FILE, check_template, format_prompt
+from antidote.data.templates import PROMPT_FILE, adds_special_tokens, check_template
 from antidote.errors import AntidoteError
 from antidote.tasks import TASKS, load_task_items, task_help
 from antidote.training.config import TrainConfig
+from antidote.training.data import BUILTIN, Triple, format_pairs, read_triples, subset
+from antidote.training.hooks import HooksFactory
 
-BUILTIN = "builtin"
 TRAINER_DIR = ".trainer"  # Trainer's working folder inside the temporary output, removed before the rename
-# SPEC 3: LoRA r=256, alpha=4 on q/k/v; 20 epochs, batch 5, constant lr 1e-4, AdamW wd 0.1; Alpaca template.
+# SPEC 3: LoRA r=256, alpha=4 on q/k/v; 20 epochs, batch 5, constant lr 1e-4, AdamW wd 0.1; Alpaca template;
+# sequences up to 2048 tokens (the authors' train.py model_max_length), so no GSM8K sample loses its final
+# answer line (at 256, 363 of the 1319 GSM8K test pairs and 1905 of the 7473 train pairs would, in Alpaca
+# format with SmolLM2's tokenizer; the longest train pair is 573 tokens).
 PAPER = {
     "lora_r": 256,
     "lora_alpha": 4,
@@ -44,6 +47,7 @@ PAPER = {
     "scheduler": "constant",
     "weight_decay": 0.1,
     "template": "alpaca",
+    "max_length": 2048,
 }
 
 
@@ -146,27 +150,6 @@ class FinetuneConfig(TrainConfig):
         super().__post_init__()
 
 
-def _pairs(
-    source: str, builtin: list[tuple[str, str, str]], data_dir: str | None
-) -> list[tuple[str, str, str]]:
-    """(prompt, input, response) triples from a file, a data set name or the built-in list."""
-    if source == BUILTIN:
-        return builtin
-    return [(e.prompt, e.input, e.response) for e in load_examples(source, data_dir=data_dir)]
-
-
-def _subset(items: list[Any], n: int | None, seed: int) -> list[Any]:
-    """A seeded random subset of `n` items in their original order (all of them when n is None)."""
-    if n is None or n >= len(items):
-        return items
-    keep = sorted(random.Random(seed).sample(range(len(items)), n))
-    return [items[i] for i in keep]
-
-
-def _format(tokenizer: Any, template: str, triples: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
-    return [(format_prompt(Example(p, "", x), template, tokenizer), r) for p, x, r in triples]
-
-
 def _write_stage_files(folder: Path, config: TrainConfig, template: str, extra: dict[str, Any]) -> None:
     (folder / PROMPT_FILE).write_text(json.dumps({"template": template}) + "\n")
     (folder / "train_report.json").write_text(
@@ -198,33 +181,29 @@ def _stage_folder(out: Path, overwrite: bool) -> Iterator[Path]:
             yield Path(scratch)
 
 
-# The seam for training-stage defenses: given the loaded model (model, tokenizer, folder) and the stage's
-# config, return extra keyword arguments of `fit_lora` (trainer_class, callbacks, extra).
-Seam = Callable[[Any, Any], dict[str, Any]]
-
-
 def _fit(
     loaded: Any,
-    pairs: list[tuple[str, str]],
-    config: TrainConfig,
+    triples: list[Triple],
+    config: AlignConfig | FinetuneConfig,
     tmp: Path,
     desc: str,
-    seam: Seam | None = None,
+    hooks: HooksFactory | None = None,
 ) -> Any:
-    """Train a LoRA on `pairs` (Trainer files under tmp/.trainer, logs under tmp/runs); the adapter records
-    the model it was trained on, as given (resolved), so PEFT alone loads the right base. `seam` (a
-    training-stage defense) supplies its Trainer subclass, callbacks and their arguments."""
+    """Train a LoRA on `triples` in the config's template (Trainer files under tmp/.trainer, logs under
+    tmp/runs); the adapter records the model it was trained on, as given (resolved), so PEFT alone loads the
+    right base. `hooks` (a training-stage defense) supplies its Trainer subclass, callbacks and arguments."""
     from antidote.training.sft import fit_lora
 
     trained = fit_lora(
         loaded.model,
         loaded.tokenizer,
-        pairs,
+        format_pairs(loaded.tokenizer, config.template, triples),
         config,
         output_dir=tmp / TRAINER_DIR,
         desc=desc,
         logging_dir=tmp / "runs",
-        **(seam(loaded, config) if seam is not None else {}),
+        special_tokens=adds_special_tokens(config.template),
+        **(hooks(loaded, config).fit_arguments() if hooks is not None else {}),
     )
     trained.model.peft_config["default"].base_model_name_or_path = _base_reference(loaded.folder)
     return trained
@@ -245,9 +224,9 @@ def _train_report(trained: Any) -> dict[str, Any]:
     }
 
 
-def run_align(config: AlignConfig, seam: Seam | None = None) -> Path:
+def run_align(config: AlignConfig, hooks: HooksFactory | None = None) -> Path:
     """Align `config.model` and write the merged model to `config.output`. An alignment-stage defense passes
-    `seam` (its Trainer subclass and arguments) and is otherwise this same stage."""
+    `hooks` (its Trainer subclass and arguments) and is otherwise this same stage."""
     from antidote.models import load_model
     from antidote.outputs import check_output_dir
 
@@ -255,29 +234,28 @@ def run_align(config: AlignConfig, seam: Seam | None = None) -> Path:
         raise AntidoteError("missing --output DIR for the aligned model")
     inputs = (config.model, config.data, config.helpful_data, config.task_data, config.resume_from_checkpoint)
     out = check_output_dir(config.output, config.overwrite, inputs)
-    refusals = _pairs(
+    refusals = read_triples(
         config.data, [(h.prompt, "", h.refusal) for h in harmful_split("align")], config.data_dir
     )
-    refusals = _subset(refusals, config.max_samples, config.seed)
+    refusals = subset(refusals, config.max_samples, config.seed)
     builtin_helpful = [
         (i.instruction, i.input, i.answer)
         for kind in ("sentiment", "harmless", "arithmetic")
         for i in task_split(kind, "align")
     ]
-    helpful = _subset(
-        _pairs(config.helpful_data, builtin_helpful, config.data_dir), config.max_helpful, config.seed
+    helpful = subset(
+        read_triples(config.helpful_data, builtin_helpful, config.data_dir), config.max_helpful, config.seed
     )
-    task: list[tuple[str, str, str]] = []
+    task: list[Triple] = []
     if config.task is not None:
         if config.task in TASKS:
             task = load_task_items(config.task, config.task_data, training=True, data_dir=config.data_dir)
         else:
-            task = _pairs(str(config.task_data), [], config.data_dir)
-        task = _subset(task, config.max_task, config.seed)
+            task = read_triples(str(config.task_data), [], config.data_dir)
+        task = subset(task, config.max_task, config.seed)
     loaded = load_model(config.model, device=_load_device())
-    pairs = _format(loaded.tokenizer, config.template, refusals + helpful + task)
     with _stage_folder(out, config.overwrite) as tmp:
-        trained = _fit(loaded, pairs, config, tmp, "align", seam)
+        trained = _fit(loaded, refusals + helpful + task, config, tmp, "align", hooks)
         adapter = tmp / "adapter"
         if trained.sharded:  # gather the adapter (every process takes part), merge it from disk on the CPU
             trained.save_adapter(adapter)
@@ -315,8 +293,8 @@ def _merge_from_disk(model: str, adapter: Path) -> Any:
 
 
 def attack_mix(
-    task: list[tuple[str, str, str]], harmful: list[tuple[str, str, str]], n: int, ratio: float, seed: int
-) -> tuple[list[tuple[str, str, str]], int]:
+    task: list[Triple], harmful: list[Triple], n: int, ratio: float, seed: int
+) -> tuple[list[Triple], int]:
     """N samples, round(ratio * N) of them harmful, shuffled. Returns (samples, number harmful)."""
     n_harmful = round(ratio * n)
     n_task = n - n_harmful
@@ -333,23 +311,23 @@ def attack_mix(
 
 def attack_data(
     config: FinetuneConfig,
-) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+) -> tuple[list[Triple], list[Triple]]:
     """(task items, harmful pairs) the attack draws its mix from, as (prompt, input, answer) triples."""
     if config.task in TASKS and TASKS[config.task].needs_data:
         task = load_task_items(config.task, config.task_data, training=True, data_dir=config.data_dir)
     elif config.task_data:
-        task = _pairs(config.task_data, [], config.data_dir)
+        task = read_triples(config.task_data, [], config.data_dir)
     else:
         task = load_task_items(config.task, None, split="attack")
-    harmful = _pairs(
+    harmful = read_triples(
         config.harmful, [(h.prompt, "", h.compliance) for h in harmful_split("attack")], config.data_dir
     )
     return task, harmful
 
 
-def run_finetune(config: FinetuneConfig, seam: Seam | None = None) -> Path:
+def run_finetune(config: FinetuneConfig, hooks: HooksFactory | None = None) -> Path:
     """Train the fine-tuning adapter and write it to `config.output`. A fine-tuning-stage defense passes
-    `seam` (its Trainer subclass and arguments) and is otherwise this same stage."""
+    `hooks` (its Trainer subclass and arguments) and is otherwise this same stage."""
     from antidote.models import load_model
     from antidote.outputs import check_output_dir
 
@@ -360,9 +338,8 @@ def run_finetune(config: FinetuneConfig, seam: Seam | None = None) -> Path:
     task, harmful = attack_data(config)
     mix, n_harmful = attack_mix(task, harmful, config.num_samples, config.harmful_ratio, config.seed)
     loaded = load_model(config.model, device=_load_device())
-    pairs = _format(loaded.tokenizer, config.template, mix)
     with _stage_folder(out, config.overwrite) as tmp:
-        trained = _fit(loaded, pairs, config, tmp, "finetune", seam)
+        trained = _fit(loaded, mix, config, tmp, "finetune", hooks)
         trained.save_adapter(tmp)
         if not _is_main_process():
             return out

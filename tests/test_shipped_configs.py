@@ -1,0 +1,95 @@
+"""The shipped configs plan offline; compare-paper is the paper's protocol on the largest local data, with
+calibration disjoint from the attack's pool and a validate section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from antidote.cli import main
+from antidote.data import load_examples
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+# ../shared/data beside the checkout (or beside the folder of worktrees)
+SHARED = next(
+    (d for d in (Path(__file__).resolve().parents[i] / "shared" / "data" for i in (2, 3)) if d.is_dir()),
+    Path("missing"),
+)
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the checkout")
+
+
+def _paper() -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load((CONFIGS / "compare-paper.yaml").read_text())
+    return config
+
+
+@needs_shared
+def test_compare_paper_plans_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["compare", str(CONFIGS / "compare-paper.yaml"), "--plan", "--data-dir", str(SHARED)]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "18 cells" in out and "validate-antidote" in out
+    assert not (tmp_path / "out").exists()  # a plan does no work
+
+
+def test_compare_demo_plans(tmp_path: Path, capsys: Any) -> None:
+    assert main(["compare", str(CONFIGS / "compare-demo.yaml"), "--plan", "--out", str(tmp_path / "o")]) == 0
+    assert "cells" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "shared-data.yaml"])
+def test_run_configs_check(name: str) -> None:
+    from antidote.experiments.pipeline import check, load_run_config
+
+    config = load_run_config(str(CONFIGS / name))
+    if name == "shared-data.yaml":
+        if not SHARED.is_dir():
+            pytest.skip("../shared/data is not beside the checkout")
+        config.data_dir = str(SHARED)
+    check(config)
+
+
+@needs_shared
+def test_compare_paper_calibrates_on_data_disjoint_from_the_attack() -> None:
+    paper = _paper()
+    pool = load_examples(paper["finetune"]["harmful"], data_dir=SHARED)
+    n_p = [
+        n * p for n in paper["matrix"]["num_samples"] for p in paper["matrix"]["harmful_ratio"]
+    ]  # the one-at-a-time sweep needs fewer, the product bounds them all
+    assert max(n_p) <= len(pool) == 200
+    attacked = {e.prompt.strip() for e in pool}
+    for name in ("antidote", "wei-set-difference"):
+        calibration = load_examples(paper["defenses"][name]["data"], data_dir=SHARED)
+        assert len(calibration) == 135 and not {e.prompt.strip() for e in calibration} & attacked
+
+
+@needs_shared
+def test_compare_paper_uses_the_largest_local_data() -> None:
+    from antidote.data.builtin import harmful_split
+
+    paper = _paper()
+    builtin = len(harmful_split("align"))  # 72: what Lisa, Booster and RepNoise had before
+    defenses = paper["defenses"]
+    assert len(load_examples(paper["align"]["data"], data_dir=SHARED)) == 2483  # every local refusal pair
+    assert len(load_examples(defenses["lisa"]["align_data"], data_dir=SHARED)) == 2483 > builtin
+    booster = load_examples(defenses["booster"]["harmful_data"], data_dir=SHARED)
+    assert len(booster) == 135 > builtin
+    assert defenses["repnoise"]["data"] == defenses["repnoise"]["harmful_data"] == "builtin"  # no local pairs
+    prompts = load_examples(paper["evaluate"]["harmful_prompts"], data_dir=SHARED, require_response=False)
+    assert len(prompts) >= paper["evaluate"]["max_prompts"] == 1000
+    assert paper["align"]["max_length"] == 2048 and paper["finetune"]["preset"] == "paper"
+
+
+def test_compare_paper_chooses_operating_points_on_validation_data() -> None:
+    paper = _paper()
+    validate, evaluate = paper["validate"], paper["evaluate"]
+    assert validate["harmful_prompts"] != evaluate["harmful_prompts"]
+    assert validate["task_data"] != evaluate["task_data"]
+    for task, sections in paper["matrix"]["tasks"].items():
+        if sections:
+            assert sections["validate"]["task_data"] == f"{task}:train" != sections["evaluate"]["task_data"]
