@@ -369,11 +369,13 @@ def own_stages(defense: str, stage: str | None) -> tuple[list[str], list[str]]:
         return ["finetune"], ["align", "finetune"]
     if stage == "align":
         own = [f"align-{defense}", f"finetune-after-{defense}"]
-        return own, own
+        plain = ["align"] if "aligned" in {f.name for f in dataclasses.fields(get(defense).config)} else []
+        return own, plain + own
     if stage == "finetune":
         return [f"finetune-{defense}"], ["align", f"finetune-{defense}"]
     if stage == "post":
-        return [defense], ["align", "finetune", defense]
+        extra = [f"{defense}-unaligned"] if defense == "resta" else []
+        return [*extra, defense], ["align", "finetune", *extra, defense]
     return [], []
 
 
@@ -748,9 +750,11 @@ class _PlanRun(_Run):
     """The pipeline walked without building: a stage not built yet has no outputs, so its rows are stand-ins
     (a post defense not built yet counts as one variant)."""
 
-    def post_defense(self, defense: Any, aligned: Path, attack: Path, ft_key: str) -> list[_Model]:
+    def post_defense(
+        self, defense: Any, aligned: Path, attack: Path, ft_key: str, ft_cfg: Any, align_key: str
+    ) -> list[_Model]:
         try:
-            return super().post_defense(defense, aligned, attack, ft_key)
+            return super().post_defense(defense, aligned, attack, ft_key, ft_cfg, align_key)
         except FileNotFoundError:
             return [
                 _Model(f"{defense.name}@?", str(aligned), None, f"{ft_key}/{defense.name}", defense.name, "?")

@@ -316,11 +316,11 @@ class _Run:
         post: dict[str, list[_Model]] = {}
         for defense in self.defenses:
             if defense.stage == "align":
-                models.append(self.align_defense(defense, ft_cfg))
+                models.append(self.align_defense(defense, ft_cfg, aligned, align_key))
             elif defense.stage == "finetune":
                 models.append(self.finetune_defense(defense, aligned, align_key))
             else:
-                post[defense.name] = self.post_defense(defense, aligned, attack, ft_key)
+                post[defense.name] = self.post_defense(defense, aligned, attack, ft_key, ft_cfg, align_key)
 
         summary: dict[str, Any] = {"operating_points": {}}
         chosen: dict[str, str] = {}
@@ -357,13 +357,16 @@ class _Run:
         self.write(summary, models)
         return summary
 
-    def align_defense(self, defense: Defense, ft_cfg: Any) -> _Model:
-        """The defense's aligned model, then the same attack on it."""
+    def align_defense(self, defense: Defense, ft_cfg: Any, plain: Path, plain_key: str) -> _Model:
+        """The defense's aligned model, then the same attack on it. A defense whose config has `aligned`
+        (LoX) starts from the plain aligned model `plain` instead of aligning anew."""
         from antidote.training.stages import run_finetune
 
-        cfg = _defense_config(self.config, defense, {"model": self.config.model, "output": ""})
+        fixed = {"model": self.config.model, "aligned": str(plain), "output": ""}
+        cfg = _defense_config(self.config, defense, fixed)
+        upstream = plain_key if hasattr(cfg, "aligned") else None
         aligned, key = self.stage(
-            f"align-{defense.name}", cfg, None, lambda out: defense.run(replace(cfg, output=str(out)))
+            f"align-{defense.name}", cfg, upstream, lambda out: defense.run(replace(cfg, output=str(out)))
         )
         attack_cfg = replace(ft_cfg, model=str(aligned))
         attack, attack_key = self.stage(
@@ -381,13 +384,27 @@ class _Run:
         )
         return _Model(defense.name, str(aligned), str(attack), key, defense.name)
 
-    def post_defense(self, defense: Defense, aligned: Path, attack: Path, ft_key: str) -> list[_Model]:
+    def post_defense(
+        self, defense: Defense, aligned: Path, attack: Path, ft_key: str, ft_cfg: Any, align_key: str
+    ) -> list[_Model]:
+        from antidote.training.stages import run_finetune
+
         fixed = {"model": str(aligned), "adapter": str(attack), "base_model": self.config.model, "output": ""}
         cfg = _defense_config(self.config, defense, fixed)
+        upstream: Any = ft_key
+        if defense.extra_finetune is not None:  # e.g. RESTA's unaligned model: a cached stage of its own
+            name, extra_cfg = defense.extra_finetune(cfg, ft_cfg)
+            extra, extra_key = self.stage(
+                f"{defense.name}-{name}",
+                extra_cfg,
+                align_key,
+                lambda out: run_finetune(replace(extra_cfg, output=str(out))),
+            )
+            cfg, upstream = replace(cfg, **{name: str(extra)}), [ft_key, extra_key]
         folder, key = self.stage(
             defense.name,
             cfg,
-            ft_key,
+            upstream,
             lambda out: _record_variants(out, defense.run(replace(cfg, output=str(out)))),
         )
         variants = json.loads((folder / "variants.json").read_text())
