@@ -105,7 +105,7 @@ def test_in_a_run_the_attack_trains_on_the_extrapolated_aligned_model(tiny, tiny
     assert Path(lox["model_path"]).name.startswith("align-lox-")
     assert lox["adapter"] is not None and Path(lox["adapter"]).name.startswith("finetune-after-lox-")
     report = json.loads((Path(lox["model_path"]) / "lox_report.json").read_text())
-    assert report["aligned"] == attacked["model_path"]  # the plain alignment stage, reused
+    assert Path(report["aligned"]).name == Path(attacked["model_path"]).name  # the plain alignment, reused
     assert report["extrapolated"] and all(".layers." in name for name in report["extrapolated"])
     lox_weights = load_file(Path(lox["model_path"]) / "model.safetensors")
     plain = load_file(Path(attacked["model_path"]) / "model.safetensors")
