@@ -18,6 +18,7 @@ from antidote.defenses import get
 from antidote.errors import AntidoteError
 from conftest import make_model
 
+
 def defend(tiny: dict[str, Path], base: Path, out: Path, *options: str) -> dict[str, torch.Tensor]:
     argv = ["defend", "lox", str(base), "--aligned", str(tiny["model"])]
     assert main([*argv, "--output", str(out), *options]) == 0
@@ -28,7 +29,9 @@ def test_registered_as_a_data_free_alignment_stage_defense() -> None:
     defense = get("lox")
     assert defense.stage == "align"
     assert {"rank", "alpha", "weights", "lr", "data"} <= set(defense.options())  # and align's options
-    assert "aligned" in defense.config.__dataclass_fields__ and "aligned" not in defense.options()  # run sets it
+    assert (
+        "aligned" in defense.config.__dataclass_fields__ and "aligned" not in defense.options()
+    )  # run sets it
 
 
 def test_only_the_top_k_subspace_of_the_alignment_delta_changes(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -49,18 +49,25 @@ def defend(tiny: dict[str, Path], out: Path, *options: str) -> dict[str, torch.T
 def test_registered_as_a_data_free_post_defense() -> None:
     defense = get("resta")
     assert defense.stage == "post" and "data" not in defense.options()
-    assert {"gamma", "drop_rate", "dare_on", "seed", "unaligned", "unaligned_samples"} <= set(defense.options())
+    assert {"gamma", "drop_rate", "dare_on", "seed", "unaligned", "unaligned_samples"} <= set(
+        defense.options()
+    )
 
 
 def test_an_unaligned_adapter_gives_minus_its_update_as_the_safety_vector(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The unaligned model = the aligned model + the same adapter as the attack: V = -dW on the LoRA
     layers and 0 elsewhere, so gamma 1 gives back W_aligned exactly and gamma 0.25 keeps 3/4 of dW."""
-    finetuned, _, delta = weights_by_hand(tiny)
+    _, _, delta = weights_by_hand(tiny)
     aligned = load_file(tiny["model"] / "model.safetensors")
     argv = ["defend", "resta", str(tiny["model"]), "--adapter", str(tiny["adapter"])]
     for gamma in (1.0, 0.25):
         out_dir = tmp_path / f"out{gamma}"
-        assert main([*argv, "--unaligned", str(tiny["adapter"]), "--gamma", str(gamma), "--output", str(out_dir)]) == 0
+        assert (
+            main(
+                [*argv, "--unaligned", str(tiny["adapter"]), "--gamma", str(gamma), "--output", str(out_dir)]
+            )
+            == 0
+        )
         out = load_file(out_dir / "model.safetensors")
         for name, w in aligned.items():
             expected = w + (1 - gamma) * delta[name] if name in delta else w

@@ -89,13 +89,9 @@ def test_registered_as_a_post_defense_reading_safe_data() -> None:
 def test_kept_entries_fill_the_safety_budget_cheapest_first(tiny, safe_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     expected = by_hand(tiny, safe_data)
     first = expected["model.layers.0.self_attn.q_proj"]
-    rows, cols = first["delta"].shape
+    rows = first["delta"].shape[0]
     # An s whose budget is 30% of the first layer's total loss: some entries kept, not all.
-    s = (
-        0.3
-        * float(((first["delta"] ** 2) * first["cost"]).sum())
-        / (rows / 2 / 4096 * first["cost"].mean())
-    )
+    s = 0.3 * float(((first["delta"] ** 2) * first["cost"]).sum()) / (rows / 2 / 4096 * first["cost"].mean())
     out = tmp_path / "out"
     argv = [
         "defend",

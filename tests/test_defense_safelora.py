@@ -76,7 +76,9 @@ def test_projects_exactly_the_layers_at_or_below_the_threshold(tiny, tmp_path: P
     cos = sorted(e["cos"] for e in expected.values())
     assert len(cos) == 4 and cos[1] + 1e-3 < cos[2]  # distinct enough to put a threshold between
     threshold = (cos[1] + cos[2]) / 2
-    after = defend(tiny, tiny["reference"], tmp_path / "out", "--select", "threshold", "--threshold", str(threshold))
+    after = defend(
+        tiny, tiny["reference"], tmp_path / "out", "--select", "threshold", "--threshold", str(threshold)
+    )
     chosen = {m for m, e in expected.items() if e["cos"] <= threshold}
     assert len(chosen) == 2
     check_projected(expected, after, chosen)

@@ -80,7 +80,9 @@ def test_registered_as_a_post_defense_with_two_data_sets() -> None:
 
 
 @pytest.mark.parametrize("granularity", [None, "row"])
-def test_mask_is_the_set_difference_of_the_two_top_fractions(tiny, tmp_path: Path, granularity: str | None) -> None:  # type: ignore[no-untyped-def]
+def test_mask_is_the_set_difference_of_the_two_top_fractions(
+    tiny, tmp_path: Path, granularity: str | None
+) -> None:  # type: ignore[no-untyped-def]
     """granularity None: the defaults (whole-tensor top fractions over response-token activations);
     row: per-row top fractions over every token's activations."""
     out = tmp_path / "out"

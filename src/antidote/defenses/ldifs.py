@@ -2,8 +2,8 @@
 cure"): fine-tune on the user's data with a penalty on how far the model's internal features move from the
 aligned model's, on the same batch.
 
-Loss of a batch (ids, attention: (B, T)), as the harmful-fine-tuning comparison code runs it (git-disl/Antidote
-trainer.py, `LDIFSTrainer`, which the Antidote paper's LDIFS rows come from):
+Loss of a batch (ids, attention: (B, T)), as the harmful-fine-tuning comparison code runs it
+(git-disl/Antidote trainer.py, `LDIFSTrainer`, which the Antidote paper's LDIFS rows come from):
     CE_response(w) + sum_l [ rho/2 * d_l  if rho/2 * d_l < cap  else 0 ]
     d_l = sum_{b, t real} ||MLP_out_l(w)[b, t] - MLP_out_l(w_aligned)[b, t]||^2
 MLP_out_l is the output (B, T, D) of decoder layer l's `mlp` module (every layer by default, or `layers`).
@@ -68,7 +68,9 @@ def layer_distances(
     """d_l per layer: the sum over real positions (b, t) and dimensions of (current[l] - reference[l])^2,
     each a 0-dim float32 tensor (differentiable through `current`). Shapes as `feature_distance`."""
     keep = attention.float()
-    return [((c.float() - r.float()).pow(2).sum(-1) * keep).sum() for c, r in zip(current, reference, strict=True)]
+    return [
+        ((c.float() - r.float()).pow(2).sum(-1) * keep).sum() for c, r in zip(current, reference, strict=True)
+    ]
 
 
 def ldifs_penalty(distances: Sequence[torch.Tensor], rho: float, cap: float) -> torch.Tensor:
@@ -77,7 +79,7 @@ def ldifs_penalty(distances: Sequence[torch.Tensor], rho: float, cap: float) -> 
 
     terms = [rho / 2 * d for d in distances]
     kept = [t for t in terms if cap <= 0 or float(t.detach()) < cap]
-    return sum(kept, torch.zeros((), device=distances[0].device))  # type: ignore[return-value]
+    return sum(kept, torch.zeros((), device=distances[0].device))
 
 
 def mlp_modules(model: Any, layers: Sequence[int] | None) -> dict[str, Any]:
@@ -129,8 +131,8 @@ def trainer_class() -> type:
     from antidote.training.sft import ResponseOnlyTrainer
 
     class LDIFSTrainer(ResponseOnlyTrainer):
-        """`ResponseOnlyTrainer` whose loss adds `ldifs_penalty` of the distances between the MLP outputs of the
-        trained model and of the same model with its adapter off (the aligned model)."""
+        """`ResponseOnlyTrainer` whose loss adds `ldifs_penalty` of the distances between the MLP outputs of
+        the trained model and of the same model with its adapter off (the aligned model)."""
 
         def __init__(
             self, *args: Any, rho: float, layers: Sequence[int] | None, layer_cap: float = 0.1, **kwargs: Any
@@ -225,7 +227,9 @@ class LDIFSConfig(FinetuneConfig):
 def run(config: LDIFSConfig) -> dict[str, Path]:
     def seam(loaded: Any, cfg: LDIFSConfig) -> dict[str, Any]:
         mlp_modules(loaded.model, cfg.layer_indices)  # a --layers the model lacks: an error before training
-        return {"trainer_class": trainer_class(), "extra": {"rho": cfg.rho, "layers": cfg.layer_indices, "layer_cap": cfg.layer_cap},
+        return {
+            "trainer_class": trainer_class(),
+            "extra": {"rho": cfg.rho, "layers": cfg.layer_indices, "layer_cap": cfg.layer_cap},
         }
 
     return {"": run_finetune(config, seam=seam)}

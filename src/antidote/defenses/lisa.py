@@ -177,8 +177,10 @@ class LisaConfig(FinetuneConfig):
     )
     align_steps: int = field(
         default=5,
-        metadata={"help": "alignment steps per cycle (the paper: 100 of every 1000); at least 2 for the "
-                  "proximal term to act in alignment phases"},
+        metadata={
+            "help": "alignment steps per cycle (the paper: 100 of every 1000); at least 2 for the "
+            "proximal term to act in alignment phases"
+        },
     )
     finetune_steps: int = field(
         default=45, metadata={"help": "user-data steps per cycle (the paper: 900 of every 1000)"}

@@ -166,7 +166,9 @@ def run(config: LoXConfig) -> dict[str, Path]:
         base = load_model(config.model, device="cpu", with_tokenizer=False)
         changed = extrapolate(aligned.model, base.model, config)
         del base
-        log.info("lox: extrapolated the top-%d subspace of %d weights' alignment delta", config.rank, len(changed))
+        log.info(
+            "lox: extrapolated the top-%d subspace of %d weights' alignment delta", config.rank, len(changed)
+        )
         report = {
             "method": "lox",
             "aligned": aligned_spec if config.aligned else "aligned here",
@@ -174,7 +176,7 @@ def run(config: LoXConfig) -> dict[str, Path]:
             "config": dataclasses.asdict(config),
         }
         with atomic_output_dir(out, config.overwrite) as tmp:
-            aligned.model.save_pretrained(tmp)
+            aligned.model.save_pretrained(tmp)  # type: ignore[operator]
             aligned.tokenizer.save_pretrained(tmp)
             if (Path(aligned_spec) / PROMPT_FILE).is_file():
                 shutil.copyfile(Path(aligned_spec) / PROMPT_FILE, tmp / PROMPT_FILE)

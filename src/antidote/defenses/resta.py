@@ -152,7 +152,9 @@ def read_safety_vector(config: RestaConfig, dense: dict[str, Any]) -> dict[str, 
     assert config.unaligned is not None
     spec = config.unaligned
     if (Path(spec) / "adapter_config.json").is_file():
-        loaded = load_model(config.model, adapter=spec, dtype=config.dtype, device="cpu", with_tokenizer=False)
+        loaded = load_model(
+            config.model, adapter=spec, dtype=config.dtype, device="cpu", with_tokenizer=False
+        )
         name = loaded.adapter_name
         out = {}
         for module_name, layer in lora_layers(loaded).items():

@@ -142,7 +142,7 @@ def run(config: SafeLoRAConfig) -> dict[str, Path]:
         )
         if config.select == "number" and len(chosen) < config.top_k:
             log.warning(
-                "safelora: --top-k %d but only %d layers have an alignment delta and an update: all projected",
+                "safelora: --top-k %d, but %d layers have an alignment delta and an update: all projected",
                 config.top_k,
                 len(chosen),
             )

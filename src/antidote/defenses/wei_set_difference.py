@@ -240,8 +240,13 @@ def _response_statistics(engine: RealignConfig, prepared: Any) -> tuple[Any, Any
     }
     out = []
     for desc, (source, filters, sequences) in sets.items():
+        assert source is not None and sequences is not None  # the contrast score reads both data sets
         examples = load_examples(
-            source, filters=filters, max_samples=engine.max_samples, seed=engine.seed, data_dir=engine.data_dir
+            source,
+            filters=filters,
+            max_samples=engine.max_samples,
+            seed=engine.seed,
+            data_dir=engine.data_dir,
         )
         starts = response_starts(examples, tokenizer, engine.template)
         assert len(starts) == len(sequences)  # the examples the engine tokenized, in its order

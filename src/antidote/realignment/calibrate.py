@@ -177,7 +177,9 @@ class StatisticsCollector:
             self._close(chunk)
         self.lengths = [len(sequences[i]) for i in batch.samples]
         if self.starts is not None:
-            self.batch_starts = [min(self.starts[i], n) for i, n in zip(batch.samples, self.lengths, strict=True)]
+            self.batch_starts = [
+                min(self.starts[i], n) for i, n in zip(batch.samples, self.lengths, strict=True)
+            ]
         self._chunks = list(batch.chunks)
         try:
             yield
