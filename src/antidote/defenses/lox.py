@@ -30,7 +30,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from antidote.defenses.base import Defense, register
 from antidote.errors import AntidoteError
@@ -71,6 +71,8 @@ def lox_update(aligned: torch.Tensor, base: torch.Tensor, rank: int, alpha: floa
 @dataclass
 class LoXConfig(AlignConfig):
     """LoX's options, plus every option of `antidote align` (used only when `aligned` is not given)."""
+
+    NEEDS_BASE: ClassVar[bool] = True  # the alignment delta needs the base -> aligned pair
 
     aligned: str | None = field(
         default=None,
