@@ -814,11 +814,12 @@ def plan(config: CompareConfig) -> str:
 
 
 def _kind(name: str) -> str:
-    """A stage name's kind for estimates: evaluate-x -> evaluate, finetune-after-x -> finetune."""
+    """A stage name's kind for estimates: evaluate-x -> evaluate, finetune-after-x and resta-unaligned (a
+    fine-tuning) -> finetune."""
     for prefix in ("evaluate", "validate", "judge"):
         if name.startswith(prefix + "-"):
             return prefix
-    if name.startswith("finetune-after-"):
+    if name.startswith("finetune-after-") or name.endswith("-unaligned"):
         return "finetune"
     return name
 
