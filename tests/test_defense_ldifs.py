@@ -1,4 +1,6 @@
-"""`ldifs`: the training loss of every step is CE + rho * the feature distance recomputed by hand (each
+"""`ldifs`: the training loss of every step is CE + the sum over layers of rho/2 * d_l, leaving out each
+term at or above the cap (0.1 by default, as the comparison code git-disl/Antidote runs), d_l the feature
+distance of layer l recomputed by hand (each
 MLP's input caught by a pre-hook, the MLP done by hand with the LoRA deltas B A * alpha/r added, the aligned
 side on a separate copy of the aligned model, summed over real tokens only); it is 0 at the fresh LoRA and
 positive once the adapter moves, and its gradient holds the features back; `layers` picks the layers; the
@@ -73,15 +75,16 @@ def _mlp_inputs(model: Any, names: list[str], inputs: dict[str, torch.Tensor]) -
 
 def distance_by_hand(
     model: Any, aligned: Any, inputs: dict[str, torch.Tensor], layers: Sequence[int]
-) -> float:
-    """The LDIFS term from the weights alone: the trained side's MLP with W + B A * alpha / r."""
+) -> list[float]:
+    """The LDIFS distance d_l of each layer from the weights alone: the trained side's MLP with
+    W + B A * alpha / r."""
     params = dict(model.named_parameters())
     scale = model.peft_config["default"].lora_alpha / model.peft_config["default"].r
     prefix = "base_model.model.model.layers"
     current = _mlp_inputs(model, [f"{prefix}.{i}.mlp" for i in layers], inputs)
     reference = _mlp_inputs(aligned, [f"model.layers.{i}.mlp" for i in layers], inputs)
     lengths = inputs["attention_mask"].sum(1).tolist()
-    total = 0.0
+    per_layer = []
     for i, x_cur, x_ref in zip(layers, current, reference, strict=True):
         mlp = f"{prefix}.{i}.mlp"
         trained = {
@@ -93,13 +96,13 @@ def distance_by_hand(
         }
         plain = {p: aligned.get_parameter(f"model.layers.{i}.mlp.{p}.weight").double() for p in trained}
         diff = _mlp_by_hand(x_cur.double(), trained) - _mlp_by_hand(x_ref.double(), plain)
-        total += sum(float(diff[b, :n].pow(2).sum()) for b, n in enumerate(lengths))
-    return total
+        per_layer.append(sum(float(diff[b, :n].pow(2).sum()) for b, n in enumerate(lengths)))
+    return per_layer
 
 
 def run_recorded(
-    tmp_path: Path, rho: float, layers: tuple[int, ...] | None
-) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    tmp_path: Path, rho: float, layers: tuple[int, ...] | None, cap: float = 0.0
+) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
     """Train 2 epochs of 3 batches; per step: loss, CE and the distance by hand; and Trainer's log."""
     records: list[dict[str, float]] = []
     aligned = make_model(seed=SEED)  # the aligned model, kept apart from the one being trained
@@ -122,23 +125,39 @@ def run_recorded(
         config,
         output_dir=tmp_path / "work",
         trainer_class=Recording,
-        extra={"rho": rho, "layers": layers},
+        extra={"rho": rho, "layers": layers, "layer_cap": cap},
     )
     return records, trained.trainer.state.log_history
 
 
 @pytest.mark.parametrize("layers", [None, (1,)])
-def test_loss_is_ce_plus_rho_times_the_feature_distance_by_hand(tmp_path: Path, layers) -> None:  # type: ignore[no-untyped-def]
+def test_loss_is_ce_plus_rho_half_times_the_feature_distance_by_hand(tmp_path: Path, layers) -> None:  # type: ignore[no-untyped-def]
     rho = 1e-2
-    records, log_history = run_recorded(tmp_path, rho, layers)
+    records, log_history = run_recorded(tmp_path, rho, layers)  # cap 0: every layer's term counts
     assert len(records) == 6 and any(r["padded"] for r in records)  # 3 steps x 2 epochs; padding occurs
-    assert records[0]["by_hand"] == 0.0  # fresh LoRA: B = 0, the same features as the aligned model
+    assert sum(records[0]["by_hand"]) == 0.0  # fresh LoRA: B = 0, the same features as the aligned model
     assert records[0]["loss"] == pytest.approx(records[0]["ce"], abs=1e-6)
-    assert all(r["by_hand"] > 1e-2 for r in records[1:])  # the adapter moved: the features moved
+    assert all(sum(r["by_hand"]) > 1e-2 for r in records[1:])  # the adapter moved: the features moved
     for r in records:
-        assert r["loss"] - r["ce"] == pytest.approx(rho * r["by_hand"], rel=1e-4, abs=5e-6)
+        assert r["loss"] - r["ce"] == pytest.approx(rho / 2 * sum(r["by_hand"]), rel=1e-4, abs=5e-6)
     logged = [h["feature_distance"] for h in log_history if "feature_distance" in h]
-    assert logged == pytest.approx([r["by_hand"] for r in records], rel=1e-4, abs=1e-6)
+    assert logged == pytest.approx([sum(r["by_hand"]) for r in records], rel=1e-4, abs=1e-6)
+
+
+def test_a_layer_term_at_or_above_the_cap_is_left_out(tmp_path: Path) -> None:
+    """With the comparison code's cap 0.1 and a rho large enough that some layer terms pass it, exactly
+    the terms below 0.1 count (some steps have both kinds)."""
+    assert LDIFSConfig(model="m", output="o").layer_cap == 0.1
+    rho, cap = 0.5, 0.1
+    records, _ = run_recorded(tmp_path, rho, None, cap=cap)
+    kept = skipped = 0
+    for r in records:
+        terms = [rho / 2 * d for d in r["by_hand"]]
+        expected = sum(t for t in terms if t < cap)
+        assert r["loss"] - r["ce"] == pytest.approx(expected, rel=1e-4, abs=5e-6)
+        kept += sum(0 < t < cap for t in terms)
+        skipped += sum(t >= cap for t in terms)
+    assert kept > 0 and skipped > 0, (kept, skipped)
 
 
 def test_run_writes_a_loadable_float32_adapter(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -192,6 +211,6 @@ def test_bad_input_is_a_one_line_error_before_anything_is_written(
 
 def test_the_penalty_holds_the_features_near_the_aligned_model(tmp_path: Path) -> None:
     free, _ = run_recorded(tmp_path / "free", rho=0.0, layers=None)
-    held, _ = run_recorded(tmp_path / "held", rho=1.0, layers=None)
+    held, _ = run_recorded(tmp_path / "held", rho=2.0, layers=None)  # no cap: rho/2 = 1
     assert all(r["loss"] == r["ce"] for r in free)  # rho 0: plain fine-tuning
-    assert held[-1]["by_hand"] < 0.2 * free[-1]["by_hand"]  # its gradient reaches the adapter
+    assert sum(held[-1]["by_hand"]) < 0.2 * sum(free[-1]["by_hand"])  # its gradient reaches the adapter

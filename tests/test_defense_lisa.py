@@ -43,9 +43,12 @@ def _rows(batch: dict[str, torch.Tensor]) -> set[tuple[int, ...]]:
     }
 
 
-def run_recorded(tmp_path: Path, rho: float, epochs: int = 3) -> tuple[list[dict[str, Any]], Any, set, set]:
-    """Train with align_steps 2, finetune_steps 3 on 7 user pairs (batch 2: 4 steps per epoch), keeping for
-    every step its batch rows, loss - CE of that batch, and the trainable weights it started from."""
+def run_recorded(
+    tmp_path: Path, rho: float, epochs: int = 3, steps: tuple[int, int] = (2, 3)
+) -> tuple[list[dict[str, Any]], Any, set, set]:
+    """Train with (align_steps, finetune_steps) `steps` on 7 user pairs (batch 2: 4 steps per epoch),
+    keeping for every step its batch rows, loss - CE of that batch, and the trainable weights it started
+    from."""
     records: list[dict[str, Any]] = []
 
     class Recording(trainer_class()):  # type: ignore[misc]
@@ -77,8 +80,8 @@ def run_recorded(tmp_path: Path, rho: float, epochs: int = 3) -> tuple[list[dict
         trainer_class=Recording,
         extra={
             "align_dataset": [{"input_ids": i, "n_prompt": n} for i, n in aligned],
-            "align_steps": 2,
-            "finetune_steps": 3,
+            "align_steps": steps[0],
+            "finetune_steps": steps[1],
             "rho": rho,
         },
     )
@@ -120,6 +123,23 @@ def test_steps_follow_the_schedule_and_the_proximal_term_is_by_hand(tmp_path: Pa
     logged = [h for h in trained.trainer.state.log_history if "proximal" in h]
     assert [h["alignment_step"] for h in logged] == [float(p == A) for p in expected]
     assert [h["proximal"] for h in logged] == pytest.approx([0.0, 0.0, *by_hand[2:]], rel=1e-4, abs=1e-6)
+
+
+def test_at_the_defaults_the_proximal_term_acts_on_both_sides_and_changes_the_update(tmp_path: Path) -> None:
+    """With the default phase lengths and rho, some alignment steps and some user steps carry a non-zero
+    proximal term (an alignment phase of one step never does: its anchor is the weights it starts from),
+    and the trained weights differ from the same run without the term."""
+    defaults = LisaConfig(model="m", output="o")
+    steps, rho = (defaults.align_steps, defaults.finetune_steps), defaults.rho
+    assert rho > 0 and steps[0] >= 2
+    records, trained, *_ = run_recorded(tmp_path / "on", rho, steps=steps)
+    phases = [lisa_phase(r["step"], *steps) for r in records]
+    assert max(r["extra"] for r, p in zip(records, phases, strict=True) if p == A) > 1e-4
+    assert max(r["extra"] for r, p in zip(records, phases, strict=True) if p == F) > 1e-4
+    _, plain, *_ = run_recorded(tmp_path / "off", 0.0, steps=steps)
+    on, off = (dict(t.model.named_parameters()) for t in (trained, plain))
+    lora = [n for n in on if "lora_" in n]
+    assert lora and any(not torch.allclose(on[n], off[n], atol=1e-6) for n in lora)
 
 
 def test_rho_zero_leaves_the_cross_entropy_alone(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
-"""`lox`: the change it makes to each 2-D weight of the fine-tuned model lies in the top-k singular
-subspaces of the alignment delta V = W_aligned - W_base and equals alpha U_k S_k V_k^T there; 1-D weights
-and weights that alignment left alone do not move. Checked with numpy's SVD of V from the saved files."""
+"""`lox` (an alignment-stage defense): the change it makes to each 2-D weight of the aligned model lies in
+the top-k singular subspaces of the alignment delta V = W_aligned - W_base and equals alpha U_k S_k V_k^T
+there; 1-D weights and weights that alignment left alone do not move (numpy's SVD of V from the saved
+files). In a run the attack then trains on the LoX model."""
 
 from __future__ import annotations
 
@@ -17,44 +18,30 @@ from antidote.defenses import get
 from antidote.errors import AntidoteError
 from conftest import make_model
 
-PREFIX = "base_model.model."
-
-
-def finetuned_by_hand(tiny: dict[str, Path]) -> dict[str, torch.Tensor]:
-    """W_ft = W_aligned + B A * alpha / r at the LoRA layers, from the files alone."""
-    aligned = load_file(tiny["model"] / "model.safetensors")
-    adapter = load_file(tiny["adapter"] / "adapter_model.safetensors")
-    cfg = json.loads((tiny["adapter"] / "adapter_config.json").read_text())
-    for key, a in adapter.items():
-        if ".lora_A." in key:
-            name = key.split(".lora_A.")[0].removeprefix(PREFIX) + ".weight"
-            aligned[name] = aligned[name] + adapter[key.replace("lora_A", "lora_B")] @ a * (
-                cfg["lora_alpha"] / cfg["r"]
-            )
-    return aligned
-
 
 def defend(tiny: dict[str, Path], base: Path, out: Path, *options: str) -> dict[str, torch.Tensor]:
-    argv = ["defend", "lox", str(tiny["model"]), "--adapter", str(tiny["adapter"])]
-    assert main([*argv, "--base-model", str(base), "--output", str(out), *options]) == 0
+    argv = ["defend", "lox", str(base), "--aligned", str(tiny["model"])]
+    assert main([*argv, "--output", str(out), *options]) == 0
     return load_file(out / "model.safetensors")
 
 
-def test_registered_as_a_data_free_post_defense() -> None:
+def test_registered_as_a_data_free_alignment_stage_defense() -> None:
     defense = get("lox")
-    assert defense.stage == "post" and "data" not in defense.options()
-    assert {"rank", "alpha", "targets"} <= set(defense.options())
+    assert defense.stage == "align"
+    assert {"rank", "alpha", "weights", "lr", "data"} <= set(defense.options())  # and align's options
+    assert (
+        "aligned" in defense.config.__dataclass_fields__ and "aligned" not in defense.options()
+    )  # run sets it
 
 
 def test_only_the_top_k_subspace_of_the_alignment_delta_changes(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     k, alpha = 2, 1.5
-    finetuned = finetuned_by_hand(tiny)
     aligned = load_file(tiny["model"] / "model.safetensors")
     base = load_file(tiny["reference"] / "model.safetensors")
     out = defend(tiny, tiny["reference"], tmp_path / "out", "--rank", str(k), "--alpha", str(alpha))
-    assert set(out) == set(finetuned)
+    assert set(out) == set(aligned)
     two_d = 0
-    for name, w in finetuned.items():
+    for name, w in aligned.items():
         update = (out[name] - w).double().numpy()
         if w.dim() == 1:
             assert not update.any(), name  # 1-D weights are not extrapolated
@@ -82,32 +69,33 @@ def test_untouched_weights_stay_and_rank_0_extrapolates_the_whole_delta(tiny, tm
             0.05 * torch.randn(16, 32, generator=torch.Generator().manual_seed(5))
         )
     model.save_pretrained(tmp_path / "base")
-    finetuned = finetuned_by_hand(tiny)
     aligned = load_file(tiny["model"] / "model.safetensors")
     base = load_file(tmp_path / "base" / "model.safetensors")
     out = defend(tiny, tmp_path / "base", tmp_path / "out", "--rank", "0", "--alpha", "2")
     target = "model.layers.1.self_attn.v_proj.weight"
-    for name, w in finetuned.items():
+    for name, w in aligned.items():
         expected = w + 2 * (aligned[name] - base[name]) if name == target else w
         torch.testing.assert_close(out[name], expected, rtol=1e-6, atol=1e-7, msg=name)
     assert json.loads((tmp_path / "out" / "lox_report.json").read_text())["extrapolated"] == [target]
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    argv = ["defend", "lox", str(tiny["model"]), "--adapter", str(tiny["adapter"])]
-    assert main([*argv, "--output", str(tmp_path / "a")]) == 2
-    assert "needs --base-model" in capsys.readouterr().err
-    base = ["--base-model", str(tiny["reference"]), "--output", str(tmp_path / "b")]
-    assert main([*argv, *base, "--targets", "nothing_like_this"]) == 2
+    argv = ["defend", "lox", str(tiny["reference"]), "--aligned", str(tiny["model"])]
+    assert main([*argv, "--weights", "nothing_like_this", "--output", str(tmp_path / "b")]) == 2
     assert "matches no 2-D weight" in capsys.readouterr().err
+    other = make_model(seed=0, layers=3)
+    other.save_pretrained(tmp_path / "other")
+    bad = ["defend", "lox", str(tmp_path / "other"), "--aligned", str(tiny["model"]), "--output"]
+    assert main([*bad, str(tmp_path / "c")]) == 2
+    assert "does not match the aligned model" in capsys.readouterr().err
     with pytest.raises(AntidoteError, match="--rank must be 0"):
-        get("lox").config(model="m", adapter="a", base_model="b", rank=-1)
-    assert not list(tmp_path.iterdir())
+        get("lox").config(model="m", rank=-1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
 
 
-def test_runs_in_the_pipeline(tiny, tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """In a run the result is a full model row; the run's model is the base, the aligned model's delta
-    from it is the LoRA alignment's (rank at most its r), so rank 2 extrapolates part of it."""
+def test_in_a_run_the_attack_trains_on_the_extrapolated_aligned_model(tiny, tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """LoX acts before the attack: its row is the attack's adapter trained on the LoX model (made from the
+    plain alignment stage and the run's model as the base), not an edit of the plain attack afterwards."""
     from antidote.experiments.pipeline import load_run_config, run_pipeline
     from conftest import copy_run
 
@@ -115,7 +103,17 @@ def test_runs_in_the_pipeline(tiny, tiny_run, tmp_path: Path) -> None:  # type: 
         tiny_run, tiny, tmp_path, validate=None, evaluate_base=False, defenses={"lox": {"rank": 2}}
     )
     summary = run_pipeline(load_run_config(str(path)), say=lambda m: None)
-    row = next(r for r in summary["rows"] if r["model"] == "lox")
-    assert row["adapter"] is None
-    report = json.loads((Path(row["model_path"]) / "lox_report.json").read_text())
+    rows = {r["model"]: r for r in summary["rows"]}
+    lox, attacked = rows["lox"], rows["attacked"]
+    assert Path(lox["model_path"]).name.startswith("align-lox-")
+    assert lox["adapter"] is not None and Path(lox["adapter"]).name.startswith("finetune-after-lox-")
+    report = json.loads((Path(lox["model_path"]) / "lox_report.json").read_text())
+    assert Path(report["aligned"]).name == Path(attacked["model_path"]).name  # the plain alignment, reused
     assert report["extrapolated"] and all(".layers." in name for name in report["extrapolated"])
+    lox_weights = load_file(Path(lox["model_path"]) / "model.safetensors")
+    plain = load_file(Path(attacked["model_path"]) / "model.safetensors")
+    assert any(not torch.equal(lox_weights[n], plain[n]) for n in report["extrapolated"])
+    # The same attack settings from another starting point: another adapter.
+    ours = load_file(Path(lox["adapter"]) / "adapter_model.safetensors")
+    theirs = load_file(Path(attacked["adapter"]) / "adapter_model.safetensors")
+    assert set(ours) == set(theirs) and any(not torch.allclose(ours[k], theirs[k]) for k in ours)

@@ -83,7 +83,8 @@ def test_registered_as_an_align_defense_with_the_paper_defaults() -> None:
     defense = get("repnoise")
     assert defense.stage == "align" and {"harmful_data", "alpha", "beta"} <= set(defense.options())
     config = RepNoiseConfig()
-    assert (config.alpha, config.beta, config.harmful_data) == (1.0, 0.001, "builtin")
+    # The Antidote paper's RepNoise runs (git-disl/Antidote script/alignment/repNoise.sh): alpha 0.1.
+    assert (config.alpha, config.beta, config.harmful_data) == (0.1, 0.001, "builtin")
 
 
 @pytest.mark.parametrize(("n", "m"), [(3, 3), (2, 4)])
@@ -176,10 +177,10 @@ def test_run_writes_a_loadable_aligned_model(tiny, tmp_path: Path) -> None:  # t
     out = tmp_path / "repnoise"
     argv = ["defend", "repnoise", str(tiny["model"]), "--data", str(refusals_file(tmp_path))]
     argv += ["--harmful-data", str(tiny["harmful"]), "--helpful-data", str(tiny["benign"]), "--logit-lens"]
-    assert main([*argv, "--output", str(out), "--alpha", "0.1", *TRAIN]) == 0
+    assert main([*argv, "--output", str(out), "--alpha", "0.2", *TRAIN]) == 0
     assert json.loads((out / "antidote_prompt.json").read_text()) == {"template": "plain"}
     config = json.loads((out / "train_report.json").read_text())["config"]
-    assert (config["alpha"], config["logit_lens"]) == (0.1, True)
+    assert (config["alpha"], config["logit_lens"]) == (0.2, True)
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float32
 
 

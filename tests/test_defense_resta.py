@@ -1,6 +1,8 @@
-"""`resta`: the written model equals W_ft + gamma (W_aligned - W_base) on every weight, W_ft being the
-aligned model with the adapter's B A * alpha / r added, all computed by hand from the saved files; with
-DARE, about a fraction 1 - p of the sparsified delta's entries survive, each scaled by 1 / (1 - p)."""
+"""`resta`: the written model equals W_ft + gamma (W_aligned - W_unaligned) on every weight, W_ft being the
+aligned model with the adapter's B A * alpha / r added, all computed by hand from the saved files (the
+unaligned model a full model, or a LoRA adapter on the aligned model: then V = -its B A * alpha / r); with
+DARE, about a fraction 1 - p of the sparsified delta's entries survive, each scaled by 1 / (1 - p). In a
+run the unaligned model is a cached stage: the attack's settings on harmful samples only."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from antidote.cli import main
@@ -20,7 +23,8 @@ PREFIX = "base_model.model."
 
 
 def weights_by_hand(tiny: dict[str, Path]) -> tuple[dict[str, torch.Tensor], ...]:
-    """(W_ft, V = W_aligned - W_base, dW) per weight name, from the files alone (dW only at LoRA layers)."""
+    """(W_ft, V = W_aligned - W_unaligned, dW) per weight name, from the files alone (dW only at LoRA
+    layers); the unaligned model is the full model `reference`."""
     aligned = load_file(tiny["model"] / "model.safetensors")
     base = load_file(tiny["reference"] / "model.safetensors")
     adapter = load_file(tiny["adapter"] / "adapter_model.safetensors")
@@ -38,14 +42,37 @@ def weights_by_hand(tiny: dict[str, Path]) -> tuple[dict[str, torch.Tensor], ...
 
 def defend(tiny: dict[str, Path], out: Path, *options: str) -> dict[str, torch.Tensor]:
     argv = ["defend", "resta", str(tiny["model"]), "--adapter", str(tiny["adapter"])]
-    assert main([*argv, "--base-model", str(tiny["reference"]), "--output", str(out), *options]) == 0
+    assert main([*argv, "--unaligned", str(tiny["reference"]), "--output", str(out), *options]) == 0
     return load_file(out / "model.safetensors")
 
 
 def test_registered_as_a_data_free_post_defense() -> None:
     defense = get("resta")
     assert defense.stage == "post" and "data" not in defense.options()
-    assert {"gamma", "drop_rate", "dare_on", "seed"} <= set(defense.options())
+    assert {"gamma", "drop_rate", "dare_on", "seed", "unaligned", "unaligned_samples"} <= set(
+        defense.options()
+    )
+
+
+def test_an_unaligned_adapter_gives_minus_its_update_as_the_safety_vector(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The unaligned model = the aligned model + the same adapter as the attack: V = -dW on the LoRA
+    layers and 0 elsewhere, so gamma 1 gives back W_aligned exactly and gamma 0.25 keeps 3/4 of dW."""
+    _, _, delta = weights_by_hand(tiny)
+    aligned = load_file(tiny["model"] / "model.safetensors")
+    argv = ["defend", "resta", str(tiny["model"]), "--adapter", str(tiny["adapter"])]
+    for gamma in (1.0, 0.25):
+        out_dir = tmp_path / f"out{gamma}"
+        assert (
+            main(
+                [*argv, "--unaligned", str(tiny["adapter"]), "--gamma", str(gamma), "--output", str(out_dir)]
+            )
+            == 0
+        )
+        out = load_file(out_dir / "model.safetensors")
+        for name, w in aligned.items():
+            expected = w + (1 - gamma) * delta[name] if name in delta else w
+            torch.testing.assert_close(out[name], expected, rtol=1e-6, atol=1e-6, msg=name)
+        assert json.loads((out_dir / "resta_report.json").read_text())["tensors"] == len(delta) == 4
 
 
 @pytest.mark.parametrize("gamma", [1.0, 0.5])
@@ -101,17 +128,18 @@ def test_dare_on_the_finetuning_delta_sparsifies_only_the_adapter_update(tiny, t
 def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     argv = ["defend", "resta", str(tiny["model"]), "--adapter", str(tiny["adapter"])]
     assert main([*argv, "--output", str(tmp_path / "a")]) == 2
-    assert "needs --base-model" in capsys.readouterr().err
-    base = ["--base-model", str(tiny["reference"]), "--output", str(tmp_path / "b")]
+    assert "resta needs --unaligned" in capsys.readouterr().err
+    base = ["--unaligned", str(tiny["reference"]), "--output", str(tmp_path / "b")]
     assert main([*argv, *base, "--drop-rate", "1"]) == 2
     assert "--drop-rate is a probability in [0, 1)" in capsys.readouterr().err
     with pytest.raises(AntidoteError, match="unknown --dare-on 'both'"):
-        get("resta").config(model="m", adapter="a", base_model="b", dare_on="both")
+        get("resta").config(model="m", adapter="a", dare_on="both")
     assert not list(tmp_path.iterdir())
 
 
-def test_runs_in_the_pipeline(tiny, tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """In a run the result is a full model row, made from the run's model as the base."""
+def test_runs_in_the_pipeline_on_a_harmful_fine_tuned_unaligned_stage(tiny, tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """In a run the result is a full model row; the unaligned model is the stage `resta-unaligned`, the
+    aligned model fine-tuned with the attack's settings on harmful samples only (not the base model)."""
     from antidote.experiments.pipeline import load_run_config, run_pipeline
 
     path = copy_run(
@@ -121,4 +149,11 @@ def test_runs_in_the_pipeline(tiny, tiny_run, tmp_path: Path) -> None:  # type: 
     row = next(r for r in summary["rows"] if r["model"] == "resta")
     assert row["adapter"] is None
     report = json.loads((Path(row["model_path"]) / "resta_report.json").read_text())
-    assert report["config"]["base_model"] == str(tiny["model"]) and report["config"]["gamma"] == 0.5
+    assert report["config"]["gamma"] == 0.5
+    unaligned = Path(report["config"]["unaligned"])
+    assert unaligned.name.startswith("resta-unaligned-") and unaligned.name in summary["stages"]["built"]
+    trained = json.loads((unaligned / "train_report.json").read_text())
+    attack = yaml.safe_load(path.read_text())["finetune"]
+    n_harmful = round(attack["harmful_ratio"] * attack["num_samples"])
+    assert trained["samples"] == trained["harmful"] == n_harmful > 0
+    assert Path(trained["config"]["model"]).name.startswith("align-")  # fine-tuned from the aligned model

@@ -75,7 +75,7 @@ def kept_by_hand(e: dict[str, np.ndarray], s: float, exclude: float = 0.15) -> t
     cost = np.broadcast_to(e["cost"], (rows, cols)).reshape(-1)
     loss = (e["delta"] ** 2).reshape(-1) * cost
     order = np.argsort(cost, kind="stable")[: rows * cols - int(exclude * rows * cols)]
-    budget = s * rows * cols / 4096**2 * e["cost"].mean()
+    budget = s / 2 * rows / 4096 * e["cost"].mean()  # the authors' loss_constraint, whatever the width
     keep = np.zeros(rows * cols, dtype=bool)
     keep[order[np.cumsum(loss[order]) <= budget]] = True
     return keep.reshape(rows, cols), budget
@@ -89,13 +89,9 @@ def test_registered_as_a_post_defense_reading_safe_data() -> None:
 def test_kept_entries_fill_the_safety_budget_cheapest_first(tiny, safe_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     expected = by_hand(tiny, safe_data)
     first = expected["model.layers.0.self_attn.q_proj"]
-    rows, cols = first["delta"].shape
+    rows = first["delta"].shape[0]
     # An s whose budget is 30% of the first layer's total loss: some entries kept, not all.
-    s = (
-        0.3
-        * float(((first["delta"] ** 2) * first["cost"]).sum())
-        / (rows * cols / 4096**2 * first["cost"].mean())
-    )
+    s = 0.3 * float(((first["delta"] ** 2) * first["cost"]).sum()) / (rows / 2 / 4096 * first["cost"].mean())
     out = tmp_path / "out"
     argv = [
         "defend",
@@ -161,7 +157,7 @@ def test_compensation_equals_column_by_column_obs() -> None:
     h = 2 / 10 * x.T @ x
     w0 = rng.normal(size=(rows, cols))
     ft = w0 + 0.1 * rng.normal(size=(rows, cols))
-    new, keep = safe_delta(torch.tensor(w0), torch.tensor(ft), torch.tensor(h), s=5e4, block_size=16, lazy=8)
+    new, keep = safe_delta(torch.tensor(w0), torch.tensor(ft), torch.tensor(h), s=400, block_size=16, lazy=8)
     keep_np = keep.numpy()
     assert 0 < keep_np.mean() < 0.85
     u = hessian_inverse_factor(torch.tensor(h), 0.01).numpy()

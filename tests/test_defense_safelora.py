@@ -66,7 +66,9 @@ def check_projected(
 def test_registered_as_a_data_free_post_defense() -> None:
     defense = get("safelora")
     assert defense.stage == "post" and "data" not in defense.options()
-    assert {"threshold", "top_k"} <= set(defense.options())
+    assert {"select", "threshold", "top_k"} <= set(defense.options())
+    config = defense.config(model="m", adapter="a", base_model="b")
+    assert (config.select, config.top_k) == ("number", 10)  # the authors' default: the 10 lowest-cos layers
 
 
 def test_projects_exactly_the_layers_at_or_below_the_threshold(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -74,7 +76,9 @@ def test_projects_exactly_the_layers_at_or_below_the_threshold(tiny, tmp_path: P
     cos = sorted(e["cos"] for e in expected.values())
     assert len(cos) == 4 and cos[1] + 1e-3 < cos[2]  # distinct enough to put a threshold between
     threshold = (cos[1] + cos[2]) / 2
-    after = defend(tiny, tiny["reference"], tmp_path / "out", "--threshold", str(threshold))
+    after = defend(
+        tiny, tiny["reference"], tmp_path / "out", "--select", "threshold", "--threshold", str(threshold)
+    )
     chosen = {m for m, e in expected.items() if e["cos"] <= threshold}
     assert len(chosen) == 2
     check_projected(expected, after, chosen)
@@ -89,6 +93,8 @@ def test_top_k_projects_the_k_least_similar_layers(tiny, tmp_path: Path) -> None
     lowest = min(expected, key=lambda m: expected[m]["cos"])
     after = defend(tiny, tiny["reference"], tmp_path / "out", "--top-k", "1", "--threshold", "-1")
     check_projected(expected, after, {lowest})
+    # At the defaults (10 layers, as the authors) the 4 LoRA layers here are all projected.
+    check_projected(expected, defend(tiny, tiny["reference"], tmp_path / "default"), set(expected))
 
 
 def test_layers_without_an_alignment_delta_are_left_alone(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -100,7 +106,7 @@ def test_layers_without_an_alignment_delta_are_left_alone(tiny, tmp_path: Path) 
         q -= 0.1 * torch.outer(torch.linspace(-1, 1, q.shape[0]), torch.linspace(1, 2, q.shape[1]))
     model.save_pretrained(tmp_path / "base")
     expected = by_hand(tiny, tmp_path / "base")
-    after = defend(tiny, tmp_path / "base", tmp_path / "out", "--threshold", "1")
+    after = defend(tiny, tmp_path / "base", tmp_path / "out", "--select", "threshold", "--threshold", "1")
     check_projected(expected, after, {"model.layers.0.self_attn.q_proj"})
     report = json.loads((tmp_path / "out" / "safelora_report.json").read_text())
     assert sum(r["cos"] is None for r in report["layers"].values()) == 3

@@ -1,6 +1,8 @@
 """`wei-set-difference`: the mask equals, in every LoRA factor, top_q(Wanda on harmful data) minus
 top_p(Wanda on utility data), brute-forced here: the statistics from a plain forward hook, one sample at
-a time, the scores |W| * sqrt(s), the top entries by a full sort."""
+a time, over the response tokens only (the default, as the authors') or every token, the scores
+|W| * sqrt(s), the top entries of the whole tensor (the default, as the authors') or of each row by a full
+sort."""
 
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from antidote.models import load_model
 from conftest import copy_run
 
 
-def wanda_by_hand(tiny: dict[str, Path], data: Path) -> dict[str, torch.Tensor]:
-    """Saved LoRA weight name -> |W| * sqrt(mean over samples of the sum over tokens of x^2)."""
+def wanda_by_hand(tiny: dict[str, Path], data: Path, response_only: bool) -> dict[str, torch.Tensor]:
+    """Saved LoRA weight name -> |W| * sqrt(mean over samples of the sum over tokens of x^2), the tokens
+    being those after the prompt when `response_only` (the prompt still runs through the model)."""
     loaded = load_model(str(tiny["model"]), adapter=str(tiny["adapter"]), dtype="float32", device="cpu")
     targets = {
         name: m
@@ -28,17 +31,22 @@ def wanda_by_hand(tiny: dict[str, Path], data: Path) -> dict[str, torch.Tensor]:
         if isinstance(m, torch.nn.Linear) and (".lora_A." in name or ".lora_B." in name)
     }
     sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in targets.items()}
+    first = [0]
 
     def record(name: str):  # type: ignore[no-untyped-def]
         def hook(module, args, output) -> None:  # type: ignore[no-untyped-def]
-            sums[name] += (args[0][0].double() ** 2).sum(0)  # (tokens, in) of the one sample
+            sums[name] += (args[0][0, first[0] :].double() ** 2).sum(0)  # (tokens, in) of the one sample
 
         return hook
 
     hooks = [m.register_forward_hook(record(name)) for name, m in targets.items()]
-    sequences = tokenize_examples(load_examples(str(data)), loaded.tokenizer, "plain", 512)
+    examples = load_examples(str(data))
+    sequences = tokenize_examples(examples, loaded.tokenizer, "plain", 512)
     with torch.no_grad():
-        for seq in sequences:  # one at a time: no padding anywhere
+        for example, seq in zip(examples, sequences, strict=True):  # one at a time: no padding anywhere
+            prompt = loaded.tokenizer(example.prompt)["input_ids"]  # the plain template: the prompt as is
+            assert seq[: len(prompt)] == prompt and len(seq) > len(prompt)  # the response follows it
+            first[0] = len(prompt) if response_only else 0
             loaded.model(input_ids=torch.tensor([seq]))
     for h in hooks:
         h.remove()
@@ -71,22 +79,19 @@ def test_registered_as_a_post_defense_with_two_data_sets() -> None:
     assert {"data", "utility_data", "safety_ratios", "utility_ratio", "granularity"} <= set(defense.options())
 
 
-@pytest.mark.parametrize("granularity", ["row", "layer"])
-def test_mask_is_the_set_difference_of_the_two_top_fractions(tiny, tmp_path: Path, granularity: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("granularity", [None, "row"])
+def test_mask_is_the_set_difference_of_the_two_top_fractions(
+    tiny, tmp_path: Path, granularity: str | None
+) -> None:  # type: ignore[no-untyped-def]
+    """granularity None: the defaults (whole-tensor top fractions over response-token activations);
+    row: per-row top fractions over every token's activations."""
     out = tmp_path / "out"
-    options = [
-        "--safety-ratio",
-        "0.25,0.5",
-        "--utility-ratio",
-        "0.3",
-        "--granularity",
-        granularity,
-        "--batch-size",
-        "3",
-    ]
+    options = ["--safety-ratio", "0.25,0.5", "--utility-ratio", "0.3", "--batch-size", "3"]
+    if granularity is not None:
+        options += ["--granularity", granularity, "--tokens", "all"]
     assert defend(tiny, out, *options) == 0
-    safety = wanda_by_hand(tiny, tiny["harmful"])
-    utility = wanda_by_hand(tiny, tiny["benign"])
+    safety = wanda_by_hand(tiny, tiny["harmful"], response_only=granularity is None)
+    utility = wanda_by_hand(tiny, tiny["benign"], response_only=granularity is None)
     before = load_file(tiny["adapter"] / "adapter_model.safetensors")
     per_row = granularity == "row"
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["q-0.25", "q-0.5"]

@@ -2,7 +2,8 @@
 
 Stages, in the order the pipeline runs them (SPEC 1):
 - `align`: replaces the plain alignment. Its config extends `AlignConfig`; `run(config)` writes the aligned,
-  merged model to `config.output`.
+  merged model to `config.output`. A config with an `aligned` field (LoX) acts on the plain aligned model:
+  the pipeline passes its alignment stage there.
 - `finetune`: replaces the plain fine-tuning the user runs (the attack). Its config extends
   `FinetuneConfig`; `run(config)` writes the fine-tuning adapter to `config.output`.
 - `post`: acts on the fine-tuned model afterwards. Its config has `model` (the aligned model), `adapter` (the
@@ -26,7 +27,7 @@ from antidote.errors import AntidoteError
 STAGES = ("align", "finetune", "post")
 # Fields a pipeline fills in itself, per stage, when the defense's config has them.
 RESERVED = {
-    "align": ("model", "output", "overwrite", "data_dir"),
+    "align": ("model", "aligned", "output", "overwrite", "data_dir"),
     "finetune": ("model", "output", "overwrite", "data_dir"),
     "post": ("model", "adapter", "base_model", "output", "overwrite", "data_dir"),
 }
@@ -48,6 +49,10 @@ class Defense:
     # True where the method reads the model before alignment beside the aligned one (a weight edit between
     # the two): a run or compare without an `align:` section cannot give it that pair.
     needs_base: bool = False
+    # A post defense that reads a second fine-tuning of the aligned model (RESTA's harmful-fine-tuned
+    # model): given its config and the attack's FinetuneConfig, (the config field that model goes to, that
+    # fine-tuning's FinetuneConfig). `antidote run` trains it as a cached stage `<name>-<field>`.
+    extra_finetune: Callable[[Any, Any], tuple[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:

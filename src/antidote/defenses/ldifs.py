@@ -2,19 +2,21 @@
 cure"): fine-tune on the user's data with a penalty on how far the model's internal features move from the
 aligned model's, on the same batch.
 
-Loss of a batch (ids, attention: (B, T)):
-    CE_response(w) + rho * sum_l sum_{b, t real} ||MLP_out_l(w)[b, t] - MLP_out_l(w_aligned)[b, t]||^2
-MLP_out_l is the output (B, T, D) of decoder layer l's `mlp` module (every layer by default, or `layers`), as
-the harmful-fine-tuning comparison code hooks it (git-disl/Antidote, `LDIFSTrainer`). The aligned features
-come from the same PeftModel with the adapter switched off, under torch.no_grad (no second model copy): one
-extra forward per step. At a fresh LoRA (B = 0) the penalty is 0.
+Loss of a batch (ids, attention: (B, T)), as the harmful-fine-tuning comparison code runs it
+(git-disl/Antidote trainer.py, `LDIFSTrainer`, which the Antidote paper's LDIFS rows come from):
+    CE_response(w) + sum_l [ rho/2 * d_l  if rho/2 * d_l < cap  else 0 ]
+    d_l = sum_{b, t real} ||MLP_out_l(w)[b, t] - MLP_out_l(w_aligned)[b, t]||^2
+MLP_out_l is the output (B, T, D) of decoder layer l's `mlp` module (every layer by default, or `layers`).
+A layer's term at or above `layer_cap` (their 0.1; a guard against fp16 overflow that also switches the
+penalty off where it is large) is left out of the loss; `layer_cap` 0 keeps every term. The aligned
+features come from the same PeftModel with the adapter switched off, under torch.no_grad (no second model
+copy): one extra forward per step. At a fresh LoRA (B = 0) the penalty is 0.
 
-Normalisation: a plain sum of squares over layers, real (non-padding) tokens of prompt and response, and
-feature dimensions, as git-disl's `torch.norm(...)**2` per layer; so it grows with batch size and length.
-Deviations from that code: the weight is rho (theirs rho / 2 with rho = 1e-4 in their scripts, so our default
-1e-4 is twice their penalty); padding positions are left out; their per-layer skip of any term >= 0.1 (a guard
-against fp16 overflow that also switches the penalty off when it is large) is not copied. The LDIFS authors'
-own code (CLIP image encoders) L2-normalises features and averages instead of summing; we follow SPEC 4.
+Normalisation: a plain sum of squares over real tokens and feature dimensions, as their
+`torch.norm(...)**2` per layer; so it grows with batch size and length. Remaining deviation: padding
+positions are left out (theirs counts them; their features there depend on the padding width). The LDIFS
+authors' own code (CLIP image encoders) L2-normalises features and averages instead of summing; we follow
+the comparison the Antidote paper ran. Defaults: rho 1e-4 and the cap 0.1, their scripts'.
 """
 
 from __future__ import annotations
@@ -59,6 +61,26 @@ def feature_distance(
         ((c.float() - r.float()).pow(2).sum(-1) * keep).sum() for c, r in zip(current, reference, strict=True)
     )
     return total  # type: ignore[return-value]
+
+
+def layer_distances(
+    current: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], attention: torch.Tensor
+) -> list[torch.Tensor]:
+    """d_l per layer: the sum over real positions (b, t) and dimensions of (current[l] - reference[l])^2,
+    each a 0-dim float32 tensor (differentiable through `current`). Shapes as `feature_distance`."""
+    keep = attention.float()
+    return [
+        ((c.float() - r.float()).pow(2).sum(-1) * keep).sum() for c, r in zip(current, reference, strict=True)
+    ]
+
+
+def ldifs_penalty(distances: Sequence[torch.Tensor], rho: float, cap: float) -> torch.Tensor:
+    """sum over layers of rho/2 * d_l, leaving out each term at or above `cap` (cap 0: none left out)."""
+    import torch
+
+    terms = [rho / 2 * d for d in distances]
+    kept = [t for t in terms if cap <= 0 or float(t.detach()) < cap]
+    return sum(kept, torch.zeros((), device=distances[0].device))
 
 
 def mlp_modules(model: Any, layers: Sequence[int] | None) -> dict[str, Any]:
@@ -110,12 +132,15 @@ def trainer_class() -> type:
     from antidote.training.sft import ResponseOnlyTrainer
 
     class LDIFSTrainer(ResponseOnlyTrainer):
-        """`ResponseOnlyTrainer` whose loss adds rho * `feature_distance` between the MLP outputs of the
-        trained model and of the same model with its adapter off (the aligned model)."""
+        """`ResponseOnlyTrainer` whose loss adds `ldifs_penalty` of the distances between the MLP outputs of
+        the trained model and of the same model with its adapter off (the aligned model)."""
 
-        def __init__(self, *args: Any, rho: float, layers: Sequence[int] | None, **kwargs: Any) -> None:
+        def __init__(
+            self, *args: Any, rho: float, layers: Sequence[int] | None, layer_cap: float = 0.1, **kwargs: Any
+        ) -> None:
             super().__init__(*args, **kwargs)
             self.rho = rho
+            self.layer_cap = layer_cap
             self.modules = mlp_modules(self.accelerator.unwrap_model(self.model), layers)
             self.last_distance: float | None = None  # the feature distance of the last batch
 
@@ -132,14 +157,15 @@ def trainer_class() -> type:
                 peft_model(input_ids=ids, attention_mask=attention, logits_to_keep=1, use_cache=False)
             with captured_outputs(self.modules) as current:
                 loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-            distance = feature_distance(current, aligned, attention)
+            distances = layer_distances(current, aligned, attention)
+            distance = sum(distances, torch.zeros((), device=distances[0].device))
             if not distance.requires_grad and loss.requires_grad:
                 raise AntidoteError(
                     "ldifs: the features carry no gradient (activation checkpointing re-runs the layers); "
                     "train without --gradient-checkpointing"
                 )
             self.last_distance = float(distance.detach())
-            loss = loss + self.rho * distance
+            loss = loss + ldifs_penalty(distances, self.rho, self.layer_cap)
             return (loss, None) if return_outputs else loss
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -161,7 +187,14 @@ class LDIFSConfig(FinetuneConfig):
     rho: float = field(
         default=1e-4,
         metadata={
-            "help": "weight of the feature distance sum ||MLP_out(w) - MLP_out(w_aligned)||^2 (SPEC: 1e-4)"
+            "help": "the penalty is rho/2 x each layer's ||MLP_out(w) - MLP_out(w_aligned)||^2 (their 1e-4)"
+        },
+    )
+    layer_cap: float = field(
+        default=0.1,
+        metadata={
+            "help": "leave out a layer's term rho/2 * d_l when it is at least this (the comparison code's "
+            "0.1); 0 keeps every term"
         },
     )
     layers: str = field(
@@ -172,6 +205,8 @@ class LDIFSConfig(FinetuneConfig):
     def __post_init__(self) -> None:
         if not self.rho >= 0:
             raise AntidoteError(f"--rho must be 0 or more (SPEC 4: 1e-4), got {self.rho}")
+        if not self.layer_cap >= 0:
+            raise AntidoteError(f"--layer-cap must be 0 (no cap) or more, got {self.layer_cap}")
         self.layer_indices  # noqa: B018 (parses --layers: a bad value is an error now, before any loading)
         super().__post_init__()
 
@@ -194,7 +229,8 @@ def run(config: LDIFSConfig) -> dict[str, Path]:
     def hooks(loaded: Any, cfg: LDIFSConfig) -> TrainingHooks:
         mlp_modules(loaded.model, cfg.layer_indices)  # a --layers the model lacks: an error before training
         return TrainingHooks(
-            trainer_class=trainer_class(), extra={"rho": cfg.rho, "layers": cfg.layer_indices}
+            trainer_class=trainer_class(),
+            extra={"rho": cfg.rho, "layers": cfg.layer_indices, "layer_cap": cfg.layer_cap},
         )
 
     return {"": run_finetune(config, hooks=hooks)}
@@ -206,6 +242,7 @@ DEFENSE = register(
         stage="finetune",
         config=LDIFSConfig,
         run=run,
-        summary="fine-tune with a penalty rho * ||MLP outputs - the aligned model's||^2 on each batch",
+        summary="fine-tune with a penalty rho/2 * ||MLP outputs - the aligned model's||^2 per layer on each "
+        "batch",
     )
 )

@@ -13,7 +13,9 @@ Loss of step s: the response-only cross-entropy of its batch, plus, once s > 0.1
 where anchor is the weights at the end of the other state's last phase, i.e. at the start of the current
 phase (their `alignment_weights` / `finetune_weights`, both the initial weights before the first switch).
 
-Defaults: rho 1 (their scripts); A = 1, F = 9, the paper's 100/900 proportion on a run of tens of steps.
+Defaults: rho 1 (their scripts); A = 5, F = 45: the paper's 100/900 proportion, with phases long enough
+for the proximal term to act on runs of tens of steps. With A = 1 the term is identically zero on the
+alignment side (the anchor is taken at the phase's only step) and the alignment weights get no pull.
 """
 
 from __future__ import annotations
@@ -176,10 +178,14 @@ class LisaConfig(FinetuneConfig):
         default=None, metadata={"help": "at most this many alignment pairs (a seeded random subset)"}
     )
     align_steps: int = field(
-        default=1, metadata={"help": "alignment steps per cycle (the paper: 100 of every 1000)"}
+        default=5,
+        metadata={
+            "help": "alignment steps per cycle (the paper: 100 of every 1000); at least 2 for the "
+            "proximal term to act in alignment phases"
+        },
     )
     finetune_steps: int = field(
-        default=9, metadata={"help": "user-data steps per cycle (the paper: 900 of every 1000)"}
+        default=45, metadata={"help": "user-data steps per cycle (the paper: 900 of every 1000)"}
     )
     rho: float = field(
         default=1.0,

@@ -1,42 +1,40 @@
-"""LoX (Perin et al. 2025, "LoX: low-rank extrapolation robustifies LLM safety against fine-tuning"):
-extrapolate the top-k subspace of the alignment delta.
+"""LoX (Perin et al. 2025, "LoX: low-rank extrapolation robustifies LLM safety against fine-tuning"): before
+any fine-tuning, extrapolate the aligned model along the top-k subspace of its alignment delta.
 
-For every 2-D weight (1-D weights are left alone, as in the authors' script), with the alignment delta
-V = W_aligned - W_base and its SVD V = U S V'^T (singular values in decreasing order):
+An alignment-stage method, as the authors run it (VITA-Group/LoX, safety/LoX.py): for every 2-D weight (1-D
+weights are left alone, as in their script), with the alignment delta V = W_aligned - W_base and its SVD
+V = U S V'^T (singular values in decreasing order):
     Proj_k(V) = U_k U_k^T V = U_k S_k V'_k^T         (the rank-k truncation; k = 0 means V itself)
-    W_out = W_ft + alpha * Proj_k(V)                  with W_ft = W_aligned + dW, the fine-tuned weight
-The paper applies W_aligned + alpha * Proj_k(V) to the aligned model before fine-tuning; the update does
-not depend on W, so as a post-fine-tuning defense it is the same addition made after the attack. Only the
-top-k left and right singular subspaces of V change: (I - U_k U_k^T) (W_out - W_ft) = 0 and
-(W_out - W_ft) (I - V'_k V'_k^T) = 0. Weights whose V is zero are untouched.
-Data-free. Writes a full model (the adapter is merged) and `lox_report.json`.
+    W_lox = W_aligned + alpha * Proj_k(V)
+The attack (the user's fine-tuning) then trains on W_lox, so where its update lands depends on LoX: the
+same addition made after fine-tuning would be task arithmetic, not LoX. Only the top-k left and right
+singular subspaces of V move: (I - U_k U_k^T) (W_lox - W_aligned) = 0 = (W_lox - W_aligned)(I - V'_k V'_k^T).
+Weights whose V is zero are untouched. Data-free.
+
+`model` is the base model (the one alignment starts from). `aligned` is the aligned model; `antidote run`
+passes its plain alignment stage (cached), and without it this defense first aligns `model` with its
+alignment options. Writes a full model and `lox_report.json`.
 
 Defaults: alpha 1 (the authors' script's default coefficient); k 6, a few top ranks (their script's
-default k = 0 extrapolates the full delta). Choose both on validation data for your model.
+default k = 0 extrapolates the whole delta, i.e. scales the alignment by 1 + alpha). Choose both on
+validation data for your model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from antidote.defenses.base import Defense, register
-from antidote.defenses.weight_edit import (
-    WeightEditConfig,
-    check_output,
-    config_record,
-    dense_parameters,
-    fold_adapter,
-    load_finetuned,
-    read_base_weights,
-    save_full_model,
-    write_report,
-)
 from antidote.errors import AntidoteError
+from antidote.training.stages import AlignConfig
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "lox_report.json"
+PROMPT_FILE = "antidote_prompt.json"
 
 
 # ---- the math ---------------------------------------------------------------------------------------------
@@ -70,90 +69,131 @@ def lox_update(aligned: torch.Tensor, base: torch.Tensor, rank: int, alpha: floa
 
 
 @dataclass
-class LoXConfig(WeightEditConfig):
-    """LoX's options (plus the inputs every weight-editing defense reads)."""
+class LoXConfig(AlignConfig):
+    """LoX's options, plus every option of `antidote align` (used only when `aligned` is not given)."""
 
-    METHOD: ClassVar[str] = "lox"
+    NEEDS_BASE: ClassVar[bool] = True  # the alignment delta needs the base -> aligned pair
 
+    aligned: str | None = field(
+        default=None,
+        metadata={
+            "help": "the aligned model to extrapolate (MODEL aligned); default: align MODEL first with the "
+            "alignment options"
+        },
+    )
     rank: int = field(
         default=6, metadata={"help": "k, the top ranks of the alignment delta to extrapolate; 0 = all"}
     )
     alpha: float = field(default=1.0, metadata={"help": "extrapolation coefficient (the authors' default 1)"})
-    targets: str | None = field(
+    weights: str | None = field(
         default=None,
         metadata={"help": "regex over weight names to extrapolate (default: every 2-D weight)"},
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.rank < 0:
             raise AntidoteError(
                 f"--rank must be 0 (full delta) or a positive number of ranks, got {self.rank}"
             )
         if not math.isfinite(self.alpha):
             raise AntidoteError(f"--alpha must be a finite number, got {self.alpha}")
-        if self.targets is not None:
+        if self.weights is not None:
             try:
-                re.compile(self.targets)
+                re.compile(self.weights)
             except re.error as err:
                 raise AntidoteError(
-                    f"--targets {self.targets!r} is not a valid regular expression ({err})"
+                    f"--weights {self.weights!r} is not a valid regular expression ({err})"
                 ) from err
+        super().__post_init__()
+
+    def align_config(self, output: str) -> AlignConfig:
+        """The plain alignment these options describe, written to `output`."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(AlignConfig)}
+        return AlignConfig(**{**values, "output": output, "overwrite": False})
+
+
+def extrapolate(aligned: torch.nn.Module, base: torch.nn.Module, config: LoXConfig) -> list[str]:
+    """W <- W + alpha Proj_k(W - W_base) in place for every chosen 2-D weight of `aligned` that alignment
+    changed; returns their names. The two models must have the same weight names and shapes."""
+    import torch
+
+    pattern = re.compile(config.weights) if config.weights else None
+    base_params = dict(base.named_parameters())
+    params = dict(aligned.named_parameters())
+    for name, param in params.items():
+        other = base_params.get(name)
+        if other is None or other.shape != param.shape:
+            got = "missing" if other is None else tuple(other.shape)
+            raise AntidoteError(
+                f"the base model {config.model} does not match the aligned model at {name} ({got} vs "
+                f"{tuple(param.shape)}); pass the model that the aligned model was aligned from"
+            )
+    extra = sorted(set(base_params) - set(params))
+    if extra:
+        raise AntidoteError(
+            f"the base model {config.model} does not match the aligned model: it has weights the aligned "
+            f"model lacks ({extra[0]}, {len(extra)} in all); pass the model it was aligned from"
+        )
+    chosen = [n for n, p in params.items() if p.dim() == 2 and (pattern is None or pattern.search(n))]
+    if not chosen:
+        raise AntidoteError(
+            f"--weights {config.weights!r} matches no 2-D weight; names look like: {next(iter(params))}"
+        )
+    changed = []
+    with torch.no_grad():
+        for name in chosen:
+            weight, b = params[name], base_params[name].to(params[name].device, params[name].dtype)
+            if torch.equal(weight, b):
+                continue  # alignment did not touch this weight
+            weight.copy_((weight.float() + lox_update(weight, b, config.rank, config.alpha)).to(weight.dtype))
+            changed.append(name)
+    return changed
 
 
 def run(config: LoXConfig) -> dict[str, Path]:
-    import torch
+    from antidote.defenses.weight_edit import write_report
+    from antidote.models import load_model
+    from antidote.outputs import atomic_output_dir, check_output_dir
+    from antidote.training.stages import run_align
 
-    from antidote.outputs import atomic_output_dir
-
-    out = check_output(config)
-    loaded = load_finetuned(config)
-    dense = dense_parameters(loaded)
-    pattern = re.compile(config.targets) if config.targets else None
-    chosen = {n: p.shape for n, p in dense.items() if p.dim() == 2 and (pattern is None or pattern.search(n))}
-    if not chosen:
-        raise AntidoteError(
-            f"--targets {config.targets!r} matches no 2-D weight; names look like: {next(iter(dense))}"
+    if not config.output:
+        raise AntidoteError("missing --output DIR; lox writes its model there")
+    out = check_output_dir(config.output, config.overwrite, (config.model, config.aligned))
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.align-", dir=out.parent) as scratch:
+        aligned_spec = config.aligned
+        if not aligned_spec:
+            log.info("lox: no --aligned model given; aligning %s first", config.model)
+            aligned_spec = str(run_align(config.align_config(str(Path(scratch) / "aligned"))))
+        aligned = load_model(aligned_spec)
+        base = load_model(config.model, device="cpu", with_tokenizer=False)
+        changed = extrapolate(aligned.model, base.model, config)
+        del base
+        log.info(
+            "lox: extrapolated the top-%d subspace of %d weights' alignment delta", config.rank, len(changed)
         )
-    base = read_base_weights(config, {n: p.shape for n, p in dense.items()}, chosen)
-    changed: list[str] = []
-
-    def update(name: str) -> torch.Tensor | None:
-        weight = dense[name]
-        v_base = base.pop(name)
-        if torch.equal(weight.detach(), v_base.to(weight.device, weight.dtype)):
-            return None  # alignment did not touch this weight
-        changed.append(name)
-        return lox_update(weight, v_base, config.rank, config.alpha)
-
-    def finetune(name: str, delta: torch.Tensor) -> torch.Tensor:
-        extra = update(name) if name in base else None
-        return delta if extra is None else delta + extra
-
-    with torch.no_grad():
-        model = fold_adapter(loaded, finetune)
-        for name in list(base):
-            extra = update(name)
-            if extra is not None:
-                weight = dense[name]
-                weight.copy_((weight.float() + extra).to(weight.dtype))
-    log.info(
-        "lox: extrapolated the top-%d subspace of %d weights' alignment delta", config.rank, len(changed)
-    )
-    report = {"method": "lox", "extrapolated": changed, "config": config_record(config)}
-    with atomic_output_dir(out, config.overwrite) as tmp:
-        save_full_model(tmp, model, loaded, config)
-        write_report(tmp, REPORT_FILE, report)
+        report = {
+            "method": "lox",
+            "aligned": aligned_spec if config.aligned else "aligned here",
+            "extrapolated": changed,
+            "config": dataclasses.asdict(config),
+        }
+        with atomic_output_dir(out, config.overwrite) as tmp:
+            aligned.model.save_pretrained(tmp)  # type: ignore[operator]
+            aligned.tokenizer.save_pretrained(tmp)
+            if (Path(aligned_spec) / PROMPT_FILE).is_file():
+                shutil.copyfile(Path(aligned_spec) / PROMPT_FILE, tmp / PROMPT_FILE)
+            write_report(tmp, REPORT_FILE, report)
     return {"": out}
 
 
 DEFENSE = register(
     Defense(
         name="lox",
-        stage="post",
+        stage="align",
         config=LoXConfig,
         run=run,
-        summary="add alpha x the rank-k part of the alignment delta W_aligned - W_base (LoX; data-free)",
+        summary="after alignment, add alpha x the rank-k part of the alignment delta W_aligned - W_base "
+        "(LoX; data-free; the attack then trains on it)",
         needs_base=True,
     )
 )

@@ -12,7 +12,9 @@ Each alignment step, as in the authors' `rep_noise_loss` (domenicrosati/represen
 - h_l: the output of decoder layer l's MLP (`layers.<l>.mlp`, as the authors) on that harmful batch,
   zeroed outside the answer tokens and flattened per sequence, (B, T * H); the noise is N(0, I) with the
   same mask. MMD: the authors' sum of 5 RBF kernels with bandwidths 2^k * (mean squared distance) / 4.
-alpha = 1 (the RepNoise paper; git-disl's re-implementation uses 0.1), beta = 0.001.
+Defaults alpha = 0.1, beta = 0.001: the Antidote paper's RepNoise runs (git-disl/Antidote
+script/alignment/repNoise.sh), the comparison this toolkit reproduces; the RepNoise authors' own default
+is alpha = 1 (domenicrosati/representation-noising loss.py), --alpha 1.
 Needs paired data: the harmful prompts of `harmful_data` must include prompts of the refusal data `data`.
 Its trainer (`RepNoiseTrainer`) is built by `trainer_class()` on first use; hooks: `training_hooks`.
 """
@@ -108,7 +110,11 @@ class RepNoiseConfig(AlignConfig):
         },
     )
     alpha: float = field(
-        default=1.0, metadata={"help": "weight of the bounded ascent -log(CE(harmful) + 1) (paper: 1)"}
+        default=0.1,
+        metadata={
+            "help": "weight of the bounded ascent -log(CE(harmful) + 1) (the Antidote paper's runs: 0.1; "
+            "the RepNoise authors': 1)"
+        },
     )
     beta: float = field(
         default=0.001, metadata={"help": "weight of the noise term mean_l MMD(h_l, N(0, I)) (paper: 0.001)"}

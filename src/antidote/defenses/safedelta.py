@@ -12,9 +12,11 @@ Per fine-tuned Linear layer (the LoRA layers; elsewhere the delta is zero), with
 Columns are taken in blocks of `block_size`. In a block of `count` columns, entries are ordered by cost
 (ties by position, row-major), the `exclude` most expensive fraction is never kept, and the longest prefix
 of that order whose summed loss stays within
-    budget = s * rows * count / 4096^2 * mean(cost over the block)
-is kept (the authors' budget, whose constants are written for 4096-wide layers and 2048-column blocks,
-stated per entry so that it carries to other sizes). Then, column by column (SparseGPT's sequential OBS),
+    budget = s / 2 * rows / 4096 * mean(cost over the block)
+is kept: the authors' budget exactly (ColinLu50/SafeDelta, safedelta_runner.py: `scale = rows / 4096`,
+`s = s / 2  # 2 = 4096 / blocksize=2048`, `loss_constraint = tmp.mean() * s * scale`), the same for a
+block of any width (an earlier per-entry restatement, s * rows * count / 4096^2, gave 576-wide layers
+0.28x their budget). Then, column by column (SparseGPT's sequential OBS),
 a kept entry is set to its fine-tuned value and the change err = (w_j - q_j) / d_j is compensated on the
 later columns: W[:, j+1:] -= err U[j, j+1:]. Entries not kept hold the aligned value plus compensation.
 The loss of a later block is measured from the weights as compensated so far, as in the authors' code.
@@ -65,9 +67,9 @@ def hessian_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def block_budget(s: float, rows: int, cost: torch.Tensor) -> float:
-    """s * rows * count / 4096^2 * mean(cost): the safety-loss budget of one block. cost: (count,), the
-    per-column cost 1 / d_j^2 of the block's columns."""
-    return float(s * rows * cost.numel() / REFERENCE_SIZE**2 * cost.double().mean())
+    """s / 2 * rows / 4096 * mean(cost): the safety-loss budget of one block, as the authors' code. cost:
+    (count,), the per-column cost 1 / d_j^2 of the block's columns."""
+    return float(s / 2 * rows / REFERENCE_SIZE * cost.double().mean())
 
 
 def select_within_budget(

@@ -5,8 +5,10 @@ Per LoRA layer, with V = W_aligned - W_base the alignment delta of the layer's w
     C = V V^T / ||V||_F                      (out, out), as the paper and the authors' code define it
     dW = B A * scale                          the layer's fine-tuning update (out, in)
     cos = <vec(C dW), vec(dW)> / (||C dW||_F ||dW||_F)
-A layer is projected when cos <= `threshold` (or, with `top_k`, when it is one of the k layers of lowest
-cos); projecting sets B <- C B, so that dW <- C dW. Other layers keep their adapter as it was.
+Which layers are projected (`select`): `number` (the default, as the authors' SafeLoRAConfig:
+select_layers_type "number", num_proj_layers 10), the `top_k` layers of lowest cos (all of them when there
+are fewer); or `threshold`, those with cos <= `threshold` (the paper's 0.5). Projecting sets B <- C B, so
+that dW <- C dW. Other layers keep their adapter as it was.
 Data-free. Writes a PEFT adapter on MODEL and `safelora_report.json` (every layer's cos, which moved).
 
 A layer whose alignment delta V is zero (alignment did not touch that weight) has no alignment subspace:
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+
+SELECT = ("number", "threshold")
 
 REPORT_FILE = "safelora_report.json"
 
@@ -81,13 +85,20 @@ class SafeLoRAConfig(WeightEditConfig):
 
     METHOD: ClassVar[str] = "safelora"
 
+    select: str = field(
+        default="number",
+        metadata={
+            "help": "which layers to project: number (the --top-k of lowest cos(C dW, dW), the authors' "
+            "default) or threshold (cos at most --threshold)"
+        },
+    )
     threshold: float = field(
         default=0.5,
-        metadata={"help": "project the layers whose cos(C dW, dW) is at most this (the paper's 0.5)"},
+        metadata={"help": "with --select threshold: project the layers whose cos(C dW, dW) is at most this"},
     )
-    top_k: int | None = field(
-        default=None,
-        metadata={"help": "instead of --threshold, project the k layers of lowest cos(C dW, dW)"},
+    top_k: int = field(
+        default=10,
+        metadata={"help": "with --select number: project the k LoRA layers of lowest cos (the authors' 10)"},
     )
 
     def __post_init__(self) -> None:
@@ -96,7 +107,9 @@ class SafeLoRAConfig(WeightEditConfig):
             raise AntidoteError(
                 f"--threshold is a cosine in [-1, 1], got {self.threshold}; the paper uses 0.5"
             )
-        if self.top_k is not None and self.top_k < 1:
+        if self.select not in SELECT:
+            raise AntidoteError(f"unknown --select {self.select!r}; choose one of {', '.join(SELECT)}")
+        if self.top_k < 1:
             raise AntidoteError(f"--top-k must be at least 1 (layers to project), got {self.top_k}")
 
 
@@ -124,11 +137,14 @@ def run(config: SafeLoRAConfig) -> dict[str, Path]:
                 continue
             projectors[module] = alignment_projector(v)
             cosines[module] = projected_cosine(projectors[module], delta)
-        chosen = layers_to_project(cosines, config.threshold, config.top_k)
-        if len(chosen) < (config.top_k or 0):
-            raise AntidoteError(
-                f"--top-k {config.top_k} asks for more layers than the {len(projectors)} with an alignment "
-                "delta and an update; lower it"
+        chosen = layers_to_project(
+            cosines, config.threshold, config.top_k if config.select == "number" else None
+        )
+        if config.select == "number" and len(chosen) < config.top_k:
+            log.warning(
+                "safelora: --top-k %d, but %d layers have an alignment delta and an update: all projected",
+                config.top_k,
+                len(chosen),
             )
         for module in chosen:
             b = layers[module].lora_B[adapter].weight

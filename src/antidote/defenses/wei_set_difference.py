@@ -6,9 +6,12 @@ Per target weight W (out, in), with Wanda scores on two calibration sets (SPEC 2
     S_safety  = |W| * sqrt(s_harmful),   s = mean over samples of the sum over tokens of x^2
     S_utility = |W| * sqrt(s_utility)
     M = top_q(S_safety)  AND NOT  top_p(S_utility)
-where top_r takes, in each output row (`granularity: row`, Wei et al.'s and Antidote's) or in the whole
-tensor (`layer`), the k = n - int(n * (1 - r)) highest scores (the engine's rule and tie order). The
-masked weights are zeroed. One calibration pass over each data set serves every q (one variant per q).
+where top_r takes, in the whole tensor (`granularity: layer`, as the authors' `prune_wandg_set_difference`
+in boyiwei/alignment-attribution-code lib/prune.py) or in each output row (`row`), the
+k = n - int(n * (1 - r)) highest scores (the engine's rule and tie order; theirs takes int(r * n)).
+s counts the response tokens only (`tokens: response`, the authors' default: main.py's `disentangle`,
+turned off by --entangle_prompt_feat) or every token (`all`); the prompt is still read as context.
+The masked weights are zeroed. One calibration pass over each data set serves every q (one variant per q).
 
 The harmful data is what Antidote calibrates on (harmful prompt + harmful answer); the utility data is
 benign prompt + answer pairs. Targets are the engine's: the fine-tuning adapter's lora_A / lora_B (a
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GRANULARITIES = ("row", "layer")
+TOKENS = ("response", "all")
 
 
 # ---- the math ---------------------------------------------------------------------------------------------
@@ -95,7 +99,15 @@ class WeiConfig:
         default=0.1, metadata={"help": "p in (0, 1): the top fraction by utility score that is kept"}
     )
     granularity: str = field(
-        default="row", metadata={"help": "where the top fractions are taken: row (each output row) or layer"}
+        default="layer",
+        metadata={"help": "where the top fractions are taken: layer (the whole tensor, the authors') or row"},
+    )
+    tokens: str = field(
+        default="response",
+        metadata={
+            "help": "whose inputs the scores count: response (the answer's tokens, the authors' default) "
+            "or all (prompt and answer)"
+        },
     )
     targets: str | None = field(default=None, metadata=_help("targets"))
     template: str = field(default="alpaca", metadata=_help("template"))
@@ -123,6 +135,8 @@ class WeiConfig:
             raise AntidoteError(
                 f"unknown --granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}"
             )
+        if self.tokens not in TOKENS:
+            raise AntidoteError(f"unknown --tokens {self.tokens!r}; choose one of {', '.join(TOKENS)}")
         p = self.utility_ratio
         if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or not 0.0 < p < 1.0:
             raise AntidoteError(f"--utility-ratio {p} is outside (0, 1); use e.g. 0.1 to keep the top 10%")
@@ -131,7 +145,7 @@ class WeiConfig:
     def realign_config(self) -> RealignConfig:
         """The engine's config that loads, tokenizes and calibrates on both data sets."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for own in ("safety_ratios", "utility_ratio", "utility_data"):
+        for own in ("safety_ratios", "utility_ratio", "utility_data", "tokens"):
             values.pop(own)
         return RealignConfig(
             **values, mask_ratios=self.safety_ratios, score="contrast", benign_data=self.utility_data
@@ -155,10 +169,13 @@ def run(config: WeiConfig) -> dict[str, Path]:
     start = time.perf_counter()
     prepared = prepare(engine)
     seconds["load"] = round(time.perf_counter() - start, 3)
-    calibration = calibrate(engine, prepared)
+    if config.tokens == "all":
+        calibration = calibrate(engine, prepared)
+        assert calibration.benign is not None  # the contrast score loads the utility data
+        harmful, utility = calibration.harmful, calibration.benign
+    else:
+        harmful, utility = _response_statistics(engine, prepared)
     seconds["calibrate"] = round(time.perf_counter() - start - seconds["load"], 3)
-    assert calibration.benign is not None  # the contrast score loads the utility data
-    harmful, utility = calibration.harmful, calibration.benign
     ratios = config.safety_ratios
     folders: dict[str, Path] = {}
     with atomic_output_dir(out, config.overwrite) as tmp:
@@ -184,6 +201,7 @@ def run(config: WeiConfig) -> dict[str, Path]:
                     "score": "wanda set difference: top q by safety score, not in top p by utility score",
                     "safety_ratio": q,
                     "utility_ratio": config.utility_ratio,
+                    "tokens": config.tokens,
                     "utility_calibration": {"samples": utility.samples, "tokens": utility.tokens},
                 }
             )
@@ -196,6 +214,55 @@ def run(config: WeiConfig) -> dict[str, Path]:
             log.info("q %g: pruned %d of %d weights", q, total["pruned"], total["total"])
             folders[f"{q:g}"] = out / folder.relative_to(tmp)
     return folders
+
+
+def response_starts(examples: list[Any], tokenizer: Any, template: str) -> list[int]:
+    """Per example, the number of tokens of its formatted prompt alone: the index of its first response
+    token in the tokenized example (`tokenize_examples`: the same template and special tokens)."""
+    from antidote.data.templates import format_prompt
+
+    add_special = template != "chat"  # as tokenize_examples: the chat template writes its own
+    prompts = [format_prompt(e, template, tokenizer) for e in examples]
+    return [len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special)["input_ids"]]
+
+
+def _response_statistics(engine: RealignConfig, prepared: Any) -> tuple[Any, Any]:
+    """The harmful and utility statistics of the engine's calibration, counting response tokens only."""
+    from antidote.data.loading import load_examples
+    from antidote.realignment.calibrate import collect_statistics, resolve_compute_dtype
+    from antidote.realignment.steps import check_finite_statistics
+
+    model, tokenizer = prepared.loaded.model, prepared.loaded.tokenizer
+    device = model.get_input_embeddings().weight.device
+    sets = {
+        "harmful": (engine.data, engine.filters, prepared.sequences),
+        "utility": (engine.benign_data, [], prepared.benign_sequences),
+    }
+    out = []
+    for desc, (source, filters, sequences) in sets.items():
+        assert source is not None and sequences is not None  # the contrast score reads both data sets
+        examples = load_examples(
+            source,
+            filters=filters,
+            max_samples=engine.max_samples,
+            seed=engine.seed,
+            data_dir=engine.data_dir,
+        )
+        starts = response_starts(examples, tokenizer, engine.template)
+        assert len(starts) == len(sequences)  # the examples the engine tokenized, in its order
+        stats = collect_statistics(
+            model,
+            prepared.targets,
+            sequences,
+            batch_size=engine.batch_size,
+            pad_id=tokenizer.pad_token_id or 0,
+            compute_dtype=resolve_compute_dtype(engine.compute_dtype, device),
+            desc=desc,
+            starts=starts,
+        )
+        check_finite_statistics(stats)
+        out.append(stats)
+    return out[0], out[1]
 
 
 def _card(report: dict[str, Any]) -> str:

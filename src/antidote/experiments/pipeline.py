@@ -165,11 +165,11 @@ class Pipeline:
         post: dict[str, list[RowModel]] = {}
         for defense in self.defenses:
             if defense.stage == "align":
-                models.append(self.align_defense(defense, ft_cfg))
+                models.append(self.align_defense(defense, ft_cfg, aligned, align_key))
             elif defense.stage == "finetune":
                 models.append(self.finetune_defense(defense, aligned, align_key))
             else:
-                post[defense.name] = self.post_defense(defense, aligned, attack, ft_key)
+                post[defense.name] = self.post_defense(defense, aligned, attack, ft_key, ft_cfg, align_key)
 
         summary: dict[str, Any] = {"operating_points": {}}
         chosen: dict[str, str] = {}
@@ -207,15 +207,18 @@ class Pipeline:
             self.write(summary, models)
         return summary
 
-    def align_defense(self, defense: Defense, ft_cfg: Any) -> RowModel:
-        """The defense's aligned model, then the same attack on it."""
+    def align_defense(self, defense: Defense, ft_cfg: Any, plain: Path, plain_key: str) -> RowModel:
+        """The defense's aligned model, then the same attack on it. A defense whose config has `aligned`
+        (LoX) starts from the plain aligned model `plain` instead of aligning anew."""
         from antidote.training.stages import run_finetune
 
-        cfg = defense_config(self.config, defense, {"model": self.config.model, "output": ""})
+        fixed = {"model": self.config.model, "aligned": str(plain), "output": ""}
+        cfg = defense_config(self.config, defense, fixed)
+        upstream = plain_key if hasattr(cfg, "aligned") else None
         aligned, key = self.stage(
             f"align-{defense.name}",
             cfg,
-            None,
+            upstream,
             lambda out: defense.run(replace(cfg, output=str(out))),
             {"kind": "align", "defense": defense.name, "method": defense.name},
         )
@@ -235,7 +238,7 @@ class Pipeline:
             attack_key,
             defense.name,
             own=own,
-            recipe=list(own.values()),
+            recipe=([plain.name] if upstream else []) + list(own.values()),
         )
 
     def finetune_defense(self, defense: Defense, aligned: Path, align_key: str) -> RowModel:
@@ -251,19 +254,36 @@ class Pipeline:
         recipe = [aligned.name, attack.name]
         return RowModel(defense.name, str(aligned), str(attack), key, defense.name, own=own, recipe=recipe)
 
-    def post_defense(self, defense: Defense, aligned: Path, attack: Path, ft_key: str) -> list[RowModel]:
+    def post_defense(
+        self, defense: Defense, aligned: Path, attack: Path, ft_key: str, ft_cfg: Any, align_key: str
+    ) -> list[RowModel]:
+        from antidote.training.stages import run_finetune
+
         fixed = {"model": str(aligned), "adapter": str(attack), "base_model": self.config.model, "output": ""}
         cfg = defense_config(self.config, defense, fixed)
+        upstream: Any = ft_key
+        own: dict[str, str] = {}
+        if defense.extra_finetune is not None:  # e.g. RESTA's unaligned model: a cached stage of its own
+            field_name, extra_cfg = defense.extra_finetune(cfg, ft_cfg)
+            extra, extra_key = self.stage(
+                f"{defense.name}-{field_name}",
+                extra_cfg,
+                align_key,
+                lambda out: run_finetune(replace(extra_cfg, output=str(out))),
+                {"kind": "finetune", "defense": defense.name, "method": "plain"},
+            )
+            cfg, upstream = replace(cfg, **{field_name: str(extra)}), [ft_key, extra_key]
+            own[f"{defense.name}-{field_name}"] = extra.name
         folder, key = self.stage(
             defense.name,
             cfg,
-            ft_key,
+            upstream,
             lambda out: _record_variants(out, defense.run(replace(cfg, output=str(out)))),
             {"kind": "defense", "defense": defense.name, "method": defense.name},
             outputs=("variants.json",),
         )
-        own = {defense.name: folder.name}
-        recipe = [aligned.name, attack.name, folder.name]
+        own[defense.name] = folder.name
+        recipe = [aligned.name, attack.name, *own.values()]
         if self.cache.pending(folder):  # a dry run: its variants are not known yet
             name = f"{defense.name}@?"
             return [

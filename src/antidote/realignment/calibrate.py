@@ -142,8 +142,11 @@ class StatisticsCollector:
         num_samples: int,
         *,
         parallel: Parallel | None = None,
+        starts: Sequence[int] | None = None,
     ) -> None:
         self.targets = dict(targets)
+        self.starts = starts  # per sequence, the first token that counts (None: every token)
+        self.batch_starts: list[int] | None = None
         self.num_samples = num_samples
         self.parallel = parallel
         self.tokens = 0
@@ -173,12 +176,16 @@ class StatisticsCollector:
         for chunk in [c for c in self._open if c < batch.chunks[0]]:
             self._close(chunk)
         self.lengths = [len(sequences[i]) for i in batch.samples]
+        if self.starts is not None:
+            self.batch_starts = [
+                min(self.starts[i], n) for i, n in zip(batch.samples, self.lengths, strict=True)
+            ]
         self._chunks = list(batch.chunks)
         try:
             yield
         finally:
             self._last_input = self._last_stat = None
-        self.tokens += sum(self.lengths)
+        self.tokens += sum(self.lengths) - sum(self.batch_starts or [])
 
     def hook(self, name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def pre_hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -213,7 +220,7 @@ class StatisticsCollector:
         with torch.autocast(x.device.type, enabled=False):
             width = max(self.lengths)
             if x.shape[:-1] == (len(self.lengths), width):
-                return sample_sq_sums(x, self.lengths)
+                return sample_sq_sums(x, self.lengths, self.batch_starts)
             if not self._warned_shape:
                 log.warning("%s sees inputs of shape %s, not per token; padding counted", name, x.shape)
                 self._warned_shape = True
@@ -320,6 +327,7 @@ def collect_statistics(
     compute_dtype: torch.dtype | None = None,
     desc: str = "calibrating",
     parallel: Parallel | None = None,
+    starts: Sequence[int] | None = None,
 ) -> Statistics:
     """Run the model over `sequences` (token ids) and return per-target input statistics.
 
@@ -327,6 +335,8 @@ def collect_statistics(
     AMX); the statistics are still summed in float64. None runs in the model's own dtype.
     parallel: this process calibrates its share of the chunks and the sums are exchanged (every
     process gets the same statistics).
+    starts: per sequence, the first token whose input counts (e.g. its first response token); None
+    counts every token.
     The result does not depend on `batch_size` nor on the number of processes (module docstring).
     """
     if not sequences:
@@ -335,7 +345,7 @@ def collect_statistics(
     device = model.get_input_embeddings().weight.device  # type: ignore[operator]
     batch_size = batch_size or default_batch_size(device)
     rank, world = (parallel.rank, parallel.world) if parallel is not None else (0, 1)
-    collector = StatisticsCollector(targets, len(sequences), parallel=parallel)
+    collector = StatisticsCollector(targets, len(sequences), parallel=parallel, starts=starts)
     was_training = model.training
     model.eval()
     autocast = (

@@ -31,11 +31,14 @@ def num_selected(n: int, ratio: float) -> int:
 # ---- the statistic ----------------------------------------------------------------------------------
 
 
-def sample_sq_sums(x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+def sample_sq_sums(
+    x: torch.Tensor, lengths: Sequence[int], starts: Sequence[int] | None = None
+) -> torch.Tensor:
     """Per sample and input feature: the sum over that sample's real tokens of x^2, in float64.
 
     x: (batch, seq, in_features), any float dtype, each sample's real tokens first (right padding);
-    lengths: (batch,) real tokens per sample. Returns (batch, in_features) float64.
+    lengths: (batch,) real tokens per sample; starts: (batch,) the first token that counts (default 0;
+    e.g. the first response token, to count the response alone). Returns (batch, in_features) float64.
 
     Squares of float32, bfloat16 and float16 values are exact in float64, and each sample's sum is
     taken over a fresh tensor of its own tokens alone, so it does not depend on which other samples
@@ -44,8 +47,12 @@ def sample_sq_sums(x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
     import torch
 
     # The copy is a fresh tensor of the same shape and layout at any batch size; squared in place.
+    first = [0] * len(lengths) if starts is None else starts
     return torch.stack(
-        [x[b, :n].to(torch.float64, copy=True).square_().sum(0) for b, n in enumerate(lengths)]
+        [
+            x[b, s:n].to(torch.float64, copy=True).square_().sum(0)
+            for b, (s, n) in enumerate(zip(first, lengths, strict=True))
+        ]
     )
 
 
