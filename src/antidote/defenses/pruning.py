@@ -10,7 +10,7 @@ from pathlib import Path
 from antidote.realignment.config import RealignConfig
 
 
-def _help(name: str) -> dict[str, str]:
+def option_help(name: str) -> dict[str, str]:
     """The engine's own help text for a field, so the two never drift apart."""
     meta = {f.name: dict(f.metadata) for f in dataclasses.fields(RealignConfig)}[name]
     meta.pop("positional", None)
@@ -21,17 +21,17 @@ def _help(name: str) -> dict[str, str]:
 class PruneConfig:
     """Options of a data-free pruning ablation (a subset of `antidote realign`'s)."""
 
-    model: str = field(default="", metadata={**_help("model"), "positional": True})
-    adapter: str | None = field(default=None, metadata=_help("adapter"))
-    output: str | None = field(default=None, metadata=_help("output"))
-    mask_ratios: tuple[float, ...] = field(default=(0.1,), metadata=_help("mask_ratios"))
-    granularity: str = field(default="row", metadata=_help("granularity"))
-    targets: str | None = field(default=None, metadata=_help("targets"))
-    seed: int = field(default=0, metadata=_help("seed"))
-    merge: bool = field(default=False, metadata=_help("merge"))
-    overwrite: bool = field(default=False, metadata=_help("overwrite"))
-    dtype: str = field(default="auto", metadata=_help("dtype"))
-    device: str = field(default="auto", metadata=_help("device"))
+    model: str = field(default="", metadata={**option_help("model"), "positional": True})
+    adapter: str | None = field(default=None, metadata=option_help("adapter"))
+    output: str | None = field(default=None, metadata=option_help("output"))
+    mask_ratios: tuple[float, ...] = field(default=(0.1,), metadata=option_help("mask_ratios"))
+    granularity: str = field(default="row", metadata=option_help("granularity"))
+    targets: str | None = field(default=None, metadata=option_help("targets"))
+    seed: int = field(default=0, metadata=option_help("seed"))
+    merge: bool = field(default=False, metadata=option_help("merge"))
+    overwrite: bool = field(default=False, metadata=option_help("overwrite"))
+    dtype: str = field(default="auto", metadata=option_help("dtype"))
+    device: str = field(default="auto", metadata=option_help("device"))
 
     def __post_init__(self) -> None:
         self.realign_config("random")  # validates every shared option now, before any work

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from antidote.defenses.base import Defense, register
-from antidote.defenses.pruning import PruneConfig, _help, prune_with_score
+from antidote.defenses.pruning import PruneConfig, option_help, prune_with_score
 
 
 @dataclass
 class RandomPruneConfig(PruneConfig):
     """Options of random pruning: the ablation's, places drawn over the whole tensor by default."""
 
-    granularity: str = field(default="layer", metadata=_help("granularity"))
+    granularity: str = field(default="layer", metadata=option_help("granularity"))
 
 
 def run(config: PruneConfig) -> dict[str, Path]:

@@ -33,9 +33,9 @@ from antidote.data.templates import PROMPT_FILE
 from antidote.defenses import Defense, get
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import HARMFUL_VERDICTS, judge_source, parse_judge_spec
-from antidote.evaluation.run import EvaluateConfig
 from antidote.evaluation.stats import recovered_share_interval
 from antidote.experiments.cache import StageCache, locked, stage_key
+from antidote.experiments.evalstages import JudgeSet, generate_stage, judge_stage
 from antidote.experiments.report import choose_operating_point, markdown, plot, recovered_share_of_rise
 from antidote.experiments.runconfig import (
     RunConfig,
@@ -107,7 +107,7 @@ class Pipeline:
         self.judge_specs, self.judges_missing = scoring_judges(config.judges)
         for spec, why in self.judges_missing.items():
             say(f"judge {spec} left out: {why}")
-        self.judges = _Judges(self.judge_specs)
+        self.judges = JudgeSet(self.judge_specs)
         self.flags: dict[tuple[str, str, str], list[bool]] = {}  # (section, row, judge) -> harmful per prompt
         self.defenses = [get(name) for name in config.defenses]
 
@@ -340,7 +340,7 @@ class Pipeline:
             f"{section}-{m.name}",
             ev_cfg,
             {"made_by": m.made_by},
-            lambda out: _generate_stage(out, ev_cfg),
+            lambda out: generate_stage(out, ev_cfg),
             {"kind": section, "method": "plain", **about},
             outputs=("results.json", "generations.jsonl"),
         )
@@ -351,7 +351,7 @@ class Pipeline:
                     f"judge-{parse_judge_spec(spec)[0]}-{section}-{m.name}",
                     {"judge": spec, "judge_path": judge_source(spec)},
                     key,
-                    functools.partial(_judge_stage, generated=folder, spec=spec, judges=self.judges),
+                    functools.partial(judge_stage, generated=folder, spec=spec, judges=self.judges),
                     {"kind": "judge", "method": "plain", "judge": spec, "section": section, **about},
                     outputs=("verdicts.json", "judged.json"),
                 )
@@ -452,43 +452,6 @@ def _settings(stage_config: Any) -> Any:
 
 def _numbers(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in ("hs", "fa", "degenerate", "over_refusal")}
-
-
-class _Judges:
-    """Judges are loaded on first use, so a rerun that finds every evaluation done loads none."""
-
-    def __init__(self, specs: list[str]) -> None:
-        self.specs = specs
-        self.loaded: dict[str, Any] = {}
-
-    def __getitem__(self, spec: str) -> Any:
-        if spec not in self.loaded:
-            from antidote.evaluation.judges import make_judge
-
-            self.loaded[spec] = make_judge(spec)
-        return self.loaded[spec]
-
-
-def _generate_stage(out: Path, config: EvaluateConfig) -> None:
-    """Generate into `out` (results.json, generations.jsonl), scored by the keyword judge as it goes."""
-    from antidote.evaluation.judges.keyword import KeywordJudge
-    from antidote.evaluation.run import run_evaluate
-
-    out.mkdir()
-    run_evaluate(replace(config, output=str(out / "results.json"), also_judges=[]), judge=KeywordJudge())
-
-
-def _judge_stage(out: Path, generated: Path, spec: str, judges: _Judges) -> None:
-    """Score an evaluation stage's saved harmful-prompt generations with one more judge."""
-    from antidote.evaluation.judges import verdict_row
-
-    records = [json.loads(line) for line in (generated / "generations.jsonl").read_text().splitlines()]
-    harmful = [g for g in records if g["set"] == "harmful"]
-    judge = judges[spec]
-    verdicts = judge.verdicts([g["prompt"] for g in harmful], [g["response"] for g in harmful])
-    out.mkdir()
-    (out / "verdicts.json").write_text(json.dumps(verdicts) + "\n")
-    (out / "judged.json").write_text(json.dumps(verdict_row(verdicts, judge.name), indent=2) + "\n")
 
 
 # The public run API: a config read and checked, then run (`load_run_config` and `packaged_config` live in
