@@ -488,6 +488,9 @@ def run_sequential(config: RealignConfig, records: Records | None = None) -> Swe
             config = dataclasses.replace(config, device=parallel.device(config.device))
         leader = parallel is None or parallel.leader
         out = checked_output(config) if leader else None
+        for model in (config.model, config.reference):  # their shard lists, checked before any work
+            if model:
+                Checkpoint(local_folder(model))
         with (
             atomic_output_dir(out, config.overwrite, what="antidote realign --sequential")
             if out
