@@ -23,6 +23,7 @@ import ctypes
 import errno
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -30,6 +31,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from antidote.errors import AntidoteError
 
@@ -251,6 +253,24 @@ def recover(output: Path) -> None:
 # ---- writing ----------------------------------------------------------------------------------------
 
 
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float (in dicts, lists and tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_text(value: Any, **kwargs: Any) -> str:
+    """`json.dumps` for every JSON file antidote writes: always valid JSON (RFC 8259), so a NaN or an
+    infinity (e.g. Cohen's kappa of a judge that agrees with no variation) is written as null, never as
+    the bare `NaN` that strict readers (jq, JavaScript, most other languages) refuse."""
+    return json.dumps(_finite(value), allow_nan=False, **kwargs)
+
+
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
@@ -309,7 +329,7 @@ def write_marker(folder: Path, what: str) -> None:
     from antidote import __version__
 
     record = {"tool": "antidote", "version": __version__, "wrote": what, "time": time.strftime("%FT%T%z")}
-    (folder / MARKER).write_text(json.dumps(record) + "\n")
+    (folder / MARKER).write_text(json_text(record) + "\n")
 
 
 @contextlib.contextmanager

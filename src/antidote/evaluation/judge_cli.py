@@ -15,6 +15,7 @@ from typing import Any
 
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import HARMFUL_LABELS, SAFE_LABELS, parse_judge_spec
+from antidote.outputs import json_text
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ def run_judge_eval(config: JudgeEvalConfig) -> dict[str, Any]:
     markdown = render_markdown(report)
     if out is not None:
         with atomic_output_dir(out, config.overwrite) as tmp:
-            (tmp / "judge_eval.json").write_text(json.dumps(report, indent=2) + "\n")
+            (tmp / "judge_eval.json").write_text(json_text(report, indent=2) + "\n")
             (tmp / "judge_eval.md").write_text(markdown)
     report["markdown"] = markdown
     return report
@@ -370,8 +371,8 @@ def run_judge_split(config: JudgeSplitConfig) -> dict[str, Any]:
     }
     with atomic_output_dir(out, config.overwrite) as tmp:
         for file, idx in (("train.jsonl", kept), ("heldout.jsonl", held)):
-            (tmp / file).write_text("".join(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in idx))
-        (tmp / "split.json").write_text(json.dumps(record, indent=2) + "\n")
+            (tmp / file).write_text("".join(json_text(rows[i], ensure_ascii=False) + "\n" for i in idx))
+        (tmp / "split.json").write_text(json_text(record, indent=2) + "\n")
     return record
 
 

@@ -35,6 +35,7 @@ from torch import nn
 from antidote.errors import AntidoteError
 from antidote.evaluation.agreement import agreement_metrics
 from antidote.evaluation.judges import is_refusal, keyword_verdict
+from antidote.outputs import json_text
 
 log = logging.getLogger(__name__)
 
@@ -468,7 +469,7 @@ def save_judge(folder: Path, trained: TrainedJudge, meta: dict[str, Any]) -> Non
         "candidates": [vars(c) for c in trained.candidates],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    (folder / JUDGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    (folder / JUDGE_FILE).write_text(json_text(record, indent=2) + "\n")
     (folder / "README.md").write_text(model_card(record))
 
 

@@ -20,7 +20,7 @@ from antidote.data.loading import load_examples
 from antidote.data.templates import check_template
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import parse_judge_spec
-from antidote.outputs import atomic_write_text, check_output_file
+from antidote.outputs import atomic_write_text, check_output_file, json_text
 from antidote.tasks import get_task, load_task_items, task_help, task_names
 
 PROMPT_FILE = "antidote_prompt.json"
@@ -192,8 +192,8 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
         "wrote": "evaluate",
         "generations": GENERATIONS_FILE,
     }
-    atomic_write_text(generations_file, "".join(json.dumps(r) + "\n" for r in records))
-    atomic_write_text(out, json.dumps({"antidote": marker, **results}, indent=2) + "\n")
+    atomic_write_text(generations_file, "".join(json_text(r) + "\n" for r in records))
+    atomic_write_text(out, json_text({"antidote": marker, **results}, indent=2) + "\n")
     return results
 
 

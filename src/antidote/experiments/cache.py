@@ -24,6 +24,7 @@ from typing import Any
 
 from antidote.errors import AntidoteError
 from antidote.memory import read_peak_memory, release_memory, reset_peak_memory
+from antidote.outputs import json_text
 
 STAGE_VERSION = 2  # bump when a stage's code changes what it writes: old cache entries are then not reused
 RECORD = "stage.json"
@@ -111,7 +112,7 @@ class StageCache:
             seconds = round(time.perf_counter() - start, 1)
             peak = read_peak_memory(reset)
             record = {"stage": name, "key": key, "seconds": seconds, "peak_memory": peak, "spec": spec}
-            (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+            (tmp / RECORD).write_text(json_text(record, indent=2, default=str) + "\n")
             tmp.rename(folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

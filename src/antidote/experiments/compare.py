@@ -45,7 +45,7 @@ from antidote.experiments.pipeline import (
     clear_run_dir,
     prepare_run_dir,
 )
-from antidote.outputs import atomic_write_text
+from antidote.outputs import atomic_write_text, json_text
 
 SFT = "sft"  # the plain attack (the pipeline's `attacked` row), no defense
 MATRIX_KEYS = ("lr", "epochs", "harmful_ratio", "num_samples")
@@ -338,7 +338,7 @@ def run_compare(config: CompareConfig, say: Callable[[str], None] = _say) -> dic
             rows += cell_rows(cell, summary, cache, utility)
             built += cache.built
             reused += [s for s in cache.cached if s not in built and s not in reused]
-        atomic_write_text(out / "results.json", json.dumps(rows, indent=2) + "\n")
+        atomic_write_text(out / "results.json", json_text(rows, indent=2) + "\n")
         atomic_write_text(out / "results.csv", to_csv(rows))
         table = aggregate(rows)
         atomic_write_text(out / "report.md", report_markdown(config, rows, table))
@@ -426,7 +426,7 @@ def _utility_stage(out: Path, model: str, adapter: str | None, config: UtilityCo
         for task, metrics in results["results"].items()
     }
     out.mkdir()
-    (out / "utility.json").write_text(json.dumps(scores, indent=2) + "\n")
+    (out / "utility.json").write_text(json_text(scores, indent=2) + "\n")
 
 
 UTILITY_METRICS = ("acc_norm,none", "acc,none", "exact_match,strict-match", "exact_match,none")
@@ -513,7 +513,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         flat = {**r, "hs_low": r["hs_ci"][0], "hs_high": r["hs_ci"][1]}
         flat.update(fa_low=r["fa_ci"][0], fa_high=r["fa_ci"][1])
-        flat["general_utility"] = json.dumps(r["general_utility"]) if r.get("general_utility") else ""
+        flat["general_utility"] = json_text(r["general_utility"]) if r.get("general_utility") else ""
         writer.writerow(
             {k: "n/a" if flat.get(k) is None and k in _MEASURED else flat.get(k) for k in CSV_FIELDS}
         )

@@ -38,7 +38,7 @@ from antidote.evaluation.stats import recovered_share_interval
 from antidote.experiments.cache import StageCache, locked, stage_key
 from antidote.experiments.report import choose_operating_point, markdown, plot, recovered_share
 from antidote.models.loading import EMBEDDED_NAME
-from antidote.outputs import atomic_write_text, protected_reason
+from antidote.outputs import atomic_write_text, json_text, protected_reason
 from antidote.training.stages import AlignConfig, FinetuneConfig
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
@@ -208,7 +208,7 @@ def prepare_run_dir(run_dir: Path, create: bool = True) -> None:
     run_dir.mkdir(exist_ok=True)
     marker = run_dir / RUN_MARKER
     if not marker.is_file():
-        atomic_write_text(marker, json.dumps({"made_by": "antidote run"}) + "\n")
+        atomic_write_text(marker, json_text({"made_by": "antidote run"}) + "\n")
 
 
 RUN_OUTPUTS = (
@@ -497,14 +497,14 @@ class _Run:
             _link_tree(source, tmp / name)
             prompt = tmp / name / "antidote_prompt.json"
             if not prompt.exists():  # the base model: evaluate it in the run's prompt format
-                prompt.write_text(json.dumps({"template": self.config.template}) + "\n")
+                prompt.write_text(json_text({"template": self.config.template}) + "\n")
         shutil.rmtree(root, ignore_errors=True)  # only ever written by this function
         tmp.rename(root)
 
     def write(self, summary: dict[str, Any], models: list[_Model]) -> None:
         rows = summary["rows"]
-        atomic_write_text(self.run_dir / "results.json", json.dumps(rows, indent=2) + "\n")
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+        atomic_write_text(self.run_dir / "results.json", json_text(rows, indent=2) + "\n")
+        atomic_write_text(self.run_dir / "summary.json", json_text(summary, indent=2, default=str) + "\n")
         atomic_write_text(self.run_dir / "results.md", markdown(summary))
         generations = []
         for row in rows:
@@ -512,7 +512,7 @@ class _Run:
                 continue
             stage = self.cache.root / row["stage"] / "generations.jsonl"
             for line in stage.read_text().splitlines():
-                generations.append(json.dumps({"model": row["model"], **json.loads(line)}))
+                generations.append(json_text({"model": row["model"], **json.loads(line)}))
         atomic_write_text(self.run_dir / "generations.jsonl", "".join(g + "\n" for g in generations))
         plot(summary, self.run_dir / "tradeoff.png")
 
@@ -521,7 +521,7 @@ def _record_variants(out: Path, variants: dict[str, Path]) -> None:
     """Write `variants.json` (label -> folder relative to the stage folder) into a post defense's output."""
     out.mkdir(exist_ok=True)
     rel = {label: str(Path(path).resolve().relative_to(out.resolve())) for label, path in variants.items()}
-    (out / "variants.json").write_text(json.dumps(rel, indent=2) + "\n")
+    (out / "variants.json").write_text(json_text(rel, indent=2) + "\n")
 
 
 def _link_tree(source: Path, target: Path) -> None:
@@ -600,5 +600,5 @@ def _judge_stage(out: Path, generated: Path, spec: str, judges: _Judges) -> None
     judge = judges[spec]
     verdicts = judge.verdicts([g["prompt"] for g in harmful], [g["response"] for g in harmful])
     out.mkdir()
-    (out / "verdicts.json").write_text(json.dumps(verdicts) + "\n")
-    (out / "judged.json").write_text(json.dumps(verdict_row(verdicts, judge.name), indent=2) + "\n")
+    (out / "verdicts.json").write_text(json_text(verdicts) + "\n")
+    (out / "judged.json").write_text(json_text(verdict_row(verdicts, judge.name), indent=2) + "\n")
