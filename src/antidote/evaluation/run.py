@@ -90,12 +90,15 @@ class EvaluateConfig:
         parse_judge_spec(self.judge)
         if self.also_judges == ["none"]:
             self.also_judges = []
-        for spec in self.also_judges:
+        for spec in [self.judge, *self.also_judges]:
             kind, path = parse_judge_spec(spec)
-            if kind == "learned" and path:  # a named folder must be a judge: fail before generating
-                from antidote.evaluation.learned import read_judge_record
+            if kind == "learned":  # a judge folder must be a valid judge: fail before generating
+                from antidote.evaluation.learned import check_learned_judge, judge_folder, read_judge_record
 
-                read_judge_record(path)
+                if spec == self.judge:  # the judge that scores must be there, the default one too
+                    read_judge_record(judge_folder(path))
+                else:
+                    check_learned_judge(path)
         self.also_judges = [s for s in dict.fromkeys(self.also_judges) if s != self.judge]
         if self.backend not in ("hf", "vllm"):
             raise AntidoteError(f"unknown --backend {self.backend!r}; choose one of hf, vllm")

@@ -122,10 +122,10 @@ def check(config: RunConfig, path: str = "the config") -> None:
     _available_judges(config.judges)  # none left (only an uninstalled default) fails before any work
     for spec in config.judges:
         kind, judge_path = parse_judge_spec(spec)
-        if kind == "learned" and judge_path:  # a named judge folder must be one; the default may be absent
-            from antidote.evaluation.learned import read_judge_record
+        if kind == "learned":  # a named judge folder must be one; the default may be absent
+            from antidote.evaluation.learned import check_learned_judge
 
-            read_judge_record(judge_path)
+            check_learned_judge(judge_path)
     for name in SECTIONS:
         if getattr(config, name) is not None:
             _stage_config(config, name, path, model="<model>", output="<output>")
