@@ -755,6 +755,12 @@ CASES: dict[str, Case] = {
     "run config duplicate key in a section": Case(
         run_config("align: {lr: 0.1, epochs: 1, lr: 0.2}\nrealign: {data: x}\n"), "gives lr twice"
     ),
+    "run with ANTIDOTE_DATA_DIR=/proc": Case(
+        run_config("realign: {data: x}\n"), "holds more than 10,000 files", env={"ANTIDOTE_DATA_DIR": "/proc"}
+    ),
+    "run with ANTIDOTE_DATA_DIR=/usr": Case(
+        run_config("realign: {data: x}\n"), "it is not a data folder", env={"ANTIDOTE_DATA_DIR": "/usr"}
+    ),
     "run config laughs": Case(
         run_config(laughs(6) + "template: *a5\nrealign: {data: x}\n"), "expands to more than"
     ),
@@ -982,3 +988,19 @@ def test_judge_eval_of_all_refusals_writes_valid_json(tmp_path: Path) -> None:
     text = (out / "judge_eval.json").read_text()
     report = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in judge_eval.json"))
     assert report["metrics"]["judge_hs"]["value"] == 0.0
+
+
+def test_a_dangling_link_in_a_model_folder_does_not_stop_a_run(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """A run fingerprints its inputs for the stage keys: a link to nothing (a moved file) is keyed as a
+    link, and the model folder still loads."""
+    from antidote.experiments.cache import stage_key
+    from antidote.models.loading import resolve_model_folder
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny["model"], folder)
+    (folder / "notes.txt").symlink_to(tmp_path / "gone.txt")
+    key = stage_key({"model": str(folder)})
+    assert resolve_model_folder(str(folder)) == str(folder)
+    (folder / "notes.txt").unlink()
+    (folder / "notes.txt").symlink_to(tmp_path / "elsewhere.txt")  # another target: another key
+    assert stage_key({"model": str(folder)}) != key

@@ -12,6 +12,7 @@ response/output/target...), and the task loaders read sst2/agnews/gsm8k's label 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,9 +161,29 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | N
     path = Path(value).expanduser()
     if not path.is_dir():
         raise AntidoteError(
-            f"data folder {value} is not a folder; point --data-dir at a copy of ../shared/data"
+            f"data folder {value} is not a folder; point --data-dir (or ${DATA_DIR_ENV}) at the folder "
+            "that holds the named data sets"
         )
+    _check_data_folder_size(str(path.resolve()), str(value))
     return path
+
+
+MAX_DATA_FILES = 10_000  # entries in a data folder: one holds a few dozen files
+
+
+@functools.lru_cache(maxsize=16)
+def _check_data_folder_size(folder: str, given: str) -> None:
+    """Refuse a data folder of more than MAX_DATA_FILES entries (e.g. /usr, /proc or /): a run fingerprints
+    the data folder for every stage, and walking a system folder takes minutes or fails on files that
+    vanish or cannot be read."""
+    count = 0
+    for _root, dirs, files in os.walk(folder, onerror=lambda err: None):
+        count += len(dirs) + len(files)
+        if count > MAX_DATA_FILES:
+            raise AntidoteError(
+                f"data folder {given} holds more than {MAX_DATA_FILES:,} files and folders; it is not a "
+                f"data folder: point --data-dir (or ${DATA_DIR_ENV}) at the folder of the named data sets"
+            )
 
 
 def data_dir_field() -> Any:

@@ -39,7 +39,7 @@ def _folder_fingerprint(folder: Path) -> list[Any]:
             if name.startswith("."):
                 continue
             path = Path(root) / name
-            stat = path.stat()
+            stat = path.stat() if path.exists() else path.lstat()  # a dangling link: the link itself
             out.append([str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns])
     return out
 

@@ -120,6 +120,7 @@ def check(config: RunConfig, path: str = "the config") -> None:
     if not config.judges:
         raise AntidoteError(f"{path}: judges is empty; use e.g. [keyword]")
     _available_judges(config.judges)  # none left (only an uninstalled default) fails before any work
+    resolve_data_dir(config.data_dir)  # a data folder that is none (/usr, /proc) fails before any work
     for spec in config.judges:
         kind, judge_path = parse_judge_spec(spec)
         if kind == "learned":  # a named judge folder must be one; the default may be absent

@@ -144,9 +144,9 @@ def check_load_options(dtype: str = "auto", device: str = "auto") -> None:
 def check_safetensors(file: Path, what: str) -> None:
     """Read a safetensors header (8-byte length + JSON) and check it describes exactly this file, so that a
     truncated, padded or random file is refused here in one line and never memory-mapped."""
-    size = file.stat().st_size
     problem = None
     try:
+        size = file.stat().st_size
         with open(file, "rb") as f:
             head = f.read(8)
             length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
