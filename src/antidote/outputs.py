@@ -405,3 +405,82 @@ def _swap_in(tmp: Path, output: Path, overwrite: bool) -> None:
     _reached("swapped")
     _fsync_dir(output.parent)
     _reached("cleaned")
+
+
+# ---- exported copies ------------------------------------------------------------------------------------
+
+_FICLONE = 0x40049409  # Linux ioctl: share the blocks of a file (btrfs, XFS, bcachefs): a copy-on-write copy
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """Copy `src`'s content to the new file `dst`: a copy-on-write clone where the file system offers it
+    (no extra disk until either is changed), else an ordinary copy. Never a hard link: writing to `dst`
+    must never change `src`."""
+    import fcntl
+
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+            return
+        except OSError:
+            pass
+        shutil.copyfileobj(fin, fout, 1 << 22)
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    """Copy the visible regular files under `source` (links followed to their files, dangling links and
+    hidden entries left out) into the new folder `target`."""
+    target.mkdir()
+    for entry in sorted(source.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            _copy_tree(entry, target / entry.name)
+        elif entry.is_file():
+            _copy_file(entry, target / entry.name)
+
+
+def export_folders(
+    root: Path,
+    folders: dict[str, Path],
+    finish: Callable[[str, Path], None] | None = None,
+) -> list[str]:
+    """Write `root/<name>` as a copy of each `folders[name]` (see `_copy_tree`); return warnings to show.
+
+    Copies, not hard links: a file changed in an export (a user copying another model over
+    `RUN/models/aligned/model.safetensors`) never changes the stage it came from. `finish(name, folder)`
+    may add files to a copy before it is moved into place. The names written are recorded in the hidden
+    sibling `.<root name>.export.json`; a later export replaces or removes only those, and leaves any other
+    folder in `root` (a user's) as it is, skipping that name with a warning.
+    """
+    record = root.parent / f".{root.name}.export.json"
+    try:
+        written = set(json.loads(record.read_text()).get("written", []))
+    except (OSError, ValueError, AttributeError, TypeError):
+        written = set()
+    if root.is_symlink() or (root.exists() and not root.is_dir()):
+        return [f"{root} is not a folder antidote made; models not exported"]
+    root.mkdir(exist_ok=True)
+    warnings = []
+    for name, source in folders.items():
+        target = root / name
+        if (target.exists() or target.is_symlink()) and name not in written:
+            warnings.append(f"{target} was not written by antidote: left as it is, {name} not exported")
+            continue
+        tmp = root / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            _copy_tree(source, tmp)
+            if finish is not None:
+                finish(name, tmp)
+            _remove(target)
+            tmp.rename(target)
+        except BaseException:
+            _remove(tmp)
+            raise
+        written.add(name)
+        atomic_write_text(record, json_text({"written": sorted(written)}) + "\n")
+    for name in sorted(written - set(folders)):  # exported by an earlier run, not by this one
+        _remove(root / name)
+        written.discard(name)
+    atomic_write_text(record, json_text({"written": sorted(written)}) + "\n")
+    return warnings

@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -38,7 +37,7 @@ from antidote.evaluation.stats import recovered_share_interval
 from antidote.experiments.cache import StageCache, locked, stage_key
 from antidote.experiments.report import choose_operating_point, markdown, plot, recovered_share
 from antidote.models.loading import EMBEDDED_NAME
-from antidote.outputs import atomic_write_text, json_text, protected_reason
+from antidote.outputs import atomic_write_text, export_folders, json_text, protected_reason
 from antidote.training.stages import AlignConfig, FinetuneConfig
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
@@ -80,7 +79,7 @@ class RunConfig:
     evaluate: dict[str, Any] = field(default_factory=dict)
     validate: dict[str, Any] | None = None
     evaluate_chosen_only: bool = False  # evaluate only each post defense's chosen variant (needs validate)
-    export_models: bool = False  # hard-link the final models into RUN_DIR/models/<row>
+    export_models: bool = False  # copy the final models into RUN_DIR/models/<row>
     # The attack's seeds: the attack and everything after it runs at each (results per seed in
     # RUN_DIR/cells/), and report.md gives the mean and 95% t interval over seeds (`antidote compare`).
     seeds: list[int] = field(default_factory=list)
@@ -483,24 +482,24 @@ class _Run:
         return None if math.isnan(share) else [round(share, 3), round(low, 3), round(high, 3)]
 
     def export_models(self, models: list[_Model], chosen: dict[str, str]) -> None:
-        """RUN_DIR/models/<row>: hard links to the stage folders' files (no copy of the weights)."""
+        """RUN_DIR/models/<row>: a copy of each final model's folder (`outputs.export_folders`)."""
         from antidote.models.loading import resolve_model_folder
 
-        root = self.run_dir / "models"
-        tmp = self.run_dir / ".models.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        folders = {}
         for m in models:
             if m.defense in chosen and m.variant != chosen[m.defense]:
                 continue
             source = Path(m.adapter) if m.adapter else Path(resolve_model_folder(m.model))
-            name = m.defense if m.defense in chosen else m.name
-            _link_tree(source, tmp / name)
-            prompt = tmp / name / "antidote_prompt.json"
-            if not prompt.exists():  # the base model: evaluate it in the run's prompt format
-                prompt.write_text(json_text({"template": self.config.template}) + "\n")
-        shutil.rmtree(root, ignore_errors=True)  # only ever written by this function
-        tmp.rename(root)
+            folders[m.defense if m.defense in chosen else m.name] = source
+
+        def prompt(name: str, folder: Path) -> None:
+            if not (folder / "antidote_prompt.json").exists():  # the base model: the run's prompt format
+                (folder / "antidote_prompt.json").write_text(
+                    json_text({"template": self.config.template}) + "\n"
+                )
+
+        for warning in export_folders(self.run_dir / "models", folders, prompt):
+            self.say(warning)
 
     def write(self, summary: dict[str, Any], models: list[_Model]) -> None:
         rows = summary["rows"]
@@ -523,16 +522,6 @@ def _record_variants(out: Path, variants: dict[str, Path]) -> None:
     out.mkdir(exist_ok=True)
     rel = {label: str(Path(path).resolve().relative_to(out.resolve())) for label, path in variants.items()}
     (out / "variants.json").write_text(json_text(rel, indent=2) + "\n")
-
-
-def _link_tree(source: Path, target: Path) -> None:
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, target, copy_function=link, ignore=shutil.ignore_patterns(".*"))
 
 
 def _settings(stage_config: Any) -> Any:
