@@ -656,7 +656,7 @@ def _check_probe(folder: Path, record: dict[str, Any]) -> None:
         raise AntidoteError(f"{file}: std must be above 0 (it divides the features); retrain the judge")
     config = _base_model_config(str(record["base_model"]))
     hidden = config.get("hidden_size") if config is not None else None
-    if _is_int(hidden):
+    if isinstance(hidden, int) and _is_int(hidden):
         expected = hidden + (1 if record["keyword_feature"] else 0)
         if d != expected:
             raise AntidoteError(
@@ -711,7 +711,8 @@ class LearnedJudge:
         loaded = load_model(model_folder, device=dev, dtype=str(record["dtype"]), with_tokenizer=False)
         self.model, self.tokenizer = loaded.model, tokenizer
         _, blocks = decoder_layers(self.model)
-        inputs = self.model.config.hidden_size + (1 if record["keyword_feature"] else 0)
+        hidden: Any = getattr(self.model.config, "hidden_size", 0)
+        inputs = int(hidden) + (1 if record["keyword_feature"] else 0)
         if record["layer"] > len(blocks) or self.probe.weight.numel() != inputs:
             raise AntidoteError(
                 f"the judge {folder} reads layer {record['layer']} with a probe of "
