@@ -964,6 +964,7 @@ def test_every_json_file_is_strict_json(tmp_path: Path) -> None:
     }
     source = Path(__file__).parents[1] / "src" / "antidote"
     allowed = {"outputs.py": 1, "maskfile.py": 1, "shards.py": 1, "cache.py": 1, "formats.py": 1}
+    allowed["distributed.py"] = 1  # a digest of settings, compared between processes, never written
     for file in source.rglob("*.py"):
         calls = file.read_text().count("json.dumps(")
         assert calls <= allowed.get(file.name, 0), f"{file}: json.dumps writes a file; use json_text"

@@ -177,6 +177,7 @@ def _check_value(annotation: Any, value: Any) -> tuple[bool, Any, str]:
             checked = [_check_value(item, v) for v in items]
             if all(ok for ok, _, _ in checked):
                 return True, [v for _, v, _ in checked], "a list"
+            return False, value, "a list of " + next(what for ok, _, what in checked if not ok)
         return False, value, "a list of " + _check_value(item, object())[2]
     if origin is tuple:
         args = typing.get_args(annotation)
@@ -191,7 +192,7 @@ def _check_value(annotation: Any, value: Any) -> tuple[bool, Any, str]:
 
 
 def _float(value: Any) -> tuple[bool, Any, str]:
-    what = "a finite number"
+    what = "a number"
     if isinstance(value, bool):
         return False, value, what
     if isinstance(value, (int, float)):
@@ -203,7 +204,9 @@ def _float(value: Any) -> tuple[bool, Any, str]:
             return False, value, what
     else:
         return False, value, what
-    return math.isfinite(number), number, what
+    if not math.isfinite(number):  # NaN, inf: a learning rate of inf trains a model of NaN
+        return False, value, "a finite number"
+    return True, number, what
 
 
 def _ratios(value: Any) -> tuple[bool, Any, str]:
