@@ -171,6 +171,14 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | N
 MAX_DATA_FILES = 10_000  # entries in a data folder: one holds a few dozen files
 
 
+def check_data_dir_size(data_dir: str | os.PathLike[str] | None = None) -> None:
+    """The size check of `resolve_data_dir` alone, for a config check: the data folder (`data_dir`, else
+    $ANTIDOTE_DATA_DIR), when it exists, must not be a system folder (/usr, /proc, /)."""
+    value = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
+    if value and Path(value).expanduser().is_dir():
+        _check_data_folder_size(str(Path(value).expanduser().resolve()), str(value))
+
+
 @functools.lru_cache(maxsize=16)
 def _check_data_folder_size(folder: str, given: str) -> None:
     """Refuse a data folder of more than MAX_DATA_FILES entries (e.g. /usr, /proc or /): a run fingerprints

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from antidote.configfile import config_from_mapping, read_yaml_mapping, values_from_mapping
-from antidote.data.catalog import resolve_data_dir
+from antidote.data.catalog import check_data_dir_size, resolve_data_dir
 from antidote.defenses import RESERVED, Defense, get
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import HARMFUL_VERDICTS, parse_judge_spec
@@ -119,7 +119,7 @@ def check(config: RunConfig, path: str = "the config") -> None:
     if not config.judges:
         raise AntidoteError(f"{path}: judges is empty; use e.g. [keyword]")
     _available_judges(config.judges)  # none left (only an uninstalled default) fails before any work
-    resolve_data_dir(config.data_dir)  # a data folder that is none (/usr, /proc) fails before any work
+    check_data_dir_size(config.data_dir)  # a data folder that is none (/usr, /proc) fails before any work
     for spec in config.judges:
         kind, judge_path = parse_judge_spec(spec)
         if kind == "learned":  # a named judge folder must be one; the default may be absent
