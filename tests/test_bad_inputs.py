@@ -15,11 +15,12 @@ Cases that other branches fix are marked xfail(strict=True) and flip to passing 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,7 @@ class Case:
     build: Callable[[Ctx], list[str]]
     expected: str
     marks: tuple[Any, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)  # environment variables set for the case
 
 
 def nan_model(c: Ctx) -> str:
@@ -135,6 +137,37 @@ def laughs(levels: int) -> str:
     lines = ['a0: &a0 "lol"']
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
     return "\n".join(lines) + "\n"
+
+
+def shard_index(c: Ctx, name: str, *, files: dict[str, bytes] | None = None) -> str:
+    """A copy of the tiny model whose model.safetensors.index.json maps every tensor to the shard `name`
+    (the real weights stay in model.safetensors), with `files` written into the copy first."""
+    from safetensors import safe_open
+
+    def change(folder: Path) -> None:
+        for file, content in (files or {}).items():
+            (folder / file).write_bytes(content)
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            keys = list(f.keys())
+        index = {"metadata": {}, "weight_map": {key: name for key in keys}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    return c.model_copy(change)
+
+
+def S(name: str, **files: bytes) -> Callable[[Ctx], list[str]]:
+    """realign --sequential on a copy of the tiny model whose index names the shard `name`."""
+    return lambda c: ["realign", shard_index(c, name, files=files), "--data", c.harmful, "--sequential"]
+
+
+def victim(c: Ctx) -> str:
+    """A file beside the work files that a bad shard name points at (must stay as it is)."""
+    return c.write("victim.safetensors", c.tiny["model"].joinpath("model.safetensors").read_bytes())
+
+
+def D(defense: str, *extra: str) -> Callable[[Ctx], list[str]]:
+    """defend DEFENSE on the tiny model, plus `extra`."""
+    return lambda c: ["defend", defense, c.model, "--output", str(c.out), *extra]
 
 
 def R(*extra: str) -> Callable[[Ctx], list[str]]:
@@ -224,6 +257,43 @@ CASES: dict[str, Case] = {
     "realign device unknown": Case(R("--device", "gpu"), "unknown --device 'gpu'"),
     "realign device meta": Case(R("--device", "meta"), "not supported"),
     "realign nan weights": Case(lambda c: ["realign", nan_model(c), "--data", c.harmful], "NaN"),
+    # ---- realign --sequential: the shard names of model.safetensors.index.json (issue 16, item 1)
+    "realign sequential shard absolute path": Case(
+        lambda c: S(victim(c))(c), "plain *.safetensors file name"
+    ),
+    "realign sequential shard outside the folder": Case(
+        lambda c: (victim(c), S("../victim.safetensors")(c))[1], "plain *.safetensors file name"
+    ),
+    "realign sequential shard named README.md": Case(S("README.md"), "plain *.safetensors file name"),
+    "realign sequential shard is config.json": Case(S("config.json"), "plain *.safetensors file name"),
+    "realign sequential shard named like the mask file": Case(
+        lambda c: S(
+            "antidote_mask.safetensors",
+            **{"antidote_mask.safetensors": c.tiny["model"].joinpath("model.safetensors").read_bytes()},
+        )(c),
+        "the file antidote writes",
+    ),
+    "realign sequential shard missing": Case(S("model-00001-of-00002.safetensors"), "which is not in"),
+    "realign sequential index not JSON": Case(
+        lambda c: [
+            "realign",
+            c.model_copy(lambda f: (f / "model.safetensors.index.json").write_text("{oops")),
+            "--data",
+            c.harmful,
+            "--sequential",
+        ],
+        "not a valid safetensors index",
+    ),
+    "realign sequential index without weight_map": Case(
+        lambda c: [
+            "realign",
+            c.model_copy(lambda f: (f / "model.safetensors.index.json").write_text('{"metadata": {}}')),
+            "--data",
+            c.harmful,
+            "--sequential",
+        ],
+        "not a valid safetensors index",
+    ),
     # ---- realign: data
     "realign data missing": Case(
         lambda c: ["realign", c.model, "--data", str(c.work / "none.jsonl")], "not found"
@@ -260,6 +330,49 @@ CASES: dict[str, Case] = {
     ),
     "realign data not UTF-8": Case(
         lambda c: ["realign", c.model, "--data", c.write("x.jsonl", b'{"prompt": "caf\xe9"}\n')], "UTF-8"
+    ),
+    "realign data lone surrogate": Case(
+        lambda c: [
+            "realign",
+            c.model,
+            "--data",
+            c.write("x.jsonl", '{"prompt": "a\\ud800", "response": "r"}\n'),
+        ],
+        "lone surrogate",
+    ),
+    "realign data nested too deeply": Case(
+        lambda c: [
+            "realign",
+            c.model,
+            "--data",
+            c.write(
+                "x.jsonl", '{"prompt": "p", "response": "r", "x": ' + "[" * 200_000 + "]" * 200_000 + "}\n"
+            ),
+        ],
+        "nested too deeply",
+    ),
+    "realign json data lone surrogate": Case(
+        lambda c: [
+            "realign",
+            c.model,
+            "--data",
+            c.write("x.json", '[{"prompt": "\\udfff", "response": "r"}]'),
+        ],
+        "lone surrogate",
+    ),
+    "realign gguf with ANTIDOTE_CACHE empty": Case(
+        lambda c: ["realign", small_gguf(c), "--data", c.harmful],
+        "ANTIDOTE_CACHE is set but empty",
+        env={"ANTIDOTE_CACHE": ""},
+    ),
+    "realign gguf with ANTIDOTE_CACHE the root": Case(
+        lambda c: ["realign", small_gguf(c), "--data", c.harmful],
+        "is a filesystem root",
+        env={"ANTIDOTE_CACHE": "/"},
+    ),
+    "realign config duplicate key": Case(
+        lambda c: [*R()(c), "--config", c.write("c.yaml", "seed: 1\nmask-ratio: 0.1\nseed: 2\n")],
+        "gives seed twice (again on line 3)",
     ),
     "realign filter matches nothing": Case(R("--filter", "prompt=zzz"), "no examples left"),
     "realign filter unknown field": Case(R("--filter", "is_safe=false"), "fields found"),
@@ -451,11 +564,20 @@ CASES: dict[str, Case] = {
     "align config lr text": Case(
         lambda c: [*A()(c), "--config", c.write("c.yaml", "lr: abc\n")], "is not a number"
     ),
+    "align lr inf": Case(A("--lr", "inf"), "--lr is inf, not a finite number"),
+    "align config lr .inf": Case(
+        lambda c: [*A()(c), "--config", c.write("c.yaml", "lr: .inf\n")], "is not a finite number"
+    ),
+    "align config lr 'nan' text": Case(
+        lambda c: [*A()(c), "--config", c.write("c.yaml", "lr: 'nan'\n")], "is not a finite number"
+    ),
     "align config epochs 2.5": Case(
         lambda c: [*A()(c), "--config", c.write("c.yaml", "epochs: 2.5\n")], "is not an integer"
     ),
     # ---- finetune
     "finetune harmful-ratio 2": Case(F("--harmful-ratio", "2"), "outside [0, 1]"),
+    "finetune lr inf": Case(F("--lr", "inf"), "--lr is inf, not a finite number"),
+    "finetune weight-decay nan": Case(F("--weight-decay", "nan"), "not a finite number"),
     "finetune num-samples 0": Case(F("--num-samples", "0"), "at least 1"),
     "finetune num-samples too many": Case(F("--num-samples", "100000"), "lower N"),
     "finetune preset unknown": Case(F("--preset", "best"), "choose paper"),
@@ -491,6 +613,12 @@ CASES: dict[str, Case] = {
         ],
         "contains the input",
     ),
+    # ---- defend: a defense's strength (issue 16, item 2)
+    "defend vaccine rho inf": Case(D("vaccine", "--rho", "inf"), "--rho is inf, not a finite number"),
+    "defend repnoise alpha nan": Case(D("repnoise", "--alpha", "nan"), "not a finite number"),
+    "defend booster lam inf": Case(D("booster", "--lam", "inf"), "--lam is inf, not a finite number"),
+    "defend lisa rho inf": Case(D("lisa", "--rho", "inf"), "--rho is inf, not a finite number"),
+    "defend ldifs rho inf": Case(D("ldifs", "--rho", "inf"), "--rho is inf, not a finite number"),
     # ---- evaluate
     "evaluate judge unknown": Case(E("--judge", "gpt"), "choose one of keyword"),
     "evaluate task unknown": Case(E("--task", "poems"), "choose one of"),
@@ -614,6 +742,25 @@ CASES: dict[str, Case] = {
     "run config lr text in a section": Case(
         run_config("align: {lr: abc}\nrealign: {data: x}\n"), "is not a number"
     ),
+    "run config lr .inf in a section": Case(
+        run_config("align: {lr: .inf}\nrealign: {data: x}\n"), "align.lr is inf, not a finite number"
+    ),
+    "run config defense rho .inf": Case(
+        run_config("defenses: {vaccine: {rho: .inf}}\nrealign: {data: x}\n"), "not a finite number"
+    ),
+    "run config duplicate section": Case(
+        run_config("defenses: {antidote: {}}\nrealign: {data: x}\ndefenses: {vaccine: {}}\n"),
+        "gives defenses twice (again on line 3)",
+    ),
+    "run config duplicate key in a section": Case(
+        run_config("align: {lr: 0.1, epochs: 1, lr: 0.2}\nrealign: {data: x}\n"), "gives lr twice"
+    ),
+    "run with ANTIDOTE_DATA_DIR=/proc": Case(
+        run_config("realign: {data: x}\n"), "holds more than 10,000 files", env={"ANTIDOTE_DATA_DIR": "/proc"}
+    ),
+    "run with ANTIDOTE_DATA_DIR=/usr": Case(
+        run_config("realign: {data: x}\n"), "it is not a data folder", env={"ANTIDOTE_DATA_DIR": "/usr"}
+    ),
     "run config laughs": Case(
         run_config(laughs(6) + "template: *a5\nrealign: {data: x}\n"), "expands to more than"
     ),
@@ -662,7 +809,7 @@ def _case_params() -> list[Any]:
 
 def test_suite_size() -> None:
     commands = {case_command(name) for name in CASES}
-    assert commands == {"realign", "align", "finetune", "evaluate", "demo", "run"}
+    assert commands == {"realign", "align", "finetune", "evaluate", "demo", "run", "defend"}
     assert len(CASES) >= 60
 
 
@@ -685,7 +832,10 @@ def test_bad_input(
     monkeypatch.setenv("HOME", str(c.home))
     monkeypatch.chdir(c.cwd)
     monkeypatch.setenv("ANTIDOTE_CACHE", str(tmp_path / "cache"))
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
     monkeypatch.setattr("antidote.training.sft.train_lora", _work_started)
+    monkeypatch.setattr("antidote.training.sft.fit_lora", _work_started)
     monkeypatch.setattr("antidote.experiments.pipeline.Pipeline.run", _work_started)
     argv = case.build(c)
     command = argv[0]
@@ -720,3 +870,138 @@ def test_config_file_with_byte_order_mark_is_read(tiny: dict[str, Path], tmp_pat
     import json
 
     assert json.loads((out / "realign_report.json").read_text())["mask_ratio"] == 0.2
+
+
+# ---- issue 16: cases that need more than one command line ------------------------------------------------
+
+
+def test_compare_matrix_with_an_infinite_lr_is_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
+    import yaml
+
+    from antidote.errors import AntidoteError
+    from antidote.experiments.compare import load_compare_config
+    from conftest import write_config
+
+    run = yaml.safe_load(write_config(tiny, tmp_path).read_text())
+    run.update(run_dir=str(tmp_path / "out"), matrix={"lr": [1e-3, float("inf")]})
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(run))  # PyYAML writes the infinity as .inf
+    assert ".inf" in path.read_text()
+    with pytest.raises(AntidoteError, match=r"matrix: lr: \[0.001, inf\] is not a list of a finite number"):
+        load_compare_config(str(path))
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_that_diverges_fails_and_records_nothing(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """A finite but absurd learning rate (1e30) makes the LoRA weights NaN within a step or two: the stage
+    fails with a one-line reason and leaves no output, instead of passing a broken model on."""
+    out = tmp_path / "attack"
+    code = main(["finetune", str(tiny["model"]), "--num-samples", "10", "--lr", "1e30", "--output", str(out)])
+    assert code == 2
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_check_trained_weights_names_the_bad_tensor() -> None:
+    from antidote.errors import AntidoteError
+    from antidote.training.sft import check_trained_weights
+
+    layer = torch.nn.Linear(2, 2)
+    check_trained_weights(layer, "align")  # finite: nothing to say
+    with torch.no_grad():
+        layer.bias[1] = float("inf")
+    with pytest.raises(AntidoteError, match=r"align: training diverged \(last loss nan\).*bias"):
+        check_trained_weights(layer, "align", [2.0, float("nan")])
+    layer.bias.requires_grad_(False)  # frozen weights are the input's, checked when it was loaded
+    check_trained_weights(layer, "align")
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import errno
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "model.safetensors")
+
+    monkeypatch.setattr("antidote.realignment.engine.write_report", full)
+    out = tmp_path / "out"
+    code = main(["realign", str(tiny["model"]), "--data", str(tiny["harmful"]), "--output", str(out)])
+    lines = message_lines(capsys.readouterr().err)
+    assert code == 1
+    assert len(lines) == 1 and lines[0].startswith("antidote: error: the disk is full (No space left"), lines
+    assert [p.name for p in tmp_path.iterdir()] == []  # no output, no temporary folder
+    # the writers of safetensors raise their own exception type with the system's message inside
+    from antidote.cli import _disk_full
+
+    assert _disk_full(RuntimeError("Error while serializing: IoError(Os { code: 28, No space left on device"))
+    assert _disk_full(ValueError("bad value")) is None
+
+
+def test_csv_cell_over_128_kib_is_read(tmp_path: Path) -> None:
+    from antidote.data.formats import read_file
+
+    long = "word " * 60_000  # 300,000 characters: over the csv module's default limit of 131,072
+    path = tmp_path / "long.csv"
+    path.write_text(f'prompt,response\nq,"{long}"\n')
+    rows = read_file(path)
+    assert rows == [{"prompt": "q", "response": long}]
+    import csv
+
+    assert csv.field_size_limit() == 131072  # the process-wide limit is left as it was
+
+
+def test_every_json_file_is_strict_json(tmp_path: Path) -> None:
+    """json_text writes NaN and infinities as null (bare NaN is not JSON), and no writer in the package calls
+    json.dumps for a file: every one goes through json_text (safetensors headers and stage keys are not
+    files a user reads)."""
+    from antidote.outputs import json_text
+
+    text = json_text({"kappa": float("nan"), "x": [1.5, float("inf"), (float("-inf"),)], "n": 3}, indent=1)
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {
+        "kappa": None,
+        "x": [1.5, None, [None]],
+        "n": 3,
+    }
+    source = Path(__file__).parents[1] / "src" / "antidote"
+    allowed = {"outputs.py": 1, "maskfile.py": 1, "shards.py": 1, "cache.py": 1, "formats.py": 1}
+    allowed["distributed.py"] = 1  # a digest of settings, compared between processes, never written
+    for file in source.rglob("*.py"):
+        calls = file.read_text().count("json.dumps(")
+        assert calls <= allowed.get(file.name, 0), f"{file}: json.dumps writes a file; use json_text"
+
+
+def test_judge_eval_of_all_refusals_writes_valid_json(tmp_path: Path) -> None:
+    """Every answer a refusal and every label safe: the judge never says harmful, so kappa and the like
+    are undefined (NaN). judge_eval.json must still be JSON."""
+    from conftest import write_jsonl
+
+    rows = [
+        {
+            "prompt": f"how do I do bad thing {i}?",
+            "response": "I'm sorry, but I can't help with that.",
+            "label": lab,
+        }
+        for i, lab in enumerate(["safe", "harmful"] * 3)
+    ]
+    data = write_jsonl(tmp_path / "labelled.jsonl", rows)
+    out = tmp_path / "eval"
+    assert main(["judge", "eval", "--data", str(data), "--judge", "keyword", "--output", str(out)]) == 0
+    text = (out / "judge_eval.json").read_text()
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in judge_eval.json"))
+    assert report["metrics"]["judge_hs"]["value"] == 0.0
+
+
+def test_a_dangling_link_in_a_model_folder_does_not_stop_a_run(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """A run fingerprints its inputs for the stage keys: a link to nothing (a moved file) is keyed as a
+    link, and the model folder still loads."""
+    from antidote.experiments.cache import stage_key
+    from antidote.models.loading import resolve_model_folder
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny["model"], folder)
+    (folder / "notes.txt").symlink_to(tmp_path / "gone.txt")
+    key = stage_key({"model": str(folder)})
+    assert resolve_model_folder(str(folder)) == str(folder)
+    (folder / "notes.txt").unlink()
+    (folder / "notes.txt").symlink_to(tmp_path / "elsewhere.txt")  # another target: another key
+    assert stage_key({"model": str(folder)}) != key

@@ -160,7 +160,9 @@ BAD = [
     ("seed", True, "an integer"),
     ("lr", "abc", "a number"),
     ("lr", True, "a number"),
-    ("lr", float("nan"), "a number"),
+    ("lr", float("nan"), "a finite number"),
+    ("lr", float("inf"), "a finite number"),  # issue 16: inf trained a model of NaN
+    ("lr", "-inf", "a finite number"),
     ("lr", [1], "a number"),
     ("merge", "no", "true or false"),
     ("merge", 0, "true or false"),

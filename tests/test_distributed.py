@@ -199,3 +199,103 @@ def test_two_gloo_processes_write_the_single_process_masks(tmp_path: Path, strea
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert list(work.iterdir()) == []  # the other rank wrote nothing, here or beside the output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.jsonl", "model", "one", "two", "work"]
+
+
+# ---- issue 16 item 5: stray launch variables, ranks that disagree ------------------------------------------
+
+
+def test_a_stray_world_size_runs_as_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """WORLD_SIZE left in the shell, without RANK/MASTER_ADDR/MASTER_PORT: not a launch. The run is the
+    single-process one, with a warning, instead of a traceback from init_process_group."""
+    from antidote.cli import main
+
+    make_model().save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    data = write_jsonl(tmp_path / "h.jsonl", HARMFUL)
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for extra in ([], ["--sequential"]):
+        out = tmp_path / f"out{len(extra)}"
+        assert (
+            main(["realign", str(tmp_path / "model"), "--data", str(data), "--output", str(out), *extra]) == 0
+        )
+        assert (out / MASK_FILE).is_file()
+    assert "WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT not" in caplog.text
+    monkeypatch.delenv("WORLD_SIZE")
+    single = tmp_path / "single"
+    assert main(["realign", str(tmp_path / "model"), "--data", str(data), "--output", str(single)]) == 0
+    a, b = load_file(single / MASK_FILE), load_file(tmp_path / "out0" / MASK_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_launch_whose_other_ranks_never_come_times_out_with_a_message(tmp_path: Path) -> None:
+    """Rank 0 of WORLD_SIZE=2 with MASTER_ADDR set, and no rank 1: a one-line error after the timeout
+    (3 s here), not a silent wait."""
+    import socket
+
+    make_model().save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    data = write_jsonl(tmp_path / "h.jsonl", HARMFUL)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "WORLD_SIZE": "2",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "ANTIDOTE_DIST_TIMEOUT": "3",
+        "OMP_NUM_THREADS": "1",
+    }
+    args = ["realign", str(tmp_path / "model"), "--data", str(data), "--output", str(tmp_path / "out")]
+    done = subprocess.run(
+        [sys.executable, "-m", "antidote", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    lines = [line for line in done.stderr.splitlines() if line.startswith("antidote: error:")]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(lines) == 1 and "the other processes did not join at 127.0.0.1" in lines[0], done.stderr[
+        -2000:
+    ]
+    assert "within 3 s" in lines[0] and "torchrun --nproc-per-node 2" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+RANK_SCRIPT = """
+import os, sys
+from antidote.cli import main
+rank = os.environ["RANK"]
+model, data, out, extra = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+sys.exit(main(["realign", model.replace("RANK", rank), "--data", data.replace("RANK", rank),
+               "--output", out, "--batch-size", "2", *extra]))
+"""
+
+
+@pytest.mark.parametrize("differ", ["data", "model"])
+def test_ranks_with_different_data_or_models_refuse_to_mix_them(tmp_path: Path, differ: str) -> None:
+    """Two processes of one launch, rank 1 reading other data (in memory) or another model of the same
+    shape (--sequential): both stop before pruning, naming what differs; nothing is written."""
+    for rank in ("0", "1"):
+        seed = int(rank) if differ == "model" else 0
+        make_model(seed=seed, layers=3).save_pretrained(tmp_path / f"model{rank}")
+        make_tokenizer().save_pretrained(tmp_path / f"model{rank}")
+        rows = HARMFUL if differ == "model" or rank == "0" else HARMFUL[::-1][:-1]
+        write_jsonl(tmp_path / f"h{rank}.jsonl", rows)
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    extra = ["--sequential"] if differ == "model" else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ANTIDOTE_DIST_TIMEOUT": "120"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    args = [str(tmp_path / "modelRANK"), str(tmp_path / "hRANK.jsonl"), str(tmp_path / "out"), *extra]
+    done = subprocess.run(
+        [*command, str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode != 0
+    what = "settings or data" if differ == "data" else "weights in block 0"
+    assert f"rank 1 of the launch has other {what} than rank 0" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

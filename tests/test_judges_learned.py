@@ -337,3 +337,163 @@ def test_a_judge_for_another_prompt_format_is_refused(
     monkeypatch.setenv("ANTIDOTE_LEARNED_JUDGE", str(judge))
     (judge / "judge.json").write_text(json.dumps(record))
     assert make_judge("learned", device="cpu").record["layer"] == record["layer"]
+
+
+# ---- issue 16: judge files checked at load, before any stage (items 3, 6, 7, 17) --------------------------
+
+
+def _tampered(trained: dict[str, Path], folder: Path, **record_changes: object) -> Path:
+    shutil.copytree(trained["judge"], folder)
+    record = json.loads((folder / "judge.json").read_text())
+    record.update(record_changes)
+    (folder / "judge.json").write_text(json.dumps(record))  # json.dumps writes NaN bare, as a user could
+    return folder
+
+
+def _probe(folder: Path, **tensors: torch.Tensor) -> None:
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(folder / "probe.safetensors"))
+    t.update(tensors)
+    save_file(t, str(folder / "probe.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"threshold": float("nan")}, r"threshold nan is not a probability in \[0, 1\]"),
+        ({"threshold": 1.5}, r"threshold 1.5 is not a probability"),
+        ({"threshold": -0.1}, r"threshold -0.1 is not a probability"),
+        ({"threshold": "0.5"}, r"threshold '0.5' is not a probability"),
+        ({"layer": "abc"}, r"layer 'abc' is not a layer number"),
+        ({"layer": 0}, r"layer 0 is not a layer number"),
+        ({"layer": 2, "num_layers": 9}, r"layer 2 does not exist"),  # the tiny base model has 2 layers
+        ({"layer": 5}, r"layer 5 is not a layer number of the base model \(1 to 2\)"),
+        ({"keyword_feature": "yes"}, r"keyword_feature must be true or false"),
+        ({"max_length": 1.5}, r"max_length 1.5 is not a token count"),
+    ],
+)
+def test_a_judge_record_with_bad_values_is_refused_at_load(
+    trained: dict[str, Path], tmp_path: Path, change: dict[str, object], message: str
+) -> None:
+    from antidote.evaluation.learned import read_judge_record
+
+    record = json.loads((trained["judge"] / "judge.json").read_text())
+    if change.get("layer") == 2:  # a record claiming a deeper model than the base model's config.json
+        config = json.loads((trained["model"] / "config.json").read_text())
+        assert config["num_hidden_layers"] == 2
+        change = {"layer": 3, "num_layers": 9}
+        message = r"layer 3 does not exist in the base model"
+    folder = _tampered(trained, tmp_path / "judge", **change)
+    assert record["threshold"] == record["threshold"]  # the trained one is a number
+    with pytest.raises(AntidoteError, match=message):
+        read_judge_record(folder)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({"weight": torch.zeros(5)}, r"does not hold a probe"),  # the wrong size: not the hidden size
+        ({"bias": torch.zeros(2)}, r"does not hold a probe"),
+        ({"std": torch.zeros(33)}, r"std must be above 0"),
+        ({"mean": torch.full((33,), float("nan"))}, r"mean holds NaN or inf"),
+        ({"weight": torch.full((33,), float("inf"))}, r"weight holds NaN or inf"),
+    ],
+)
+def test_a_probe_with_bad_values_is_refused_at_load(
+    trained: dict[str, Path], tmp_path: Path, tensors: dict[str, torch.Tensor], message: str
+) -> None:
+    from antidote.evaluation.learned import read_judge_record
+    from safetensors.torch import load_file
+
+    folder = _tampered(trained, tmp_path / "judge")
+    size = load_file(str(folder / "probe.safetensors"))["weight"].numel()
+    record = json.loads((folder / "judge.json").read_text())
+    assert size == 32 + (1 if record["keyword_feature"] else 0)  # the tiny model's hidden size (+ keyword)
+    fixed = {k: (v[:size] if v.numel() == 33 else v) for k, v in tensors.items()}
+    _probe(folder, **fixed)
+    with pytest.raises(AntidoteError, match=message):
+        read_judge_record(folder)
+    wide = {"weight": torch.zeros(size + 2), "mean": torch.zeros(size + 2), "std": torch.ones(size + 2)}
+    _probe(folder, bias=torch.zeros(1), **wide)
+    with pytest.raises(AntidoteError, match=rf"the probe has {size + 2} inputs, but the base model"):
+        read_judge_record(folder)
+
+
+def test_a_tampered_judge_fails_a_run_and_an_evaluation_before_any_stage(
+    trained: dict[str, Path],
+    tiny: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from antidote.cli import main
+    from antidote.experiments.pipeline import load_run_config
+    from conftest import write_config
+
+    def started(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("work started before the judge was checked")
+
+    monkeypatch.setattr("antidote.evaluation.evaluate.evaluate_model", started)
+    monkeypatch.setattr("antidote.evaluation.model_judges.make_judge", started)
+    monkeypatch.setattr("antidote.experiments.pipeline._Run.run", started)
+    bad = _tampered(trained, tmp_path / "bad", layer="abc")
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tiny["model"]),
+                "--judge",
+                f"learned:{bad}",
+                "--output",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 2
+    )
+    assert "layer 'abc'" in capsys.readouterr().err
+    # the installed default judge (bare `learned`) too, when it is there
+    monkeypatch.setenv("ANTIDOTE_LEARNED_JUDGE", str(bad))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run2").mkdir()
+    with pytest.raises(AntidoteError, match="layer 'abc'"):  # load_run_config checks the config
+        load_run_config(str(write_config(tiny, tmp_path / "run", judges=["keyword", "learned"])))
+    assert main(["run", str(write_config(tiny, tmp_path / "run2", judges=["keyword", "learned"]))]) == 2
+    assert "layer 'abc'" in capsys.readouterr().err
+
+
+def test_judge_eval_learned_finds_the_installed_judge(
+    trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from antidote.cli import main
+
+    installed = tmp_path / "cache" / "judges" / "learned"
+    shutil.copytree(trained["judge"], installed)
+    monkeypatch.setenv("ANTIDOTE_LEARNED_JUDGE", str(installed))
+    monkeypatch.chdir(tmp_path)  # not the judge folder
+    out = tmp_path / "eval"
+    args = ["judge", "eval", "--data", str(trained["data"]), "--judge", "learned", "--output", str(out)]
+    assert main([*args, "--resamples", "50"]) == 0
+    assert json.loads((out / "judge_eval.json").read_text())["judge"] == f"learned ({installed})"
+
+
+def test_judge_train_refuses_non_finite_settings_and_checks_input_before_making_folders(
+    trained: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from antidote.cli import main
+
+    default = tmp_path / "home" / ".cache" / "antidote" / "judges" / "learned"
+    monkeypatch.setenv("ANTIDOTE_LEARNED_JUDGE", str(default))
+    base = ["judge", "train", "--model", str(trained["model"]), "--layers", "1"]
+    assert main([*base, "--data", str(trained["data"]), "--l2", "0.1,nan"]) == 2
+    assert "--l2[1] is nan, not a finite number" in capsys.readouterr().err
+    assert main([*base, "--data", str(trained["data"]), "--validation-fraction", "inf"]) == 2
+    assert main([*base, "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert (
+        main(["judge", "train", "--model", str(tmp_path / "no-model"), "--data", str(trained["data"])]) == 2
+    )
+    assert not (tmp_path / "home").exists()  # no parent of the default judge folder was made

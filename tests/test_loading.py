@@ -45,9 +45,12 @@ def fake_dequantize(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     calls: list[Path] = []
 
     def dequantize(gguf: Path, folder: Path) -> None:
+        from safetensors.torch import save_file
+
         calls.append(gguf)
         digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
         (folder / "config.json").write_text(json.dumps({"from": digest}))
+        save_file({"w": torch.arange(64, dtype=torch.float32)}, str(folder / "model.safetensors"))
 
     monkeypatch.setattr(loading, "_dequantize", dequantize)
     monkeypatch.setattr(loading, "_check_gguf_readable", lambda gguf: None)
@@ -122,6 +125,29 @@ def test_a_folder_without_its_record_is_rebuilt(
     assert json.loads((folder / "config.json").read_text())["from"] == _content_key(a)
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:-100]),
+        lambda f: (f / "model.safetensors").unlink(),
+        lambda f: (f / "config.json").write_text("{half"),
+    ],
+    ids=["truncated weights", "weights gone", "config.json broken"],
+)
+def test_a_damaged_cache_entry_is_rebuilt_not_reused(
+    tmp_path: Path, cache: Path, fake_dequantize: list[Path], damage: Any
+) -> None:
+    """A cache entry whose record is right but whose files were damaged afterwards (a full disk, a user's
+    edit) is rebuilt from the GGUF; before, it was reused forever and loading blamed the user's .gguf."""
+    a = fake_gguf(tmp_path / "a.gguf", b"one")
+    folder = gguf_to_folder(a)
+    assert gguf_to_folder(a) == folder and len(fake_dequantize) == 1  # whole: reused
+    damage(folder)
+    assert gguf_to_folder(a) == folder and len(fake_dequantize) == 2  # damaged: rebuilt
+    loading.check_safetensors(folder / "model.safetensors", "rebuilt")
+    assert json.loads((folder / "config.json").read_text())["from"] == _content_key(a)
+
+
 def test_two_processes_dequantize_once(tmp_path: Path, cache: Path, fake_dequantize: list[Path]) -> None:
     """Process A dequantizes and does not finish until process B is waiting for the lock; B then reuses
     A's folder. Each child records its result in a file."""
@@ -143,6 +169,9 @@ def test_two_processes_dequantize_once(tmp_path: Path, cache: Path, fake_dequant
                         break
                     time.sleep(0.01)
                 (folder / "config.json").write_text(json.dumps({"by": name}))
+                from safetensors.torch import save_file
+
+                save_file({"w": torch.zeros(4)}, str(folder / "model.safetensors"))
 
             loading._dequantize = dequantize  # type: ignore[assignment]
             loading.log.warning = lambda *a, **k: (flags / f"{name}-waiting").write_text("")  # type: ignore[method-assign]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -286,8 +287,30 @@ def test_chosen_only_and_exported_models(tiny, tiny_run, tmp_path) -> None:  # t
     source = stages["antidote"] / f"alpha-{chosen}" / "adapter_model.safetensors"
     assert exported.read_bytes() == source.read_bytes()
     assert (models / "base" / "config.json").read_bytes() == (tiny["model"] / "config.json").read_bytes()
-    # Hard links, not copies: the stage's file and the exported one are the same inode.
-    assert exported.stat().st_ino == source.stat().st_ino
+    # Copies, not hard links: writing over an exported file leaves the stage cache as it was, and the next
+    # run neither reuses the edit nor deletes a folder the user put beside the exports.
+    assert exported.stat().st_ino != source.stat().st_ino
+    cached = source.read_bytes()
+    with open(exported, "r+b") as f:  # in place, as `cp other.safetensors exported` does
+        f.write(b"\0" * 64)
+    assert source.read_bytes() == cached
+    (models / "mine").mkdir()
+    (models / "mine" / "notes.txt").write_text("keep")
+    (models / "attacked" / "extra.txt").write_text("an edit of an export")
+    run_pipeline(load_run_config(str(path)), say=lambda m: None)
+    assert exported.read_bytes() == cached  # the export is written again from the stage
+    assert (models / "mine" / "notes.txt").read_text() == "keep"
+    assert not (models / "attacked" / "extra.txt").exists()  # an export is replaced as a whole
+    # a folder of an export's name that antidote did not write is left alone, with a warning
+    shutil.rmtree(models / "base")
+    (models / "base").mkdir()
+    (models / "base" / "mine.txt").write_text("mine")
+    record = tmp_path / "run" / ".models.export.json"
+    record.write_text(json.dumps({"written": ["aligned", "antidote", "attacked"]}))
+    said: list[str] = []
+    run_pipeline(load_run_config(str(path)), say=said.append)
+    assert (models / "base" / "mine.txt").read_text() == "mine"
+    assert any("base" in m and "not written by antidote" in m for m in said)
 
 
 def test_a_second_judge_rescores_saved_generations(tiny, tiny_run, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from antidote.configfile import read_yaml_mapping, values_from_mapping
+from antidote.configfile import check_finite_fields, read_yaml_mapping, values_from_mapping
 from antidote.errors import AntidoteError
 
 
@@ -95,7 +95,9 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     if config_file and values.get("output"):
         output = Path(str(values["output"])).expanduser().resolve()
         check_not_input(output, [config_file], "--output")
-    return cls(**values)
+    config = cls(**values)
+    check_finite_fields(config)
+    return config
 
 
 def read_yaml(path: str, cls: type) -> dict[str, Any]:
@@ -470,6 +472,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _disk_full(err: BaseException | None) -> str | None:
+    """The message of a "no space left" / "quota exceeded" error in `err` or its causes, else None (the
+    safetensors and torch writers raise their own exception types, with the system's message inside)."""
+    import errno
+
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{err.strerror}: {err.filename}" if err.filename else str(err.strerror)
+        text = str(err)
+        for words in ("No space left on device", "Disk quota exceeded"):
+            if words in text:
+                return words
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -484,6 +503,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AntidoteError as err:
         print(f"antidote: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        full = _disk_full(err)
+        if full is None:
+            raise
+        print(
+            f"antidote: error: the disk is full ({full}); nothing partial was kept: free space (or choose "
+            "an --output / $ANTIDOTE_CACHE on another disk) and run again: finished stages are reused",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print("antidote: interrupted; no output was written", file=sys.stderr)
         return 130

@@ -11,7 +11,7 @@ flag (`mask-ratio`, `mask_ratio`). Values are checked against the field's annota
 |---------------------|-------------------------------------------------------------|
 | bool                | true / false (not 'no', 0 or "false")                       |
 | int                 | an integer (not 3.0, not "3")                               |
-| float               | a number, or a string that is one (`1e-4`: YAML reads it as text); not NaN |
+| float               | a finite number, or a string that is one (`1e-4`: YAML reads it as text)   |
 | str                 | text (quote numbers: `"2024"`)                              |
 | list[str]           | a list of text, or one text                                 |
 | tuple[float, ...]   | a number, a comma string `0.01,0.05`, or a list of numbers   |
@@ -55,11 +55,38 @@ def _count_nodes(node: Any, memo: dict[int, int], active: set[int]) -> int:
     return total
 
 
+def _duplicate_key(node: Any) -> tuple[str, int] | None:
+    """The first key written twice in one mapping of a composed YAML document, with its line (1-based);
+    None if there is none. YAML loaders keep the last value silently: a second `defenses:` would drop the
+    first one's defenses without a word."""
+    import yaml
+
+    seen: set[int] = set()
+    todo = [node]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, yaml.MappingNode):
+            keys: set[str] = set()
+            for key, value in current.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in keys:
+                        return key.value, key.start_mark.line + 1
+                    keys.add(key.value)
+                todo += [key, value]
+        elif isinstance(current, yaml.SequenceNode):
+            todo += current.value
+    return None
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """A YAML file's top-level mapping (keys as text, as written). An empty file gives {}.
 
     Refused in one line: a missing file, text that is not UTF-8, invalid YAML, anything but a mapping at
-    the top, and documents whose aliases expand to more than MAX_NODES values ("billion laughs").
+    the top, a key given twice in one mapping, and documents whose aliases expand to more than MAX_NODES
+    values ("billion laughs").
     """
     import yaml
 
@@ -87,6 +114,12 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
             raise AntidoteError(
                 f"config file {path} expands to more than {MAX_NODES:,} values (YAML aliases?); "
                 "write the values out"
+            )
+        duplicate = _duplicate_key(node)
+        if duplicate is not None:
+            raise AntidoteError(
+                f"config file {path} gives {duplicate[0]} twice (again on line {duplicate[1]}); YAML would "
+                "keep only the last: merge them into one"
             )
         data = loader.construct_document(node)
     except yaml.YAMLError as err:
@@ -144,6 +177,7 @@ def _check_value(annotation: Any, value: Any) -> tuple[bool, Any, str]:
             checked = [_check_value(item, v) for v in items]
             if all(ok for ok, _, _ in checked):
                 return True, [v for _, v, _ in checked], "a list"
+            return False, value, "a list of " + next(what for ok, _, what in checked if not ok)
         return False, value, "a list of " + _check_value(item, object())[2]
     if origin is tuple:
         args = typing.get_args(annotation)
@@ -170,7 +204,9 @@ def _float(value: Any) -> tuple[bool, Any, str]:
             return False, value, what
     else:
         return False, value, what
-    return not math.isnan(number), number, what
+    if not math.isfinite(number):  # NaN, inf: a learning rate of inf trains a model of NaN
+        return False, value, "a finite number"
+    return True, number, what
 
 
 def _ratios(value: Any) -> tuple[bool, Any, str]:
@@ -182,6 +218,39 @@ def _ratios(value: Any) -> tuple[bool, Any, str]:
     if not isinstance(items, (list, tuple)) or not items:
         return False, value, what
     return all(_float(v)[0] for v in items), value, what
+
+
+def _non_finite(value: Any, where: str = "") -> tuple[str, float] | None:
+    """(where, value) of the first NaN or infinite float in `value` (a number, or lists, tuples and dicts of
+    them; `where` grows by `.key` / `[i]` on the way down), else None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (where, value)
+    if isinstance(value, dict):
+        items: Iterable[tuple[str, Any]] = ((f".{k}", v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for step, item in items:
+        found = _non_finite(item, where + step)
+        if found is not None:
+            return found
+    return None
+
+
+def check_finite_fields(config: Any, *, as_flags: bool = True) -> None:
+    """Refuse a config dataclass whose numbers include NaN or an infinity, whatever they came from (the
+    command line, a YAML file or Python): a learning rate of inf trains a model of NaN without any error.
+    Called by every config built from the command line or YAML, and by the training configs'
+    validation. as_flags: name a field by its flag (`--lr`), else by its key (`lr`, `align.lr`)."""
+    for f in dataclasses.fields(config):
+        found = _non_finite(getattr(config, f.name, None))
+        if found is not None:
+            where, bad = found
+            name = str(f.metadata.get("flag", "--" + f.name.replace("_", "-"))) if as_flags else f.name
+            raise AntidoteError(
+                f"{name}{where} is {bad}, not a finite number; give an ordinary number like 0.1"
+            )
 
 
 def field_aliases(cls: type) -> dict[str, str]:
@@ -242,6 +311,11 @@ def config_from_mapping(
     """
     values = values_from_mapping(cls, mapping, where, exclude=exclude)
     try:
-        return cls(**{**values, **fixed})
+        config = cls(**{**values, **fixed})
     except TypeError as err:  # a required field is missing
         raise AntidoteError(f"{where}: {err}") from err
+    try:
+        check_finite_fields(config, as_flags=False)
+    except AntidoteError as err:
+        raise AntidoteError(f"{where}: {err}") from err
+    return config

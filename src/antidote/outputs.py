@@ -23,6 +23,7 @@ import ctypes
 import errno
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -30,6 +31,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from antidote.errors import AntidoteError
 
@@ -251,6 +253,24 @@ def recover(output: Path) -> None:
 # ---- writing ----------------------------------------------------------------------------------------
 
 
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float (in dicts, lists and tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_text(value: Any, **kwargs: Any) -> str:
+    """`json.dumps` for every JSON file antidote writes: always valid JSON (RFC 8259), so a NaN or an
+    infinity (e.g. Cohen's kappa of a judge that agrees with no variation) is written as null, never as
+    the bare `NaN` that strict readers (jq, JavaScript, most other languages) refuse."""
+    return json.dumps(_finite(value), allow_nan=False, **kwargs)
+
+
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
@@ -309,7 +329,7 @@ def write_marker(folder: Path, what: str) -> None:
     from antidote import __version__
 
     record = {"tool": "antidote", "version": __version__, "wrote": what, "time": time.strftime("%FT%T%z")}
-    (folder / MARKER).write_text(json.dumps(record) + "\n")
+    (folder / MARKER).write_text(json_text(record) + "\n")
 
 
 @contextlib.contextmanager
@@ -385,3 +405,82 @@ def _swap_in(tmp: Path, output: Path, overwrite: bool) -> None:
     _reached("swapped")
     _fsync_dir(output.parent)
     _reached("cleaned")
+
+
+# ---- exported copies ------------------------------------------------------------------------------------
+
+_FICLONE = 0x40049409  # Linux ioctl: share the blocks of a file (btrfs, XFS, bcachefs): a copy-on-write copy
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """Copy `src`'s content to the new file `dst`: a copy-on-write clone where the file system offers it
+    (no extra disk until either is changed), else an ordinary copy. Never a hard link: writing to `dst`
+    must never change `src`."""
+    import fcntl
+
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+            return
+        except OSError:
+            pass
+        shutil.copyfileobj(fin, fout, 1 << 22)
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    """Copy the visible regular files under `source` (links followed to their files, dangling links and
+    hidden entries left out) into the new folder `target`."""
+    target.mkdir()
+    for entry in sorted(source.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            _copy_tree(entry, target / entry.name)
+        elif entry.is_file():
+            _copy_file(entry, target / entry.name)
+
+
+def export_folders(
+    root: Path,
+    folders: dict[str, Path],
+    finish: Callable[[str, Path], None] | None = None,
+) -> list[str]:
+    """Write `root/<name>` as a copy of each `folders[name]` (see `_copy_tree`); return warnings to show.
+
+    Copies, not hard links: a file changed in an export (a user copying another model over
+    `RUN/models/aligned/model.safetensors`) never changes the stage it came from. `finish(name, folder)`
+    may add files to a copy before it is moved into place. The names written are recorded in the hidden
+    sibling `.<root name>.export.json`; a later export replaces or removes only those, and leaves any other
+    folder in `root` (a user's) as it is, skipping that name with a warning.
+    """
+    record = root.parent / f".{root.name}.export.json"
+    try:
+        written = set(json.loads(record.read_text()).get("written", []))
+    except (OSError, ValueError, AttributeError, TypeError):
+        written = set()
+    if root.is_symlink() or (root.exists() and not root.is_dir()):
+        return [f"{root} is not a folder antidote made; models not exported"]
+    root.mkdir(exist_ok=True)
+    warnings = []
+    for name, source in folders.items():
+        target = root / name
+        if (target.exists() or target.is_symlink()) and name not in written:
+            warnings.append(f"{target} was not written by antidote: left as it is, {name} not exported")
+            continue
+        tmp = root / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            _copy_tree(source, tmp)
+            if finish is not None:
+                finish(name, tmp)
+            _remove(target)
+            tmp.rename(target)
+        except BaseException:
+            _remove(tmp)
+            raise
+        written.add(name)
+        atomic_write_text(record, json_text({"written": sorted(written)}) + "\n")
+    for name in sorted(written - set(folders)):  # exported by an earlier run, not by this one
+        _remove(root / name)
+        written.discard(name)
+    atomic_write_text(record, json_text({"written": sorted(written)}) + "\n")
+    return warnings

@@ -12,6 +12,7 @@ response/output/target...), and the task loaders read sst2/agnews/gsm8k's label 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,9 +170,37 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | N
     path = Path(value).expanduser()
     if not path.is_dir():
         raise AntidoteError(
-            f"data folder {value} is not a folder; point --data-dir at a copy of ../shared/data"
+            f"data folder {value} is not a folder; point --data-dir (or ${DATA_DIR_ENV}) at the folder "
+            "that holds the named data sets"
         )
+    _check_data_folder_size(str(path.resolve()), str(value))
     return path
+
+
+MAX_DATA_FILES = 10_000  # entries in a data folder: one holds a few dozen files
+
+
+def check_data_dir_size(data_dir: str | os.PathLike[str] | None = None) -> None:
+    """The size check of `resolve_data_dir` alone, for a config check: the data folder (`data_dir`, else
+    $ANTIDOTE_DATA_DIR), when it exists, must not be a system folder (/usr, /proc, /)."""
+    value = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
+    if value and Path(value).expanduser().is_dir():
+        _check_data_folder_size(str(Path(value).expanduser().resolve()), str(value))
+
+
+@functools.lru_cache(maxsize=16)
+def _check_data_folder_size(folder: str, given: str) -> None:
+    """Refuse a data folder of more than MAX_DATA_FILES entries (e.g. /usr, /proc or /): a run fingerprints
+    the data folder for every stage, and walking a system folder takes minutes or fails on files that
+    vanish or cannot be read."""
+    count = 0
+    for _root, dirs, files in os.walk(folder, onerror=lambda err: None):
+        count += len(dirs) + len(files)
+        if count > MAX_DATA_FILES:
+            raise AntidoteError(
+                f"data folder {given} holds more than {MAX_DATA_FILES:,} files and folders; it is not a "
+                f"data folder: point --data-dir (or ${DATA_DIR_ENV}) at the folder of the named data sets"
+            )
 
 
 def data_dir_field() -> Any:

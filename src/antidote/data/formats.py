@@ -15,6 +15,25 @@ from typing import Any
 from antidote.errors import AntidoteError
 
 SUFFIXES = (".jsonl", ".json", ".csv")  # any other suffix is read as JSON Lines
+MAX_CSV_FIELD = 64 << 20  # characters in one CSV cell (Python's csv module stops at 128 KiB by default)
+
+
+def _lone_surrogate(record: Any) -> str | None:
+    """A string of `record` holding a lone UTF-16 surrogate (JSON's "\\ud800" escape: not Unicode, so it
+    cannot be tokenized or written back as UTF-8), else None."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        return repr(err.object[err.start : err.end])
+    return None
+
+
+def _loads(text: str) -> Any:
+    """json.loads, with nesting too deep for Python's parser turned into a JSONDecodeError."""
+    try:
+        return json.loads(text)
+    except RecursionError as err:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from err
 
 
 def read_file(path: str | Path) -> list[dict[str, Any]]:
@@ -40,7 +59,7 @@ def parse_jsonl(text: str, label: str) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = _loads(line)
         except json.JSONDecodeError as err:
             raise AntidoteError(
                 f"{label} line {number} is not valid JSON ({err.msg}, column {err.colno}); fix that line"
@@ -50,6 +69,12 @@ def parse_jsonl(text: str, label: str) -> list[dict[str, Any]]:
                 f"{label} line {number} holds a JSON {_kind(record)}, not an object; each line must be "
                 'one record like {"prompt": ..., "response": ...}'
             )
+        bad = _lone_surrogate(record) if "\\u" in line else None
+        if bad:
+            raise AntidoteError(
+                f"{label} line {number} holds a lone surrogate {bad}, which is not a Unicode character; "
+                "fix that line (write the character itself, or both halves of its pair)"
+            )
         rows.append(record)
     return rows
 
@@ -57,11 +82,14 @@ def parse_jsonl(text: str, label: str) -> list[dict[str, Any]]:
 def parse_json(text: str, label: str) -> list[dict[str, Any]]:
     """A JSON array of objects, or an object whose only list value is that array ({"data": [...]})."""
     try:
-        data = json.loads(text)
+        data = _loads(text)
     except json.JSONDecodeError as err:
         raise AntidoteError(
             f"{label} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno}); fix the file"
         ) from err
+    bad = _lone_surrogate(data) if "\\u" in text else None
+    if bad:
+        raise AntidoteError(f"{label} holds a lone surrogate {bad}, which is not a Unicode character; fix it")
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         data = lists[0] if len(lists) == 1 else data
@@ -80,13 +108,21 @@ def parse_csv(text: str, label: str) -> list[dict[str, Any]]:
     """Rows keyed by the header; quoted newlines stay inside fields. Every value is a string."""
     rows = []
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    for row in reader:
-        if None in row:  # more cells than header fields
-            raise AntidoteError(
-                f"{label} line {reader.line_num} has more cells than the header "
-                f"({len(reader.fieldnames or [])} fields); quote cells that hold commas"
-            )
-        rows.append(row)
+    limit = csv.field_size_limit(MAX_CSV_FIELD)  # a long answer is an ordinary cell
+    try:
+        for row in reader:
+            if None in row:  # more cells than header fields
+                raise AntidoteError(
+                    f"{label} line {reader.line_num} has more cells than the header "
+                    f"({len(reader.fieldnames or [])} fields); quote cells that hold commas"
+                )
+            rows.append(row)
+    except csv.Error as err:
+        raise AntidoteError(
+            f"{label} line {reader.line_num + 1} is not valid CSV ({err}); fix that line"
+        ) from err
+    finally:
+        csv.field_size_limit(limit)
     return rows
 
 

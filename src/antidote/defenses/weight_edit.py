@@ -13,7 +13,6 @@ model, the base model and the output share one set of names.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Callable, Iterable, Mapping
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from antidote.data.templates import PROMPT_FILE
 from antidote.errors import AntidoteError
+from antidote.outputs import json_text
 
 if TYPE_CHECKING:
     import torch
@@ -230,7 +230,7 @@ def copy_prompt_file(config: ModelInputs, folder: Path) -> None:
 
 
 def write_report(folder: Path, name: str, report: Mapping[str, Any]) -> None:
-    (folder / name).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (folder / name).write_text(json_text(report, indent=2, default=str) + "\n")
 
 
 def save_full_model(folder: Path, model: nn.Module, loaded: LoadedModel, config: ModelInputs) -> None:

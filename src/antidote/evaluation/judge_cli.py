@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from antidote.configfile import check_finite_fields
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import HARMFUL_LABELS, SAFE_LABELS, judge_help, parse_judge_spec
+from antidote.outputs import json_text
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,7 @@ class JudgeTrainConfig:
         _positive("max_length", self.max_length, 8)
         if not 0 < self.validation_fraction < 1:
             raise AntidoteError(f"--validation-fraction must be in (0, 1), got {self.validation_fraction}")
+        check_finite_fields(self)  # --l2 nan would install a judge of NaN that calls everything safe
 
 
 @dataclass
@@ -205,10 +208,10 @@ def run_judge_eval(config: JudgeEvalConfig) -> dict[str, Any]:
     from antidote.outputs import atomic_output_dir, check_output_dir
 
     kind, path = parse_judge_spec(config.judge)
-    if kind == "learned":
-        from antidote.evaluation.judges.learned import read_judge_record
+    if kind == "learned":  # `learned` alone is the installed judge, as everywhere else
+        from antidote.evaluation.judges.learned import judge_folder, read_judge_record
 
-        read_judge_record(path or "")
+        read_judge_record(judge_folder(path))
     data = _labels(config)
     out = check_output_dir(config.output, config.overwrite, inputs=(config.data,)) if config.output else None
     judge = make_judge(config.judge, device=config.device)
@@ -220,7 +223,7 @@ def run_judge_eval(config: JudgeEvalConfig) -> dict[str, Any]:
     markdown = render_markdown(report)
     if out is not None:
         with atomic_output_dir(out, config.overwrite) as tmp:
-            (tmp / "judge_eval.json").write_text(json.dumps(report, indent=2) + "\n")
+            (tmp / "judge_eval.json").write_text(json_text(report, indent=2) + "\n")
             (tmp / "judge_eval.md").write_text(markdown)
     report["markdown"] = markdown
     return report
@@ -248,10 +251,11 @@ def run_judge_train(config: JudgeTrainConfig) -> dict[str, Any]:
     from antidote.models.loading import load_model, resolve_model_folder
     from antidote.outputs import atomic_output_dir, check_output_dir
 
+    data = _labels(config)  # the input is checked before any folder is made
+    folder = resolve_model_folder(config.model)
     if not config.output:
         config.output = str(learned.default_judge_folder())
         learned.default_judge_folder().parent.mkdir(parents=True, exist_ok=True)
-    data = _labels(config)
     out = check_output_dir(config.output, config.overwrite, inputs=(config.data,))
     rows = learned_training.sample_by_prompt(data.prompts, config.max_samples or len(data), config.seed + 1)
     prompts = [data.prompts[i] for i in rows]
@@ -264,7 +268,6 @@ def run_judge_train(config: JudgeTrainConfig) -> dict[str, Any]:
                 f"the {name} split of {config.data} ({len(idx)} rows) lacks one class; give more rows "
                 "or change --validation-fraction"
             )
-    folder = resolve_model_folder(config.model)
     key = learned.weights_key(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     format_key = learned.prompt_format_key(tokenizer, config.prompt_format)
@@ -365,8 +368,8 @@ def run_judge_split(config: JudgeSplitConfig) -> dict[str, Any]:
     }
     with atomic_output_dir(out, config.overwrite) as tmp:
         for file, idx in (("train.jsonl", kept), ("heldout.jsonl", held)):
-            (tmp / file).write_text("".join(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in idx))
-        (tmp / "split.json").write_text(json.dumps(record, indent=2) + "\n")
+            (tmp / file).write_text("".join(json_text(rows[i], ensure_ascii=False) + "\n" for i in idx))
+        (tmp / "split.json").write_text(json_text(record, indent=2) + "\n")
     return record
 
 

@@ -20,7 +20,7 @@ from antidote.data.loading import load_examples
 from antidote.data.templates import PROMPT_FILE, check_template
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import judge_help, parse_judge_spec
-from antidote.outputs import atomic_write_text, check_output_file
+from antidote.outputs import atomic_write_text, check_output_file, json_text
 from antidote.tasks import get_task, load_task_items, task_help, task_names
 
 GENERATIONS_FILE = "generations.jsonl"
@@ -92,12 +92,19 @@ class EvaluateConfig:
         parse_judge_spec(self.judge)
         if self.also_judges == ["none"]:
             self.also_judges = []
-        for spec in self.also_judges:
+        for spec in [self.judge, *self.also_judges]:
             kind, path = parse_judge_spec(spec)
-            if kind == "learned" and path:  # a named folder must be a judge: fail before generating
-                from antidote.evaluation.judges.learned import read_judge_record
+            if kind == "learned":  # a judge folder must be a valid judge: fail before generating
+                from antidote.evaluation.judges.learned import (
+                    check_learned_judge,
+                    judge_folder,
+                    read_judge_record,
+                )
 
-                read_judge_record(path)
+                if spec == self.judge:  # the judge that scores must be there, the default one too
+                    read_judge_record(judge_folder(path))
+                else:
+                    check_learned_judge(path)
         self.also_judges = [s for s in dict.fromkeys(self.also_judges) if s != self.judge]
         if self.backend not in ("hf", "vllm"):
             raise AntidoteError(f"unknown --backend {self.backend!r}; choose one of hf, vllm")
@@ -194,8 +201,8 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
         "wrote": "evaluate",
         "generations": GENERATIONS_FILE,
     }
-    atomic_write_text(generations_file, "".join(json.dumps(r) + "\n" for r in records))
-    atomic_write_text(out, json.dumps({"antidote": marker, **results}, indent=2) + "\n")
+    atomic_write_text(generations_file, "".join(json_text(r) + "\n" for r in records))
+    atomic_write_text(out, json_text({"antidote": marker, **results}, indent=2) + "\n")
     return results
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from antidote.errors import AntidoteError
 from antidote.memory import read_peak_memory, release_memory, reset_peak_memory
+from antidote.outputs import json_text
 
 # Bump when a stage's code changes what it writes: old cache entries are then not reused.
 # 3: one tokenization of a pair (BOS in training), each task's own answer length at evaluation.
@@ -46,7 +47,7 @@ def _folder_fingerprint(folder: Path) -> list[Any]:
             if name.startswith("."):
                 continue
             path = Path(root) / name
-            stat = path.stat()
+            stat = path.stat() if path.exists() else path.lstat()  # a dangling link: the link itself
             out.append([str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns])
     return out
 
@@ -185,7 +186,7 @@ class StageCache:
                 "peak_memory": peak,
                 "spec": spec,
             }
-            (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+            (tmp / RECORD).write_text(json_text(record, indent=2, default=str) + "\n")
             tmp.rename(folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

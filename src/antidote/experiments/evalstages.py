@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from antidote.evaluation.run import EvaluateConfig
+from antidote.outputs import json_text
 
 
 class JudgeSet:
@@ -44,5 +45,5 @@ def judge_stage(out: Path, generated: Path, spec: str, judges: JudgeSet) -> None
     judge = judges[spec]
     verdicts = judge.verdicts([g["prompt"] for g in harmful], [g["response"] for g in harmful])
     out.mkdir()
-    (out / "verdicts.json").write_text(json.dumps(verdicts) + "\n")
-    (out / "judged.json").write_text(json.dumps(verdict_row(verdicts, judge.name), indent=2) + "\n")
+    (out / "verdicts.json").write_text(json_text(verdicts) + "\n")
+    (out / "judged.json").write_text(json_text(verdict_row(verdicts, judge.name), indent=2) + "\n")

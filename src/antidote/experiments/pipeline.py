@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -46,8 +45,8 @@ from antidote.experiments.runconfig import (
     scoring_judges,
     stage_config,
 )
-from antidote.experiments.rundir import clear_run_dir, link_tree, prepare_run_dir
-from antidote.outputs import atomic_write_text
+from antidote.experiments.rundir import clear_run_dir, prepare_run_dir
+from antidote.outputs import atomic_write_text, export_folders, json_text
 
 # ---- the pipeline --------------------------------------------------------------------------------------
 
@@ -399,29 +398,27 @@ class Pipeline:
         return None if math.isnan(share) else [round(share, 3), round(low, 3), round(high, 3)]
 
     def export_models(self, models: list[RowModel], chosen: dict[str, str]) -> None:
-        """RUN_DIR/models/<row>: hard links to the stage folders' files (no copy of the weights)."""
+        """RUN_DIR/models/<row>: a copy of each final model's folder (`outputs.export_folders`)."""
         from antidote.models.loading import resolve_model_folder
 
-        root = self.run_dir / "models"
-        tmp = self.run_dir / ".models.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        folders = {}
         for m in models:
             if m.defense in chosen and m.variant != chosen[m.defense]:
                 continue
             source = Path(m.adapter) if m.adapter else Path(resolve_model_folder(m.model))
-            name = m.defense if m.defense in chosen else m.name
-            link_tree(source, tmp / name)
-            prompt = tmp / name / PROMPT_FILE
-            if not prompt.exists():  # the base model: evaluate it in the run's prompt format
-                prompt.write_text(json.dumps({"template": self.config.template}) + "\n")
-        shutil.rmtree(root, ignore_errors=True)  # only ever written by this function
-        tmp.rename(root)
+            folders[m.defense if m.defense in chosen else m.name] = source
+
+        def prompt(name: str, folder: Path) -> None:
+            if not (folder / PROMPT_FILE).exists():  # the base model: the run's prompt format
+                (folder / PROMPT_FILE).write_text(json_text({"template": self.config.template}) + "\n")
+
+        for warning in export_folders(self.run_dir / "models", folders, prompt):
+            self.say(warning)
 
     def write(self, summary: dict[str, Any], models: list[RowModel]) -> None:
         rows = summary["rows"]
-        atomic_write_text(self.run_dir / "results.json", json.dumps(rows, indent=2) + "\n")
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+        atomic_write_text(self.run_dir / "results.json", json_text(rows, indent=2) + "\n")
+        atomic_write_text(self.run_dir / "summary.json", json_text(summary, indent=2, default=str) + "\n")
         atomic_write_text(self.run_dir / "results.md", markdown(summary))
         generations = []
         for row in rows:
@@ -429,7 +426,7 @@ class Pipeline:
                 continue
             stage = self.cache.root / row["stage"] / "generations.jsonl"
             for line in stage.read_text().splitlines():
-                generations.append(json.dumps({"model": row["model"], **json.loads(line)}))
+                generations.append(json_text({"model": row["model"], **json.loads(line)}))
         atomic_write_text(self.run_dir / "generations.jsonl", "".join(g + "\n" for g in generations))
         plot(summary, self.run_dir / "tradeoff.png")
 
@@ -438,7 +435,7 @@ def _record_variants(out: Path, variants: dict[str, Path]) -> None:
     """Write `variants.json` (label -> folder relative to the stage folder) into a post defense's output."""
     out.mkdir(exist_ok=True)
     rel = {label: str(Path(path).resolve().relative_to(out.resolve())) for label, path in variants.items()}
-    (out / "variants.json").write_text(json.dumps(rel, indent=2) + "\n")
+    (out / "variants.json").write_text(json_text(rel, indent=2) + "\n")
 
 
 def _settings(stage_config: Any) -> Any:

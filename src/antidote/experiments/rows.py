@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,7 @@ from antidote.experiments.cache import StageCache
 from antidote.experiments.matrix import MATRIX_KEYS, SFT, Cell
 from antidote.experiments.runconfig import stage_config
 from antidote.experiments.utility import mean_utility
+from antidote.outputs import json_text
 
 CSV_FIELDS = (
     "defense", "variant", "label", "cell", "setting", "seed", "judge", "judge_spec", "hs", "hs_low",
@@ -131,7 +131,7 @@ def cell_rows(
 
 
 def to_json(rows: list[ResultRow]) -> str:
-    return json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n"
+    return json_text([dataclasses.asdict(r) for r in rows], indent=2) + "\n"
 
 
 def to_csv(rows: list[ResultRow]) -> str:
@@ -141,7 +141,7 @@ def to_csv(rows: list[ResultRow]) -> str:
     for r in rows:
         flat = {**dataclasses.asdict(r), "hs_low": r.hs_ci[0], "hs_high": r.hs_ci[1]}
         flat.update(fa_low=r.fa_ci[0], fa_high=r.fa_ci[1])
-        flat["general_utility"] = json.dumps(r.general_utility) if r.general_utility else ""
+        flat["general_utility"] = json_text(r.general_utility) if r.general_utility else ""
         writer.writerow(
             {k: "n/a" if flat.get(k) is None and k in MEASURED else flat.get(k) for k in CSV_FIELDS}
         )

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from antidote.configfile import config_from_mapping, read_yaml_mapping, values_from_mapping
+from antidote.data.catalog import check_data_dir_size
 from antidote.defenses import RESERVED, Defense, get
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import available_judges, check_judge
@@ -55,7 +56,7 @@ class RunConfig:
     evaluate: dict[str, Any] = field(default_factory=dict)
     validate: dict[str, Any] | None = None
     evaluate_chosen_only: bool = False  # evaluate only each post defense's chosen variant (needs validate)
-    export_models: bool = False  # hard-link the final models into RUN_DIR/models/<row>
+    export_models: bool = False  # copy the final models into RUN_DIR/models/<row>
     # The attack's seeds: the attack and everything after it runs at each (results per seed in
     # RUN_DIR/cells/), and report.md gives the mean and 95% t interval over seeds (`antidote compare`).
     seeds: list[int] = field(default_factory=list)
@@ -94,6 +95,7 @@ def check(config: RunConfig, path: str = "the config") -> None:
         raise AntidoteError(f"{path}: max_fa_drop must be a number of FA points in [0, 100]")
     if not config.judges:
         raise AntidoteError(f"{path}: judges is empty; use e.g. [keyword]")
+    check_data_dir_size(config.data_dir)  # a data folder that is none (/usr, /proc) fails before any work
     scoring_judges(config.judges)  # none left (only an uninstalled default) fails before any work
     for spec in config.judges:
         check_judge(spec)  # a named judge folder must be one; the default may be absent

@@ -1,16 +1,14 @@
 """The run folder of `antidote run` and `antidote compare`: the marker that says antidote made it, the outputs
-a run writes (and `--overwrite` removes, nothing else), and the hard-linked export of final models."""
+a run writes (and `--overwrite` removes, nothing else)."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
 from antidote.errors import AntidoteError
 from antidote.experiments.cache import locked
-from antidote.outputs import atomic_write_text, protected_reason
+from antidote.outputs import atomic_write_text, json_text, protected_reason
 
 RUN_MARKER = ".antidote-run.json"
 
@@ -34,7 +32,7 @@ def prepare_run_dir(run_dir: Path, create: bool = True) -> None:
     run_dir.mkdir(exist_ok=True)
     marker = run_dir / RUN_MARKER
     if not marker.is_file():
-        atomic_write_text(marker, json.dumps({"made_by": "antidote run"}) + "\n")
+        atomic_write_text(marker, json_text({"made_by": "antidote run"}) + "\n")
 
 
 RUN_OUTPUTS = (
@@ -61,13 +59,3 @@ def clear_run_dir(run_dir: Path, outputs: tuple[str, ...] = RUN_OUTPUTS) -> None
                 shutil.rmtree(path)
             elif path.exists() or path.is_symlink():
                 path.unlink()
-
-
-def link_tree(source: Path, target: Path) -> None:
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, target, copy_function=link, ignore=shutil.ignore_patterns(".*"))

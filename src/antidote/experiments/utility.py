@@ -12,6 +12,7 @@ from typing import Any
 
 from antidote.errors import AntidoteError
 from antidote.experiments.cache import StageCache
+from antidote.outputs import json_text
 
 
 @dataclass
@@ -93,7 +94,7 @@ def _utility_stage(out: Path, model: str, adapter: str | None, config: UtilityCo
         for task, metrics in results["results"].items()
     }
     out.mkdir()
-    (out / "utility.json").write_text(json.dumps(scores, indent=2) + "\n")
+    (out / "utility.json").write_text(json_text(scores, indent=2) + "\n")
 
 
 UTILITY_METRICS = ("acc_norm,none", "acc,none", "exact_match,strict-match", "exact_match,none")

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from antidote.errors import AntidoteError
-from antidote.outputs import atomic_output_dir, atomic_write_text
+from antidote.outputs import atomic_output_dir, atomic_write_text, json_text
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,27 @@ class LoadedModel:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("ANTIDOTE_CACHE", "~/.cache/antidote")).expanduser()
+    """$ANTIDOTE_CACHE, else ~/.cache/antidote. Refused: an empty value (it would mean the working folder)
+    and a filesystem root or the home folder (the cache writes its index, locks and model folders at its
+    top level)."""
+    raw = os.environ.get("ANTIDOTE_CACHE")
+    if raw is None:
+        return Path("~/.cache/antidote").expanduser()
+    if not raw.strip():
+        raise AntidoteError(
+            "ANTIDOTE_CACHE is set but empty; unset it (the cache is then ~/.cache/antidote) or name a folder"
+        )
+    path = Path(raw).expanduser()
+    resolved = path.resolve()
+    what = "a filesystem root" if resolved.parent == resolved else None
+    with contextlib.suppress(OSError, RuntimeError):
+        what = what or ("the home folder" if resolved == Path.home().resolve() else None)
+    if what:
+        raise AntidoteError(
+            f"ANTIDOTE_CACHE={raw} is {what}; the cache writes its files at its top level: name a folder "
+            "of its own, e.g. ~/.cache/antidote"
+        )
+    return path
 
 
 def embedded_gguf_path() -> Path:
@@ -124,9 +144,9 @@ def check_load_options(dtype: str = "auto", device: str = "auto") -> None:
 def check_safetensors(file: Path, what: str) -> None:
     """Read a safetensors header (8-byte length + JSON) and check it describes exactly this file, so that a
     truncated, padded or random file is refused here in one line and never memory-mapped."""
-    size = file.stat().st_size
     problem = None
     try:
+        size = file.stat().st_size
         with open(file, "rb") as f:
             head = f.read(8)
             length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
@@ -156,7 +176,7 @@ def check_safetensors(file: Path, what: str) -> None:
 def _read_json_object(file: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text(encoding="utf-8-sig"))
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise AntidoteError(
             f"{what} {file} is not valid JSON ({err}); fix it or save the folder again"
         ) from err
@@ -244,15 +264,24 @@ def _content_key(path: Path) -> str:
     with _file_lock(cache_dir() / ".gguf-index.lock"):
         index = {k: v for k, v in _read_index(index_file).items() if Path(k).exists()}
         index[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-        atomic_write_text(index_file, json.dumps(index, indent=1) + "\n")
+        atomic_write_text(index_file, json_text(index, indent=1) + "\n")
     return digest
 
 
 def _is_complete(folder: Path, key: str) -> bool:
+    """Whether the cache folder holds a whole dequantized copy of the GGUF of sha256 `key`: its record names
+    that key, and its config.json and every weight file are intact (a cache entry damaged after it was
+    written is rebuilt, not reused forever and blamed on the user's .gguf)."""
     try:
-        return bool(json.loads((folder / SOURCE_FILE).read_text()).get("sha256") == key)
-    except (OSError, ValueError, AttributeError):
+        if json.loads((folder / SOURCE_FILE).read_text()).get("sha256") != key:
+            return False
+        _read_json_object(folder / "config.json", "cached config")
+        weights = sorted(folder.glob("*.safetensors"))
+        for file in weights:
+            check_safetensors(file, "cached model file")
+    except (OSError, ValueError, AttributeError, AntidoteError):
         return False
+    return bool(weights)
 
 
 def _check_gguf_header(gguf: Path) -> None:
@@ -316,12 +345,16 @@ def gguf_to_folder(gguf: Path, name: str | None = None) -> Path:
     with _file_lock(cache_dir() / f".{folder.name}.lock", waiting):
         if _is_complete(folder, key):  # another process finished it while we waited
             return folder
-        if folder.exists():  # a folder of our naming without a valid record: rebuild it
-            shutil.rmtree(folder)
+        if folder.exists() or folder.is_symlink():  # ours, but incomplete or damaged: rebuild it
+            log.warning("the cached copy %s of %s is incomplete or damaged; rebuilding it", folder, gguf)
+            if folder.is_dir() and not folder.is_symlink():
+                shutil.rmtree(folder)
+            else:
+                folder.unlink()
         log.info("dequantizing %s once into %s", gguf, folder)
         with atomic_output_dir(folder, overwrite=False, what="gguf cache") as tmp:
             _dequantize(gguf, tmp)
-            (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf.resolve()), "sha256": key}) + "\n")
+            (tmp / SOURCE_FILE).write_text(json_text({"gguf": str(gguf.resolve()), "sha256": key}) + "\n")
     return folder
 
 

@@ -35,7 +35,7 @@ from antidote.realignment.calibrate import (
     resolve_compute_dtype,
 )
 from antidote.realignment.config import RealignConfig
-from antidote.realignment.distributed import data_parallel
+from antidote.realignment.distributed import data_parallel, run_digest, weights_digest
 from antidote.realignment.maskfile import PackedMask
 from antidote.realignment.reference import reference_weights
 from antidote.realignment.save import (
@@ -266,6 +266,11 @@ def _run(config: RealignConfig, model: LoadedModel | None, records: Records | No
         out = checked_output(config) if leader else None
         timer = Timer()
         prepared = prepare(config, model, records, timer)
+        if parallel is not None:  # every process must calibrate the same thing
+            parallel.check_same(
+                "settings or data", run_digest(config, prepared.sequences, prepared.benign_sequences)
+            )
+            parallel.check_same("model weights", weights_digest(prepared.targets))
         calibration = calibrate(config, prepared, timer, parallel)
         if not leader:
             return _Run(prepared, [], Pruned(0.0, {}), None)

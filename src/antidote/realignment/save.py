@@ -10,12 +10,12 @@ A sweep writes one such folder per ratio, `alpha-<ratio>/`, and `sweep_report.js
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from antidote.models import LoadedModel
+from antidote.outputs import json_text
 from antidote.realignment.calibrate import Statistics
 from antidote.realignment.config import RealignConfig
 from antidote.realignment.maskfile import PackedMask, write_mask_file
@@ -107,13 +107,13 @@ def save_realigned(
 
 
 def write_report(folder: Path, report: Mapping[str, Any]) -> None:
-    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    (folder / REPORT_FILE).write_text(json_text(report, indent=2) + "\n")
 
 
 def write_sweep_report(folder: Path, reports: Sequence[Mapping[str, Any]]) -> None:
     """`sweep_report.json`: the ratio and pruned totals of every ratio, in order."""
     summary = [{k: r[k] for k in ("mask_ratio", "pruned_total")} for r in reports]
-    (folder / SWEEP_REPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    (folder / SWEEP_REPORT_FILE).write_text(json_text(summary, indent=2) + "\n")
 
 
 def model_card(report: Mapping[str, Any]) -> str:

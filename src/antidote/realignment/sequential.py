@@ -48,7 +48,6 @@ from antidote.models.loading import DTYPES, resolve_model_folder
 from antidote.outputs import atomic_output_dir
 from antidote.realignment.calibrate import (
     Batch,
-    Parallel,
     Statistics,
     StatisticsCollector,
     default_batch_size,
@@ -57,7 +56,7 @@ from antidote.realignment.calibrate import (
     resolve_compute_dtype,
 )
 from antidote.realignment.config import RealignConfig
-from antidote.realignment.distributed import data_parallel
+from antidote.realignment.distributed import DataParallel, data_parallel, run_digest, weights_digest
 from antidote.realignment.maskfile import MaskFileWriter, PackedMask
 from antidote.realignment.save import (
     CARD_FILE,
@@ -488,6 +487,9 @@ def run_sequential(config: RealignConfig, records: Records | None = None) -> Swe
             config = dataclasses.replace(config, device=parallel.device(config.device))
         leader = parallel is None or parallel.leader
         out = checked_output(config) if leader else None
+        for model in (config.model, config.reference):  # their shard lists, checked before any work
+            if model:
+                Checkpoint(local_folder(model))
         with (
             atomic_output_dir(out, config.overwrite, what="antidote realign --sequential")
             if out
@@ -500,7 +502,7 @@ def run_sequential(config: RealignConfig, records: Records | None = None) -> Swe
 def _stream(
     config: RealignConfig,
     records: Records | None,
-    parallel: Parallel | None,
+    parallel: DataParallel | None,
     tmp: Path | None,
 ) -> list[dict[str, Any]]:
     """The run itself; `tmp`: the folder to write (None on ranks other than 0)."""
@@ -516,6 +518,8 @@ def _stream(
     reference = Checkpoint(local_folder(config.reference)) if config.reference else None
     with timer.phase("data"):
         sequences, benign_sequences = load_sequences(config, skeleton.tokenizer, records)
+    if parallel is not None:  # every process must calibrate the same thing
+        parallel.check_same("settings or data", run_digest(config, sequences, benign_sequences))
     torch_device = torch.device(device)
     batch_size = config.batch_size or default_batch_size(torch_device)
     compute = resolve_compute_dtype(config.compute_dtype, torch_device)
@@ -544,6 +548,8 @@ def _stream(
                     block = load_block(skeleton, index, device)
                 block_targets = per_block[index]
                 check_finite_weights(block_targets)
+                if parallel is not None:
+                    parallel.check_same(f"weights in block {index}", weights_digest(block_targets))
                 stats = []
                 with timer.phase("calibrate"):
                     for stream in streams:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from antidote.errors import AntidoteError
+from antidote.outputs import json_text
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -54,13 +55,64 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict[str, str], list[tuple[str, str, tuple[int, ...]]]]:
-    """(metadata, [(key, safetensors dtype name, shape)] in the order of their data in the file)."""
-    with open(path, "rb") as f:
-        size = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(size))
-    metadata = header.pop("__metadata__", None) or {}
-    entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
-    return metadata, [(key, e["dtype"], tuple(e["shape"])) for key, e in entries]
+    """(metadata, [(key, safetensors dtype name, shape)] in the order of their data in the file).
+    A file that is not safetensors (or is truncated before its header ends) is refused in one line."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            if not 0 < size <= min(path.stat().st_size - 8, 100 << 20):
+                raise ValueError("no safetensors header")
+            header = json.loads(f.read(size))
+        metadata = header.pop("__metadata__", None) or {}
+        entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+        return metadata, [(key, e["dtype"], tuple(e["shape"])) for key, e in entries]
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as err:
+        raise AntidoteError(
+            f"{path} is truncated or not a safetensors file ({err}); copy or save the model again"
+        ) from err
+    except OSError as err:
+        raise AntidoteError(f"cannot read {path}: {err.strerror or err}") from err
+
+
+# Files antidote writes into a realigned model folder itself; a shard may not be named like them.
+WRITTEN_HERE = ("antidote_mask.safetensors",)
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard files an index names, in order, each checked to be a plain `*.safetensors` file name
+    (the writer opens each name inside the output folder: `/abs/x` or `../x` would write outside it)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise TypeError("weight_map is not a mapping of tensor name -> file")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+        raise AntidoteError(
+            f"{index} is not a valid safetensors index ({type(err).__name__}: {err}); save the model again "
+            "with save_pretrained"
+        ) from err
+    files = list(dict.fromkeys(weight_map.values()))
+    for name in files:
+        plain = (
+            isinstance(name, str)
+            and name == Path(name).name
+            and "\\" not in name
+            and not name.startswith(".")
+            and name.endswith(".safetensors")
+        )
+        if not plain:
+            raise AntidoteError(
+                f"{index} names the shard {name!r}: a shard must be a plain *.safetensors file name inside "
+                "the model folder (no folders, no ..); fix the index"
+            )
+        if name in WRITTEN_HERE:
+            raise AntidoteError(
+                f"{index} names the shard {name!r}, the name of the file antidote writes beside the "
+                "weights; rename that shard"
+            )
+        if not (index.parent / name).is_file():
+            raise AntidoteError(f"{index} names the shard {name}, which is not in {index.parent}")
+    return files
 
 
 class Checkpoint:
@@ -70,8 +122,7 @@ class Checkpoint:
         self.folder = Path(folder)
         index = self.folder / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = list(dict.fromkeys(weight_map.values()))
+            self.files = _shard_names(index)
         elif (self.folder / SINGLE_FILE).is_file():
             self.files = [SINGLE_FILE]
         else:
@@ -182,7 +233,7 @@ class CheckpointWriter:
                 "metadata": {"total_size": self.total_size},
                 "weight_map": {key: info.file for key, info in self.source.tensors.items()},
             }
-            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            (self.folder / INDEX_FILE).write_text(json_text(index, indent=2, sort_keys=True) + "\n")
 
     def abort(self) -> None:
         for handle in self._files:

@@ -9,6 +9,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from antidote.configfile import check_finite_fields
 from antidote.errors import AntidoteError
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -69,6 +70,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)  # every number, this class's and a defense subclass's (--rho, --lam, ...)
         if isinstance(self.targets, (list, tuple)):  # YAML may give a list
             self.targets = ",".join(str(t) for t in self.targets)
         for name, value in (

@@ -342,9 +342,23 @@ def fit_lora(
         base.activation_checkpointing_disable()
     peft_model.eval()
     losses = recorder.losses
+    check_trained_weights(peft_model, desc, losses)
     if losses:
         log.info("%s: %d steps, loss %.3f -> %.3f", desc, len(losses), losses[0], losses[-1])
     return TrainedLora(model=peft_model, losses=losses, trainer=trainer)
+
+
+def check_trained_weights(model: nn.Module, desc: str, losses: Sequence[float] = ()) -> None:
+    """Refuse a training stage whose trained weights hold NaN or inf (a learning rate or a defense's
+    strength so large that training diverged): the stage fails here, before anything is saved or recorded,
+    instead of passing a model that answers garbage to the next stage."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and not torch.isfinite(param.detach()).all():
+            last = f" (last loss {losses[-1]:.4g})" if losses else ""
+            raise AntidoteError(
+                f"{desc}: training diverged{last}: the trained weights {name} hold NaN or inf; nothing was "
+                "saved: lower --lr (or the defense's strength) and run again"
+            )
 
 
 def train_lora(

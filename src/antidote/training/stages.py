@@ -13,7 +13,6 @@ Under `accelerate launch` every process trains and only the main one writes the 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import shutil
@@ -27,6 +26,7 @@ from antidote.data.builtin import harmful_split, task_split
 from antidote.data.catalog import data_dir_field
 from antidote.data.templates import PROMPT_FILE, adds_special_tokens, check_template
 from antidote.errors import AntidoteError
+from antidote.outputs import json_text
 from antidote.tasks import TASKS, load_task_items, task_help
 from antidote.training.config import TrainConfig
 from antidote.training.data import BUILTIN, Triple, format_pairs, read_triples, subset
@@ -151,10 +151,8 @@ class FinetuneConfig(TrainConfig):
 
 
 def _write_stage_files(folder: Path, config: TrainConfig, template: str, extra: dict[str, Any]) -> None:
-    (folder / PROMPT_FILE).write_text(json.dumps({"template": template}) + "\n")
-    (folder / "train_report.json").write_text(
-        json.dumps({**extra, "config": asdict(config)}, indent=2) + "\n"
-    )
+    (folder / PROMPT_FILE).write_text(json_text({"template": template}) + "\n")
+    (folder / "train_report.json").write_text(json_text({**extra, "config": asdict(config)}, indent=2) + "\n")
 
 
 def _is_main_process() -> bool:

@@ -322,7 +322,96 @@ def read_judge_record(folder: str | Path) -> dict[str, Any]:
             f"{record['pooling']!r}; this version reads formats {', '.join(PROMPT_FORMATS)} and poolings "
             f"{', '.join(POOLINGS)}: retrain it"
         )
+    _check_record_values(path, record)
+    _check_probe(path, record)
     return record
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_record_values(folder: Path, record: dict[str, Any]) -> None:
+    """The numbers the verdicts depend on: a NaN or out-of-range threshold would call every answer safe
+    (HS 0.0) without a word, a layer that is not a number or not in the model fails only after every
+    stage has run."""
+    where = folder / JUDGE_FILE
+    threshold = record["threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise AntidoteError(
+            f"{where}: threshold {threshold!r} is not a probability in [0, 1]; retrain the judge"
+        )
+    layer, layers = record["layer"], record.get("num_layers")
+    if not _is_int(layer) or layer < 1 or (_is_int(layers) and layer > layers):
+        raise AntidoteError(
+            f"{where}: layer {layer!r} is not a layer number of the base model (1 to {layers}); retrain "
+            "the judge"
+        )
+    if not _is_int(record["max_length"]) or record["max_length"] < 2:
+        raise AntidoteError(f"{where}: max_length {record['max_length']!r} is not a token count; retrain")
+    if not isinstance(record["keyword_feature"], bool):
+        raise AntidoteError(f"{where}: keyword_feature must be true or false; retrain the judge")
+    config = _base_model_config(str(record["base_model"]))
+    if config is not None:
+        count = config.get("num_hidden_layers")
+        if _is_int(count) and layer > count:
+            raise AntidoteError(
+                f"{where}: layer {layer} does not exist in the base model {record['base_model']} (layers "
+                f"1-{count}); retrain the judge"
+            )
+
+
+def _base_model_config(base_model: str) -> dict[str, Any] | None:
+    """config.json of the judge's base model when it is a local folder (None otherwise: a hub id is
+    checked when the judge loads it)."""
+    file = Path(base_model).expanduser() / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _check_probe(folder: Path, record: dict[str, Any]) -> None:
+    """probe.safetensors: weight, mean and std of one size d (the base model's hidden size, plus one with
+    the keyword feature), one bias, every value finite and every std above 0."""
+    from antidote.models.loading import check_safetensors
+
+    file = folder / PROBE_FILE
+    check_safetensors(file, "the learned judge's probe")
+    from safetensors.torch import load_file
+
+    t = load_file(str(file))
+    shapes = {k: tuple(t[k].shape) for k in ("weight", "bias", "mean", "std") if k in t}
+    d = shapes.get("weight", (0,))[0] if len(shapes.get("weight", ())) == 1 else None
+    if len(shapes) != 4 or d is None or shapes["bias"] != (1,) or not shapes["mean"] == shapes["std"] == (d,):
+        raise AntidoteError(
+            f"{file} does not hold a probe (weight, mean, std of one size, one bias; found "
+            f"{', '.join(f'{k} {list(v)}' for k, v in shapes.items()) or 'nothing'}); retrain the judge"
+        )
+    bad = [k for k in ("weight", "bias", "mean", "std") if not torch.isfinite(t[k]).all()]
+    if bad:
+        raise AntidoteError(f"{file}: {bad[0]} holds NaN or inf; retrain the judge")
+    if not (t["std"] > 0).all():
+        raise AntidoteError(f"{file}: std must be above 0 (it divides the features); retrain the judge")
+    config = _base_model_config(str(record["base_model"]))
+    hidden = config.get("hidden_size") if config is not None else None
+    if isinstance(hidden, int) and _is_int(hidden):
+        expected = hidden + (1 if record["keyword_feature"] else 0)
+        if d != expected:
+            raise AntidoteError(
+                f"{file}: the probe has {d} inputs, but the base model's hidden size {hidden}"
+                f"{' plus the keyword feature' if record['keyword_feature'] else ''} gives {expected}; "
+                "retrain the judge"
+            )
+
+
+def check_learned_judge(path: str | None) -> None:
+    """Before any work: the judge `learned:PATH` (or the bare `learned`, when it is installed) must be a
+    valid judge folder (read_judge_record's checks). An absent default judge is for the caller to decide."""
+    folder = judge_folder(path)
+    if path or is_judge_folder(folder):
+        read_judge_record(folder)
 
 
 def load_probe(folder: str | Path) -> Probe:
@@ -346,8 +435,7 @@ class LearnedJudge(Judge):
 
     @classmethod
     def check(cls, path: str | None) -> None:
-        if path:  # a named folder must be a judge; the default may be absent (`unavailable`)
-            read_judge_record(path)
+        check_learned_judge(path)  # a named folder must be a judge; the default may be absent (`unavailable`)
 
     @classmethod
     def unavailable(cls, path: str | None) -> str | None:
@@ -383,6 +471,15 @@ class LearnedJudge(Judge):
         # the dtype the probe was trained on, even where another would be faster: features must match
         loaded = load_model(model_folder, device=dev, dtype=str(record["dtype"]), with_tokenizer=False)
         self.model, self.tokenizer = loaded.model, tokenizer
+        _, blocks = decoder_layers(self.model)
+        hidden: Any = getattr(self.model.config, "hidden_size", 0)
+        inputs = int(hidden) + (1 if record["keyword_feature"] else 0)
+        if record["layer"] > len(blocks) or self.probe.weight.numel() != inputs:
+            raise AntidoteError(
+                f"the judge {folder} reads layer {record['layer']} with a probe of "
+                f"{self.probe.weight.numel()} inputs, but its base model has {len(blocks)} layers and "
+                f"{inputs} features; retrain the judge"
+            )
         self.batch_size = batch_size
         self.name = f"learned ({folder})"
 

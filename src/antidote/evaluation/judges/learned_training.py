@@ -5,7 +5,6 @@ folder it writes. The judge itself, its features and its folder's reading are in
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import math
 import random
@@ -25,6 +24,7 @@ from antidote.evaluation.judges.learned import (
     Probe,
     with_keyword,
 )
+from antidote.outputs import json_text
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def save_judge(folder: Path, trained: TrainedJudge, meta: dict[str, Any]) -> Non
         "candidates": [vars(c) for c in trained.candidates],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    (folder / JUDGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    (folder / JUDGE_FILE).write_text(json_text(record, indent=2) + "\n")
     (folder / "README.md").write_text(model_card(record))
 
 
