@@ -34,7 +34,9 @@ def finetuned_by_hand(tiny: dict[str, Path]) -> tuple[dict[str, torch.Tensor], d
     for key, a in adapter.items():
         if ".lora_A." in key:
             b = adapter[key.replace("lora_A", "lora_B")]
-            delta[key.split(".lora_A.")[0].removeprefix(PREFIX) + ".weight"] = b @ a * (cfg["lora_alpha"] / cfg["r"])
+            delta[key.split(".lora_A.")[0].removeprefix(PREFIX) + ".weight"] = (
+                b @ a * (cfg["lora_alpha"] / cfg["r"])
+            )
     return {k: w + delta[k] if k in delta else w for k, w in aligned.items()}, aligned
 
 
@@ -58,7 +60,9 @@ def states_by_hand(model: Any, prompts: list[str], layer: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def grads_by_hand(model: Any, prompts: list[str], direction: torch.Tensor, layer: int, batch: int) -> dict[str, torch.Tensor]:
+def grads_by_hand(
+    model: Any, prompts: list[str], direction: torch.Tensor, layer: int, batch: int
+) -> dict[str, torch.Tensor]:
     model.zero_grad()
     for i in range(0, len(prompts), batch):
         h = states_by_hand(model, prompts[i : i + batch], layer).mean(0)
@@ -74,7 +78,12 @@ def brute_force_reset(
     candidates = []
     for name in current:
         for i, (w, a, g) in enumerate(
-            zip(current[name].flatten().tolist(), anchor[name].flatten().tolist(), grads[name].flatten().tolist())
+            zip(
+                current[name].flatten().tolist(),
+                anchor[name].flatten().tolist(),
+                grads[name].flatten().tolist(),
+                strict=True,
+            )
         ):
             if (w - a > 0 and g > 0) or (w - a < 0 and g < 0):
                 candidates.append((abs(g), name, i))
@@ -89,7 +98,16 @@ def block_parameter_count() -> int:
 
 def defend(tiny: dict[str, Path], out: Path, *options: str) -> dict[str, torch.Tensor]:
     argv = ["defend", "rollback", str(tiny["model"]), "--adapter", str(tiny["adapter"]), "--output", str(out)]
-    argv += ["--data", str(tiny["harmful"]), "--template", "plain", "--max-task", "4", "--task-new-tokens", "2"]
+    argv += [
+        "--data",
+        str(tiny["harmful"]),
+        "--template",
+        "plain",
+        "--max-task",
+        "4",
+        "--task-new-tokens",
+        "2",
+    ]
     assert main([*argv, *options]) == 0
     return load_file(out / "model.safetensors")
 
@@ -113,7 +131,12 @@ def test_registered_as_a_post_defense_with_the_authors_settings() -> None:
     assert defense.stage == "post"
     config = defense.config(model="m", adapter="a")
     assert (config.rate, config.steps, config.warmup_steps, config.save_every) == (0.002, 20, 5, 5)
-    assert (config.metric_drop, config.rollback_rate, config.batch_size, config.max_samples) == (0.05, 0.2, 8, 256)
+    assert (config.metric_drop, config.rollback_rate, config.batch_size, config.max_samples) == (
+        0.05,
+        0.2,
+        8,
+        256,
+    )
 
 
 def test_reset_masks_equal_a_brute_force_reading_of_the_rule() -> None:
@@ -139,11 +162,14 @@ def test_reset_masks_equal_a_brute_force_reading_of_the_rule() -> None:
     inside = {n: torch.where(within[n], grads[n], torch.zeros_like(grads[n])) for n in grads}
     n_candidates = len(brute_force_reset(current, anchor, inside, 10**9))
     expected = brute_force_reset(current, anchor, inside, math.ceil(0.2 * n_candidates))
-    assert {(n, i) for n, m in masks.items() for i in torch.nonzero(m.flatten()).flatten().tolist()} == expected
+    assert {
+        (n, i) for n, m in masks.items() for i in torch.nonzero(m.flatten()).flatten().tolist()
+    } == expected
 
 
 def test_the_gradient_is_that_of_minus_cosine_at_the_chosen_layer(tiny) -> None:  # type: ignore[no-untyped-def]
-    """Left-padded batches with a hook on block L-1 give transformers' hidden_states[L] of each prompt alone."""
+    """Left-padded batches with a hook on block L-1 give transformers' hidden_states[L] of each prompt
+    alone."""
     from antidote.defenses.rollback import accumulate_gradient, mean_direction
 
     ft, aligned = finetuned_by_hand(tiny)
@@ -183,14 +209,28 @@ def test_one_step_resets_exactly_the_brute_force_entries(tiny, tmp_path: Path, a
         torch.testing.assert_close(w.flatten()[changed], aligned[name].flatten()[changed], rtol=0, atol=0)
     assert got == expected
     report = json.loads((tmp_path / "out" / "rollback_report.json").read_text())
-    assert report["reset_per_step"] == k and report["chosen_step"] == 1 and report["steps"][0]["reset"] == k - 1
+    assert (
+        report["reset_per_step"] == k and report["chosen_step"] == 1 and report["steps"][0]["reset"] == k - 1
+    )
 
 
-def test_steps_move_weights_exactly_to_aligned_and_raise_the_harmful_cosine(tiny, tmp_path: Path, accuracy) -> None:  # type: ignore[no-untyped-def]
+def test_steps_move_weights_exactly_to_aligned_and_raise_the_harmful_cosine(
+    tiny, tmp_path: Path, accuracy
+) -> None:  # type: ignore[no-untyped-def]
     ft, aligned = finetuned_by_hand(tiny)
     out = defend(
-        tiny, tmp_path / "out", "--layer", "1", "--rate", "0.01", "--steps", "6", "--warmup-steps", "2",
-        "--save-every", "2",
+        tiny,
+        tmp_path / "out",
+        "--layer",
+        "1",
+        "--rate",
+        "0.01",
+        "--steps",
+        "6",
+        "--warmup-steps",
+        "2",
+        "--save-every",
+        "2",
     )
     changed_total = 0
     for name, w in out.items():
@@ -205,13 +245,19 @@ def test_steps_move_weights_exactly_to_aligned_and_raise_the_harmful_cosine(tiny
     prompts = [h["prompt"] for h in HARMFUL]
     with torch.no_grad():
         direction = states_by_hand(model_with(aligned), prompts, 1).mean(0)
-        before = torch.nn.functional.cosine_similarity(states_by_hand(model_with(ft), prompts, 1).mean(0), direction, dim=0)
-        after = torch.nn.functional.cosine_similarity(states_by_hand(model_with(out), prompts, 1).mean(0), direction, dim=0)
+        before = torch.nn.functional.cosine_similarity(
+            states_by_hand(model_with(ft), prompts, 1).mean(0), direction, dim=0
+        )
+        after = torch.nn.functional.cosine_similarity(
+            states_by_hand(model_with(out), prompts, 1).mean(0), direction, dim=0
+        )
     assert after > before
     assert report["harmful_cosine"]["written"] == pytest.approx(float(after), abs=1e-5)
 
 
-def test_rollback_mode_and_the_checkpoint_choice_follow_the_accuracy_limit(tiny, tmp_path: Path, accuracy) -> None:  # type: ignore[no-untyped-def]
+def test_rollback_mode_and_the_checkpoint_choice_follow_the_accuracy_limit(
+    tiny, tmp_path: Path, accuracy
+) -> None:  # type: ignore[no-untyped-def]
     ft, aligned = finetuned_by_hand(tiny)
     options = ("--layer", "1", "--rate", "0.01", "--steps", "6", "--warmup-steps", "2", "--save-every", "2")
     # fine-tuned 50; after the warm-up 40 < 47.5: rollback mode from W_ft; checkpoints 2, 4 pass, 6 fails
@@ -238,7 +284,15 @@ def test_rollback_mode_and_the_checkpoint_choice_follow_the_accuracy_limit(tiny,
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    argv = ["defend", "rollback", str(tiny["model"]), "--adapter", str(tiny["adapter"]), "--output", str(tmp_path / "o")]
+    argv = [
+        "defend",
+        "rollback",
+        str(tiny["model"]),
+        "--adapter",
+        str(tiny["adapter"]),
+        "--output",
+        str(tmp_path / "o"),
+    ]
     assert main([*argv, "--rate", "0"]) == 2
     assert "--rate is a fraction in (0, 1)" in capsys.readouterr().err
     assert main([*argv, "--layer", "3"]) != 0
@@ -254,7 +308,9 @@ def test_runs_in_the_pipeline(tiny, tiny_run, tmp_path: Path) -> None:  # type: 
     from antidote.experiments.pipeline import load_run_config, run_pipeline
 
     section = {"data": str(tiny["harmful"]), "steps": 2, "warmup_steps": 1, "save_every": 1, "max_task": 3}
-    path = copy_run(tiny_run, tiny, tmp_path, validate=None, evaluate_base=False, defenses={"rollback": section})
+    path = copy_run(
+        tiny_run, tiny, tmp_path, validate=None, evaluate_base=False, defenses={"rollback": section}
+    )
     summary = run_pipeline(load_run_config(str(path)), say=lambda m: None)
     row = next(r for r in summary["rows"] if r["model"] == "rollback")
     assert row["adapter"] is None

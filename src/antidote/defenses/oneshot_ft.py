@@ -81,7 +81,7 @@ def one_shot(model: nn.Module, pair: Pair, *, epochs: int, lr: float, weight_dec
         loss = pair_loss(model, pair)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     optimizer.zero_grad(set_to_none=True)
     model.eval()
     return losses
