@@ -316,3 +316,7 @@ def test_runs_in_the_pipeline(tiny, tiny_run, tmp_path: Path) -> None:  # type: 
     assert row["adapter"] is None
     report = json.loads((Path(row["model_path"]) / "rollback_report.json").read_text())
     assert report["template"] == "plain" and report["config"]["steps"] == 2
+    # the tiny model scores 0 on the task: nothing to lose, so every step runs (their rule kept none)
+    assert (
+        report["task_accuracy"]["fine_tuned"] == 0 and report["chosen_step"] == 2 and report["at_aligned"] > 0
+    )

@@ -26,6 +26,7 @@ Writes a full model (the adapter merged) and `rollback_report.json`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -495,7 +496,7 @@ def run(config: RollbackConfig) -> dict[str, Path]:
     layer = config.layer or max(1, math.floor(depth * 2 / 6))
     if layer > depth:
         raise AntidoteError(f"--layer {layer} is beyond the model's {depth} decoder blocks; use 1..{depth}")
-    config.layer = layer
+    config = dataclasses.replace(config, layer=layer)  # the resolved layer, recorded in the report
     harmful = _encode(
         tokenizer,
         _prompts(tokenizer, template, ((e.prompt, e.input) for e in harmful_examples)),
@@ -530,8 +531,11 @@ def run(config: RollbackConfig) -> dict[str, Path]:
     finetuned = {n: p.detach().clone() for n, p in params.items()}
     work = _Rollback(config, plain, params, aligned, finetuned, n_param, pad_id)
 
+    seconds = {"task_checks": 0.0}
+
     def accuracy() -> float:
-        return task_accuracy(
+        begin = time.perf_counter()
+        score = task_accuracy(
             plain,
             tokenizer,
             val_prompts,
@@ -541,6 +545,13 @@ def run(config: RollbackConfig) -> dict[str, Path]:
             new_tokens=config.task_new_tokens,
             batch_size=max(config.batch_size, 16),
         )
+        seconds["task_checks"] += time.perf_counter() - begin
+        return score
+
+    def fails(score: float) -> bool:
+        """The authors' `task_score <= minimum_score`; a fine-tuned model that scores 0 has no accuracy to
+        lose, and every checkpoint passes (their rule would fail them all)."""
+        return original > 0 and score <= minimum
 
     cos_before = mean_cosine(plain, layer, harmful, d_harm, config.batch_size, pad_id)
     original = accuracy()
@@ -570,7 +581,7 @@ def run(config: RollbackConfig) -> dict[str, Path]:
         first = config.warmup_steps
         if config.warmup_steps:
             checkpoints.append({"step": first, "task_accuracy": warm_score, "at_aligned": work.at_aligned()})
-            failed = warm_score <= minimum
+            failed = fails(warm_score)
             if not failed:
                 best, chosen = work.snapshot(), first
     for step in range(first, config.steps):
@@ -584,7 +595,7 @@ def run(config: RollbackConfig) -> dict[str, Path]:
         if (step + 1) % config.save_every == 0:
             score = accuracy()
             checkpoints.append({"step": step + 1, "task_accuracy": score, "at_aligned": work.at_aligned()})
-            if score <= minimum:
+            if fails(score):
                 failed = True
             else:
                 best, chosen = work.snapshot(), step + 1
@@ -612,7 +623,10 @@ def run(config: RollbackConfig) -> dict[str, Path]:
         "harmful_cosine": {"fine_tuned": cos_before, "written": cos_after},
         "prompts": {"harmful": len(harmful), "benign": len(benign), "validation": len(validation)},
         "template": template,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": {
+            "total": round(time.perf_counter() - start, 1),
+            "task_checks": round(seconds["task_checks"], 1),
+        },
         "config": config_record(config),
     }
     log.info("rollback: wrote step %d (%d entries at their aligned values)", chosen, report["at_aligned"])
