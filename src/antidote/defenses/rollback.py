@@ -580,7 +580,14 @@ def run(config: RollbackConfig) -> dict[str, Path]:
     else:
         first = config.warmup_steps
         if config.warmup_steps:
-            checkpoints.append({"step": first, "task_accuracy": warm_score, "at_aligned": work.at_aligned()})
+            checkpoints.append(
+                {
+                    "step": first,
+                    "task_accuracy": warm_score,
+                    "at_aligned": work.at_aligned(),
+                    "harmful_cosine": mean_cosine(plain, layer, harmful, d_harm, config.batch_size, pad_id),
+                }
+            )
             failed = fails(warm_score)
             if not failed:
                 best, chosen = work.snapshot(), first
@@ -594,7 +601,14 @@ def run(config: RollbackConfig) -> dict[str, Path]:
         steps.append(record)
         if (step + 1) % config.save_every == 0:
             score = accuracy()
-            checkpoints.append({"step": step + 1, "task_accuracy": score, "at_aligned": work.at_aligned()})
+            checkpoints.append(
+                {
+                    "step": step + 1,
+                    "task_accuracy": score,
+                    "at_aligned": work.at_aligned(),
+                    "harmful_cosine": mean_cosine(plain, layer, harmful, d_harm, config.batch_size, pad_id),
+                }
+            )
             if fails(score):
                 failed = True
             else:
