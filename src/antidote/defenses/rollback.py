@@ -19,7 +19,8 @@ after each step's reset, with fresh gradients g_b of -cos(mean h_current, d_beni
 reset whose sign(W - W_ft) == sign(g_b) go back to their fine-tuned values. A checkpoint is taken every
 `save_every` steps (and after the warm-up); the model written is the last checkpoint before the first one
 whose task accuracy is <= the limit (all pass: the last; the first fails: the fine-tuned model unchanged),
-the authors' `eval_all_steps` + `get_largest_step`.
+the authors' `eval_all_steps` + `get_largest_step`. A fine-tuned model that scores 0 on the task has no
+accuracy to lose: then every checkpoint passes.
 
 Writes a full model (the adapter merged) and `rollback_report.json`.
 """
