@@ -13,9 +13,11 @@ from antidote.defenses import ldifs as _ldifs  # noqa: F401
 from antidote.defenses import lisa as _lisa  # noqa: F401
 from antidote.defenses import lox as _lox  # noqa: F401
 from antidote.defenses import magnitude_prune as _magnitude_prune  # noqa: F401
+from antidote.defenses import oneshot_ft as _oneshot_ft  # noqa: F401
 from antidote.defenses import random_prune as _random_prune  # noqa: F401
 from antidote.defenses import repnoise as _repnoise  # noqa: F401
 from antidote.defenses import resta as _resta  # noqa: F401
+from antidote.defenses import rollback as _rollback  # noqa: F401
 from antidote.defenses import safedelta as _safedelta  # noqa: F401
 from antidote.defenses import safelora as _safelora  # noqa: F401
 from antidote.defenses import vaccine as _vaccine  # noqa: F401
