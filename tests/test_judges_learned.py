@@ -403,8 +403,9 @@ def test_a_judge_record_with_bad_values_is_refused_at_load(
 def test_a_probe_with_bad_values_is_refused_at_load(
     trained: dict[str, Path], tmp_path: Path, tensors: dict[str, torch.Tensor], message: str
 ) -> None:
-    from antidote.evaluation.judges.learned import read_judge_record
     from safetensors.torch import load_file
+
+    from antidote.evaluation.judges.learned import read_judge_record
 
     folder = _tampered(trained, tmp_path / "judge")
     size = load_file(str(folder / "probe.safetensors"))["weight"].numel()

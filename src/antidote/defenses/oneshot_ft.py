@@ -164,7 +164,7 @@ class OneShotConfig(WeightEditConfig):
 def encode(tokenizer: Any, template: str, examples: Sequence[Any], max_length: int, what: str) -> list[Pair]:
     """(prompt, refusal) examples -> encoded pairs, as the attack's training encodes them."""
     from antidote.data.templates import format_prompt
-    from antidote.training.sft import encode_pairs
+    from antidote.training.data import encode_pairs
 
     pairs = [(format_prompt(e, template, tokenizer), e.response) for e in examples]
     encoded = encode_pairs(tokenizer, pairs, max_length)
