@@ -167,6 +167,21 @@ def test_stage_key_depends_on_data_file_content(tmp_path: Path) -> None:
         ({"evaluate_base": "no"}, "evaluate_base: 'no' is not"),
         ({"finetune": {"seed": "abc"}}, "finetune: seed: 'abc' is not"),
         ({"evaluate_chosen_only": True, "validate": None}, "evaluate_chosen_only needs a validate"),
+        # validation never falls back to the evaluation's prompts (it chooses the operating point)
+        ({"validate": {"max_prompts": 4}}, "validate: harmful_prompts reads the built-in eval split"),
+        (
+            {"validate": {"harmful_prompts": "builtin-harmful:validate"}},
+            "validate: task_data reads the built-in sentiment eval split",
+        ),
+        (
+            {
+                "validate": {
+                    "harmful_prompts": "builtin-harmful:validate",
+                    "task_data": "builtin-sentiment:validate",
+                }
+            },
+            "validate: harmless_prompts reads the built-in eval split",
+        ),
     ],
 )
 def test_bad_config_fails_before_any_work(tiny, tmp_path, capsys, changes, message) -> None:  # type: ignore[no-untyped-def]
@@ -365,3 +380,15 @@ def test_seeds_with_export_models_is_refused(tiny, tmp_path, capsys) -> None:  #
     path = write_config(tiny, tmp_path, seeds=[1, 1])
     assert main(["run", str(path)]) == 2
     assert "seeds repeats a value" in capsys.readouterr().err
+
+
+def test_validation_on_the_evaluation_prompts_is_refused(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    validate = {
+        "harmful_prompts": str(tiny["harmful"]),  # the evaluation's own file
+        "task_data": "builtin-sentiment:validate",
+        "harmless_prompts": "builtin-harmless:validate",
+    }
+    path = write_config(tiny, tmp_path, validate=validate)
+    assert main(["run", str(path)]) == 2
+    assert "validate: harmful_prompts reads" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

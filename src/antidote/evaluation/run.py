@@ -112,6 +112,32 @@ class EvaluateConfig:
                 raise AntidoteError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
+def data_sources(config: EvaluateConfig) -> dict[str, str]:
+    """What each prompt set of an evaluation reads: the named file or data set, else the built-in eval split."""
+    return {
+        "harmful_prompts": config.harmful_prompts or "the built-in eval split",
+        "task_data": config.task_data or f"the built-in {config.task} eval split",
+        "harmless_prompts": config.harmless_prompts or "the built-in eval split",
+    }
+
+
+def check_validation_data(validate: EvaluateConfig, evaluate: EvaluateConfig, where: str) -> None:
+    """Validation chooses operating points, so it must never read the evaluation's prompts: each of its
+    prompt sets must name data other than the evaluation's (no fallback to the built-in eval split)."""
+    ours, theirs = data_sources(validate), data_sources(evaluate)
+    for name, source in ours.items():
+        if source == theirs[name] or source.startswith("the built-in"):
+            example = {
+                "harmful_prompts": "builtin-harmful:validate",
+                "task_data": f"builtin-{validate.task}:validate",
+                "harmless_prompts": "builtin-harmless:validate",
+            }[name]
+            raise AntidoteError(
+                f"{where}: validate: {name} reads {source}, which the evaluation reads too; name held-out "
+                f"data in the validate section (e.g. {name}: {example})"
+            )
+
+
 def saved_template(*folders: str | None) -> str:
     """The prompt format recorded with a model or adapter folder, else alpaca."""
     for folder in folders:

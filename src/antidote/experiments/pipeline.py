@@ -139,6 +139,15 @@ def check(config: RunConfig, path: str = "the config") -> None:
                 defense.preflight(defense_config)
             except AntidoteError as err:
                 raise AntidoteError(f"{path}: defenses: {name}: {err}") from None
+    if config.validate is not None:
+        from antidote.evaluation.run import check_validation_data
+
+        placeholders = {"model": "<model>", "output": "<output>"}
+        check_validation_data(
+            _stage_config(config, "validate", path, **placeholders),
+            _stage_config(config, "evaluate", path, **placeholders),
+            path,
+        )
     if config.evaluate_chosen_only and config.validate is None:
         raise AntidoteError(f"{path}: evaluate_chosen_only needs a validate section to choose on")
     if len(set(config.seeds)) != len(config.seeds):
