@@ -113,7 +113,7 @@ class EvaluateConfig:
 
 
 def data_sources(config: EvaluateConfig) -> dict[str, str]:
-    """What each prompt set of an evaluation reads: the named file or data set, else the built-in eval split."""
+    """What each prompt set of an evaluation reads: the named data, else the built-in eval split."""
     return {
         "harmful_prompts": config.harmful_prompts or "the built-in eval split",
         "task_data": config.task_data or f"the built-in {config.task} eval split",

@@ -106,3 +106,42 @@ def recovered_share_interval(
     idx = bootstrap_indices(a.numel(), n_resamples, seed)
     low, high = percentile_interval(recovered_share(a[idx], d[idx], g[idx]), level)
     return share, low, high
+
+
+def crossed_bootstrap(
+    values: Sequence[Sequence[float]] | torch.Tensor,
+    *,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, object]:
+    """Mean over seeds of each seed's mean over prompts, with a percentile bootstrap interval that covers
+    both prompt sampling and seeds: every seed answered the same prompts, so each resample draws the
+    prompts once (the same draw for every seed) and the seeds once, both with replacement.
+
+    values: (seeds, prompts) per-prompt indicators (0/1), in percent points of the result. Returns
+    {"mean", "low", "high" (percent, 2 decimals), "n" (seeds), "interval_kind": "bootstrap", "alike"}: `alike`
+    is True when every value is the same, the one case where the interval has zero width (said so).
+    """
+    if not isinstance(values, torch.Tensor) and len({len(v) for v in values}) > 1:
+        raise ValueError(
+            f"need (seeds, prompts) values over the same prompts, got {[len(v) for v in values]}"
+        )
+    x = torch.as_tensor(values, dtype=torch.float64)
+    if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"need (seeds, prompts) values over the same prompts, got shape {tuple(x.shape)}")
+    seeds, prompts = x.shape
+    generator = torch.Generator().manual_seed(seed)
+    prompt_draw = torch.randint(0, prompts, (n_resamples, prompts), generator=generator)
+    seed_draw = torch.randint(0, seeds, (n_resamples, seeds), generator=generator)
+    per_seed = x[:, prompt_draw].mean(-1)  # (seeds, resamples): each seed's mean under each prompt draw
+    resampled = per_seed.T.gather(1, seed_draw).mean(1)
+    low, high = percentile_interval(resampled, level)
+    return {
+        "mean": round(100 * float(x.mean(1).mean()), 2),
+        "low": round(100 * low, 2),
+        "high": round(100 * high, 2),
+        "n": seeds,
+        "interval_kind": "bootstrap",
+        "alike": bool((x == x[0, 0]).all()),
+    }

@@ -33,8 +33,8 @@ from typing import Any
 from antidote.configfile import config_from_mapping, read_yaml_mapping
 from antidote.defenses import get
 from antidote.errors import AntidoteError
-from antidote.evaluation.stats import wilson_interval
-from antidote.experiments.aggregate import summarize
+from antidote.evaluation.judges import HARMFUL_VERDICTS
+from antidote.evaluation.stats import crossed_bootstrap, wilson_interval
 from antidote.experiments.cache import RECORD, StageCache, locked, stage_key
 from antidote.experiments.pipeline import (
     RunConfig,
@@ -56,7 +56,7 @@ CSV_FIELDS = (
     "defense", "variant", "label", "cell", "setting", "seed", "judge", "judge_spec", "hs", "hs_low",
     "hs_high", "fa", "fa_low", "fa_high", "over_refusal", "degenerate", "seconds", "pipeline_seconds",
     "peak_rss_mib", "peak_cuda_allocated_mib", "lr", "epochs", "harmful_ratio", "num_samples", "task",
-    "prompt_set", "n_prompts", "eval_task", "n_task", "general_utility",
+    "prompt_set", "n_prompts", "eval_task", "n_task", "general_utility", "chosen_variant",
 )  # fmt: skip
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -501,9 +501,41 @@ def cell_rows(
                 "eval_stage": r["stage"],
                 "general_utility": (utility or {}).get(r["model"]),
                 "recovered": r.get("recovered"),
+                **_per_prompt(cache.root, r),
             }
         )
-    return rows
+    return rows + _chosen_rows(rows, summary.get("operating_points", {}))
+
+
+def _per_prompt(root: Path, row: dict[str, Any]) -> dict[str, list[int]]:
+    """The row's per-prompt indicators, read from its stages: harmful (1/0) per harmful prompt by the row's
+    judge (`hs_flags`) and correct (1/0) per task item (`fa_flags`), in the prompts' order."""
+    records = [json.loads(x) for x in (root / row["stage"] / "generations.jsonl").read_text().splitlines()]
+    if row["judge_spec"] == "keyword":
+        verdicts = [g["verdict"] for g in records if g["set"] == "harmful"]
+    else:
+        verdicts = json.loads((root / row["judge_stage"] / "verdicts.json").read_text())
+    task = [g["correct"] for g in records if g["set"] not in ("harmful", "harmless")]
+    return {
+        "hs_flags": [int(v in HARMFUL_VERDICTS) for v in verdicts],
+        "fa_flags": [int(c is True or c == "True") for c in task],  # "True": written before it was a boolean
+    }
+
+
+def _chosen_rows(rows: list[dict[str, Any]], points: dict[str, Any]) -> list[dict[str, Any]]:
+    """A defense whose variant was chosen on validation is reported at that variant alone: one more row
+    labelled by the defense (`chosen_variant` says which); its variant rows stay for the plots and files
+    but leave the tables (`in_table` False)."""
+    chosen = []
+    for r in rows:
+        point = points.get(r["defense"])
+        if point is None:
+            continue
+        r["in_table"] = False
+        if r["variant"] == point["variant"]:
+            chosen.append({**r, "label": r["defense"], "variant": "", "chosen_variant": r["variant"]})
+            chosen[-1]["in_table"] = True
+    return chosen
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
@@ -527,14 +559,14 @@ _MEASURED = ("seconds", "pipeline_seconds", "peak_rss_mib", "peak_cuda_allocated
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per (judge, setting, label): HS and FA over seeds (`aggregate.summarize`), with the
-    mean own seconds and the largest peak memory. In the order the rows came. A row whose evaluation stage
-    already counted (the aligned model, the same at every seed) is not counted again."""
+    """One entry per (judge, setting, label): HS and FA over seeds and prompts (`stats.crossed_bootstrap`),
+    with the mean own seconds and the largest peak memory. In the order the rows came. A row whose evaluation
+    stage already counted (the aligned model, the same at every seed) is not counted again."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     seen: set[tuple[str, str, str]] = set()
     for r in rows:
         # One evaluation is one observation: `aligned` (and `base`) are the same stage at every seed.
-        once = (r["judge_spec"], r["setting"], r.get("eval_stage") or f"{r['label']}/{r['cell']}")
+        once = (r["judge_spec"], r["setting"], r["label"], r.get("eval_stage") or r["cell"])
         if once in seen:
             continue
         seen.add(once)
@@ -553,8 +585,10 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "defense": group[0]["defense"],
                 "variant": group[0]["variant"],
                 "seeds": [g["seed"] for g in group],
-                "hs": summarize([g["hs"] for g in group], [g["hs_ci"] for g in group]),
-                "fa": summarize([g["fa"] for g in group], [g["fa_ci"] for g in group]),
+                "in_table": group[0].get("in_table", True),
+                "chosen_variants": [g["chosen_variant"] for g in group if "chosen_variant" in g],
+                "hs": crossed_bootstrap([g["hs_flags"] for g in group]),
+                "fa": crossed_bootstrap([g["fa_flags"] for g in group]),
                 "seconds": _mean_or_none(seconds),
                 "pipeline_seconds": _mean_or_none(pipeline),
                 "peak_rss_mib": max(peaks) if peaks and None not in peaks else None,
@@ -592,11 +626,12 @@ def _entry(s: dict[str, Any]) -> str:
     if s["low"] is None:
         return f"{s['mean']:.1f}"
     text = f"{s['mean']:.1f} [{s['low']:.1f}, {s['high']:.1f}]"
-    return text + (f" (n={s['n']})" if s["interval_kind"] == "t" else "")
+    text += f" (n={s['n']})" if s["n"] > 1 else ""
+    return text + (" (all alike)" if s.get("alike") else "")
 
 
 def _grid(table: list[dict[str, Any]], judge: str) -> tuple[list[str], list[str], dict[tuple[str, str], Any]]:
-    entries = [t for t in table if t["judge_spec"] == judge]
+    entries = [t for t in table if t["judge_spec"] == judge and t.get("in_table", True)]
     labels = list(dict.fromkeys(t["label"] for t in entries))
     setting_ids = list(dict.fromkeys(t["setting"] for t in entries))
     return labels, setting_ids, {(t["label"], t["setting"]): t for t in entries}
@@ -617,6 +652,12 @@ def _hs_fa_cells(
     return cells
 
 
+def _shown(grid: dict[tuple[str, str], Any], label: str, setting_ids: list[str]) -> str:
+    """A row's label; for a defense reported at its validation-chosen variant, which variants were chosen."""
+    chosen = [v for s in setting_ids for v in (grid.get((label, s)) or {}).get("chosen_variants", [])]
+    return f"{label} (chosen: {', '.join(dict.fromkeys(chosen))})" if chosen else label
+
+
 def report_markdown(config: CompareConfig, rows: list[dict[str, Any]], table: list[dict[str, Any]]) -> str:
     first = rows[0]
     lines = [
@@ -624,8 +665,13 @@ def report_markdown(config: CompareConfig, rows: list[dict[str, Any]], table: li
         "",
         f"Harmful prompts: {first['prompt_set']} ({first['n_prompts']}); task: {first['eval_task']} "
         f"({first['n_task']} items). Sweep: {config.matrix.sweep}; {len(config.cells)} cells. "
-        "HS and FA in percent: with several seeds the mean and its 95% t interval over seeds (n = seeds), "
-        "with one seed the value and its 95% per-prompt Wilson interval.",
+        "HS and FA in percent: the mean over seeds (n = seeds, when more than one) and its 95% bootstrap "
+        "interval, the same for every row: each resample draws the prompts and the seeds with replacement "
+        "(every seed answered the same prompts), so it covers prompt sampling and seeds. (all alike): every "
+        "answer of every seed scored the same, the only case of a zero-width interval. A defense with "
+        "several variants (e.g. mask ratios) is reported at the variant chosen on the validation prompts in "
+        "each cell (lowest validation HS within the FA budget), never at the best evaluation number; its "
+        "whole sweep is in the plots and results.csv.",
     ]
     for judge in config.run.judges:
         labels, setting_ids, grid = _grid(table, judge)
@@ -637,7 +683,7 @@ def report_markdown(config: CompareConfig, rows: list[dict[str, Any]], table: li
         lines += ["|---" * (1 + 2 * len(setting_ids)) + "|"]
         for label in labels:
             cells = _hs_fa_cells(grid, label, setting_ids, _entry, "-")
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_shown(grid, label, setting_ids)} | " + " | ".join(cells) + " |")
     lines += ["", "## Cost per defense (over plain SFT)", ""]
     lines += [
         "Seconds: the defense's own stages (SFT: the attack), mean over cells, as recorded when each stage "
@@ -651,7 +697,7 @@ def report_markdown(config: CompareConfig, rows: list[dict[str, Any]], table: li
     judge = first_judge(rows)
     per: dict[str, list[dict[str, Any]]] = {}
     for t in table:
-        if t["judge_spec"] == judge and t["defense"] not in ("base", "aligned"):
+        if t["judge_spec"] == judge and t["defense"] not in ("base", "aligned") and t.get("in_table", True):
             per.setdefault(t["label"], []).append(t)
     sft = per.get(SFT, [])
     sft_pipe = _mean_or_none([t["pipeline_seconds"] for t in sft])
