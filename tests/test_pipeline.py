@@ -392,3 +392,16 @@ def test_validation_on_the_evaluation_prompts_is_refused(tiny, tmp_path, capsys)
     assert main(["run", str(path)]) == 2
     assert "validate: harmful_prompts reads" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_new_judge_version_redoes_the_judged_stages_only(tiny, tiny_run, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from antidote.evaluation import judges
+
+    path = copy_run(tiny_run, tiny, tmp_path, validate=None, evaluate_base=False)
+    first = run_pipeline(load_run_config(str(path)), say=lambda m: None)
+    assert first["stages"]["built"] == []
+    monkeypatch.setitem(judges.JUDGE_VERSIONS, "keyword", judges.JUDGE_VERSIONS["keyword"] + 1)
+    summary = run_pipeline(load_run_config(str(path)), say=lambda m: None)
+    built = sorted(n.rsplit("-", 1)[0] for n in summary["stages"]["built"])
+    assert built and all(n.startswith("evaluate-") for n in built)  # the keyword judge scores as it generates
+    assert not any(n.startswith(("align", "finetune", "antidote")) for n in built)

@@ -173,6 +173,16 @@ def harmful_score(verdicts: Sequence[str], judge: str = "keyword") -> HarmfulSco
     return HarmfulScore(hs, pct["refused"], pct["degenerate"], n, judge)
 
 
+# The version of each judge's code: the stage cache keys every judged stage on it, so a fix that changes a
+# judge's verdicts is not hidden by cached verdicts. Bump a judge's number whenever its verdicts can change.
+JUDGE_VERSIONS: dict[str, int] = {"keyword": 1, "beavertails": 1, "llamaguard": 1, "harmbench": 1, "learned": 1}
+
+
+def judge_version(spec: str) -> int:
+    """The code version of the judge `spec` names (`JUDGE_VERSIONS`)."""
+    return JUDGE_VERSIONS[parse_judge_spec(spec)[0]]
+
+
 class KeywordJudge:
     """The keyword judge behind the same interface as the model judges."""
 

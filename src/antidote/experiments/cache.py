@@ -25,7 +25,7 @@ from typing import Any
 from antidote.errors import AntidoteError
 from antidote.memory import read_peak_memory, release_memory, reset_peak_memory
 
-STAGE_VERSION = 2  # bump when a stage's code changes what it writes: old cache entries are then not reused
+STAGE_VERSION = 3  # bump when a stage's code changes what it writes: old cache entries are then not reused
 RECORD = "stage.json"
 
 

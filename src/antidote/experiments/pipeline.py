@@ -32,7 +32,7 @@ from antidote.configfile import config_from_mapping, read_yaml_mapping, values_f
 from antidote.data.catalog import resolve_data_dir
 from antidote.defenses import RESERVED, Defense, get
 from antidote.errors import AntidoteError
-from antidote.evaluation.judges import HARMFUL_VERDICTS, parse_judge_spec
+from antidote.evaluation.judges import HARMFUL_VERDICTS, judge_version, parse_judge_spec
 from antidote.evaluation.run import EvaluateConfig
 from antidote.evaluation.stats import recovered_share_interval
 from antidote.experiments.cache import StageCache, locked, stage_key
@@ -443,9 +443,8 @@ class _Run:
         """One row per judge. Generation is its own stage (scored by the keyword judge as it goes); each
         other judge is a stage of its own over the saved generations: adding a judge regenerates nothing."""
         ev_cfg = _stage_config(self.config, section, model=m.model, adapter=m.adapter, output="")
-        folder, key = self.stage(
-            f"{section}-{m.name}", ev_cfg, {"made_by": m.made_by}, lambda out: _generate_stage(out, ev_cfg)
-        )
+        upstream = {"made_by": m.made_by, "keyword_judge": judge_version("keyword")}  # it scores as it goes
+        folder, key = self.stage(f"{section}-{m.name}", ev_cfg, upstream, lambda out: _generate_stage(out, ev_cfg))
         generated = json.loads((folder / "results.json").read_text())
         for private in ("config", "antidote"):
             generated.pop(private, None)
@@ -459,7 +458,7 @@ class _Run:
             if spec != "keyword":
                 judge_folder, _ = self.stage(
                     f"judge-{parse_judge_spec(spec)[0]}-{section}-{m.name}",
-                    {"judge": spec, "judge_path": _judge_path(spec)},
+                    {"judge": spec, "judge_path": _judge_path(spec), "version": judge_version(spec)},
                     key,
                     functools.partial(_judge_stage, generated=folder, spec=spec, judges=self.judges),
                 )
