@@ -175,7 +175,7 @@ def harmful_score(verdicts: Sequence[str], judge: str = "keyword") -> HarmfulSco
 
 # The version of each judge's code: the stage cache keys every judged stage on it, so a fix that changes a
 # judge's verdicts is not hidden by cached verdicts. Bump a judge's number whenever its verdicts can change.
-JUDGE_VERSIONS: dict[str, int] = {"keyword": 1, "beavertails": 1, "llamaguard": 1, "harmbench": 1, "learned": 1}
+JUDGE_VERSIONS: dict[str, int] = {kind: 1 for kind in JUDGE_KINDS}
 
 
 def judge_version(spec: str) -> int:

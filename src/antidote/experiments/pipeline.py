@@ -444,7 +444,9 @@ class _Run:
         other judge is a stage of its own over the saved generations: adding a judge regenerates nothing."""
         ev_cfg = _stage_config(self.config, section, model=m.model, adapter=m.adapter, output="")
         upstream = {"made_by": m.made_by, "keyword_judge": judge_version("keyword")}  # it scores as it goes
-        folder, key = self.stage(f"{section}-{m.name}", ev_cfg, upstream, lambda out: _generate_stage(out, ev_cfg))
+        folder, key = self.stage(
+            f"{section}-{m.name}", ev_cfg, upstream, lambda out: _generate_stage(out, ev_cfg)
+        )
         generated = json.loads((folder / "results.json").read_text())
         for private in ("config", "antidote"):
             generated.pop(private, None)
