@@ -199,3 +199,30 @@ def test_crossed_bootstrap_matches_a_loop_over_the_same_draws() -> None:
     got = crossed_bootstrap(x)
     assert (got["low"], got["high"]) == (round(100 * low, 2), round(100 * high, 2))
     assert got["mean"] == round(100 * (3 / 6 + 2 / 6 + 4 / 6) / 3, 2) and got["n"] == 3
+
+
+def test_recovered_share_is_undefined_below_the_stated_rise() -> None:
+    from antidote.evaluation.stats import MIN_RISE
+
+    assert MIN_RISE == 0.1
+    aligned = [0] * 32
+    weak = [1] + [0] * 31  # the attack raises HS by 1 of 32 prompts (3.1 points)
+    share, low, high = recovered_share_interval(weak, aligned, aligned)
+    assert math.isnan(share) and math.isnan(low) and math.isnan(high)  # was 1.0 [...]: any share fits
+    lowered = [0] * 32
+    share, _, _ = recovered_share_interval(lowered, lowered, [1] * 4 + [0] * 28)  # the attack lowered HS
+    assert math.isnan(share)
+    at_threshold = [1] * 4 + [0] * 36  # 4 of 40: exactly 10 points: defined
+    assert recovered_share_interval(at_threshold, aligned[:1] * 40, aligned[:1] * 40)[0] == 1.0
+
+
+def test_recovered_share_interval_rule_for_resamples_without_rise() -> None:
+    # Two prompts, (attacked, defended, aligned): (1, 0, 0) and (0, 0, 0). Rise 0.5, share 1. A resample of
+    # two draws: both the second prompt with probability 1/4: rise 0, undefined. 1/4 > 2.5%: the interval
+    # is undefined, the share is not.
+    share, low, high = recovered_share_interval([1, 0], [0, 0], [0, 0], n_resamples=4000)
+    assert share == 1.0 and math.isnan(low) and math.isnan(high)
+    # Ten prompts, nine with a rise: a resample without rise needs ten draws of the tenth (p = 1e-10), so
+    # none is undefined and the interval is the percentiles (every defined resample gives share 1).
+    share, low, high = recovered_share_interval([1] * 9 + [0], [0] * 10, [0] * 10)
+    assert (share, low, high) == (1.0, 1.0, 1.0)

@@ -489,7 +489,9 @@ class _Run:
         if attacked is None or defended is None or aligned is None:
             return None
         share, low, high = recovered_share_interval(attacked, defended, aligned)
-        return None if math.isnan(share) else [round(share, 3), round(low, 3), round(high, 3)]
+        if math.isnan(share):
+            return None  # the attack raised HS by less than MIN_RISE: undefined (results.md says why)
+        return [round(share, 3), *(None if math.isnan(v) else round(v, 3) for v in (low, high))]
 
     def export_models(self, models: list[_Model], chosen: dict[str, str]) -> None:
         """RUN_DIR/models/<row>: hard links to the stage folders' files (no copy of the weights)."""
