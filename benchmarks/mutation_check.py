@@ -41,8 +41,8 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "per-row selection turned per-tensor": (
         "src/antidote/realignment/scores.py",
-        '"row": GranularitySpec("top alpha of each output row, as the authors\' code", _each_tensor(select_rows)),',
-        '"row": GranularitySpec("top alpha of each output row, as the authors\' code", _each_tensor(select_tensor)),',
+        "_each_tensor(select_rows)),",
+        "_each_tensor(select_tensor)),",
         ["tests/test_realign_selection.py"],
     ),
     "recovered share: attacked and aligned swapped": (
@@ -96,9 +96,8 @@ def run_mutant(name: str) -> tuple[str, str]:
         path.write_text(text.replace(old, new))
         env = {**os.environ, "PYTHONPATH": str(copy / "src"), "PYTHONDONTWRITEBYTECODE": "1"}
         for test in tests:
-            done = subprocess.run(
-                [sys.executable, "-m", "pytest", *FAST, test], cwd=copy, env=env, capture_output=True, text=True
-            )
+            command = [sys.executable, "-m", "pytest", *FAST, test]
+            done = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True)
             if done.returncode != 0:
                 failed = [x.split(" ")[1] for x in done.stdout.splitlines() if x.startswith("FAILED ")]
                 return "killed", failed[0] if failed else test
