@@ -563,7 +563,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     with the mean own seconds and the largest peak memory. In the order the rows came. A row whose evaluation
     stage already counted (the aligned model, the same at every seed) is not counted again."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    seen: set[tuple[str, str, str]] = set()
+    seen: set[tuple[str, str, str, str]] = set()
     for r in rows:
         # One evaluation is one observation: `aligned` (and `base`) are the same stage at every seed.
         once = (r["judge_spec"], r["setting"], r["label"], r.get("eval_stage") or r["cell"])

@@ -476,7 +476,7 @@ class _Run:
             for r in rows
         ]
 
-    def recovered(self, row: dict[str, Any]) -> list[float] | None:
+    def recovered(self, row: dict[str, Any]) -> list[float | None] | None:
         """[share, low, high]: the share of the HS rise (aligned -> attacked) that this row's model gave back,
         with its paired bootstrap interval over the evaluation prompts (same judge); None for the rows
         base/aligned/attacked, or when the attack raised nothing."""
