@@ -49,7 +49,13 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
         "src/antidote/experiments/pipeline.py",
         'for name in ("attacked", row["model"], "aligned")',
         'for name in ("aligned", row["model"], "attacked")',
-        ["tests/test_pipeline.py"],
+        ["tests/test_pipeline_numbers.py"],
+    ),
+    "operating point: highest validation HS": (
+        "src/antidote/experiments/report.py",
+        '        best = min(allowed, key=lambda s: s["hs"])',
+        '        best = max(allowed, key=lambda s: s["hs"])',
+        ["tests/test_report.py", "tests/test_pipeline_numbers.py"],
     ),
     "mean over seeds takes the first seed": (
         "src/antidote/evaluation/stats.py",

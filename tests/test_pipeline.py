@@ -12,6 +12,7 @@ import yaml
 
 from antidote.cli import main
 from antidote.errors import AntidoteError
+from antidote.evaluation.stats import MIN_RISE
 from antidote.experiments import pipeline
 from antidote.experiments.pipeline import load_run_config, run_pipeline, stage_key
 from conftest import HARMFUL, TRAIN, copy_run, write_config, write_jsonl
@@ -69,7 +70,7 @@ def test_run_all_stages_then_rerun_reuses_everything(tiny, tiny_run, tmp_path) -
     for row in rows:
         hs = {m: sum(complied[m]) / len(complied[m]) for m in ("aligned", "attacked", row["model"])}
         rise = hs["attacked"] - hs["aligned"]
-        if row["model"] in ("base", "aligned", "attacked") or rise == 0:
+        if row["model"] in ("base", "aligned", "attacked") or rise < MIN_RISE:
             assert row["recovered"] is None
         else:
             share, low, high = row["recovered"]
