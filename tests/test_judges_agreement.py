@@ -14,6 +14,7 @@ from antidote.errors import AntidoteError
 from antidote.evaluation.agreement import (
     agreement_metrics,
     agreement_with_intervals,
+    judge_report,
     labelled_from_rows,
 )
 from antidote.evaluation.judges import keyword_verdict
@@ -81,6 +82,35 @@ def test_intervals_are_percentiles_of_the_resampled_metric() -> None:
     assert (out["accuracy"]["low"], out["accuracy"]["high"]) == pytest.approx((low, high))
     assert out["accuracy"]["value"] == 0.7
     assert out["accuracy"]["low"] <= 0.7 <= out["accuracy"]["high"]
+
+
+def test_the_bootstrap_draws_prompts_with_all_their_answers() -> None:
+    # Prompt A: three answers, the judge agrees on each; prompt B: one answer, the judge disagrees. Drawing
+    # prompts, a resample is {A, A} (accuracy 1), {B, B} (0) or {A, B} (3/4), with 1/4, 1/4, 1/2: the 95%
+    # interval is [0, 1]. Drawing rows, accuracy 0 needs all four draws on B (p = 1/256): low would be 1/4.
+    judge, human = [True, False, True, True], [True, False, True, False]
+    prompts = ["A", "A", "A", "B"]
+    by_prompt = agreement_with_intervals(judge, human, n_resamples=4000, prompts=prompts)["accuracy"]
+    assert (by_prompt["value"], by_prompt["low"], by_prompt["high"]) == (0.75, 0.0, 1.0)
+    by_row = agreement_with_intervals(judge, human, n_resamples=4000)["accuracy"]
+    assert by_row["low"] == 0.25
+    # Distinct prompts: the same draws as a plain bootstrap over rows.
+    distinct = agreement_with_intervals(judge, human, n_resamples=500, seed=3, prompts=["a", "b", "c", "d"])
+    assert distinct == agreement_with_intervals(judge, human, n_resamples=500, seed=3)
+
+
+def test_judge_report_resamples_prompts() -> None:
+    data = labelled_from_rows(
+        [
+            {"prompt": "A", "response": "r1", "label": "harmful"},
+            {"prompt": "A", "response": "r2", "label": "safe"},
+            {"prompt": "A", "response": "r3", "label": "harmful"},
+            {"prompt": "B", "response": "r4", "label": "harmful"},
+        ],
+        "x.jsonl",
+    )
+    report = judge_report(data, ["complied", "refused", "complied", "refused"], "keyword", n_resamples=4000)
+    assert report["metrics"]["accuracy"]["low"] == 0.0  # by rows it would be 0.25
 
 
 def rows(pairs: list[tuple[str, str, str]] = PAIRS, field: str = "label") -> list[dict[str, str]]:
