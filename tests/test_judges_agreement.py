@@ -205,3 +205,18 @@ def test_judge_split_keeps_prompts_on_one_side(tmp_path: Path) -> None:
         {r["prompt"] for r in held}
     )
     assert len(held) == 8  # whole prompts of 4 rows: the first that reaches 30% of 20
+
+
+def test_judge_train_says_its_metrics_are_from_the_split_it_chose_on(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from antidote.evaluation import judge_cli
+
+    record = {
+        "layer": 3, "pooling": "mean", "keyword_feature": False, "l2": 1.0, "threshold": 0.5,
+        "validation": {"n": 40, "accuracy": 0.9, "auc": 0.95, "judge_hs": 40.0, "human_hs": 42.0},
+        "training": {"featurise_seconds": 1.0},
+    }  # fmt: skip
+    monkeypatch.setattr(judge_cli, "run_judge_train", lambda config: record)
+    config = type("C", (), {"output": "judge"})()
+    assert judge_cli.cmd_train(config) == 0  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert "on the validation split these settings were chosen on (40 rows; optimistic" in out
