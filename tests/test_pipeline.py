@@ -17,6 +17,8 @@ from antidote.experiments import pipeline
 from antidote.experiments.pipeline import load_run_config, run_pipeline, stage_key
 from conftest import HARMFUL, TRAIN, copy_run, write_config, write_jsonl
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def stage_dirs(run: Path) -> dict[str, Path]:
     return {p.name.rsplit("-", 1)[0]: p for p in (run / "stages").iterdir() if not p.name.startswith(".")}
@@ -295,6 +297,15 @@ def test_chosen_only_and_exported_models(tiny, tiny_run, tmp_path) -> None:  # t
     assert [r["model"] for r in summary["rows"]] == ["base", "aligned", "attacked", f"antidote@{chosen}"]
     models = tmp_path / "run" / "models"
     assert sorted(p.name for p in models.iterdir()) == ["aligned", "antidote", "attacked", "base"]
+    # benchmarks/demo_quality.py reads exactly these folders, adapters on top of `aligned`
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_quality", ROOT / "benchmarks" / "demo_quality.py")
+    assert spec is not None and spec.loader is not None
+    demo_quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_quality)
+    assert sorted(demo_quality.MODELS) == sorted(p.name for p in models.iterdir())
+    assert all((models / a / "adapter_config.json").is_file() for a in demo_quality.ADAPTERS)
     stages = stage_dirs(tmp_path / "run")
     exported = models / "antidote" / "adapter_model.safetensors"
     source = stages["antidote"] / f"alpha-{chosen}" / "adapter_model.safetensors"
@@ -349,8 +360,10 @@ def test_a_second_judge_rescores_saved_generations(tiny, tiny_run, tmp_path) -> 
 
 def test_seeds_repeat_the_attack_and_report_mean_and_spread(tiny, tiny_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """`seeds: [a, b]`: the attack and every defense at each seed on one stage cache (the alignment
-    reused), report.md with each row's mean over the seeds and its t interval, computed here by hand."""
+    reused), report.md with each row's mean over the seeds and its interval (prompts and seeds resampled
+    together), computed here by hand from the stages' generations."""
     from antidote.experiments.compare import run_seeds
+    from test_compare import entry_by_loops, stage_flags
 
     path = copy_run(tiny_run, tiny, tmp_path, seeds=[1, 2], validate=None)
     with pytest.raises(AntidoteError, match="run_seeds"):
@@ -362,15 +375,16 @@ def test_seeds_repeat_the_attack_and_report_mean_and_spread(tiny, tiny_run, tmp_
     assert sorted(p.name for p in (run / "cells").iterdir()) == ["default,seed=1", "default,seed=2"]
     assert not any(n.startswith("align-") for n in summary["stages"]["built"])  # reused from the copy
     assert sum(n.startswith("finetune-") for n in summary["stages"]["built"]) >= 1
-    hs = [r["hs"] for r in rows if r["label"] == "antidote@0.3" and r["judge_spec"] == "keyword"]
-    assert len(hs) == 2
-    mean, sd = sum(hs) / 2, math.sqrt(sum((h - sum(hs) / 2) ** 2 for h in hs))  # n - 1 = 1
-    t_975_df1 = 12.706204736174707
-    half = t_975_df1 * sd / math.sqrt(2)
+    seeded = [r for r in rows if r["label"] == "antidote@0.3" and r["judge_spec"] == "keyword"]
+    assert len(seeded) == 2
+    flags = [stage_flags(run, r | {"stage": r["eval_stage"]})["hs"] for r in seeded]
+    assert [100 * sum(f) / len(f) for f in flags] == [r["hs"] for r in seeded]
     report = (run / "report.md").read_text()
-    entry = f"{mean:.1f} [{max(mean - half, 0):.1f}, {min(mean + half, 100):.1f}] (n=2)"
+    entry = entry_by_loops(flags)
     line = next(x for x in report.splitlines() if x.startswith("| antidote@0.3 |"))
-    assert entry in line, (entry, line)
+    assert f"| antidote@0.3 | {entry} |" in line, (entry, line)
+    if flags[0] == flags[1] and 0 < sum(flags[0]) < len(flags[0]):  # the old `50.0 [50.0, 50.0] (n=2)`
+        assert "[50.0, 50.0]" not in line
     assert main(["run", str(path)]) == 0  # and the command prints it
 
 
