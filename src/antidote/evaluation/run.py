@@ -54,7 +54,11 @@ class EvaluateConfig:
         default=None,
         metadata={"help": "harmless instructions for over-refusal (file or name); default: built-in eval"},
     )
-    max_prompts: int | None = field(default=None, metadata={"help": "use the first N harmful prompts"})
+    max_prompts: int | None = field(
+        default=None,
+        metadata={"help": "use N harmful prompts, a seeded sample spread evenly over the harm categories"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the --max-prompts sample"})
     max_harmless: int | None = field(default=None, metadata={"help": "use the first N harmless prompts"})
     max_task: int | None = field(default=None, metadata={"help": "use the first N task items"})
     template: str = field(
@@ -112,6 +116,33 @@ class EvaluateConfig:
                 raise AntidoteError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
+def sample_prompts(prompts: list[str], n: int | None, seed: int = 0) -> list[str]:
+    """`n` of `prompts` (all when n is None or larger), in their order: a seeded sample taken round-robin over
+    the harm categories (known for the built-in requests; one category otherwise), so that a small N still
+    covers every category."""
+    if n is None or n >= len(prompts):
+        return prompts
+    import random
+
+    from antidote.data.builtin import SPLITS
+
+    category = {h.prompt: h.category for part in SPLITS["harmful"] for h in harmful_split(part)}
+    rng = random.Random(seed)
+    by: dict[str | None, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by.setdefault(category.get(prompt), []).append(i)
+    queues = list(by.values())
+    for queue in queues:
+        rng.shuffle(queue)
+    rng.shuffle(queues)
+    chosen: list[int] = []
+    while len(chosen) < n:
+        for queue in queues:
+            if queue and len(chosen) < n:
+                chosen.append(queue.pop())
+    return [prompts[i] for i in sorted(chosen)]
+
+
 def data_sources(config: EvaluateConfig) -> dict[str, str]:
     """What each prompt set of an evaluation reads: the named data, else the built-in eval split."""
     return {
@@ -165,7 +196,8 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
     else:
         harmful, harmful_set = [h.prompt for h in harmful_split("eval")], "built-in eval"
     task_items = load_task_items(config.task, config.task_data, split="eval", data_dir=config.data_dir)
-    harmful, task_items = harmful[: config.max_prompts], task_items[: config.max_task]
+    harmful = sample_prompts(harmful, config.max_prompts, config.seed)
+    task_items = task_items[: config.max_task]
     if config.harmless_prompts:
         harmless = [
             e.prompt
