@@ -297,7 +297,7 @@ def _say(message: str) -> None:
 
 def seeds_compare(run: RunConfig, path: str = "the config") -> CompareConfig:
     """`antidote run` with `seeds: [...]`: every defense (and the plain attack) at every seed, in the run
-    folder; report.md gives the mean and 95% t interval over seeds, cells/ the runs one by one."""
+    folder; report.md gives the mean over seeds and its bootstrap interval, cells/ the runs one by one."""
     matrix = MatrixConfig(seeds=list(run.seeds), all_seeds_for=[SFT, *run.defenses])
     base = replace(run, seeds=[])
     cells = _cells(base, matrix, path)

@@ -82,7 +82,8 @@ class RunConfig:
     evaluate_chosen_only: bool = False  # evaluate only each post defense's chosen variant (needs validate)
     export_models: bool = False  # hard-link the final models into RUN_DIR/models/<row>
     # The attack's seeds: the attack and everything after it runs at each (results per seed in
-    # RUN_DIR/cells/), and report.md gives the mean and 95% t interval over seeds (`antidote compare`).
+    # RUN_DIR/cells/), and report.md gives the mean over seeds and its 95% bootstrap interval over prompts and
+    # seeds (`antidote compare`).
     seeds: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
