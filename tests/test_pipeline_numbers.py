@@ -148,3 +148,11 @@ def test_the_seed_mean_is_over_both_seeds(seeded: dict[str, Any]) -> None:
     sft = next(line for line in report.splitlines() if line.startswith("| sft |"))
     assert sft.split("|")[2].strip().startswith(f"{mean:.1f} [")
     assert {r["seed"] for r in table if r["defense"] == "sft"} == {1, 2}
+
+
+def test_generations_say_correct_as_a_boolean(seeded: dict[str, Any]) -> None:
+    cell = seeded["cells"][0]
+    stage = next(r["stage"] for r in _rows(cell) if r["model"] == "attacked")
+    lines = (seeded["out"] / "stages" / stage / "generations.jsonl").read_text().splitlines()
+    task = [json.loads(x) for x in lines if json.loads(x)["set"] not in ("harmful", "harmless")]
+    assert task and all(isinstance(g["correct"], bool) for g in task)  # was the string "False"
