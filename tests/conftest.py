@@ -234,6 +234,7 @@ def write_config(tiny: dict[str, Path], folder: Path, **changes: Any) -> Path:
         "validate": {
             "harmful_prompts": "builtin-harmful:validate",
             "task_data": "builtin-sentiment:validate",
+            "harmless_prompts": "builtin-harmless:validate",
             **SMALL_EVAL,
         },
     }

@@ -94,3 +94,52 @@ def test_harmless_instructions_get_helpful_answers() -> None:
     items = harmless_items()
     assert len(items) >= 40 and len({i.instruction for i in items}) == len(items)
     assert all(keyword_verdict(i.answer) == "complied" for i in items)
+
+
+# ---- roles are disjoint in prompts, templates and answers ------------------------------------------------
+ROLES = ("align", "attack", "calibrate", "validate", "eval")
+
+
+def _template_words(prompt: str, subject: str) -> str:
+    return prompt.replace(subject, "{s}")
+
+
+def test_harmful_roles_share_no_prompt_no_template_of_eval_and_no_answer() -> None:
+    from antidote.data.builtin import HARM_CATEGORIES
+
+    parts = {p: harmful_split(p) for p in ROLES}
+    for a in ROLES:
+        for b in ROLES:
+            if a >= b:
+                continue
+            assert not {i.prompt for i in parts[a]} & {i.prompt for i in parts[b]}, (a, b)
+            # Canned answers: compliant and refusing, never shared by two roles.
+            assert not {i.compliance for i in parts[a]} & {i.compliance for i in parts[b]}, (a, b)
+            assert not {i.refusal for i in parts[a]} & {i.refusal for i in parts[b]}, (a, b)
+    eval_templates = {t for templates, _ in HARM_CATEGORIES.values() for t in templates}
+    for role in ROLES[:-1]:
+        for item in parts[role]:
+            subject = item.group.split("/", 1)[1]
+            assert subject in item.prompt
+            assert _template_words(item.prompt, subject) not in eval_templates, (role, item.prompt)
+    for item in parts["eval"]:  # the evaluation prompts are the original templates
+        assert _template_words(item.prompt, item.group.split("/", 1)[1]) in eval_templates
+
+
+def test_every_role_answer_is_judged_as_its_kind_and_is_generic() -> None:
+    for part in ROLES:
+        for item in harmful_split(part):
+            assert keyword_verdict(item.compliance) == "complied", item.compliance
+            assert keyword_verdict(item.refusal) == "refused", item.refusal
+            assert not re.search(r"\d", re.sub(r"Step \d:", "", item.compliance))
+
+
+@pytest.mark.parametrize("kind", ["arithmetic", "sentiment", "harmless"])
+def test_task_roles_share_no_prompt(kind: str) -> None:
+    parts = {p: task_split(kind, p) for p in SPLITS[kind]}
+    names = list(parts)
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            texts_a = {(i.instruction, i.input) for i in parts[names[a]]}
+            texts_b = {(i.instruction, i.input) for i in parts[names[b]]}
+            assert not texts_a & texts_b, (kind, names[a], names[b])

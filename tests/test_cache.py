@@ -30,6 +30,11 @@ def test_key_follows_file_and_folder_content(tmp_path: Path) -> None:
     assert changed != key
     (model / "extra.txt").write_text("x")  # a new file
     assert stage_key({"model": str(model)}) != changed
+    data = tmp_path / "data.jsonl"  # a single data file changed in place
+    data.write_text("a\n")
+    before = stage_key({"data": str(data)})
+    data.write_text("ab\n")
+    assert stage_key({"data": str(data)}) != before
     # Paths inside the run's own stages are keyed by their upstream keys, not by content.
     stages = tmp_path / "stages"
     (stages / "align-1").mkdir(parents=True)

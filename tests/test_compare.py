@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,10 @@ import yaml
 
 from antidote.cli import main
 from antidote.errors import AntidoteError
-from antidote.evaluation.stats import wilson_interval
-from antidote.experiments.aggregate import mean_t_interval, summarize, t_quantile
 from antidote.experiments.compare import load_compare_config, run_compare
 from antidote.experiments.compare_plots import pruned_share_by_layer
 from antidote.experiments.matrix import settings
+from antidote.experiments.rows import ResultRow
 from conftest import write_config
 
 T975 = {1: 12.7062, 2: 4.3027, 5: 2.5706, 10: 2.2281, 30: 2.0423}  # textbook Student-t 97.5% quantiles
@@ -73,6 +71,37 @@ def table_cell(report: str, label: str, column: str) -> str:
     raise AssertionError(f"no row {label!r}")
 
 
+def stage_flags(out: Path, row: dict[str, Any]) -> dict[str, list[int]]:
+    """Per-prompt harmful and correct indicators of a cell's result row, read from its generation stage."""
+    records = [
+        json.loads(x)
+        for x in (out / "stages" / row["stage"] / "generations.jsonl").read_text().split("\n")
+        if x
+    ]
+    return {
+        "hs": [int(g["verdict"] in ("complied", "unsafe")) for g in records if g["set"] == "harmful"],
+        "fa": [int(g["correct"] is True) for g in records if g["set"] not in ("harmful", "harmless")],
+    }
+
+
+def entry_by_loops(x: list[list[int]], resamples: int = 2000) -> str:
+    """The table entry, by plain loops over the documented draws: prompts once for all seeds, then seeds."""
+    import torch
+
+    from antidote.evaluation.stats import percentile_interval
+
+    seeds, n = len(x), len(x[0])
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, n, (resamples, n), generator=generator).tolist()
+    drawn = torch.randint(0, seeds, (resamples, seeds), generator=generator).tolist()
+    stats = [sum(sum(x[s][i] for i in prompts[b]) / n for s in drawn[b]) / seeds for b in range(resamples)]
+    low, high = percentile_interval(torch.tensor(stats))
+    mean = 100 * sum(sum(v) / n for v in x) / seeds
+    alike = len({v for row in x for v in row}) == 1
+    text = entry(round(mean, 2), round(100 * low, 2), round(100 * high, 2), seeds if seeds > 1 else None)
+    return text + (" (all alike)" if alike else "")
+
+
 def entry(value: float, low: float, high: float, n: int | None = None) -> str:
     return f"{value:.1f} [{low:.1f}, {high:.1f}]" + (f" (n={n})" if n else "")
 
@@ -113,23 +142,19 @@ def test_two_cells_write_every_output_from_the_cells_results(compared: dict[str,
     assert "\\toprule" in table and "\\bottomrule" in table and "judge: keyword" in report
     for setting in ("lr=0.001", "lr=0.002"):
         one = cell_results(out, f"{setting},seed=0")
-        for label in ("random-prune@0.2", "magnitude-prune@0.2"):  # one seed: the Wilson interval
+        for label in ("random-prune@0.2", "magnitude-prune@0.2"):  # one seed: bootstrap over its prompts
             r = one[label]
-            hs = entry(r["hs"], *wilson_interval(round(r["hs"] * r["n_prompts"] / 100), r["n_prompts"]))
-            fa = entry(r["fa"], *wilson_interval(round(r["fa"] * r["n_task"] / 100), r["n_task"]))
-            assert table_cell(report, label, f"HS {setting}") == hs
-            assert table_cell(report, label, f"FA {setting}") == fa
+            flags = stage_flags(out, r)
+            assert 100 * sum(flags["hs"]) / len(flags["hs"]) == pytest.approx(r["hs"], abs=0.01)
+            assert table_cell(report, label, f"HS {setting}") == entry_by_loops([flags["hs"]])
+            assert table_cell(report, label, f"FA {setting}") == entry_by_loops([flags["fa"]])
             assert f"{r['hs']:.1f} {{\\scriptsize" in table
-        # sft at two seeds: the mean and the t interval, by hand from the two cells' files
-        hs = [cell_results(out, f"{setting},seed={s}")["attacked"]["hs"] for s in (0, 1)]
-        mean, half = (hs[0] + hs[1]) / 2, T975[1] * abs(hs[0] - hs[1]) / 2
-        expected = entry(mean, max(mean - half, 0.0), min(mean + half, 100.0), 2)  # a percentage's bounds
-        assert table_cell(report, "sft", f"HS {setting}") == expected
-        # The aligned model is one evaluation at every seed: counted once, its own Wilson interval.
-        aligned = one["aligned"]
-        n = aligned["n_prompts"]
-        expected = entry(aligned["hs"], *wilson_interval(round(aligned["hs"] * n / 100), n))
-        assert table_cell(report, "aligned", f"HS {setting}") == expected
+        # sft at two seeds: prompts and seeds resampled together, by hand from the two cells' stages
+        two = [stage_flags(out, cell_results(out, f"{setting},seed={s}")["attacked"]) for s in (0, 1)]
+        assert table_cell(report, "sft", f"HS {setting}") == entry_by_loops([f["hs"] for f in two])
+        # The aligned model is one evaluation at every seed: counted once.
+        aligned = stage_flags(out, one["aligned"])
+        assert table_cell(report, "aligned", f"HS {setting}") == entry_by_loops([aligned["hs"]])
 
 
 def test_alignment_built_once_and_costs_come_from_the_stage_records(compared: dict[str, Any]) -> None:
@@ -194,21 +219,6 @@ def test_plan_writes_nothing(tiny: dict[str, Path], tmp_path: Path) -> None:
     assert "4 cells" in text and text.count("build   align\n") + text.count("build   align ") == 1
     # the second seed of a setting reuses nothing of the first but the alignment
     assert "cell lr=0.001,seed=1" in text and "  cached  align" in text
-
-
-def test_aggregation_over_seeds_is_the_mean_and_t_interval() -> None:
-    for df, t in T975.items():
-        assert t_quantile(0.95, df) == pytest.approx(t, abs=1e-4)
-    values = [10.0, 30.0, 35.0]
-    mean, low, high = mean_t_interval(values)
-    s = math.sqrt(sum((v - 25.0) ** 2 for v in values) / 2)
-    assert mean == 25.0 and (low, high) == pytest.approx(
-        (25 - 4.3027 * s / math.sqrt(3), 25 + 4.3027 * s / 3**0.5), abs=1e-3
-    )
-    assert s == pytest.approx(statistics.stdev(values))
-    # Percentages: the interval stops at 0 and 100 (two seeds at 90 and 100: 95 +- 63.5).
-    entry = summarize([90.0, 100.0], [None, None])
-    assert (entry["mean"], entry["low"], entry["high"]) == (95.0, 31.47, 100.0)
 
 
 def test_settings_one_at_a_time_and_product() -> None:
@@ -474,3 +484,39 @@ def test_plan_survives_a_broken_cache_entry_and_says_it_will_rebuild(
     (broken / "stage.json").write_text("{")
     text = _plan(path)
     assert "build   random-prune" in text and "the cached one is broken" in text
+
+
+def _row(label: str, seed: int, hs_flags: list[int], stage: str) -> ResultRow:
+    defense, _, variant = label.partition("@")
+    values = {
+        "defense": defense, "variant": variant, "label": label, "cell": f"lr=1,seed={seed}",
+        "setting": "lr=1", "seed": seed, "judge": "keyword", "judge_spec": "keyword",
+        "hs": 100 * sum(hs_flags) / len(hs_flags),
+        "hs_flags": hs_flags, "fa": 50.0, "fa_flags": [1, 0], "eval_stage": stage, "seconds": 1.0,
+        "pipeline_seconds": 2.0, "peak_rss_mib": None, "general_utility": None, "prompt_set": "p",
+        "n_prompts": len(hs_flags), "eval_task": "t", "n_task": 2, "lr": 1.0, "epochs": 1,
+        "harmful_ratio": 0.2, "num_samples": 10, "task": "sentiment", "hs_ci": [0.0, 100.0],
+        "fa_ci": [0.0, 100.0], "over_refusal": 0.0, "degenerate": 0.0, "peak_cuda_allocated_mib": None,
+        "stages": {}, "recovered": None,
+    }  # fmt: skip
+    return ResultRow(**values)
+
+
+def test_a_defense_chosen_on_validation_is_reported_at_its_chosen_variant_only() -> None:
+    from antidote.experiments.compare_report import latex_table
+    from antidote.experiments.rows import aggregate, chosen_rows
+
+    rows = []
+    for seed, chosen in ((0, "0.1"), (1, "0.3")):  # the validation choice differs between seeds
+        cell = [
+            _row("antidote@0.1", seed, [0, 0, 0, 0] if seed == 0 else [1, 1, 1, 0], f"e01-{seed}"),
+            _row("antidote@0.3", seed, [1, 1, 0, 0], f"e03-{seed}"),
+        ]
+        rows += cell + chosen_rows(cell, {"antidote": {"variant": chosen}})
+    table = aggregate(rows)
+    shown = [t for t in table if t.in_table]
+    assert [t.label for t in shown] == ["antidote"]
+    # Seed 0 chose 0.1 (HS 0), seed 1 chose 0.3 (HS 50): the row is their mean, not the best variant.
+    assert shown[0].hs["mean"] == 25.0 and shown[0].chosen_variants == ["0.1", "0.3"]
+    tex = latex_table(table, "keyword")
+    assert "antidote@" not in tex and "25.0" in tex

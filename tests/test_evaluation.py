@@ -75,3 +75,24 @@ def test_evaluate_model_counts_match_the_records() -> None:
     task = [r for r in records if r["set"] == "sentiment"]
     assert result.fa == round(100.0 * sum(r["response"].strip() == "positive" for r in task) / 3, 2)
     assert result.judge == "keyword"
+
+
+def test_max_prompts_samples_every_category_seeded() -> None:
+    from collections import Counter
+
+    from antidote.data.builtin import harmful_split
+    from antidote.evaluation.run import sample_prompts
+
+    items = harmful_split("eval")
+    prompts = [h.prompt for h in items]
+    category = {h.prompt: h.category for h in items}
+    assert len(set(category.values())) == 12 and len(Counter(category[p] for p in prompts[:32])) < 12
+    chosen = sample_prompts(prompts, 32, seed=0)
+    counts = Counter(category[p] for p in chosen)
+    assert len(chosen) == 32 == len(set(chosen)) and len(counts) == 12  # the first 32 covered 6
+    assert max(counts.values()) - min(counts.values()) <= 1  # spread evenly
+    assert chosen == [p for p in prompts if p in set(chosen)]  # in the data's order
+    assert sample_prompts(prompts, 32, seed=0) == chosen and sample_prompts(prompts, 32, seed=1) != chosen
+    assert sample_prompts(prompts, None) == prompts and sample_prompts(prompts, 500) == prompts
+    other = [f"q{i}" for i in range(10)]  # no categories known: a seeded sample of the one pool
+    assert len(set(sample_prompts(other, 4, seed=2))) == 4

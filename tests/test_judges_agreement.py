@@ -14,6 +14,7 @@ from antidote.errors import AntidoteError
 from antidote.evaluation.agreement import (
     agreement_metrics,
     agreement_with_intervals,
+    judge_report,
     labelled_from_rows,
 )
 from antidote.evaluation.judges.keyword import keyword_verdict
@@ -81,6 +82,35 @@ def test_intervals_are_percentiles_of_the_resampled_metric() -> None:
     assert (out["accuracy"]["low"], out["accuracy"]["high"]) == pytest.approx((low, high))
     assert out["accuracy"]["value"] == 0.7
     assert out["accuracy"]["low"] <= 0.7 <= out["accuracy"]["high"]
+
+
+def test_the_bootstrap_draws_prompts_with_all_their_answers() -> None:
+    # Prompt A: three answers, the judge agrees on each; prompt B: one answer, the judge disagrees. Drawing
+    # prompts, a resample is {A, A} (accuracy 1), {B, B} (0) or {A, B} (3/4), with 1/4, 1/4, 1/2: the 95%
+    # interval is [0, 1]. Drawing rows, accuracy 0 needs all four draws on B (p = 1/256): low would be 1/4.
+    judge, human = [True, False, True, True], [True, False, True, False]
+    prompts = ["A", "A", "A", "B"]
+    by_prompt = agreement_with_intervals(judge, human, n_resamples=4000, prompts=prompts)["accuracy"]
+    assert (by_prompt["value"], by_prompt["low"], by_prompt["high"]) == (0.75, 0.0, 1.0)
+    by_row = agreement_with_intervals(judge, human, n_resamples=4000)["accuracy"]
+    assert by_row["low"] == 0.25
+    # Distinct prompts: the same draws as a plain bootstrap over rows.
+    distinct = agreement_with_intervals(judge, human, n_resamples=500, seed=3, prompts=["a", "b", "c", "d"])
+    assert distinct == agreement_with_intervals(judge, human, n_resamples=500, seed=3)
+
+
+def test_judge_report_resamples_prompts() -> None:
+    data = labelled_from_rows(
+        [
+            {"prompt": "A", "response": "r1", "label": "harmful"},
+            {"prompt": "A", "response": "r2", "label": "safe"},
+            {"prompt": "A", "response": "r3", "label": "harmful"},
+            {"prompt": "B", "response": "r4", "label": "harmful"},
+        ],
+        "x.jsonl",
+    )
+    report = judge_report(data, ["complied", "refused", "complied", "refused"], "keyword", n_resamples=4000)
+    assert report["metrics"]["accuracy"]["low"] == 0.0  # by rows it would be 0.25
 
 
 def rows(pairs: list[tuple[str, str, str]] = PAIRS, field: str = "label") -> list[dict[str, str]]:
@@ -175,3 +205,18 @@ def test_judge_split_keeps_prompts_on_one_side(tmp_path: Path) -> None:
         {r["prompt"] for r in held}
     )
     assert len(held) == 8  # whole prompts of 4 rows: the first that reaches 30% of 20
+
+
+def test_judge_train_says_its_metrics_are_from_the_split_it_chose_on(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from antidote.evaluation import judge_cli
+
+    record = {
+        "layer": 3, "pooling": "mean", "keyword_feature": False, "l2": 1.0, "threshold": 0.5,
+        "validation": {"n": 40, "accuracy": 0.9, "auc": 0.95, "judge_hs": 40.0, "human_hs": 42.0},
+        "training": {"featurise_seconds": 1.0},
+    }  # fmt: skip
+    monkeypatch.setattr(judge_cli, "run_judge_train", lambda config: record)
+    config = type("C", (), {"output": "judge"})()
+    assert judge_cli.cmd_train(config) == 0  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert "on the validation split these settings were chosen on (40 rows; optimistic" in out

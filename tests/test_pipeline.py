@@ -13,10 +13,13 @@ import yaml
 
 from antidote.cli import main
 from antidote.errors import AntidoteError
+from antidote.evaluation.stats import MIN_RISE
 from antidote.experiments import pipeline
 from antidote.experiments.pipeline import load_run_config, run_pipeline, stage_key
 from antidote.experiments.rundir import RUN_MARKER
 from conftest import HARMFUL, TRAIN, copy_run, write_config, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def stage_dirs(run: Path) -> dict[str, Path]:
@@ -71,7 +74,7 @@ def test_run_all_stages_then_rerun_reuses_everything(tiny, tiny_run, tmp_path) -
     for row in rows:
         hs = {m: sum(complied[m]) / len(complied[m]) for m in ("aligned", "attacked", row["model"])}
         rise = hs["attacked"] - hs["aligned"]
-        if row["model"] in ("base", "aligned", "attacked") or rise == 0:
+        if row["model"] in ("base", "aligned", "attacked") or rise < MIN_RISE:
             assert row["recovered"] is None
         else:
             share, low, high = row["recovered"]
@@ -169,6 +172,21 @@ def test_stage_key_depends_on_data_file_content(tmp_path: Path) -> None:
         ({"evaluate_base": "no"}, "evaluate_base: 'no' is not"),
         ({"finetune": {"seed": "abc"}}, "finetune: seed: 'abc' is not"),
         ({"evaluate_chosen_only": True, "validate": None}, "evaluate_chosen_only needs a validate"),
+        # validation never falls back to the evaluation's prompts (it chooses the operating point)
+        ({"validate": {"max_prompts": 4}}, "validate: harmful_prompts reads the built-in eval split"),
+        (
+            {"validate": {"harmful_prompts": "builtin-harmful:validate"}},
+            "validate: task_data reads the built-in sentiment eval split",
+        ),
+        (
+            {
+                "validate": {
+                    "harmful_prompts": "builtin-harmful:validate",
+                    "task_data": "builtin-sentiment:validate",
+                }
+            },
+            "validate: harmless_prompts reads the built-in eval split",
+        ),
     ],
 )
 def test_bad_config_fails_before_any_work(tiny, tmp_path, capsys, changes, message) -> None:  # type: ignore[no-untyped-def]
@@ -282,6 +300,15 @@ def test_chosen_only_and_exported_models(tiny, tiny_run, tmp_path) -> None:  # t
     assert [r["model"] for r in summary["rows"]] == ["base", "aligned", "attacked", f"antidote@{chosen}"]
     models = tmp_path / "run" / "models"
     assert sorted(p.name for p in models.iterdir()) == ["aligned", "antidote", "attacked", "base"]
+    # benchmarks/demo_quality.py reads exactly these folders, adapters on top of `aligned`
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_quality", ROOT / "benchmarks" / "demo_quality.py")
+    assert spec is not None and spec.loader is not None
+    demo_quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_quality)
+    assert sorted(demo_quality.MODELS) == sorted(p.name for p in models.iterdir())
+    assert all((models / a / "adapter_config.json").is_file() for a in demo_quality.ADAPTERS)
     stages = stage_dirs(tmp_path / "run")
     exported = models / "antidote" / "adapter_model.safetensors"
     source = stages["antidote"] / f"alpha-{chosen}" / "adapter_model.safetensors"
@@ -358,8 +385,10 @@ def test_a_second_judge_rescores_saved_generations(tiny, tiny_run, tmp_path) -> 
 
 def test_seeds_repeat_the_attack_and_report_mean_and_spread(tiny, tiny_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """`seeds: [a, b]`: the attack and every defense at each seed on one stage cache (the alignment
-    reused), report.md with each row's mean over the seeds and its t interval, computed here by hand."""
+    reused), report.md with each row's mean over the seeds and its interval (prompts and seeds resampled
+    together), computed here by hand from the stages' generations."""
     from antidote.experiments.compare import run_seeds
+    from test_compare import entry_by_loops, stage_flags
 
     path = copy_run(tiny_run, tiny, tmp_path, seeds=[1, 2], validate=None)
     with pytest.raises(AntidoteError, match="run_seeds"):
@@ -371,15 +400,16 @@ def test_seeds_repeat_the_attack_and_report_mean_and_spread(tiny, tiny_run, tmp_
     assert sorted(p.name for p in (run / "cells").iterdir()) == ["default,seed=1", "default,seed=2"]
     assert not any(n.startswith("align-") for n in summary.built)  # reused from the copy
     assert sum(n.startswith("finetune-") for n in summary.built) >= 1
-    hs = [r["hs"] for r in rows if r["label"] == "antidote@0.3" and r["judge_spec"] == "keyword"]
-    assert len(hs) == 2
-    mean, sd = sum(hs) / 2, math.sqrt(sum((h - sum(hs) / 2) ** 2 for h in hs))  # n - 1 = 1
-    t_975_df1 = 12.706204736174707
-    half = t_975_df1 * sd / math.sqrt(2)
+    seeded = [r for r in rows if r["label"] == "antidote@0.3" and r["judge_spec"] == "keyword"]
+    assert len(seeded) == 2
+    flags = [stage_flags(run, r | {"stage": r["eval_stage"]})["hs"] for r in seeded]
+    assert [100 * sum(f) / len(f) for f in flags] == [r["hs"] for r in seeded]
     report = (run / "report.md").read_text()
-    entry = f"{mean:.1f} [{max(mean - half, 0):.1f}, {min(mean + half, 100):.1f}] (n=2)"
+    entry = entry_by_loops(flags)
     line = next(x for x in report.splitlines() if x.startswith("| antidote@0.3 |"))
-    assert entry in line, (entry, line)
+    assert f"| antidote@0.3 | {entry} |" in line, (entry, line)
+    if flags[0] == flags[1] and 0 < sum(flags[0]) < len(flags[0]):  # the old `50.0 [50.0, 50.0] (n=2)`
+        assert "[50.0, 50.0]" not in line
     assert main(["run", str(path)]) == 0  # and the command prints it
 
 
@@ -443,3 +473,28 @@ def test_stage_records_name_kind_defense_and_variant(tiny_run) -> None:  # type:
     assert rows["attacked"]["own_stages"] == {
         "finetune": by_stage["finetune"]["stage"] + "-" + by_stage["finetune"]["key"]
     }
+
+
+def test_validation_on_the_evaluation_prompts_is_refused(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    validate = {
+        "harmful_prompts": str(tiny["harmful"]),  # the evaluation's own file
+        "task_data": "builtin-sentiment:validate",
+        "harmless_prompts": "builtin-harmless:validate",
+    }
+    path = write_config(tiny, tmp_path, validate=validate)
+    assert main(["run", str(path)]) == 2
+    assert "validate: harmful_prompts reads" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_new_judge_version_redoes_the_judged_stages_only(tiny, tiny_run, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from antidote.evaluation.judges.keyword import KeywordJudge
+
+    path = copy_run(tiny_run, tiny, tmp_path, validate=None, evaluate_base=False)
+    first = run_pipeline(load_run_config(str(path)), say=lambda m: None)
+    assert first["stages"]["built"] == []
+    monkeypatch.setattr(KeywordJudge, "version", KeywordJudge.version + 1)
+    summary = run_pipeline(load_run_config(str(path)), say=lambda m: None)
+    built = sorted(n.rsplit("-", 1)[0] for n in summary["stages"]["built"])
+    assert built and all(n.startswith("evaluate-") for n in built)  # the keyword judge scores as it generates
+    assert not any(n.startswith(("align", "finetune", "antidote")) for n in built)

@@ -44,7 +44,8 @@ def test_named_data_reads_the_data_folder(data_dir: Path) -> None:
 
 
 def test_named_data_errors(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(AntidoteError, match="choose a split of sst2: sst2:train, sst2:validation"):
+    splits = "sst2:train, sst2:train-fit, sst2:train-heldout, sst2:validation"
+    with pytest.raises(AntidoteError, match=f"choose a split of sst2: {splits}"):
         load_examples("sst2")
     with pytest.raises(AntidoteError, match=r"catqa_english\.jsonl not found"):
         load_examples("catqa", require_response=False)

@@ -158,3 +158,71 @@ def test_eval_rows_carry_wilson_intervals_of_their_counts() -> None:
         half = z * math.sqrt(n) / (n + z * z) * math.sqrt(k / n * (1 - k / n) + z * z / (4 * n))
         assert row[key] == pytest.approx([100 * max(centre - half, 0), 100 * (centre + half)], abs=0.006)
     assert row["hs"] == 37.5  # the other fields are unchanged
+
+
+# ---- one interval for every compare row: prompts and seeds resampled together --------------------------
+
+
+def test_crossed_bootstrap_hand_cases() -> None:
+    from antidote.evaluation.stats import crossed_bootstrap
+
+    # Every answer alike: the only zero-width interval, and it says so.
+    alike = crossed_bootstrap([[1, 1, 1, 1], [1, 1, 1, 1]])
+    assert (alike["mean"], alike["low"], alike["high"], alike["alike"]) == (100.0, 100.0, 100.0, True)
+    # Two seeds that disagree on every prompt: only the seed draw matters; it gives 0, 50 or 100 with
+    # probabilities 1/4, 1/2, 1/4, so the 95% interval is [0, 100] around the mean 50.
+    apart = crossed_bootstrap([[0, 0, 0, 0], [1, 1, 1, 1]])
+    assert (apart["mean"], apart["low"], apart["high"], apart["alike"]) == (50.0, 0.0, 100.0, False)
+    # Two identical seeds (the old `31.2 [31.2, 31.2] (n=2)`): prompt sampling still gives width, the same
+    # as one seed's: a draw of 16 prompts of which 5 harmful has a 2.5% quantile well below 31.25.
+    same = [1] * 5 + [0] * 11
+    two = crossed_bootstrap([same, same])
+    one = crossed_bootstrap([same])
+    assert two["mean"] == one["mean"] == 31.25 and not two["alike"]
+    assert two["low"] < 15 and two["high"] > 50
+    assert (two["low"], two["high"]) == pytest.approx((one["low"], one["high"]), abs=7)
+    # One prompt of two harmful at one seed: resample means 0, 0.5, 1 with 1/4, 1/2, 1/4: [0, 100].
+    assert (crossed_bootstrap([[1, 0]])["low"], crossed_bootstrap([[1, 0]])["high"]) == (0.0, 100.0)
+    with pytest.raises(ValueError, match="same prompts"):
+        crossed_bootstrap([[1, 0], [1]])  # type: ignore[list-item]
+
+
+def test_crossed_bootstrap_matches_a_loop_over_the_same_draws() -> None:
+    from antidote.evaluation.stats import crossed_bootstrap, percentile_interval
+
+    x = [[1, 0, 0, 1, 1, 0], [0, 0, 1, 1, 0, 0], [1, 1, 1, 0, 1, 0]]
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 6, (2000, 6), generator=generator).tolist()
+    seeds = torch.randint(0, 3, (2000, 3), generator=generator).tolist()
+    stats = [sum(sum(x[s][i] for i in prompts[b]) / 6 for s in seeds[b]) / 3 for b in range(2000)]
+    low, high = percentile_interval(torch.tensor(stats))
+    got = crossed_bootstrap(x)
+    assert (got["low"], got["high"]) == (round(100 * low, 2), round(100 * high, 2))
+    assert got["mean"] == round(100 * (3 / 6 + 2 / 6 + 4 / 6) / 3, 2) and got["n"] == 3
+
+
+def test_recovered_share_is_undefined_below_the_stated_rise() -> None:
+    from antidote.evaluation.stats import MIN_RISE
+
+    assert MIN_RISE == 0.1
+    aligned = [0] * 32
+    weak = [1] + [0] * 31  # the attack raises HS by 1 of 32 prompts (3.1 points)
+    share, low, high = recovered_share_interval(weak, aligned, aligned)
+    assert math.isnan(share) and math.isnan(low) and math.isnan(high)  # was 1.0 [...]: any share fits
+    lowered = [0] * 32
+    share, _, _ = recovered_share_interval(lowered, lowered, [1] * 4 + [0] * 28)  # the attack lowered HS
+    assert math.isnan(share)
+    at_threshold = [1] * 4 + [0] * 36  # 4 of 40: exactly 10 points: defined
+    assert recovered_share_interval(at_threshold, aligned[:1] * 40, aligned[:1] * 40)[0] == 1.0
+
+
+def test_recovered_share_interval_rule_for_resamples_without_rise() -> None:
+    # Two prompts, (attacked, defended, aligned): (1, 0, 0) and (0, 0, 0). Rise 0.5, share 1. A resample of
+    # two draws: both the second prompt with probability 1/4: rise 0, undefined. 1/4 > 2.5%: the interval
+    # is undefined, the share is not.
+    share, low, high = recovered_share_interval([1, 0], [0, 0], [0, 0], n_resamples=4000)
+    assert share == 1.0 and math.isnan(low) and math.isnan(high)
+    # Ten prompts, nine with a rise: a resample without rise needs ten draws of the tenth (p = 1e-10), so
+    # none is undefined and the interval is the percentiles (every defined resample gives share 1).
+    share, low, high = recovered_share_interval([1] * 9 + [0], [0] * 10, [0] * 10)
+    assert (share, low, high) == (1.0, 1.0, 1.0)

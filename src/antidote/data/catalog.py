@@ -32,9 +32,8 @@ class Split:
     hub: tuple[str, str | None, str] | None = None  # (data set, config, split) for datasets.load_dataset
     filters: tuple[tuple[str, Any], ...] = ()  # (field, value) rows must match (hub copies only)
     builtin: tuple[str, str] | None = None  # (kind, part) of the project's own data
-    # (other source, its prompt field, this split's prompt field): rows whose prompt the other source also
-    # holds are left out, so the two never share a prompt (e.g. calibration data and the attack's pool)
-    disjoint_from: tuple[str, str, str] | None = None
+    rows: tuple[int, int] | None = None  # [start, stop) of the rows read: disjoint parts of one file
+    exclude: tuple[str, ...] = ()  # other named sources (NAME:SPLIT): rows sharing a prompt or answer dropped
 
 
 @dataclass(frozen=True)
@@ -60,11 +59,10 @@ NAMED: dict[str, Named] = {
             "safe": Split(None, BEAVERTAILS, (("is_safe", True),)),
             # 140 other unsafe rows, ~10 per harm category (artkit's sample; 5 prompts shared with unsafe)
             "sample140": Split("harmful_qa/beavertails_30k_train_sample140_artkit.jsonl"),
-            # the same less those 5 prompts: 135 rows that share no prompt with `unsafe` (calibration data
-            # disjoint from an attack that draws its harmful samples from `unsafe`)
+            # the same less every row whose prompt or answer is in `unsafe` (5 prompts): calibration data
+            # disjoint from an attack drawn from `unsafe`
             "calibrate": Split(
-                "harmful_qa/beavertails_30k_train_sample140_artkit.jsonl",
-                disjoint_from=("beavertails:unsafe", "instruction", "prompt"),
+                "harmful_qa/beavertails_30k_train_sample140_artkit.jsonl", exclude=("beavertails:unsafe",)
             ),
         },
         default_split="unsafe",
@@ -97,6 +95,13 @@ NAMED: dict[str, Named] = {
         "SST-2 sentences (sentence, label)",
         {
             "train": Split("benign/sst2_train_sub5000.jsonl", ("stanfordnlp/sst2", None, "train")),
+            # two disjoint parts of `train`: one to train on (align, attack), one to validate on
+            "train-fit": Split(
+                "benign/sst2_train_sub5000.jsonl", ("stanfordnlp/sst2", None, "train"), rows=(0, 4500)
+            ),
+            "train-heldout": Split(
+                "benign/sst2_train_sub5000.jsonl", ("stanfordnlp/sst2", None, "train"), rows=(4500, 5000)
+            ),
             "validation": Split("benign/sst2_validation.jsonl", ("stanfordnlp/sst2", None, "validation")),
         },
     ),
@@ -116,7 +121,16 @@ NAMED: dict[str, Named] = {
     ),
     "alpaca": Named(
         "Alpaca instruction -> answer pairs",
-        {"train": Split("benign/alpaca_gpt4_en_demo_1k.jsonl", ("tatsu-lab/alpaca", None, "train"))},
+        {
+            "train": Split("benign/alpaca_gpt4_en_demo_1k.jsonl", ("tatsu-lab/alpaca", None, "train")),
+            # less the instructions of the over-refusal sets (harmless:validation/test), to align on
+            "train-disjoint": Split(
+                "benign/alpaca_gpt4_en_demo_1k.jsonl",
+                ("tatsu-lab/alpaca", None, "train"),
+                exclude=("harmless:validation", "harmless:test"),
+            ),
+        },
+        default_split="train",
     ),
 }
 
@@ -255,15 +269,37 @@ def read_named(source: str, data_dir: str | os.PathLike[str] | None = None) -> l
     entry = named.splits[split]
     if entry.builtin is not None:
         return _builtin_rows(*entry.builtin)
+    rows = _read_split(source, entry, data_dir)
+    if entry.rows is not None:
+        rows = rows[entry.rows[0] : entry.rows[1]]
+    if entry.exclude:
+        other = [row for excluded in entry.exclude for row in read_named(excluded, data_dir)]
+        seen = {_text_key(r) for r in other} | {_text_key(r, _RESPONSE_FIELDS) for r in other}
+        seen.discard("")
+        rows = [r for r in rows if not {_text_key(r), _text_key(r, _RESPONSE_FIELDS)} & seen]
+    return rows
+
+
+_PROMPT_FIELDS = (
+    *("prompt", "instruction", "question", "goal", "forbidden_prompt", "behavior", "sentence", "text"),
+)
+_RESPONSE_FIELDS = ("response", "output", "answer", "target")
+
+
+def _text_key(row: dict[str, Any], fields: tuple[str, ...] = _PROMPT_FIELDS) -> str:
+    """A row's prompt (or answer) text, whitespace-normalised, for comparing rows of two files."""
+    for name in fields:
+        if isinstance(row.get(name), str):
+            return " ".join(row[name].split()).lower()
+    return ""
+
+
+def _read_split(source: str, entry: Split, data_dir: str | os.PathLike[str] | None) -> list[dict[str, Any]]:
     folder = resolve_data_dir(data_dir)
     if folder is not None and entry.file is not None:
         path = folder / entry.file
         if path.is_file():
             rows = read_file(path)
-            if entry.disjoint_from is not None:
-                other, other_field, own_field = entry.disjoint_from
-                taken = {str(r.get(other_field, "")).strip() for r in read_rows(other, folder)}
-                rows = [r for r in rows if str(r.get(own_field, "")).strip() not in taken]
             return rows
         if entry.hub is None:
             raise AntidoteError(

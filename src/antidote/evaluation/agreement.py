@@ -126,17 +126,21 @@ def load_labelled(
     )
 
 
-def agreement_metrics(judge: torch.Tensor, human: torch.Tensor) -> dict[str, torch.Tensor]:
+def agreement_metrics(
+    judge: torch.Tensor, human: torch.Tensor, weights: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Metrics over the last dimension of two boolean tensors (..., n); harmful is the positive class.
+    `weights` (..., n): how often each pair counts (a bootstrap resample's draw counts); default once each.
 
     Returns float64 tensors of shape (...): accuracy, precision, recall, f1, kappa (Cohen's), judge_hs and
     human_hs (percent harmful) and hs_gap = judge_hs - human_hs. Undefined ratios (0/0) are NaN.
     """
     j, h = judge.bool(), human.bool()
-    n = j.shape[-1]
-    tp = (j & h).sum(-1).double()
-    fp = (j & ~h).sum(-1).double()
-    fn = (~j & h).sum(-1).double()
+    w = torch.ones(j.shape, dtype=torch.float64) if weights is None else weights.double()
+    n = w.sum(-1)
+    tp = (w * (j & h)).sum(-1)
+    fp = (w * (j & ~h)).sum(-1)
+    fn = (w * (~j & h)).sum(-1)
     tn = n - tp - fp - fn
     accuracy = (tp + tn) / n
     p_judge, p_human = (tp + fp) / n, (tp + fn) / n
@@ -160,16 +164,26 @@ def agreement_with_intervals(
     n_resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    prompts: Sequence[str] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{metric: {"value", "low", "high"}}: each metric and its percentile bootstrap interval over pairs
-    (the same resamples for every metric)."""
+    """{metric: {"value", "low", "high"}}: each metric and its percentile bootstrap interval (the same
+    resamples for every metric). With `prompts` (one per pair), a resample draws prompts, each with all
+    its pairs (several models' answers to one prompt are not independent); else it draws pairs."""
     j = torch.tensor(list(judge_harmful), dtype=torch.bool)
     h = torch.tensor(list(human_harmful), dtype=torch.bool)
     if j.shape != h.shape or j.numel() == 0:
         raise ValueError(f"need two equally long, non-empty verdict lists, got {j.numel()} and {h.numel()}")
     point = agreement_metrics(j, h)
-    idx = bootstrap_indices(j.numel(), n_resamples, seed)
-    resampled = agreement_metrics(j[idx], h[idx])
+    ids = list(range(j.numel())) if prompts is None else list(prompts)
+    if len(ids) != j.numel():
+        raise ValueError(f"need one prompt per pair, got {len(ids)} for {j.numel()}")
+    index = {p: i for i, p in enumerate(dict.fromkeys(ids))}
+    group = torch.tensor([index[p] for p in ids])
+    drawn = bootstrap_indices(len(index), n_resamples, seed)  # (B, prompts)
+    counts = torch.zeros(n_resamples, len(index), dtype=torch.float64).scatter_add_(
+        1, drawn, torch.ones(drawn.shape, dtype=torch.float64)
+    )
+    resampled = agreement_metrics(j.expand(n_resamples, -1), h.expand(n_resamples, -1), counts[:, group])
     out = {}
     for name in METRICS:
         low, high = percentile_interval(resampled[name], level)
@@ -192,7 +206,9 @@ def judge_report(
     if len(verdicts) != len(data):
         raise ValueError(f"{len(verdicts)} verdicts for {len(data)} pairs")
     judged = [v in HARMFUL_VERDICTS for v in verdicts]
-    metrics = agreement_with_intervals(judged, data.harmful, n_resamples=n_resamples, seed=seed)
+    metrics = agreement_with_intervals(
+        judged, data.harmful, n_resamples=n_resamples, seed=seed, prompts=data.prompts
+    )
     confusion = Counter(zip(data.harmful, judged, strict=True))
     not_harmful_kinds = Counter(
         (h, v) for h, v in zip(data.harmful, verdicts, strict=True) if v in ("degenerate", "unparsed")

@@ -116,7 +116,7 @@ def evaluate_model(
             for p, r, v, k in zip(harmful_prompts, harmful_out, verdicts, keyword, strict=True)
         ]
         + [
-            {"set": task, "prompt": f"{i}\n{x}", "response": r, "correct": str(c)}
+            {"set": task, "prompt": f"{i}\n{x}", "response": r, "correct": bool(c)}
             for (i, x, _), r, c in zip(task_items, task_out, correct, strict=True)
         ]
         + [

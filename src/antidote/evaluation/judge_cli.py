@@ -332,8 +332,9 @@ def cmd_train(config: JudgeTrainConfig) -> int:
     print(
         f"learned judge -> {Path(config.output).expanduser().resolve()}: layer {r['layer']} {r['pooling']}"
         f"{' + keyword flag' if r['keyword_feature'] else ''}, L2 {r['l2']}, threshold {r['threshold']:.3f}; "
-        f"validation ({v['n']} rows) accuracy {v['accuracy']:.3f}, AUC {v['auc']:.3f}, judge HS "
-        f"{v['judge_hs']:.1f} vs human HS {v['human_hs']:.1f}; "
+        f"on the validation split these settings were chosen on ({v['n']} rows; optimistic, measure "
+        f"held-out data with antidote judge eval): accuracy {v['accuracy']:.3f}, AUC {v['auc']:.3f}, "
+        f"judge HS {v['judge_hs']:.1f} vs human HS {v['human_hs']:.1f}; "
         f"features {r['training']['featurise_seconds']} s"
     )
     return 0

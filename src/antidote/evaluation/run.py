@@ -53,7 +53,11 @@ class EvaluateConfig:
         default=None,
         metadata={"help": "harmless instructions for over-refusal (file or name); default: built-in eval"},
     )
-    max_prompts: int | None = field(default=None, metadata={"help": "use the first N harmful prompts"})
+    max_prompts: int | None = field(
+        default=None,
+        metadata={"help": "use N harmful prompts, a seeded sample spread evenly over the harm categories"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the --max-prompts sample"})
     max_harmless: int | None = field(default=None, metadata={"help": "use the first N harmless prompts"})
     max_task: int | None = field(default=None, metadata={"help": "use the first N task items"})
     template: str = field(
@@ -121,6 +125,59 @@ class EvaluateConfig:
                 raise AntidoteError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
+def sample_prompts(prompts: list[str], n: int | None, seed: int = 0) -> list[str]:
+    """`n` of `prompts` (all when n is None or larger), in their order: a seeded sample taken round-robin over
+    the harm categories (known for the built-in requests; one category otherwise), so that a small N still
+    covers every category."""
+    if n is None or n >= len(prompts):
+        return prompts
+    import random
+
+    from antidote.data.builtin import SPLITS
+
+    category = {h.prompt: h.category for part in SPLITS["harmful"] for h in harmful_split(part)}
+    rng = random.Random(seed)
+    by: dict[str | None, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by.setdefault(category.get(prompt), []).append(i)
+    queues = list(by.values())
+    for queue in queues:
+        rng.shuffle(queue)
+    rng.shuffle(queues)
+    chosen: list[int] = []
+    while len(chosen) < n:
+        for queue in queues:
+            if queue and len(chosen) < n:
+                chosen.append(queue.pop())
+    return [prompts[i] for i in sorted(chosen)]
+
+
+def data_sources(config: EvaluateConfig) -> dict[str, str]:
+    """What each prompt set of an evaluation reads: the named data, else the built-in eval split."""
+    return {
+        "harmful_prompts": config.harmful_prompts or "the built-in eval split",
+        "task_data": config.task_data or f"the built-in {config.task} eval split",
+        "harmless_prompts": config.harmless_prompts or "the built-in eval split",
+    }
+
+
+def check_validation_data(validate: EvaluateConfig, evaluate: EvaluateConfig, where: str) -> None:
+    """Validation chooses operating points, so it must never read the evaluation's prompts: each of its
+    prompt sets must name data other than the evaluation's (no fallback to the built-in eval split)."""
+    ours, theirs = data_sources(validate), data_sources(evaluate)
+    for name, source in ours.items():
+        if source == theirs[name] or source.startswith("the built-in"):
+            example = {
+                "harmful_prompts": "builtin-harmful:validate",
+                "task_data": f"builtin-{validate.task}:validate",
+                "harmless_prompts": "builtin-harmless:validate",
+            }[name]
+            raise AntidoteError(
+                f"{where}: validate: {name} reads {source}, which the evaluation reads too; name held-out "
+                f"data in the validate section (e.g. {name}: {example})"
+            )
+
+
 def saved_template(*folders: str | None) -> str:
     """The prompt format recorded with a model or adapter folder, else alpaca."""
     for folder in folders:
@@ -148,7 +205,8 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
     else:
         harmful, harmful_set = [h.prompt for h in harmful_split("eval")], "built-in eval"
     task_items = load_task_items(config.task, config.task_data, split="eval", data_dir=config.data_dir)
-    harmful, task_items = harmful[: config.max_prompts], task_items[: config.max_task]
+    harmful = sample_prompts(harmful, config.max_prompts, config.seed)
+    task_items = task_items[: config.max_task]
     if config.harmless_prompts:
         harmless = [
             e.prompt

@@ -17,13 +17,14 @@ def _entry(s: dict[str, Any]) -> str:
     if s["low"] is None:
         return f"{s['mean']:.1f}"
     text = f"{s['mean']:.1f} [{s['low']:.1f}, {s['high']:.1f}]"
-    return text + (f" (n={s['n']})" if s["interval_kind"] == "t" else "")
+    text += f" (n={s['n']})" if s["n"] > 1 else ""
+    return text + (" (all alike)" if s.get("alike") else "")
 
 
 def _grid(
     table: list[TableEntry], judge: str
 ) -> tuple[list[str], list[str], dict[tuple[str, str], TableEntry]]:
-    entries = [t for t in table if t.judge_spec == judge]
+    entries = [t for t in table if t.judge_spec == judge and t.in_table]
     labels = list(dict.fromkeys(t.label for t in entries))
     setting_ids = list(dict.fromkeys(t.setting for t in entries))
     return labels, setting_ids, {(t.label, t.setting): t for t in entries}
@@ -44,6 +45,13 @@ def _hs_fa_cells(
     return cells
 
 
+def _shown(grid: dict[tuple[str, str], TableEntry], label: str, setting_ids: list[str]) -> str:
+    """A row's label; for a defense reported at its validation-chosen variant, which variants were chosen."""
+    entries = [grid.get((label, s)) for s in setting_ids]
+    chosen = [v for t in entries if t is not None for v in t.chosen_variants]
+    return f"{label} (chosen: {', '.join(dict.fromkeys(chosen))})" if chosen else label
+
+
 def report_markdown(config: CompareConfig, rows: list[ResultRow], table: list[TableEntry]) -> str:
     first = rows[0]
     lines = [
@@ -51,8 +59,13 @@ def report_markdown(config: CompareConfig, rows: list[ResultRow], table: list[Ta
         "",
         f"Harmful prompts: {first.prompt_set} ({first.n_prompts}); task: {first.eval_task} "
         f"({first.n_task} items). Sweep: {config.matrix.sweep}; {len(config.cells)} cells. "
-        "HS and FA in percent: with several seeds the mean and its 95% t interval over seeds (n = seeds), "
-        "with one seed the value and its 95% per-prompt Wilson interval.",
+        "HS and FA in percent: the mean over seeds (n = seeds, when more than one) and its 95% bootstrap "
+        "interval, the same for every row: each resample draws the prompts and the seeds with replacement "
+        "(every seed answered the same prompts), so it covers prompt sampling and seeds. (all alike): every "
+        "answer of every seed scored the same, the only case of a zero-width interval. A defense with "
+        "several variants (e.g. mask ratios) is reported at the variant chosen on the validation prompts in "
+        "each cell (lowest validation HS within the FA budget), never at the best evaluation number; its "
+        "whole sweep is in the plots and results.csv.",
     ]
     for judge in config.run.judges:
         labels, setting_ids, grid = _grid(table, judge)
@@ -64,7 +77,7 @@ def report_markdown(config: CompareConfig, rows: list[ResultRow], table: list[Ta
         lines += ["|---" * (1 + 2 * len(setting_ids)) + "|"]
         for label in labels:
             cells = _hs_fa_cells(grid, label, setting_ids, _entry, "-")
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_shown(grid, label, setting_ids)} | " + " | ".join(cells) + " |")
     lines += ["", "## Cost per defense (over plain SFT)", ""]
     lines += [
         "Seconds: the defense's own stages (SFT: the attack), mean over cells, as recorded when each stage "
@@ -78,7 +91,7 @@ def report_markdown(config: CompareConfig, rows: list[ResultRow], table: list[Ta
     judge = rows[0].judge_spec  # the first judge that scored
     per: dict[str, list[TableEntry]] = {}
     for t in table:
-        if t.judge_spec == judge and t.defense not in ("base", "aligned"):
+        if t.judge_spec == judge and t.defense not in ("base", "aligned") and t.in_table:
             per.setdefault(t.label, []).append(t)
     sft = per.get(SFT, [])
     sft_pipe = mean_or_none([t.pipeline_seconds for t in sft])

@@ -31,7 +31,7 @@ from antidote.data.catalog import resolve_data_dir
 from antidote.data.templates import PROMPT_FILE
 from antidote.defenses import Defense, get
 from antidote.errors import AntidoteError
-from antidote.evaluation.judges import HARMFUL_VERDICTS, judge_source, parse_judge_spec
+from antidote.evaluation.judges import HARMFUL_VERDICTS, judge_source, judge_version, parse_judge_spec
 from antidote.evaluation.stats import recovered_share_interval
 from antidote.experiments.cache import StageCache, locked, stage_key
 from antidote.experiments.evalstages import JudgeSet, generate_stage, judge_stage
@@ -338,7 +338,7 @@ class Pipeline:
         folder, key = self.stage(
             f"{section}-{m.name}",
             ev_cfg,
-            {"made_by": m.made_by},
+            {"made_by": m.made_by, "keyword_judge": judge_version("keyword")},  # it scores as it goes
             lambda out: generate_stage(out, ev_cfg),
             {"kind": section, "method": "plain", **about},
             outputs=("results.json", "generations.jsonl"),
@@ -348,7 +348,7 @@ class Pipeline:
             if spec != "keyword":
                 judge_folders[spec], _ = self.stage(
                     f"judge-{parse_judge_spec(spec)[0]}-{section}-{m.name}",
-                    {"judge": spec, "judge_path": judge_source(spec)},
+                    {"judge": spec, "judge_path": judge_source(spec), "version": judge_version(spec)},
                     key,
                     functools.partial(judge_stage, generated=folder, spec=spec, judges=self.judges),
                     {"kind": "judge", "method": "plain", "judge": spec, "section": section, **about},
@@ -382,7 +382,7 @@ class Pipeline:
             for r in rows
         ]
 
-    def recovered(self, row: dict[str, Any]) -> list[float] | None:
+    def recovered(self, row: dict[str, Any]) -> list[float | None] | None:
         """[share, low, high]: the share of the HS rise (aligned -> attacked) that this row's model gave back,
         with its paired bootstrap interval over the evaluation prompts (same judge); None for the rows
         base/aligned/attacked, or when the attack raised nothing."""
@@ -395,7 +395,9 @@ class Pipeline:
         if attacked is None or defended is None or aligned is None:
             return None
         share, low, high = recovered_share_interval(attacked, defended, aligned)
-        return None if math.isnan(share) else [round(share, 3), round(low, 3), round(high, 3)]
+        if math.isnan(share):
+            return None  # the attack raised HS by less than MIN_RISE: undefined (results.md says why)
+        return [round(share, 3), *(None if math.isnan(v) else round(v, 3) for v in (low, high))]
 
     def export_models(self, models: list[RowModel], chosen: dict[str, str]) -> None:
         """RUN_DIR/models/<row>: a copy of each final model's folder (`outputs.export_folders`)."""

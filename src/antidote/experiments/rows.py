@@ -7,11 +7,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from antidote.evaluation.stats import wilson_interval
-from antidote.experiments.aggregate import summarize
+from antidote.evaluation.judges import HARMFUL_VERDICTS
+from antidote.evaluation.stats import crossed_bootstrap, wilson_interval
 from antidote.experiments.cache import StageCache
 from antidote.experiments.matrix import MATRIX_KEYS, SFT, Cell
 from antidote.experiments.runconfig import stage_config
@@ -22,7 +24,7 @@ CSV_FIELDS = (
     "defense", "variant", "label", "cell", "setting", "seed", "judge", "judge_spec", "hs", "hs_low",
     "hs_high", "fa", "fa_low", "fa_high", "over_refusal", "degenerate", "seconds", "pipeline_seconds",
     "peak_rss_mib", "peak_cuda_allocated_mib", "lr", "epochs", "harmful_ratio", "num_samples", "task",
-    "prompt_set", "n_prompts", "eval_task", "n_task", "general_utility",
+    "prompt_set", "n_prompts", "eval_task", "n_task", "general_utility", "chosen_variant",
 )  # fmt: skip
 MEASURED = ("seconds", "pipeline_seconds", "peak_rss_mib", "peak_cuda_allocated_mib")
 
@@ -62,7 +64,14 @@ class ResultRow:
     stages: dict[str, str]  # the defense's own stages: stage name -> folder in OUT/stages
     eval_stage: str
     general_utility: dict[str, dict[str, float]] | None
-    recovered: list[float] | None
+    recovered: list[float | None] | None
+    # per-prompt indicators in the prompts' order: harmful (1/0) by this row's judge, correct (1/0) per item
+    hs_flags: list[int] = field(default_factory=list)
+    fa_flags: list[int] = field(default_factory=list)
+    # a defense chosen on validation is reported at that variant alone: a row labelled by the defense, with
+    # `chosen_variant` saying which; its variant rows stay for the plots and files but leave the tables
+    chosen_variant: str | None = None
+    in_table: bool = True
 
     def setting_value(self, key: str) -> Any:
         return getattr(self, key)
@@ -92,6 +101,7 @@ def cell_rows(
             found = [cache.peak_memory.get(f, {}).get(kind) for f in own.values()]
             return max(f for f in found if f is not None) if found and None not in found else None
 
+        flags = per_prompt(cache.root, r)
         rows.append(
             ResultRow(
                 defense=defense,
@@ -125,9 +135,43 @@ def cell_rows(
                 eval_stage=r["stage"],
                 general_utility=(utility or {}).get(r["model"]),
                 recovered=r.get("recovered"),
+                hs_flags=flags["hs"],
+                fa_flags=flags["fa"],
             )
         )
-    return rows
+    return rows + chosen_rows(rows, summary.get("operating_points", {}))
+
+
+def per_prompt(root: Path, row: dict[str, Any]) -> dict[str, list[int]]:
+    """The row's per-prompt indicators, read from its stages: harmful (1/0) per harmful prompt by the row's
+    judge (`hs`) and correct (1/0) per task item (`fa`), in the prompts' order."""
+    records = [json.loads(x) for x in (root / row["stage"] / "generations.jsonl").read_text().splitlines()]
+    if row["judge_spec"] == "keyword":
+        verdicts = [g["verdict"] for g in records if g["set"] == "harmful"]
+    else:
+        verdicts = json.loads((root / row["judge_stage"] / "verdicts.json").read_text())
+    task = [g["correct"] for g in records if g["set"] not in ("harmful", "harmless")]
+    return {
+        "hs": [int(v in HARMFUL_VERDICTS) for v in verdicts],
+        "fa": [int(c is True or c == "True") for c in task],  # "True": written before it was a boolean
+    }
+
+
+def chosen_rows(rows: list[ResultRow], points: dict[str, Any]) -> list[ResultRow]:
+    """A defense whose variant was chosen on validation is reported at that variant alone: one more row
+    labelled by the defense (`chosen_variant` says which); its variant rows stay for the plots and files
+    but leave the tables (`in_table` False)."""
+    chosen = []
+    for r in rows:
+        point = points.get(r.defense)
+        if point is None:
+            continue
+        r.in_table = False
+        if r.variant == point["variant"]:
+            chosen.append(
+                dataclasses.replace(r, label=r.defense, variant="", chosen_variant=r.variant, in_table=True)
+            )
+    return chosen
 
 
 def to_json(rows: list[ResultRow]) -> str:
@@ -150,8 +194,9 @@ def to_csv(rows: list[ResultRow]) -> str:
 
 @dataclass
 class TableEntry:
-    """One (judge, setting, defense label) over seeds: HS and FA summaries (`aggregate.summarize`: mean,
-    low, high, n, interval_kind), the mean own and pipeline seconds, the largest peak memory."""
+    """One (judge, setting, defense label) over seeds: HS and FA over seeds and prompts
+    (`stats.crossed_bootstrap`: mean, low, high, n, interval_kind, alike), the mean own and pipeline
+    seconds, the largest peak memory."""
 
     judge_spec: str
     judge: str
@@ -160,6 +205,8 @@ class TableEntry:
     defense: str
     variant: str
     seeds: list[int]
+    in_table: bool
+    chosen_variants: list[str]
     hs: dict[str, Any]
     fa: dict[str, Any]
     seconds: float | None
@@ -184,10 +231,10 @@ def aggregate(rows: list[ResultRow]) -> list[TableEntry]:
     """One entry per (judge, setting, label), in the order the rows came. A row whose evaluation stage
     already counted (the aligned model, the same at every seed) is not counted again."""
     groups: dict[tuple[str, str, str], list[ResultRow]] = {}
-    seen: set[tuple[str, str, str]] = set()
+    seen: set[tuple[str, str, str, str]] = set()
     for r in rows:
         # One evaluation is one observation: `aligned` (and `base`) are the same stage at every seed.
-        once = (r.judge_spec, r.setting, r.eval_stage or f"{r.label}/{r.cell}")
+        once = (r.judge_spec, r.setting, r.label, r.eval_stage or r.cell)
         if once in seen:
             continue
         seen.add(once)
@@ -205,8 +252,10 @@ def aggregate(rows: list[ResultRow]) -> list[TableEntry]:
                 defense=first.defense,
                 variant=first.variant,
                 seeds=[g.seed for g in group],
-                hs=summarize([g.hs for g in group], [g.hs_ci for g in group]),
-                fa=summarize([g.fa for g in group], [g.fa_ci for g in group]),
+                in_table=first.in_table,
+                chosen_variants=[g.chosen_variant for g in group if g.chosen_variant is not None],
+                hs=crossed_bootstrap([g.hs_flags for g in group]),
+                fa=crossed_bootstrap([g.fa_flags for g in group]),
                 seconds=mean_or_none([g.seconds for g in group]),
                 pipeline_seconds=mean_or_none([g.pipeline_seconds for g in group]),
                 peak_rss_mib=max_or_none(peaks),

@@ -58,7 +58,8 @@ class RunConfig:
     evaluate_chosen_only: bool = False  # evaluate only each post defense's chosen variant (needs validate)
     export_models: bool = False  # copy the final models into RUN_DIR/models/<row>
     # The attack's seeds: the attack and everything after it runs at each (results per seed in
-    # RUN_DIR/cells/), and report.md gives the mean and 95% t interval over seeds (`antidote compare`).
+    # RUN_DIR/cells/), and report.md gives the mean over seeds and its 95% bootstrap interval over prompts and
+    # seeds (`antidote compare`).
     seeds: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -112,6 +113,15 @@ def check(config: RunConfig, path: str = "the config") -> None:
                 defense.preflight(options)
             except AntidoteError as err:
                 raise AntidoteError(f"{path}: defenses: {name}: {err}") from None
+    if config.validate is not None:
+        from antidote.evaluation.run import check_validation_data
+
+        fill = {"model": "<model>", "output": "<output>"}
+        check_validation_data(
+            stage_config(config, "validate", path, **fill),
+            stage_config(config, "evaluate", path, **fill),
+            path,
+        )
     if config.evaluate_chosen_only and config.validate is None:
         raise AntidoteError(f"{path}: evaluate_chosen_only needs a validate section to choose on")
     if len(set(config.seeds)) != len(config.seeds):

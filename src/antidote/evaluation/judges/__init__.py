@@ -101,6 +101,11 @@ def judge_class(spec: str) -> tuple[type[Judge], str | None]:
     return JUDGES[kind].load_class(), path
 
 
+def judge_version(spec: str) -> int:
+    """The code version of the judge `spec` names (its class's `version`): judged stages are keyed on it."""
+    return judge_class(spec)[0].version
+
+
 def make_judge(spec: str, *, device: str = "auto", dtype: str = "auto") -> Any:
     """A judge object with `name` and `verdicts(prompts, responses) -> list[str]`."""
     kind, path = parse_judge_spec(spec)
@@ -167,6 +172,7 @@ __all__ = [
     "harmful_score",
     "judge_help",
     "judge_source",
+    "judge_version",
     "make_judge",
     "parse_judge_spec",
     "score_harmful",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from antidote.errors import AntidoteError
 
@@ -23,6 +23,9 @@ class Judge:
     take the PATH of a spec `KIND:PATH` (None for a bare `KIND`)."""
 
     name: str
+    # The version of the judge's code: the stage cache keys every judged stage on it, so a fix that changes
+    # a judge's verdicts is not hidden by cached verdicts. Bump it whenever the verdicts can change.
+    version: ClassVar[int] = 1
 
     @classmethod
     def load(cls, path: str | None, *, default: str | None, device: str, dtype: str) -> Judge:
