@@ -64,9 +64,9 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
         ["tests/test_stats.py"],
     ),
     "compare's seed mean takes the first seed": (
-        "src/antidote/experiments/compare.py",
-        '"hs": crossed_bootstrap([g["hs_flags"] for g in group]),',
-        '"hs": crossed_bootstrap([g["hs_flags"] for g in group][:1]),',
+        "src/antidote/experiments/rows.py",
+        "hs=crossed_bootstrap([g.hs_flags for g in group]),",
+        "hs=crossed_bootstrap([g.hs_flags for g in group][:1]),",
         ["tests/test_compare.py::test_a_defense_chosen_on_validation_is_reported_at_its_chosen_variant_only"],
     ),
     "validation reads the evaluation split": (
