@@ -436,7 +436,7 @@ def test_general_utility_needs_lm_eval(tiny: dict[str, Path], tmp_path: Path) ->
             {"lr": [1e-3, 2e-3], "tasks": {"t": {"finetune": {"lr": 5e-3}}}},
             "sets finetune lr, which the matrix",
         ),
-        ({"lr": [1e-3, float("inf")]}, "give finite numbers"),
+        ({"lr": [1e-3, float("inf")]}, "finite number"),
     ],
 )
 def test_a_contradictory_matrix_is_refused(

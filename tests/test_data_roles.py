@@ -18,9 +18,12 @@ import yaml
 from antidote.data.catalog import _PROMPT_FIELDS, _RESPONSE_FIELDS, _text_key, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path("/work/shared/data")
+# ../shared/data beside the checkout (or beside the folder of worktrees)
+SHARED = next(
+    (d for d in (Path(__file__).resolve().parents[i] / "shared" / "data" for i in (2, 3)) if d.is_dir()),
+    Path(__file__).resolve().parents[2] / "shared" / "data",
+)
 CONFIGS = [
-    ROOT / "configs" / "demo.yaml",
     ROOT / "configs" / "compare-demo.yaml",
     ROOT / "configs" / "shared-data.yaml",
     *sorted((ROOT / "src" / "antidote" / "experiments" / "configs").glob("*.yaml")),

@@ -73,7 +73,7 @@ def seeded(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> d
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("antidote.evaluation.evaluate.generate", fake_generate)
         result = run_seeds(load_run_config(str(path)), say=lambda m: None)
-    out = Path(result["out"])
+    out = Path(result.out)
     return {"out": out, "cells": sorted((out / "cells").iterdir())}
 
 

@@ -42,11 +42,11 @@ def test_compare_demo_plans(tmp_path: Path, capsys: Any) -> None:
     assert "cells" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "shared-data.yaml"])
+@pytest.mark.parametrize("name", ["demo", "shared-data.yaml"])
 def test_run_configs_check(name: str) -> None:
-    from antidote.experiments.pipeline import check, load_run_config
+    from antidote.experiments.pipeline import check, load_run_config, packaged_config
 
-    config = load_run_config(str(CONFIGS / name))
+    config = load_run_config(str(packaged_config(name) if name == "demo" else CONFIGS / name))
     if name == "shared-data.yaml":
         if not SHARED.is_dir():
             pytest.skip("../shared/data is not beside the checkout")
