@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,41 @@ class JudgeTrainConfig:
     """What `antidote judge train` fits. The layer, pooling, L2 and keyword feature are chosen on a
     validation split of --data (by prompt); nothing else is looked at."""
 
-    data: str = field(metadata={"help": "labelled pairs (JSONL/JSON/CSV) to train on"})
+    data: str = field(
+        default="",
+        metadata={
+            "help": "labelled pairs (JSONL/JSON/CSV) to train on; several files, comma-separated, are "
+            "several sources: weighted equally, settings chosen leave-one-source-out"
+        },
+    )
+    data_dir: str = field(
+        default="",
+        metadata={
+            "help": "a labelled data folder (judge/, harmful_qa/, refusals/, benign/): train on its built-in "
+            "sources (--sources), weighted equally, settings chosen leave-one-source-out (docs/judges.md)"
+        },
+    )
+    sources: tuple[str, ...] = field(
+        default=("pku-saferlhf", "xstest", "beavertails-unsafe", "refusals", "alpaca-benign"),
+        metadata={"help": "built-in sources read from --data-dir"},
+    )
+    per_source: int = field(
+        default=400, metadata={"help": "seeded sample of N pairs per source with several sources"}
+    )
+    blocks: tuple[str, ...] = field(
+        default=("6:mean", "6:last", "12:mean", "12:last", "18:mean", "18:last", "24:mean", "24:last"),
+        metadata={
+            "help": "with several sources: the layer:pooling blocks concatenated as features (the forward "
+            "stops after the deepest layer)"
+        },
+    )
+    hidden: tuple[int, ...] = field(
+        default=(0,),
+        metadata={
+            "help": "with several sources: candidate heads, 0 = logistic probe, N = an MLP with N ReLU "
+            "units; chosen leave-one-source-out"
+        },
+    )
     output: str = field(
         default="",
         metadata={
@@ -136,8 +170,31 @@ class JudgeTrainConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
 
     def __post_init__(self) -> None:
+        from antidote.evaluation.judge_sources import SOURCES
         from antidote.evaluation.learned import DTYPES, POOLINGS, PROMPT_FORMATS
 
+        if bool(self.data) == bool(self.data_dir):
+            raise AntidoteError(
+                "give the labelled pairs: --data FILE[,FILE...] or --data-dir FOLDER (not both)"
+            )
+        self.sources = _tuple(self.sources, str, "sources", ",".join(SOURCES[:2]))
+        unknown = [x for x in self.sources if x not in SOURCES]
+        if unknown:
+            raise AntidoteError(
+                f"unknown source {unknown[0]!r} in --sources; choose from {', '.join(SOURCES)}"
+            )
+        self.blocks = _tuple(self.blocks, str, "blocks", "12:mean,18:last")
+        for block in self.blocks:
+            layer, _, pooling = block.partition(":")
+            if not layer.isdigit() or int(layer) < 1 or pooling not in POOLINGS:
+                raise AntidoteError(
+                    f"--blocks item {block!r} is not LAYER:POOLING with LAYER >= 1 and POOLING one of "
+                    f"{', '.join(POOLINGS)}"
+                )
+        self.hidden = _tuple(self.hidden, int, "hidden", "0,64")
+        if any(h < 0 for h in self.hidden):
+            raise AntidoteError("--hidden must be 0 (logistic probe) or more units")
+        _positive("per_source", self.per_source)
         self.layers = _tuple(self.layers, int, "layers", "12,18,24")
         self.poolings = _tuple(self.poolings, str, "poolings", "mean,last")
         self.l2 = _tuple(self.l2, float, "l2", "0.001,0.01,0.1,1")
@@ -256,6 +313,8 @@ def run_judge_train(config: JudgeTrainConfig) -> dict[str, Any]:
     if not config.output:
         config.output = str(learned.default_judge_folder())
         learned.default_judge_folder().parent.mkdir(parents=True, exist_ok=True)
+    if config.data_dir or "," in config.data:
+        return run_judge_train_sources(config)
     data = _labels(config)
     out = check_output_dir(config.output, config.overwrite, inputs=(config.data,))
     rows = learned.sample_by_prompt(data.prompts, config.max_samples or len(data), config.seed + 1)
@@ -328,8 +387,123 @@ def run_judge_train(config: JudgeTrainConfig) -> dict[str, Any]:
     return json.loads((out / learned.JUDGE_FILE).read_text())
 
 
+def _training_sources(config: JudgeTrainConfig) -> list[Any]:
+    """The labelled pairs of every source: the built-in recipes of --data-dir, or one source per file of
+    --data (named by the file's stem), each a seeded sample of --per-source pairs."""
+    import random
+
+    from antidote.evaluation.judge_sources import Pair, load_source
+
+    if config.data_dir:
+        return [
+            p for s in config.sources for p in load_source(config.data_dir, s, config.per_source, config.seed)
+        ]
+    pairs: list[Pair] = []
+    for file in (f.strip() for f in config.data.split(",") if f.strip()):
+        data = _labels(replace(config, data=file, data_dir=""))
+        rows = [
+            Pair(p, r, bool(h), Path(file).stem)
+            for p, r, h in zip(data.prompts, data.responses, data.harmful, strict=True)
+        ]
+        if len(rows) > config.per_source:
+            rows = random.Random(f"{config.seed}:{file}").sample(rows, config.per_source)
+        pairs.extend(rows)
+    return pairs
+
+
+def run_judge_train_sources(config: JudgeTrainConfig) -> dict[str, Any]:
+    """Several sources: featurise every pair once, choose the head and L2 and set the threshold by
+    leave-one-source-out over the training sources (`learned.choose_across_sources`), fit on all of them,
+    and write the judge folder (atomically)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from antidote import __version__
+    from antidote.evaluation import learned
+    from antidote.models.loading import load_model, resolve_model_folder
+    from antidote.outputs import atomic_output_dir, check_output_dir
+
+    inputs = tuple(f.strip() for f in config.data.split(",") if f.strip())
+    out = check_output_dir(config.output, config.overwrite, inputs=inputs)
+    pairs = _training_sources(config)
+    counts: dict[str, int] = {}
+    for p in pairs:
+        counts[p.source] = counts.get(p.source, 0) + 1
+    labels = torch.tensor([p.harmful for p in pairs])
+    if len(counts) < 2 or len(set(labels.tolist())) < 2:
+        raise AntidoteError(
+            f"training on several sources needs at least 2 sources and both classes; got {counts} with "
+            f"{int(labels.sum())} harmful rows"
+        )
+    blocks = [(int(b.split(":")[0]), b.split(":")[1]) for b in config.blocks]
+    keyword = {"auto": (False, True), "yes": (True,), "no": (False,)}[config.keyword_feature]
+    specs = [
+        learned.HeadSpec(tuple(blocks), keyword_feature=k, hidden=h, l2s=config.l2)
+        for h in config.hidden
+        for k in keyword
+    ]
+    folder = resolve_model_folder(config.model)
+    key = learned.weights_key(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    format_key = learned.prompt_format_key(tokenizer, config.prompt_format)
+    dtype = learned.resolve_dtype(config.dtype, config.device)
+    loaded = load_model(folder, device=config.device, dtype=dtype, with_tokenizer=False)
+    _, decoder_blocks = learned.decoder_layers(loaded.model)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    features = learned.hidden_features(
+        loaded.model,
+        tokenizer,
+        [p.prompt for p in pairs],
+        [p.response for p in pairs],
+        layers=sorted({layer for layer, _ in blocks}),
+        prompt_format=config.prompt_format,
+        max_length=config.max_length,
+        batch_size=config.batch_size,
+    )
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    log.info("featurised %d pairs in %.1f s (%.1f CPU s)", len(pairs), seconds, cpu_seconds)
+    responses = [p.response for p in pairs]
+    fit = learned.choose_across_sources(
+        specs, features, responses, labels, [p.source for p in pairs], config.seed
+    )
+    given = Path(config.model).expanduser()
+    meta = {
+        "base_model": str(given.resolve()) if given.exists() else config.model,
+        "base_model_key": key,
+        "num_layers": len(decoder_blocks),
+        "prompt_format": config.prompt_format,
+        "prompt_format_key": format_key,
+        "max_length": config.max_length,
+        "dtype": dtype,
+        "training": {
+            "data": str(Path(config.data_dir).expanduser().resolve()) if config.data_dir else list(inputs),
+            "sources": counts,
+            "harmful_rows": int(labels.sum()),
+            "seed": config.seed,
+            "featurise_seconds": round(seconds, 1),
+            "featurise_cpu_seconds": round(cpu_seconds, 1),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "antidote_version": __version__,
+        "config": asdict(config),
+    }
+    with atomic_output_dir(out, config.overwrite) as tmp:
+        learned.save_source_judge(tmp, fit, meta)
+    return json.loads((out / learned.JUDGE_FILE).read_text())
+
+
 def cmd_train(config: JudgeTrainConfig) -> int:
     r = run_judge_train(config)
+    if "blocks" in r:
+        print(
+            f"learned judge -> {Path(config.output).expanduser().resolve()}: "
+            f"{', '.join(f'{b[0]}:{b[1]}' for b in r['blocks'])}"
+            f"{' + keyword flag' if r['keyword_feature'] else ''}, "
+            f"{'MLP ' + str(r['hidden']) if r['hidden'] else 'logistic'}, L2 {r['l2']}, threshold "
+            f"{r['threshold']:.3f}; sources {r['training']['sources']}; leave-one-source-out mean accuracy "
+            f"{r['inner_leave_one_source_out']}; features {r['training']['featurise_seconds']} s"
+        )
+        return 0
     v = r["validation"]
     print(
         f"learned judge -> {Path(config.output).expanduser().resolve()}: layer {r['layer']} {r['pooling']}"
