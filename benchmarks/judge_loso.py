@@ -40,6 +40,7 @@ log = logging.getLogger("judge_loso")
 
 def cache_key(args: argparse.Namespace, source: str) -> str:
     text = json.dumps([source, args.per_source, args.seed, args.max_length, LAYERS, args.model, args.dtype])
+    text += "+prompt" if "prompt" in args.poolings else ""
     return f"{source}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
@@ -67,6 +68,7 @@ def features_for(
                 max_length=args.max_length,
                 batch_size=4,
                 progress=False,
+                poolings=args.poolings,
             )
             elapsed = time.perf_counter() - t0
             torch.save({"feats": {f"{k[0]}:{k[1]}": v for k, v in feats.items()}, "seconds": elapsed}, part)
@@ -204,6 +206,7 @@ def _spec_fitter(*specs: learned.HeadSpec) -> Any:
 
 ONE = ((18, "mean"),)
 MANY = tuple((layer, pooling) for layer in (6, 12, 18, 24) for pooling in ("mean", "last"))
+PROMPTED = (*MANY, (12, "prompt"), (24, "prompt"))
 SHALLOW = tuple((layer, pooling) for layer in (3, 6, 9, 12) for pooling in ("mean", "last"))
 H = learned.HeadSpec
 RECIPES: dict[str, tuple[str, Any]] = {
@@ -229,8 +232,61 @@ RECIPES: dict[str, tuple[str, Any]] = {
         "+ MLP head, 32 units",
         _spec_fitter(H(MANY, keyword_feature=True, hidden=32, l2s=(0.01,))),
     ),
+    "prompt": (
+        "hs-threshold + the prompt's hidden states (mean over prompt tokens, layers 12 and 24)",
+        _spec_fitter(H(PROMPTED, keyword_feature=True)),
+    ),
+    "prompt-mlp": (
+        "prompt + MLP head, 32 units",
+        _spec_fitter(H(PROMPTED, keyword_feature=True, hidden=32, l2s=(0.01,))),
+    ),
+    "auto": (
+        "hs-threshold with or without the keyword flag and prompt features, or the MLP: chosen by inner LOSO",
+        _spec_fitter(
+            H(MANY, keyword_feature=True),
+            H(MANY),
+            H(PROMPTED, keyword_feature=True),
+            H(MANY, keyword_feature=True, hidden=32, l2s=(0.01,)),
+            H(PROMPTED, keyword_feature=True, hidden=32, l2s=(0.01,)),
+        ),
+    ),
     "shallow": ("hs-threshold on layers 3/6/9/12 (faster)", _spec_fitter(H(SHALLOW, keyword_feature=True))),
 }
+
+
+def speed(args: argparse.Namespace, data: dict[str, dict[str, Any]]) -> None:
+    """Pairs per second of the learned judge's features on the first --speed pairs of every source, for
+    the forward stopped after layer 12 and after layer 24, at 1 and 2 torch threads: wall and CPU time."""
+    from transformers import AutoTokenizer
+
+    from antidote.models.loading import load_model, resolve_model_folder
+
+    folder = resolve_model_folder(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    dtype = learned.resolve_dtype(args.dtype, "cpu")
+    model = load_model(folder, device="cpu", dtype=dtype, with_tokenizer=False).model
+    pairs = [p for d in data.values() for p in d["pairs"][: args.speed]]
+    print(f"\nspeed on {len(pairs)} pairs ({args.speed} per source), {dtype}, max {args.max_length} tokens:")
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for deepest in (12, 24):
+            wall, cpu = time.perf_counter(), time.process_time()
+            learned.hidden_features(
+                model,
+                tokenizer,
+                [p.prompt for p in pairs],
+                [p.response for p in pairs],
+                layers=[deepest],
+                max_length=args.max_length,
+                batch_size=8,
+                progress=False,
+            )
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            print(
+                f"  {threads} thread(s), forward to layer {deepest}: {len(pairs) / wall:.2f} pairs/s wall, "
+                f"{len(pairs) / cpu:.2f} pairs per CPU-second"
+            )
+    torch.set_num_threads(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,13 +299,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--chunk", type=int, default=50)
+    parser.add_argument("--poolings", default="mean,last,prompt")
     parser.add_argument("--sources", default=",".join(SOURCES))
     parser.add_argument("--recipes", default="", help="comma-separated recipe names; default: all")
     parser.add_argument("--extract-only", action="store_true")
     parser.add_argument("--output", default="")
+    parser.add_argument("--speed", type=int, default=0, help="time feature extraction on N pairs per source")
     args = parser.parse_args(argv)
     args.sources = args.sources.split(",")
+    args.poolings = args.poolings.split(",")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("antidote").setLevel(logging.WARNING)
     data = load_all(args)
     total_n = sum(len(d["pairs"]) for d in data.values())
     total_s = sum(d["seconds"] for d in data.values())
@@ -257,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         f"features: {total_n} pairs in {total_s:.0f} s at 1 torch thread ({total_n / total_s:.2f} pairs/s), "
         f"layers {LAYERS}, max {args.max_length} tokens"
     )
+    if args.speed:
+        speed(args, data)
     if args.extract_only:
         return 0
     report: dict[str, Any] = {}

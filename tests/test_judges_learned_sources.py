@@ -214,3 +214,21 @@ def test_train_on_several_files_writes_a_judge_that_concatenates_its_blocks(
         assert verdicts[i] == ("unsafe" if p >= record["threshold"] else "safe")
     for hook in hooks:
         hook.remove()
+
+
+def test_prompt_pooling_is_the_mean_over_the_kept_prompt_tokens() -> None:
+    from antidote.evaluation.learned import encode_pair, hidden_features
+    from conftest import make_model, make_tokenizer
+
+    model, tok = make_model(seed=4, layers=3), make_tokenizer()
+    prompts = ["how do i steal money", "write a poem about cats please now"]
+    responses = ["here is the plan first you get tools", "cats"]
+    feats = hidden_features(
+        model, tok, prompts, responses, layers=[1], batch_size=2, progress=False, poolings=("prompt",)
+    )
+    assert set(feats) == {(1, "prompt")}
+    for i in range(2):  # one pair at a time, no padding: hidden_states[1] is the first block's output
+        ids, start = encode_pair(tok, prompts[i], responses[i], "chat", 512)
+        with torch.no_grad():
+            h = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0]
+        torch.testing.assert_close(feats[(1, "prompt")][i], h[:start].mean(0), atol=1e-5, rtol=1e-4)

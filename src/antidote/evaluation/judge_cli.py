@@ -345,6 +345,7 @@ def run_judge_train(config: JudgeTrainConfig) -> dict[str, Any]:
         prompt_format=config.prompt_format,
         max_length=config.max_length,
         batch_size=config.batch_size,
+        poolings=config.poolings,
     )
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     log.info("featurised %d pairs in %.1f s (%.1f CPU s)", len(prompts), seconds, cpu_seconds)
@@ -459,6 +460,7 @@ def run_judge_train_sources(config: JudgeTrainConfig) -> dict[str, Any]:
         prompt_format=config.prompt_format,
         max_length=config.max_length,
         batch_size=config.batch_size,
+        poolings=sorted({pooling for _, pooling in blocks}),
     )
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     log.info("featurised %d pairs in %.1f s (%.1f CPU s)", len(pairs), seconds, cpu_seconds)

@@ -45,7 +45,7 @@ JUDGE_KIND = "antidote-learned-judge"
 PROMPT_FORMATS = ("chat", "plain")
 DTYPES = ("auto", "float32", "bfloat16")
 PLAIN_PREFIX = "User: {prompt}\nAssistant: "
-POOLINGS = ("mean", "last")
+POOLINGS = ("mean", "last", "prompt")
 
 
 # ---- formatting and features -------------------------------------------------------------------------
@@ -144,8 +144,11 @@ def hidden_features(
     max_length: int = 512,
     batch_size: int = 4,
     progress: bool = True,
+    poolings: Sequence[str] = ("mean", "last"),
 ) -> dict[tuple[int, str], torch.Tensor]:
-    """{(layer, pooling): (n, hidden_size) float32} for every layer in `layers` and both poolings.
+    """{(layer, pooling): (n, hidden_size) float32} for every layer in `layers` and every pooling:
+    "mean" (over the response tokens), "last" (the last response token), "prompt" (mean over the kept
+    prompt tokens, chat template included: what was asked, as the model reads it).
 
     layer l (1-based) is the output of the l-th transformer block. The forward stops after the deepest
     layer wanted; batches hold pairs of similar length, right-padded, so padding changes nothing.
@@ -198,13 +201,19 @@ def hidden_features(
                 with contextlib.suppress(_Stop):
                     decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
                 weights = response.float() / response.sum(1, keepdim=True).clamp(min=1)
+                asked = mask.bool() & ~response
+                asked_weights = asked.float() / asked.sum(1, keepdim=True).clamp(min=1)
                 for x in layers:
                     h = captured[x].float().cpu()  # (batch, width, hidden)
-                    if (x, "mean") not in out:
-                        for p in POOLINGS:
+                    for p in poolings:
+                        if (x, p) not in out:
                             out[(x, p)] = torch.zeros(len(encoded), h.shape[-1])
-                    out[(x, "mean")][batch] = torch.einsum("bt,bth->bh", weights, h)
-                    out[(x, "last")][batch] = h[torch.arange(len(batch)), last]
+                    if "mean" in poolings:
+                        out[(x, "mean")][batch] = torch.einsum("bt,bth->bh", weights, h)
+                    if "last" in poolings:
+                        out[(x, "last")][batch] = h[torch.arange(len(batch)), last]
+                    if "prompt" in poolings:
+                        out[(x, "prompt")][batch] = torch.einsum("bt,bth->bh", asked_weights, h)
                 bar.update(len(batch))
             bar.close()
     finally:
@@ -930,6 +939,7 @@ class LearnedJudge:
             prompt_format=r["prompt_format"],
             max_length=int(r["max_length"]),
             batch_size=self.batch_size,
+            poolings=sorted({pooling for _, pooling in blocks}),
         )
         return self.probe.probabilities(assemble(feats, blocks, responses, bool(r["keyword_feature"])))
 
