@@ -40,7 +40,6 @@ log = logging.getLogger("judge_loso")
 
 def cache_key(args: argparse.Namespace, source: str) -> str:
     text = json.dumps([source, args.per_source, args.seed, args.max_length, LAYERS, args.model, args.dtype])
-    text += "+prompt" if "prompt" in args.poolings else ""
     return f"{source}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
@@ -68,7 +67,6 @@ def features_for(
                 max_length=args.max_length,
                 batch_size=4,
                 progress=False,
-                poolings=args.poolings,
             )
             elapsed = time.perf_counter() - t0
             torch.save({"feats": {f"{k[0]}:{k[1]}": v for k, v in feats.items()}, "seconds": elapsed}, part)
@@ -89,6 +87,73 @@ def features_for(
     return out
 
 
+PROMPT_LAYERS = (12, 24)
+
+
+def prompt_features(
+    args: argparse.Namespace, source: str, pairs: list[Pair], model: Any, tokenizer: Any
+) -> dict:
+    """{(layer, 'prompt'): (n, d)} for PROMPT_LAYERS, cached. With a causal model the hidden states of the
+    prompt tokens do not depend on the response, so the forward runs on the prompt part of each encoded
+    pair only (the same token ids `hidden_features` sees), once per distinct prompt part: the same
+    numbers as `hidden_features(..., poolings=("prompt",))` at a fraction of the cost."""
+    path = Path(args.cache) / cache_key(args, source) / "prompt.pt"
+    if path.is_file():
+        return {(int(k), "prompt"): v for k, v in torch.load(path, weights_only=True).items()}
+    heads: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(pairs):
+        ids, start = learned.encode_pair(tokenizer, p.prompt, p.response, "chat", args.max_length)
+        heads.setdefault(tuple(ids[:start]), []).append(i)
+    keys = list(heads)
+    out = {layer: torch.zeros(len(pairs), model.config.hidden_size) for layer in PROMPT_LAYERS}
+    t0 = time.perf_counter()
+    decoder, blocks = learned.decoder_layers(model)
+    captured: dict[int, torch.Tensor] = {}
+    handles = [
+        blocks[layer - 1].register_forward_hook(
+            lambda m, a, o, layer=layer: captured.__setitem__(layer, o[0] if isinstance(o, tuple) else o)
+        )
+        for layer in PROMPT_LAYERS
+    ]
+    pooled = {layer: torch.zeros(len(keys), model.config.hidden_size) for layer in PROMPT_LAYERS}
+    try:
+        with torch.inference_mode():
+            for batch in learned._batches([len(k) for k in keys], 8):
+                width = max(len(keys[j]) for j in batch)
+                ids = torch.zeros((len(batch), width), dtype=torch.long)
+                mask = torch.zeros((len(batch), width))
+                for row, j in enumerate(batch):
+                    ids[row, : len(keys[j])] = torch.tensor(keys[j])
+                    mask[row, : len(keys[j])] = 1
+                decoder(input_ids=ids, attention_mask=mask.long(), use_cache=False)
+                w = mask / mask.sum(1, keepdim=True)
+                for layer in PROMPT_LAYERS:
+                    pooled[layer][batch] = torch.einsum("bt,bth->bh", w, captured[layer].float())
+    finally:
+        for handle in handles:
+            handle.remove()
+    feats = {(layer, "prompt"): pooled[layer] for layer in PROMPT_LAYERS}
+    for j, key in enumerate(keys):
+        for layer in PROMPT_LAYERS:
+            out[layer][heads[key]] = feats[(layer, "prompt")][j]
+    log.info(
+        "%s: prompt features of %d distinct prompts in %.1f s", source, len(keys), time.perf_counter() - t0
+    )
+    torch.save({str(k): v for k, v in out.items()}, path)
+    return {(k, "prompt"): v for k, v in out.items()}
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from transformers import AutoTokenizer
+
+    from antidote.models.loading import load_model, resolve_model_folder
+
+    folder = resolve_model_folder(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    dtype = learned.resolve_dtype(args.dtype, "cpu")
+    return load_model(folder, device="cpu", dtype=dtype, with_tokenizer=False).model, tokenizer
+
+
 def load_all(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """{source: {'pairs', 'feats', 'seconds'}} for every source, extracting what is not cached."""
     torch.set_num_threads(1)
@@ -97,16 +162,13 @@ def load_all(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for source in args.sources:
         pairs = load_source(args.data_dir, source, args.per_source, args.seed)
         if not (Path(args.cache) / cache_key(args, source) / "all.pt").is_file() and model is None:
-            from transformers import AutoTokenizer
-
-            from antidote.models.loading import load_model, resolve_model_folder
-
-            folder = resolve_model_folder(args.model)
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-            dtype = learned.resolve_dtype(args.dtype, "cpu")
-            model = load_model(folder, device="cpu", dtype=dtype, with_tokenizer=False).model
+            model, tokenizer = _load(args)
         got = features_for(args, source, pairs, model, tokenizer)
         feats = {tuple([int(k.split(":")[0]), k.split(":")[1]]): v for k, v in got["feats"].items()}
+        if args.prompt:
+            if model is None:
+                model, tokenizer = _load(args)
+            feats.update(prompt_features(args, source, pairs, model, tokenizer))
         data[source] = {"pairs": pairs, "feats": feats, "seconds": got["seconds"]}
     return data
 
@@ -228,27 +290,17 @@ RECIPES: dict[str, tuple[str, Any]] = {
         _spec_fitter(H(MANY, keyword_feature=True, threshold_rule="accuracy")),
     ),
     "hs-threshold": ("+ threshold for the HS (inner LOSO)", _spec_fitter(H(MANY, keyword_feature=True))),
-    "mlp": (
-        "+ MLP head, 32 units",
-        _spec_fitter(H(MANY, keyword_feature=True, hidden=32, l2s=(0.01,))),
-    ),
     "prompt": (
         "hs-threshold + the prompt's hidden states (mean over prompt tokens, layers 12 and 24)",
         _spec_fitter(H(PROMPTED, keyword_feature=True)),
     ),
     "prompt-mlp": (
-        "prompt + MLP head, 32 units",
-        _spec_fitter(H(PROMPTED, keyword_feature=True, hidden=32, l2s=(0.01,))),
+        "prompt + MLP head, 16 units",
+        _spec_fitter(H(PROMPTED, keyword_feature=True, hidden=16, l2s=(0.01,))),
     ),
     "auto": (
-        "hs-threshold with or without the keyword flag and prompt features, or the MLP: chosen by inner LOSO",
-        _spec_fitter(
-            H(MANY, keyword_feature=True),
-            H(MANY),
-            H(PROMPTED, keyword_feature=True),
-            H(MANY, keyword_feature=True, hidden=32, l2s=(0.01,)),
-            H(PROMPTED, keyword_feature=True, hidden=32, l2s=(0.01,)),
-        ),
+        "hs-threshold with or without the prompt blocks, chosen by inner LOSO over the training sources",
+        _spec_fitter(H(MANY, keyword_feature=True), H(PROMPTED, keyword_feature=True)),
     ),
     "shallow": ("hs-threshold on layers 3/6/9/12 (faster)", _spec_fitter(H(SHALLOW, keyword_feature=True))),
 }
@@ -299,15 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--chunk", type=int, default=50)
-    parser.add_argument("--poolings", default="mean,last,prompt")
     parser.add_argument("--sources", default=",".join(SOURCES))
     parser.add_argument("--recipes", default="", help="comma-separated recipe names; default: all")
     parser.add_argument("--extract-only", action="store_true")
+    parser.add_argument("--prompt", action="store_true", help="also the prompt features (layers 12, 24)")
     parser.add_argument("--output", default="")
     parser.add_argument("--speed", type=int, default=0, help="time feature extraction on N pairs per source")
     args = parser.parse_args(argv)
     args.sources = args.sources.split(",")
-    args.poolings = args.poolings.split(",")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("antidote").setLevel(logging.WARNING)
     data = load_all(args)
