@@ -98,6 +98,7 @@ def prompt_features(
     pair only (the same token ids `hidden_features` sees), once per distinct prompt part: the same
     numbers as `hidden_features(..., poolings=("prompt",))` at a fraction of the cost."""
     path = Path(args.cache) / cache_key(args, source) / "prompt.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file():
         return {(int(k), "prompt"): v for k, v in torch.load(path, weights_only=True).items()}
     heads: dict[tuple[int, ...], list[int]] = {}
