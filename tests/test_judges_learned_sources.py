@@ -232,3 +232,27 @@ def test_prompt_pooling_is_the_mean_over_the_kept_prompt_tokens() -> None:
         with torch.no_grad():
             h = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0]
         torch.testing.assert_close(feats[(1, "prompt")][i], h[:start].mean(0), atol=1e-5, rtol=1e-4)
+
+
+def test_train_refuses_bad_source_settings_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from antidote.cli import main
+
+    out = str(tmp_path / "judge")
+    cases = [
+        (["--output", out], "--data FILE[,FILE...] or --data-dir FOLDER"),
+        (["--data", "a.jsonl", "--data-dir", str(tmp_path), "--output", out], "(not both)"),
+        (["--data-dir", str(tmp_path), "--sources", "hh-rlhf", "--output", out], "unknown source 'hh-rlhf'"),
+        (
+            ["--data-dir", str(tmp_path), "--blocks", "12:max", "--output", out],
+            "'12:max' is not LAYER:POOLING",
+        ),
+        (["--data-dir", str(tmp_path), "--hidden", "-1", "--output", out], "--hidden must be 0"),
+        (["--data-dir", str(tmp_path), "--output", out], "judge/saferlhf_sample_4000.jsonl is missing"),
+    ]
+    for args, message in cases:
+        assert main(["judge", "train", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "judge").exists()
