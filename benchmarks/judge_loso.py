@@ -291,6 +291,8 @@ RECIPES: dict[str, tuple[str, Any]] = {
         _spec_fitter(H(MANY, keyword_feature=True, threshold_rule="accuracy")),
     ),
     "hs-threshold": ("+ threshold for the HS (inner LOSO)", _spec_fitter(H(MANY, keyword_feature=True))),
+    "one-hs": ("balanced + HS threshold, one block (layer 18 mean)", _spec_fitter(H(ONE))),
+    "many-hs": ("balanced + HS threshold, 8 blocks, no keyword flag", _spec_fitter(H(MANY))),
     "prompt": (
         "hs-threshold + the prompt's hidden states (mean over prompt tokens, layers 12 and 24)",
         _spec_fitter(H(PROMPTED, keyword_feature=True)),
