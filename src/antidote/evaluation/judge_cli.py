@@ -93,10 +93,22 @@ class JudgeTrainConfig:
         default=400, metadata={"help": "seeded sample of N pairs per source with several sources"}
     )
     blocks: tuple[str, ...] = field(
-        default=("6:mean", "6:last", "12:mean", "12:last", "18:mean", "18:last", "24:mean", "24:last"),
+        default=(
+            "6:mean",
+            "6:last",
+            "12:mean",
+            "12:last",
+            "18:mean",
+            "18:last",
+            "24:mean",
+            "24:last",
+            "12:prompt",
+            "24:prompt",
+        ),
         metadata={
-            "help": "with several sources: the layer:pooling blocks concatenated as features (the forward "
-            "stops after the deepest layer)"
+            "help": "with several sources: the layer:pooling blocks concatenated as features (pooling mean "
+            "or last over the response tokens, prompt: mean over the prompt tokens; the forward stops "
+            "after the deepest layer)"
         },
     )
     hidden: tuple[int, ...] = field(
