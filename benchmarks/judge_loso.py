@@ -1,8 +1,8 @@
 """Leave-one-source-out evaluation of the learned judge against the keyword judge.
 
 Usage:
-    python benchmarks/judge_loso.py --data-dir DATA [--cache /tmp/judge_feats] [--per-source 300] [--seed 0]
-        [--recipes old,new,...] [--select-on-training] [--output loso.json]
+    python benchmarks/judge_loso.py --data-dir DATA [--cache /tmp/judge_feats] [--per-source 400] [--seed 0]
+        [--prompt] [--recipes old,prompt,...] [--output loso.json] [--extract-only] [--speed N]
 
 For every source of `antidote.evaluation.judge_sources` (PKU-SafeRLHF, XSTest, BeaverTails unsafe answers,
 refusals, AlpacaEval helpful answers): train each recipe on the other sources, judge the held-out source,
@@ -241,7 +241,7 @@ class _OldJudge:
 
     def __init__(self, train: dict[str, dict[str, Any]], seed: int) -> None:
         feats, responses, labels, _ = _stack(train)
-        feats = {k: v for k, v in feats.items() if k[0] in (12, 18, 24)}
+        feats = {k: v for k, v in feats.items() if k[0] in (12, 18, 24) and k[1] in ("mean", "last")}
         prompts = [p.prompt for d in train.values() for p in d["pairs"]]
         tr, va = learned.split_by_prompt(prompts, 0.2, seed)
         self.t = learned.choose_and_fit(feats, responses, labels, tr, va, l2s=(0.001, 0.01, 0.1, 1.0))
