@@ -68,8 +68,10 @@ class JudgeEvalConfig:
 
 @dataclass
 class JudgeTrainConfig:
-    """What `antidote judge train` fits. The layer, pooling, L2 and keyword feature are chosen on a
-    validation split of --data (by prompt); nothing else is looked at."""
+    """What `antidote judge train` fits. One --data file: the layer, pooling, L2 and keyword feature are
+    chosen on a validation split of it (by prompt). Several sources (--data-dir, or --data A,B,...): the
+    --blocks are concatenated, and the head, L2, keyword feature and threshold are chosen leave-one-source-out
+    over them; nothing else is looked at."""
 
     data: str = field(
         default="",
