@@ -378,7 +378,7 @@ def _probe(folder: Path, **tensors: torch.Tensor) -> None:
 def test_a_judge_record_with_bad_values_is_refused_at_load(
     trained: dict[str, Path], tmp_path: Path, change: dict[str, object], message: str
 ) -> None:
-    from antidote.evaluation.learned import read_judge_record
+    from antidote.evaluation.judges.learned import read_judge_record
 
     record = json.loads((trained["judge"] / "judge.json").read_text())
     if change.get("layer") == 2:  # a record claiming a deeper model than the base model's config.json
@@ -405,8 +405,9 @@ def test_a_judge_record_with_bad_values_is_refused_at_load(
 def test_a_probe_with_bad_values_is_refused_at_load(
     trained: dict[str, Path], tmp_path: Path, tensors: dict[str, torch.Tensor], message: str
 ) -> None:
-    from antidote.evaluation.learned import read_judge_record
     from safetensors.torch import load_file
+
+    from antidote.evaluation.judges.learned import read_judge_record
 
     folder = _tampered(trained, tmp_path / "judge")
     size = load_file(str(folder / "probe.safetensors"))["weight"].numel()
@@ -437,8 +438,8 @@ def test_a_tampered_judge_fails_a_run_and_an_evaluation_before_any_stage(
         raise RuntimeError("work started before the judge was checked")
 
     monkeypatch.setattr("antidote.evaluation.evaluate.evaluate_model", started)
-    monkeypatch.setattr("antidote.evaluation.model_judges.make_judge", started)
-    monkeypatch.setattr("antidote.experiments.pipeline._Run.run", started)
+    monkeypatch.setattr("antidote.evaluation.judges.make_judge", started)
+    monkeypatch.setattr("antidote.experiments.pipeline.Pipeline.run", started)
     bad = _tampered(trained, tmp_path / "bad", layer="abc")
     assert (
         main(
