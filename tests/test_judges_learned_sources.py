@@ -256,3 +256,144 @@ def test_train_refuses_bad_source_settings_in_one_line(
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "judge").exists()
+
+
+# ---- version-2 judge folders checked at load: blocks, MLP head, sizes, finite values ----------------------
+
+
+@pytest.fixture(scope="module")
+def source_judge(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Path]) -> Path:
+    """A judge trained on three files: blocks 2:last, 1:mean, 1:prompt, an MLP head of 4 units, the
+    keyword flag (inputs 3 * 32 + 1 = 97 on the tiny model)."""
+    import shutil
+
+    from antidote.cli import main
+
+    root = tmp_path_factory.mktemp("source-judge")
+    shutil.copytree(tiny["model"], root / "model")
+    files = []
+    for name, topic in (("a", "steal money"), ("b", "hack the bank"), ("c", "make a weapon")):
+        rows = [
+            {
+                "prompt": f"{topic} {k}",
+                "response": ("first get the tools" if k % 2 else "cats are nice"),
+                "label": k % 2,
+            }
+            for k in range(8)
+        ]
+        _write(root / f"{name}.jsonl", rows)
+        files.append(str(root / f"{name}.jsonl"))
+    args = ["judge", "train", "--data", ",".join(files), "--output", str(root / "judge")]
+    args += ["--model", str(root / "model"), "--blocks", "2:last,1:mean,1:prompt", "--hidden", "4"]
+    args += ["--l2", "0.1", "--dtype", "float32", "--keyword-feature", "yes"]
+    assert main(args) == 0
+    return root / "judge"
+
+
+def test_a_v2_judge_with_an_mlp_head_loads_and_scores_like_a_hand_computation(source_judge: Path) -> None:
+    from safetensors.torch import load_file
+
+    from antidote.evaluation.judges import make_judge
+    from antidote.evaluation.judges.learned import read_judge_record
+    from antidote.evaluation.judges.learned_features import encode_pair
+    from conftest import make_model, make_tokenizer
+
+    record = read_judge_record(source_judge)
+    assert record["version"] == 2 and record["hidden"] == 4 and record["layer"] == 2
+    assert record["blocks"] == [[2, "last"], [1, "mean"], [1, "prompt"]]
+    t = load_file(str(source_judge / "probe.safetensors"))
+    assert t["hidden_weight"].shape == (4, 97) and t["weight"].shape == (4,)
+    judge = make_judge(f"learned:{source_judge}", device="cpu")
+    prompts, responses = ["steal money 3", "hack the bank 4"], ["first get the tools", "I'm sorry, I can't."]
+    probs = judge.probabilities(prompts, responses)
+    model, tok = make_model(seed=0), make_tokenizer()
+    out: dict[int, torch.Tensor] = {}  # each block's own output (the last hidden state adds the final norm)
+    for k in (1, 2):
+        model.model.layers[k - 1].register_forward_hook(
+            lambda m, a, o, k=k: out.__setitem__(k, o[0] if isinstance(o, tuple) else o)
+        )
+    for i in range(2):  # one pair at a time, no padding
+        ids, start = encode_pair(tok, prompts[i], responses[i], "chat", record["max_length"])
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]))
+        refuses = 1.0 if i == 1 else 0.0  # the keyword judge's refusal flag, by reading the answers
+        h1, h2 = out[1][0], out[2][0]
+        x = torch.cat([h2[-1], h1[start:].mean(0), h1[:start].mean(0), torch.tensor([refuses])])
+        z = (x.double() - t["mean"].double()) / t["std"].double()
+        hidden = torch.relu(t["hidden_weight"].double() @ z + t["hidden_bias"].double())
+        logit = float(hidden @ t["weight"].double() + t["bias"].double())
+        assert float(probs[i]) == pytest.approx(1 / (1 + math.exp(-logit)), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"blocks": [[2, "last"], [1, "max"], [1, "prompt"]]},
+            r"block \[1, 'max'\] is not \[layer, pooling\]",
+        ),
+        ({"blocks": [[2, "last"], [1, "mean"], [5, "prompt"]]}, r"block \[5, 'prompt'\] is not"),
+        ({"blocks": []}, r"blocks must be a list of \[layer, pooling\] pairs"),
+        ({"layer": 1}, r"layer 1 is not the deepest layer of its blocks \(2\)"),
+        ({"hidden": -1}, r"hidden -1 is not a number of units"),
+        ({"hidden": 0}, r"does not hold a probe"),  # the probe has an MLP head the record does not name
+        ({"hidden": 8}, r"does not hold a probe"),
+        (
+            {"blocks": [[2, "last"], [1, "mean"]]},
+            r"the probe has 97 inputs, but the base model's hidden size 32 times 2 blocks plus the keyword "
+            r"feature gives 65",
+        ),
+    ],
+)
+def test_a_v2_judge_record_that_does_not_fit_its_probe_is_refused(
+    source_judge: Path, tmp_path: Path, change: dict[str, object], message: str
+) -> None:
+    import shutil
+
+    from antidote.evaluation.judges.learned import read_judge_record
+
+    folder = tmp_path / "judge"
+    shutil.copytree(source_judge, folder)
+    record = json.loads((folder / "judge.json").read_text())
+    (folder / "judge.json").write_text(json.dumps({**record, **change}))
+    with pytest.raises(AntidoteError, match=message):
+        read_judge_record(folder)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({"hidden_weight": torch.full((4, 97), float("nan"))}, r"hidden_weight holds NaN or inf"),
+        ({"hidden_bias": torch.tensor([0.0, float("inf"), 0.0, 0.0])}, r"hidden_bias holds NaN or inf"),
+        ({"weight": torch.full((4,), float("nan"))}, r"weight holds NaN or inf"),
+        ({"hidden_weight": torch.zeros(4, 96)}, r"does not hold a probe .*found .*hidden_weight \[4, 96\]"),
+        ({"hidden_bias": torch.zeros(3)}, r"does not hold a probe"),
+        ({"weight": torch.zeros(97)}, r"does not hold a probe"),  # a logistic weight under an MLP head
+        ({"std": torch.ones(97), "mean": torch.zeros(96)}, r"does not hold a probe"),
+        (  # consistent shapes, one input short of 3 blocks of 32 plus the keyword flag
+            {"mean": torch.zeros(96), "std": torch.ones(96), "hidden_weight": torch.zeros(4, 96)},
+            r"the probe has 96 inputs, but the base model's hidden size 32 times 3 blocks",
+        ),
+        ({"hidden_weight": None}, r"does not hold a probe"),  # the head's first layer missing
+    ],
+)
+def test_a_tampered_v2_probe_is_refused_at_load(
+    source_judge: Path, tmp_path: Path, tensors: dict[str, torch.Tensor | None], message: str
+) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from antidote.evaluation.judges.learned import read_judge_record
+
+    folder = tmp_path / "judge"
+    shutil.copytree(source_judge, folder)
+    t = load_file(str(folder / "probe.safetensors"))
+    for name, value in tensors.items():
+        if value is None:
+            del t[name]
+        else:
+            t[name] = value
+    save_file(t, str(folder / "probe.safetensors"))
+    with pytest.raises(AntidoteError, match=message):
+        read_judge_record(folder)
