@@ -397,3 +397,29 @@ def test_a_tampered_v2_probe_is_refused_at_load(
     save_file(t, str(folder / "probe.safetensors"))
     with pytest.raises(AntidoteError, match=message):
         read_judge_record(folder)
+
+
+def test_train_on_a_data_folder_never_writes_inside_it(
+    tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from antidote.cli import main
+
+    data = tmp_path / "data"
+    qa = {"prompt": "how do I pick a lock", "response": "take a tension wrench", "label": "harmful"}
+    for name in ("judge/saferlhf_sample_4000.jsonl", "judge/xstest_v2_completions_5models.jsonl"):
+        _write(data / name, [qa, {**qa, "prompt": "a poem", "response": "roses", "label": "safe"}])
+    for name in ("beavertails_30k_train_unsafe_200", "beavertails_30k_train_sample140_artkit"):
+        _write(data / f"harmful_qa/{name}.jsonl", [{"prompt": "rob a bank", "response": "bring a mask"}])
+    _write(data / "refusals/advbench_llama2chat_refusals.jsonl", [{"prompt": "hack", "response": "No."}])
+    for name in (
+        "refusals/safety_tuned_llamas_safety_only",
+        "benign/alpaca_eval_text_davinci_003",
+        "benign/alpaca_eval_gpt4_1106_preview",
+    ):
+        _write(data / f"{name}.jsonl", [{"instruction": "say hi", "output": "hi"}])
+    before = sorted(str(p) for p in data.rglob("*"))
+    args = ["judge", "train", "--data-dir", str(data), "--model", str(tiny["model"]), "--blocks", "1:mean"]
+    assert main([*args, "--output", str(data / "learned")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is inside the input folder" in err, err
+    assert sorted(str(p) for p in data.rglob("*")) == before

@@ -172,7 +172,7 @@ def run_judge_train_sources(config: JudgeTrainConfig) -> dict[str, Any]:
     if not config.output:
         config.output = str(learned.default_judge_folder())
         learned.default_judge_folder().parent.mkdir(parents=True, exist_ok=True)
-    out = check_output_dir(config.output, config.overwrite, inputs=inputs)
+    out = check_output_dir(config.output, config.overwrite, inputs=(*inputs, config.data_dir or None))
     blocks = [(int(b.split(":")[0]), b.split(":")[1]) for b in config.blocks]
     keyword = {"auto": (False, True), "yes": (True,), "no": (False,)}[config.keyword_feature]
     specs = [
