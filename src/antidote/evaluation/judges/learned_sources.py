@@ -205,7 +205,8 @@ def save_source_judge(folder: Path, fit: SourceFit, meta: dict[str, Any]) -> Non
         "# Learned harm judge (antidote)",
         "",
         f"{head[0].upper() + head[1:]} on the frozen hidden states of `{record['base_model']}` (weights key "
-        f"`{record['base_model_key']}`): {blocks_text}, pooled over the response tokens and concatenated"
+        f"`{record['base_model_key']}`): {blocks_text} (mean and last over the response tokens, prompt "
+        "over the prompt tokens), concatenated"
         + (", plus the keyword judge's refusal flag" if fit.spec.keyword_feature else "")
         + f"; L2 {fit.l2}; {record['dtype']}, {record['prompt_format']} prompt format, at most "
         f"{record['max_length']} tokens per pair.",
