@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from antidote.errors import AntidoteError
-from antidote.evaluation.judges.learned import Probe, encode_pair, hidden_features, prompt_format_key
+from antidote.evaluation.judges.learned import Probe
+from antidote.evaluation.judges.learned_features import encode_pair, hidden_features, prompt_format_key
 from antidote.evaluation.judges.learned_training import (
     best_threshold,
     fit_logistic,
@@ -244,7 +245,8 @@ def test_train_writes_a_judge_folder_chosen_on_validation(trained: dict[str, Pat
 
 def test_learned_verdicts_follow_the_probe_and_report_garbage(trained: dict[str, Path]) -> None:
     from antidote.evaluation.judges import make_judge
-    from antidote.evaluation.judges.learned import load_probe, with_keyword
+    from antidote.evaluation.judges.learned import load_probe
+    from antidote.evaluation.judges.learned_features import with_keyword
 
     judge = make_judge(f"learned:{trained['judge']}", device="cpu")
     record = json.loads((trained["judge"] / "judge.json").read_text())

@@ -5,7 +5,6 @@ functions; `antidote.cli` only adds the sub-subcommands from `JUDGE_COMMANDS`.""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -65,10 +64,58 @@ class JudgeEvalConfig:
 
 @dataclass
 class JudgeTrainConfig:
-    """What `antidote judge train` fits. The layer, pooling, L2 and keyword feature are chosen on a
-    validation split of --data (by prompt); nothing else is looked at."""
+    """What `antidote judge train` fits. One --data file: the layer, pooling, L2 and keyword feature are
+    chosen on a validation split of it (by prompt). Several sources (--data-dir, or --data A,B,...): the
+    --blocks are concatenated, and the head, L2, keyword feature and threshold are chosen leave-one-source-out
+    over them; nothing else is looked at."""
 
-    data: str = field(metadata={"help": "labelled pairs (JSONL/JSON/CSV) to train on"})
+    data: str = field(
+        default="",
+        metadata={
+            "help": "labelled pairs (JSONL/JSON/CSV) to train on; several files, comma-separated, are "
+            "several sources: weighted equally, settings chosen leave-one-source-out"
+        },
+    )
+    data_dir: str = field(
+        default="",
+        metadata={
+            "help": "a labelled data folder (judge/, harmful_qa/, refusals/, benign/): train on its built-in "
+            "sources (--sources), weighted equally, settings chosen leave-one-source-out (docs/judges.md)"
+        },
+    )
+    sources: tuple[str, ...] = field(
+        default=("pku-saferlhf", "xstest", "beavertails-unsafe", "refusals", "alpaca-benign"),
+        metadata={"help": "built-in sources read from --data-dir"},
+    )
+    per_source: int = field(
+        default=400, metadata={"help": "seeded sample of N pairs per source with several sources"}
+    )
+    blocks: tuple[str, ...] = field(
+        default=(
+            "6:mean",
+            "6:last",
+            "12:mean",
+            "12:last",
+            "18:mean",
+            "18:last",
+            "24:mean",
+            "24:last",
+            "12:prompt",
+            "24:prompt",
+        ),
+        metadata={
+            "help": "with several sources: the layer:pooling blocks concatenated as features (pooling mean "
+            "or last over the response tokens, prompt: mean over the prompt tokens; the forward stops "
+            "after the deepest layer)"
+        },
+    )
+    hidden: tuple[int, ...] = field(
+        default=(0,),
+        metadata={
+            "help": "with several sources: candidate heads, 0 = logistic probe, N = an MLP with N ReLU "
+            "units; chosen leave-one-source-out"
+        },
+    )
     output: str = field(
         default="",
         metadata={
@@ -97,7 +144,10 @@ class JudgeTrainConfig:
         metadata={"help": "candidate layers (1-based block outputs); the forward stops after the deepest"},
     )
     poolings: tuple[str, ...] = field(
-        default=("mean", "last"), metadata={"help": "candidate poolings over the response tokens: mean, last"}
+        default=("mean", "last"),
+        metadata={
+            "help": "candidate poolings: mean, last (over the response tokens), prompt (over the prompt)"
+        },
     )
     l2: tuple[float, ...] = field(
         default=(0.001, 0.01, 0.1, 1.0),
@@ -133,8 +183,31 @@ class JudgeTrainConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
 
     def __post_init__(self) -> None:
-        from antidote.evaluation.judges.learned import DTYPES, POOLINGS, PROMPT_FORMATS
+        from antidote.evaluation.judge_sources import SOURCES
+        from antidote.evaluation.judges.learned_features import DTYPES, POOLINGS, PROMPT_FORMATS
 
+        if bool(self.data) == bool(self.data_dir):
+            raise AntidoteError(
+                "give the labelled pairs: --data FILE[,FILE...] or --data-dir FOLDER (not both)"
+            )
+        self.sources = _tuple(self.sources, str, "sources", ",".join(SOURCES[:2]))
+        unknown = [x for x in self.sources if x not in SOURCES]
+        if unknown:
+            raise AntidoteError(
+                f"unknown source {unknown[0]!r} in --sources; choose from {', '.join(SOURCES)}"
+            )
+        self.blocks = _tuple(self.blocks, str, "blocks", "12:mean,18:last")
+        for block in self.blocks:
+            layer, _, pooling = block.partition(":")
+            if not layer.isdigit() or int(layer) < 1 or pooling not in POOLINGS:
+                raise AntidoteError(
+                    f"--blocks item {block!r} is not LAYER:POOLING with LAYER >= 1 and POOLING one of "
+                    f"{', '.join(POOLINGS)}"
+                )
+        self.hidden = _tuple(self.hidden, int, "hidden", "0,64")
+        if any(h < 0 for h in self.hidden):
+            raise AntidoteError("--hidden must be 0 (logistic probe) or more units")
+        _positive("per_source", self.per_source)
         self.layers = _tuple(self.layers, int, "layers", "12,18,24")
         self.poolings = _tuple(self.poolings, str, "poolings", "mean,last")
         self.l2 = _tuple(self.l2, float, "l2", "0.001,0.01,0.1,1")
@@ -187,23 +260,13 @@ def _tuple(value: Any, kind: type, name: str, example: str) -> tuple[Any, ...]:
     return out
 
 
-def _labels(config: JudgeEvalConfig | JudgeTrainConfig) -> Any:
-    from antidote.evaluation.agreement import load_labelled, parse_labels
-
-    return load_labelled(
-        config.data,
-        label_field=config.label_field,
-        harmful_labels=parse_labels(config.harmful_labels),
-        safe_labels=parse_labels(config.safe_labels),
-    )
-
-
 # ---- eval -------------------------------------------------------------------------------------------------
 
 
 def run_judge_eval(config: JudgeEvalConfig) -> dict[str, Any]:
     """Judge every labelled pair, compare with the labels, write judge_eval.json/.md when --output."""
     from antidote.evaluation.agreement import judge_report, render_markdown
+    from antidote.evaluation.judge_train import read_labelled
     from antidote.evaluation.judges import make_judge
     from antidote.outputs import atomic_output_dir, check_output_dir
 
@@ -212,7 +275,7 @@ def run_judge_eval(config: JudgeEvalConfig) -> dict[str, Any]:
         from antidote.evaluation.judges.learned import judge_folder, read_judge_record
 
         read_judge_record(judge_folder(path))
-    data = _labels(config)
+    data = read_labelled(config)
     out = check_output_dir(config.output, config.overwrite, inputs=(config.data,)) if config.output else None
     judge = make_judge(config.judge, device=config.device)
     start = time.perf_counter()
@@ -241,93 +304,20 @@ def cmd_eval(config: JudgeEvalConfig) -> int:
 # ---- train ------------------------------------------------------------------------------------------------
 
 
-def run_judge_train(config: JudgeTrainConfig) -> dict[str, Any]:
-    """Featurise, choose on the validation split, fit, and write the judge folder (atomically)."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from antidote import __version__
-    from antidote.evaluation.judges import learned, learned_training
-    from antidote.models.loading import load_model, resolve_model_folder
-    from antidote.outputs import atomic_output_dir, check_output_dir
-
-    data = _labels(config)  # the input is checked before any folder is made
-    folder = resolve_model_folder(config.model)
-    if not config.output:
-        config.output = str(learned.default_judge_folder())
-        learned.default_judge_folder().parent.mkdir(parents=True, exist_ok=True)
-    out = check_output_dir(config.output, config.overwrite, inputs=(config.data,))
-    rows = learned_training.sample_by_prompt(data.prompts, config.max_samples or len(data), config.seed + 1)
-    prompts = [data.prompts[i] for i in rows]
-    responses = [data.responses[i] for i in rows]
-    labels = torch.tensor([data.harmful[i] for i in rows])
-    train_idx, val_idx = learned_training.split_by_prompt(prompts, config.validation_fraction, config.seed)
-    for name, idx in (("training", train_idx), ("validation", val_idx)):
-        if len(idx) < 2 or len({bool(labels[i]) for i in idx}) < 2:
-            raise AntidoteError(
-                f"the {name} split of {config.data} ({len(idx)} rows) lacks one class; give more rows "
-                "or change --validation-fraction"
-            )
-    key = learned.weights_key(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    format_key = learned.prompt_format_key(tokenizer, config.prompt_format)
-    dtype = learned.resolve_dtype(config.dtype, config.device)
-    loaded = load_model(folder, device=config.device, dtype=dtype, with_tokenizer=False)
-    _, blocks = learned.decoder_layers(loaded.model)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    features = learned.hidden_features(
-        loaded.model,
-        tokenizer,
-        prompts,
-        responses,
-        layers=config.layers,
-        prompt_format=config.prompt_format,
-        max_length=config.max_length,
-        batch_size=config.batch_size,
-    )
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    log.info("featurised %d pairs in %.1f s (%.1f CPU s)", len(prompts), seconds, cpu_seconds)
-    keyword = {"auto": (False, True), "yes": (True,), "no": (False,)}[config.keyword_feature]
-    trained = learned_training.choose_and_fit(
-        features, responses, labels, train_idx, val_idx, l2s=config.l2, keyword_options=keyword
-    )
-    given = Path(config.model).expanduser()
-    meta = {
-        "base_model": str(given.resolve()) if given.exists() else config.model,
-        "base_model_key": key,
-        "num_layers": len(blocks),
-        "prompt_format": config.prompt_format,
-        "prompt_format_key": format_key,
-        "max_length": config.max_length,
-        "dtype": dtype,
-        "training": {
-            "data": str(Path(config.data).expanduser().resolve()),
-            "rows": len(rows),
-            "rows_in_file": len(data),
-            "train_rows": len(train_idx),
-            "validation_rows": len(val_idx),
-            "validation_prompts": len({" ".join(prompts[i].split()) for i in val_idx}),
-            "seed": config.seed,
-            "label_field": config.label_field,
-            "harmful_labels": config.harmful_labels,
-            "safe_labels": config.safe_labels,
-            "candidate_layers": list(config.layers),
-            "featurise_seconds": round(seconds, 1),
-            "featurise_cpu_seconds": round(
-                cpu_seconds, 1
-            ),  # all threads: under CPU contention, wall > CPU/threads
-            "torch_threads": torch.get_num_threads(),
-        },
-        "antidote_version": __version__,
-        "config": asdict(config),
-    }
-    with atomic_output_dir(out, config.overwrite) as tmp:
-        learned_training.save_judge(tmp, trained, meta)
-    return json.loads((out / learned.JUDGE_FILE).read_text())
-
-
 def cmd_train(config: JudgeTrainConfig) -> int:
+    from antidote.evaluation.judge_train import run_judge_train
+
     r = run_judge_train(config)
+    if "blocks" in r:
+        print(
+            f"learned judge -> {Path(config.output).expanduser().resolve()}: "
+            f"{', '.join(f'{b[0]}:{b[1]}' for b in r['blocks'])}"
+            f"{' + keyword flag' if r['keyword_feature'] else ''}, "
+            f"{'MLP ' + str(r['hidden']) if r['hidden'] else 'logistic'}, L2 {r['l2']}, threshold "
+            f"{r['threshold']:.3f}; sources {r['training']['sources']}; leave-one-source-out mean accuracy "
+            f"{r['inner_leave_one_source_out']}; features {r['training']['featurise_seconds']} s"
+        )
+        return 0
     v = r["validation"]
     print(
         f"learned judge -> {Path(config.output).expanduser().resolve()}: layer {r['layer']} {r['pooling']}"

@@ -1,211 +1,52 @@
-"""A learned judge that runs on a CPU: a logistic probe on the hidden states of a frozen local causal LM.
+"""A learned judge that runs on a CPU: a logistic probe (or a small MLP head) on the hidden states of a
+frozen local causal LM.
 
 Each (prompt, response) pair is written with the model's chat template (user turn, then the assistant turn
 holding the response; `prompt_format="plain"` writes "User: ...\\nAssistant: ..." instead), run through the
-decoder up to the deepest candidate layer only (a hook stops the forward there), and pooled over the
-response tokens: "mean" (their average) or "last" (the last response token). Which layer and pooling, the
-L2 strength, and whether the keyword judge's refusal flag joins the features, are chosen by ROC AUC on a
-validation split of the training file, split by prompt so that no prompt is on both sides; the threshold
-is the one with the highest validation accuracy (the fitting and the choice: `learned_training.py`).
+decoder up to the deepest layer needed only (a hook stops the forward there), and pooled: "mean" (the
+average over the response tokens), "last" (the last response token) or "prompt" (the average over the
+prompt tokens); the features are in `learned_features.py`. A judge trained on one file (version 1) reads
+one (layer, pooling) chosen by ROC AUC on a validation split by prompt, its threshold the most accurate on
+that split (`learned_training.py`). A judge trained on several sources (version 2) concatenates several
+(layer, pooling) `blocks`, may put an MLP head (`hidden` units) on them, and sets its threshold
+leave-one-source-out (`learned_sources.py`).
 
-A judge folder holds `judge.json` (base model and a content key of its weights, layer, pooling, prompt
-format, threshold, validation metrics, training data), `probe.safetensors` (weight, bias, mean, std) and a
-`README.md` card. `LearnedJudge(folder)` refuses, before any work, a base model whose weights differ or a
-tokenizer whose chat template differs from what the probe was trained on.
+A judge folder holds `judge.json` (base model and a content key of its weights, layer or blocks, pooling,
+prompt format, threshold, validation metrics, training data), `probe.safetensors` (weight, bias, mean, std;
+hidden_weight and hidden_bias with an MLP head) and a `README.md` card. Both files are checked when read
+(`read_judge_record`); `LearnedJudge(folder)` refuses, before any work, a base model whose weights differ or
+a tokenizer whose chat template differs from what the probe was trained on.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges.base import Judge
-from antidote.evaluation.judges.keyword import is_refusal, keyword_verdict
+from antidote.evaluation.judges.keyword import keyword_verdict
+from antidote.evaluation.judges.learned_features import (
+    DTYPES,
+    POOLINGS,
+    PROMPT_FORMATS,
+    assemble,
+    decoder_layers,
+    hidden_features,
+    prompt_format_key,
+)
 
 LEARNED_ENV = "ANTIDOTE_LEARNED_JUDGE"
 JUDGE_FILE = "judge.json"
 PROBE_FILE = "probe.safetensors"
 JUDGE_KIND = "antidote-learned-judge"
-PROMPT_FORMATS = ("chat", "plain")
-DTYPES = ("auto", "float32", "bfloat16")
-PLAIN_PREFIX = "User: {prompt}\nAssistant: "
-POOLINGS = ("mean", "last")
-
-
-# ---- formatting and features -------------------------------------------------------------------------
-
-
-def prompt_format_key(tokenizer: Any, prompt_format: str) -> str:
-    """Names the exact text layout: 'chat:<hash of the chat template>' or 'plain:v1'."""
-    if prompt_format == "plain":
-        return "plain:v1"
-    if prompt_format != "chat":
-        raise AntidoteError(
-            f"unknown prompt format {prompt_format!r}; choose one of {', '.join(PROMPT_FORMATS)}"
-        )
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise AntidoteError("the base model's tokenizer has no chat template; use --prompt-format plain")
-    return "chat:" + hashlib.sha256(str(template).encode()).hexdigest()[:12]
-
-
-def encode_pair(
-    tokenizer: Any, prompt: str, response: str, prompt_format: str, max_length: int
-) -> tuple[list[int], int]:
-    """Token ids of the formatted pair and the index of its first response token.
-
-    The prompt part keeps at most max_length // 2 tokens (its end, where the assistant turn opens), the
-    response fills the rest. An empty response points at the last prompt token.
-    """
-    if prompt_format == "chat":
-        prefix = str(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-        )
-        special = False  # the template wrote its own special tokens
-    else:
-        prefix, special = PLAIN_PREFIX.format(prompt=prompt), True
-    head = tokenizer(prefix, add_special_tokens=special)["input_ids"]
-    full = tokenizer(prefix + response, add_special_tokens=special)["input_ids"]
-    start = len(head) if full[: len(head)] == head else _common_prefix(head, full)
-    keep_head = min(start, max(max_length // 2, 1))
-    ids = full[start - keep_head : start] + full[start : start + max_length - keep_head]
-    return ids, min(keep_head, len(ids) - 1)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def resolve_dtype(name: str, device: str) -> str:
-    """ "auto" -> bfloat16 where the hardware multiplies it natively (CUDA with bf16, a CPU with AMX or
-    AVX512-BF16: about 2x faster here, features within cosine 0.9999 of float32), else float32."""
-    from antidote.realignment.calibrate import fast_bfloat16
-
-    if name not in DTYPES:
-        raise AntidoteError(f"unknown --dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    if name != "auto":
-        return name
-    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    return "bfloat16" if fast_bfloat16(dev) else "float32"
-
-
-def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
-    """The decoder body (without the output head when the model exposes `get_decoder`) and its list of
-    transformer blocks: the ModuleList whose length is config.num_hidden_layers."""
-    get_decoder = getattr(model, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else model
-    if not isinstance(decoder, nn.Module):
-        decoder = model
-    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for module in decoder.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and (count is None or len(module) == count):
-            return decoder, module
-    raise AntidoteError("cannot find the transformer blocks of the base model; use a decoder-only causal LM")
-
-
-class _Stop(Exception):
-    """Raised by the hook on the deepest layer wanted: the rest of the forward is not needed."""
-
-
-def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def hidden_features(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    responses: Sequence[str],
-    *,
-    layers: Sequence[int],
-    prompt_format: str = "chat",
-    max_length: int = 512,
-    batch_size: int = 4,
-    progress: bool = True,
-) -> dict[tuple[int, str], torch.Tensor]:
-    """{(layer, pooling): (n, hidden_size) float32} for every layer in `layers` and both poolings.
-
-    layer l (1-based) is the output of the l-th transformer block. The forward stops after the deepest
-    layer wanted; batches hold pairs of similar length, right-padded, so padding changes nothing.
-    """
-    from tqdm.auto import tqdm
-
-    decoder, blocks = decoder_layers(model)
-    bad = [x for x in layers if not 1 <= x <= len(blocks)]
-    if bad:
-        raise AntidoteError(
-            f"layer {bad[0]} does not exist; the base model has layers 1-{len(blocks)} (--layers)"
-        )
-    encoded = [
-        encode_pair(tokenizer, p, r, prompt_format, max_length)
-        for p, r in zip(prompts, responses, strict=True)
-    ]
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    deepest = max(layers)
-    out: dict[tuple[int, str], torch.Tensor] = {}
-    captured: dict[int, torch.Tensor] = {}
-
-    def hook(number: int) -> Callable[..., None]:
-        def save(module: nn.Module, args: Any, output: Any) -> None:
-            captured[number] = output[0] if isinstance(output, tuple) else output
-            if number == deepest:
-                raise _Stop
-
-        return save
-
-    handles = [blocks[x - 1].register_forward_hook(hook(x)) for x in sorted(set(layers))]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            bar = tqdm(total=len(encoded), desc="learned judge: features", disable=not progress)
-            for batch in _batches([len(ids) for ids, _ in encoded], batch_size):
-                width = max(len(encoded[i][0]) for i in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                response = torch.zeros((len(batch), width), dtype=torch.bool)
-                last = torch.zeros(len(batch), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    seq, start = encoded[i]
-                    ids[row, : len(seq)] = torch.tensor(seq)
-                    mask[row, : len(seq)] = 1
-                    response[row, start : len(seq)] = True
-                    last[row] = len(seq) - 1
-                captured.clear()
-                with contextlib.suppress(_Stop):
-                    decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-                weights = response.float() / response.sum(1, keepdim=True).clamp(min=1)
-                for x in layers:
-                    h = captured[x].float().cpu()  # (batch, width, hidden)
-                    if (x, "mean") not in out:
-                        for p in POOLINGS:
-                            out[(x, p)] = torch.zeros(len(encoded), h.shape[-1])
-                    out[(x, "mean")][batch] = torch.einsum("bt,bth->bh", weights, h)
-                    out[(x, "last")][batch] = h[torch.arange(len(batch)), last]
-                bar.update(len(batch))
-            bar.close()
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    return out
 
 
 # ---- the probe -----------------------------------------------------------------------------------------
@@ -213,23 +54,31 @@ def hidden_features(
 
 @dataclass
 class Probe:
-    """The judge's classifier on standardised features: p(harmful) = sigmoid(((x - mean) / std) @ w + b)."""
+    """The judge's classifier on standardised features z = (x - mean) / std: p(harmful) =
+    sigmoid(z @ w + b) (a logistic probe), or with a hidden layer (hidden_weight (h, d), hidden_bias (h,))
+    sigmoid(relu(z @ hidden_weight.T + hidden_bias) @ w + b) (a small MLP head; w is then (h,))."""
 
-    weight: torch.Tensor  # (d,)
+    weight: torch.Tensor  # (d,) or (h,)
     bias: float
     mean: torch.Tensor  # (d,)
     std: torch.Tensor  # (d,)
+    hidden_weight: torch.Tensor | None = None  # (h, d)
+    hidden_bias: torch.Tensor | None = None  # (h,)
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """x: (n, d) -> (n,) float64."""
         z = (x.double() - self.mean.double()) / self.std.double()
+        if self.hidden_weight is not None and self.hidden_bias is not None:
+            z = torch.relu(z @ self.hidden_weight.double().T + self.hidden_bias.double())
         return torch.sigmoid(z @ self.weight.double() + self.bias)
 
 
-def with_keyword(x: torch.Tensor, responses: Sequence[str]) -> torch.Tensor:
-    """Append the keyword judge's refusal flag (1.0 if the response refuses) as one more feature column."""
-    flag = torch.tensor([float(is_refusal(r)) for r in responses], dtype=x.dtype)[:, None]
-    return torch.cat([x, flag], dim=1)
+def record_blocks(record: dict[str, Any]) -> list[tuple[int, str]]:
+    """The (layer, pooling) blocks a judge record concatenates: its `blocks` (judges trained on several
+    sources), else the one `layer` and `pooling`."""
+    if "blocks" in record:
+        return [(int(layer), str(pooling)) for layer, pooling in record["blocks"]]
+    return [(int(record["layer"]), str(record["pooling"]))]
 
 
 # ---- the judge folder ---------------------------------------------------------------------------------
@@ -347,6 +196,7 @@ def _check_record_values(folder: Path, record: dict[str, Any]) -> None:
             f"{where}: layer {layer!r} is not a layer number of the base model (1 to {layers}); retrain "
             "the judge"
         )
+    _check_blocks(where, record)
     if not _is_int(record["max_length"]) or record["max_length"] < 2:
         raise AntidoteError(f"{where}: max_length {record['max_length']!r} is not a token count; retrain")
     if not isinstance(record["keyword_feature"], bool):
@@ -361,6 +211,33 @@ def _check_record_values(folder: Path, record: dict[str, Any]) -> None:
             )
 
 
+def _check_blocks(where: Path, record: dict[str, Any]) -> None:
+    """A judge trained on several sources (version 2): `blocks` is a list of [layer, pooling] pairs within
+    the base model, `layer` is the deepest of them, `hidden` (the MLP head's units) is 0 or more."""
+    hidden = record.get("hidden", 0)
+    if not _is_int(hidden) or hidden < 0:
+        raise AntidoteError(
+            f"{where}: hidden {hidden!r} is not a number of units (0 or more); retrain the judge"
+        )
+    if "blocks" not in record:
+        return
+    blocks, layers = record["blocks"], record.get("num_layers")
+    if not isinstance(blocks, list) or not blocks:
+        raise AntidoteError(f"{where}: blocks must be a list of [layer, pooling] pairs; retrain the judge")
+    for block in blocks:
+        ok = isinstance(block, list) and len(block) == 2 and _is_int(block[0]) and block[0] >= 1
+        if not ok or block[1] not in POOLINGS or (_is_int(layers) and block[0] > layers):
+            raise AntidoteError(
+                f"{where}: block {block!r} is not [layer, pooling] with a layer 1 to {layers} and a pooling "
+                f"of {', '.join(POOLINGS)}; retrain the judge"
+            )
+    if record["layer"] != max(b[0] for b in blocks):
+        raise AntidoteError(
+            f"{where}: layer {record['layer']!r} is not the deepest layer of its blocks "
+            f"({max(b[0] for b in blocks)}); retrain the judge"
+        )
+
+
 def _base_model_config(base_model: str) -> dict[str, Any] | None:
     """config.json of the judge's base model when it is a local folder (None otherwise: a hub id is
     checked when the judge loads it)."""
@@ -373,8 +250,10 @@ def _base_model_config(base_model: str) -> dict[str, Any] | None:
 
 
 def _check_probe(folder: Path, record: dict[str, Any]) -> None:
-    """probe.safetensors: weight, mean and std of one size d (the base model's hidden size, plus one with
-    the keyword feature), one bias, every value finite and every std above 0."""
+    """probe.safetensors: mean and std of one size d (the base model's hidden size times the number of
+    blocks, plus one with the keyword feature), one bias, and either a weight of size d (a logistic probe)
+    or, with an MLP head of h = record["hidden"] units, hidden_weight (h, d), hidden_bias (h,) and a weight
+    of size h; every value finite and every std above 0."""
     from antidote.models.loading import check_safetensors
 
     file = folder / PROBE_FILE
@@ -382,14 +261,20 @@ def _check_probe(folder: Path, record: dict[str, Any]) -> None:
     from safetensors.torch import load_file
 
     t = load_file(str(file))
-    shapes = {k: tuple(t[k].shape) for k in ("weight", "bias", "mean", "std") if k in t}
-    d = shapes.get("weight", (0,))[0] if len(shapes.get("weight", ())) == 1 else None
-    if len(shapes) != 4 or d is None or shapes["bias"] != (1,) or not shapes["mean"] == shapes["std"] == (d,):
+    h = int(record.get("hidden", 0))
+    names = ("weight", "bias", "mean", "std") + (("hidden_weight", "hidden_bias") if h else ())
+    shapes = {k: tuple(t[k].shape) for k in (*names, "hidden_weight", "hidden_bias") if k in t}
+    d = shapes["mean"][0] if len(shapes.get("mean", ())) == 1 else None
+    layers = {"hidden_weight": (h, d), "hidden_bias": (h,), "weight": (h,)} if h else {"weight": (d,)}
+    wanted: dict[str, tuple[int | None, ...]] = {**layers, "bias": (1,), "mean": (d,), "std": (d,)}
+    if d is None or shapes != wanted:
+        head = f"an MLP head of {h} units: hidden_weight, hidden_bias, weight of {h}" if h else "a weight"
         raise AntidoteError(
-            f"{file} does not hold a probe (weight, mean, std of one size, one bias; found "
-            f"{', '.join(f'{k} {list(v)}' for k, v in shapes.items()) or 'nothing'}); retrain the judge"
+            f"{file} does not hold a probe of the shapes its record gives (mean, std of one size, one bias, "
+            f"{head}; found {', '.join(f'{k} {list(v)}' for k, v in shapes.items()) or 'nothing'}); "
+            "retrain the judge"
         )
-    bad = [k for k in ("weight", "bias", "mean", "std") if not torch.isfinite(t[k]).all()]
+    bad = [k for k in names if not torch.isfinite(t[k]).all()]
     if bad:
         raise AntidoteError(f"{file}: {bad[0]} holds NaN or inf; retrain the judge")
     if not (t["std"] > 0).all():
@@ -397,10 +282,12 @@ def _check_probe(folder: Path, record: dict[str, Any]) -> None:
     config = _base_model_config(str(record["base_model"]))
     hidden = config.get("hidden_size") if config is not None else None
     if isinstance(hidden, int) and _is_int(hidden):
-        expected = hidden + (1 if record["keyword_feature"] else 0)
+        n = len(record_blocks(record))
+        expected = hidden * n + (1 if record["keyword_feature"] else 0)
         if d != expected:
             raise AntidoteError(
                 f"{file}: the probe has {d} inputs, but the base model's hidden size {hidden}"
+                f"{f' times {n} blocks' if n > 1 else ''}"
                 f"{' plus the keyword feature' if record['keyword_feature'] else ''} gives {expected}; "
                 "retrain the judge"
             )
@@ -418,7 +305,15 @@ def load_probe(folder: str | Path) -> Probe:
     from safetensors.torch import load_file
 
     t = load_file(str(Path(folder).expanduser() / PROBE_FILE))
-    return Probe(t["weight"].double(), float(t["bias"][0]), t["mean"].double(), t["std"].double())
+    hidden_weight, hidden_bias = t.get("hidden_weight"), t.get("hidden_bias")
+    return Probe(
+        t["weight"].double(),
+        float(t["bias"][0]),
+        t["mean"].double(),
+        t["std"].double(),
+        None if hidden_weight is None else hidden_weight.double(),
+        None if hidden_bias is None else hidden_bias.double(),
+    )
 
 
 class LearnedJudge(Judge):
@@ -471,14 +366,16 @@ class LearnedJudge(Judge):
         # the dtype the probe was trained on, even where another would be faster: features must match
         loaded = load_model(model_folder, device=dev, dtype=str(record["dtype"]), with_tokenizer=False)
         self.model, self.tokenizer = loaded.model, tokenizer
-        _, blocks = decoder_layers(self.model)
+        _, layers = decoder_layers(self.model)
+        self.blocks = record_blocks(record)
+        deepest = max(layer for layer, _ in self.blocks)
         hidden: Any = getattr(self.model.config, "hidden_size", 0)
-        inputs = int(hidden) + (1 if record["keyword_feature"] else 0)
-        if record["layer"] > len(blocks) or self.probe.weight.numel() != inputs:
+        inputs = int(hidden) * len(self.blocks) + (1 if record["keyword_feature"] else 0)
+        if deepest > len(layers) or self.probe.mean.numel() != inputs:
             raise AntidoteError(
-                f"the judge {folder} reads layer {record['layer']} with a probe of "
-                f"{self.probe.weight.numel()} inputs, but its base model has {len(blocks)} layers and "
-                f"{inputs} features; retrain the judge"
+                f"the judge {folder} reads layer {deepest} with a probe of {self.probe.mean.numel()} "
+                f"inputs, but its base model has {len(layers)} layers and {inputs} features; retrain the "
+                "judge"
             )
         self.batch_size = batch_size
         self.name = f"learned ({folder})"
@@ -491,14 +388,13 @@ class LearnedJudge(Judge):
             self.tokenizer,
             prompts,
             responses,
-            layers=[int(r["layer"])],
+            layers=sorted({layer for layer, _ in self.blocks}),
             prompt_format=r["prompt_format"],
             max_length=int(r["max_length"]),
             batch_size=self.batch_size,
-        )[(int(r["layer"]), r["pooling"])]
-        if r["keyword_feature"]:
-            feats = with_keyword(feats, responses)
-        return self.probe.probabilities(feats)
+            poolings=sorted({pooling for _, pooling in self.blocks}),
+        )
+        return self.probe.probabilities(assemble(feats, self.blocks, responses, bool(r["keyword_feature"])))
 
     def verdicts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
         out = ["degenerate" if keyword_verdict(r) == "degenerate" else "" for r in responses]

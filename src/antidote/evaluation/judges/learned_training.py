@@ -1,6 +1,8 @@
-"""Training the learned judge (`antidote judge train`): the probe fit (L2 logistic regression by L-BFGS), the
-choice of layer, pooling, L2 and keyword feature by validation ROC AUC on a split by prompt, and the judge
-folder it writes. The judge itself, its features and its folder's reading are in `learned.py`."""
+"""Training the learned judge on one file (`antidote judge train --data FILE`): the probe fit (L2 logistic
+regression by L-BFGS, or a small MLP head by Adam), the choice of layer, pooling, L2 and keyword feature by
+validation ROC AUC on a split by prompt, and the judge folder it writes. The judge itself and its folder's
+reading are in `learned.py`, its features in `learned_features.py`, training on several sources in
+`learned_sources.py`."""
 
 from __future__ import annotations
 
@@ -17,27 +19,32 @@ import torch
 from torch import nn
 
 from antidote.evaluation.agreement import agreement_metrics
-from antidote.evaluation.judges.learned import (
-    JUDGE_FILE,
-    JUDGE_KIND,
-    PROBE_FILE,
-    Probe,
-    with_keyword,
-)
+from antidote.evaluation.judges.learned import JUDGE_FILE, JUDGE_KIND, PROBE_FILE, Probe
+from antidote.evaluation.judges.learned_features import with_keyword
 from antidote.outputs import json_text
 
 log = logging.getLogger(__name__)
 
 
 def fit_logistic(
-    x: torch.Tensor, y: torch.Tensor, l2: float, max_iter: int = 200
+    x: torch.Tensor,
+    y: torch.Tensor,
+    l2: float,
+    max_iter: int = 200,
+    sample_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """L2-regularised logistic regression by L-BFGS.
 
-    x: (n, d) standardised features; y: (n,) 0/1. Minimises mean BCE(x @ w + b, y) + l2 / 2 * ||w||^2
-    (the bias is not penalised). Returns w (d,) float64 and b.
+    x: (n, d) standardised features; y: (n,) 0/1. Minimises the mean BCE(x @ w + b, y), weighted by
+    sample_weight (normalised to mean 1; None: all 1), + l2 / 2 * ||w||^2 (the bias is not penalised).
+    Returns w (d,) float64 and b.
     """
     x, y = x.double(), y.double()
+    sw = (
+        torch.ones_like(y)
+        if sample_weight is None
+        else sample_weight.double() / sample_weight.double().mean()
+    )
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS(
@@ -52,7 +59,7 @@ def fit_logistic(
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + 0.5 * l2 * (w @ w)
+        loss = nn.functional.binary_cross_entropy_with_logits(x @ w + b, y, weight=sw) + 0.5 * l2 * (w @ w)
         loss.backward()
         return loss
 
@@ -91,12 +98,60 @@ def best_threshold(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, fl
     return float(t), float(best)
 
 
-def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float) -> Probe:
-    """Standardise with the training rows' mean and std (a constant feature gets std 1), then fit."""
+def fit_probe(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    l2: float,
+    sample_weight: torch.Tensor | None = None,
+    hidden: int = 0,
+    seed: int = 0,
+) -> Probe:
+    """Standardise with the training rows' mean and std (a constant feature gets std 1), then fit a
+    logistic probe (hidden=0) or an MLP head with `hidden` ReLU units (`fit_mlp`)."""
     mean, std = x.double().mean(0), x.double().std(0)
     std = torch.where(std > 1e-8, std, torch.ones_like(std))
-    w, b = fit_logistic((x.double() - mean) / std, y, l2)
+    z = (x.double() - mean) / std
+    if hidden > 0:
+        w1, b1, w, b = fit_mlp(z, y, l2, hidden, sample_weight=sample_weight, seed=seed)
+        return Probe(w, b, mean, std, w1, b1)
+    w, b = fit_logistic(z, y, l2, sample_weight=sample_weight)
     return Probe(w, b, mean, std)
+
+
+def fit_mlp(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    l2: float,
+    hidden: int,
+    *,
+    sample_weight: torch.Tensor | None = None,
+    seed: int = 0,
+    steps: int = 300,
+    lr: float = 1e-2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """A one-hidden-layer head on standardised features, full-batch Adam, seeded.
+
+    Minimises the sample-weighted mean BCE + l2 / 2 * (||W1||^2 + ||w||^2) (biases not penalised).
+    Returns (W1 (h, d), b1 (h,), w (h,), b) in float64 (fitted in float32).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    z, d = z.float(), z.shape[1]  # float32: an MLP fit is many passes over the data
+    w1 = (torch.randn(hidden, d, generator=gen) / math.sqrt(d)).requires_grad_()
+    b1 = torch.zeros(hidden, requires_grad=True)
+    w = (torch.randn(hidden, generator=gen) / math.sqrt(hidden)).requires_grad_()
+    b = torch.zeros(1, requires_grad=True)
+    y = y.float()
+    sw = torch.ones_like(y) if sample_weight is None else sample_weight.float() / sample_weight.float().mean()
+    opt = torch.optim.Adam([w1, b1, w, b], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            logits = torch.relu(z @ w1.T + b1) @ w + b
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, y, weight=sw)
+            loss = loss + 0.5 * l2 * ((w1 * w1).sum() + w @ w)
+            loss.backward()
+            opt.step()
+    return w1.detach().double(), b1.detach().double(), w.detach().double(), float(b.detach())
 
 
 def split_by_prompt(prompts: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
