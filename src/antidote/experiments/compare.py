@@ -36,6 +36,7 @@ from antidote.errors import AntidoteError
 from antidote.evaluation.stats import wilson_interval
 from antidote.experiments.aggregate import summarize
 from antidote.experiments.cache import RECORD, StageCache, locked, stage_key
+from antidote.experiments.front import Margins, flag, mark, rule
 from antidote.experiments.pipeline import (
     RunConfig,
     _Model,
@@ -54,9 +55,9 @@ SWEEPS = ("one-at-a-time", "product")
 COMPARE_OUTPUTS = ("stages", "cells", "results.csv", "results.json", "report.md", "table.tex", "plots")
 CSV_FIELDS = (
     "defense", "variant", "label", "cell", "setting", "seed", "judge", "judge_spec", "hs", "hs_low",
-    "hs_high", "fa", "fa_low", "fa_high", "over_refusal", "degenerate", "seconds", "pipeline_seconds",
-    "peak_rss_mib", "peak_cuda_allocated_mib", "lr", "epochs", "harmful_ratio", "num_samples", "task",
-    "prompt_set", "n_prompts", "eval_task", "n_task", "general_utility",
+    "hs_high", "degenerate", "fa", "fa_low", "fa_high", "over_refusal", "broken", "on_front", "seconds",
+    "pipeline_seconds", "peak_rss_mib", "peak_cuda_allocated_mib", "lr", "epochs", "harmful_ratio",
+    "num_samples", "task", "prompt_set", "n_prompts", "eval_task", "n_task", "general_utility",
 )  # fmt: skip
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -338,9 +339,12 @@ def run_compare(config: CompareConfig, say: Callable[[str], None] = _say) -> dic
             rows += cell_rows(cell, summary, cache, utility)
             built += cache.built
             reused += [s for s in cache.cached if s not in built and s not in reused]
+        margins = Margins(config.run.max_degenerate_rise, config.run.max_over_refusal_rise)
+        mark(rows, margins, group=("judge_spec", "cell"))
         atomic_write_text(out / "results.json", json.dumps(rows, indent=2) + "\n")
         atomic_write_text(out / "results.csv", to_csv(rows))
         table = aggregate(rows)
+        mark(table, margins, group=("judge_spec", "setting"))
         atomic_write_text(out / "report.md", report_markdown(config, rows, table))
         judge = first_judge(rows)
         atomic_write_text(out / "table.tex", latex_table(table, judge))
@@ -555,6 +559,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "seeds": [g["seed"] for g in group],
                 "hs": summarize([g["hs"] for g in group], [g["hs_ci"] for g in group]),
                 "fa": summarize([g["fa"] for g in group], [g["fa_ci"] for g in group]),
+                "degenerate": summarize([g["degenerate"] for g in group], [None for _ in group]),
+                "over_refusal": summarize([g["over_refusal"] for g in group], [None for _ in group]),
                 "seconds": _mean_or_none(seconds),
                 "pipeline_seconds": _mean_or_none(pipeline),
                 "peak_rss_mib": max(peaks) if peaks and None not in peaks else None,
@@ -609,12 +615,20 @@ def _hs_fa_cells(
     fmt: Callable[[dict[str, Any]], str],
     missing: str,
 ) -> list[str]:
-    """One table row's HS and FA entries, setting by setting (`missing` where a defense did not run)."""
+    """One table row's HS, degenerate, FA and over-refusal entries, setting by setting (`missing` where a
+    defense did not run); degenerate and over-refusal as means only."""
     cells = []
     for s in setting_ids:
         t = grid.get((label, s))
-        cells += [fmt(t["hs"]), fmt(t["fa"])] if t else [missing, missing]
+        if t is None:
+            cells += [missing] * 4
+            continue
+        cells += [fmt(t["hs"]), _mean(t["degenerate"]), fmt(t["fa"]), _mean(t["over_refusal"])]
     return cells
+
+
+def _mean(entry: dict[str, Any]) -> str:
+    return f"{entry['mean']:.1f}"
 
 
 def report_markdown(config: CompareConfig, rows: list[dict[str, Any]], table: list[dict[str, Any]]) -> str:
@@ -625,18 +639,30 @@ def report_markdown(config: CompareConfig, rows: list[dict[str, Any]], table: li
         f"Harmful prompts: {first['prompt_set']} ({first['n_prompts']}); task: {first['eval_task']} "
         f"({first['n_task']} items). Sweep: {config.matrix.sweep}; {len(config.cells)} cells. "
         "HS and FA in percent: with several seeds the mean and its 95% t interval over seeds (n = seeds), "
-        "with one seed the value and its 95% per-prompt Wilson interval.",
+        "with one seed the value and its 95% per-prompt Wilson interval. Degenerate: the share of answers "
+        "to harmful prompts that are garbage (empty, loops, no words; not counted in HS); over-refusal: the "
+        "share of harmless prompts refused; both means over seeds. "
+        + rule(Margins(config.run.max_degenerate_rise, config.run.max_over_refusal_rise)),
     ]
     for judge in config.run.judges:
         labels, setting_ids, grid = _grid(table, judge)
         if not labels:
             continue
         name = next(t["judge"] for t in table if t["judge_spec"] == judge)
-        lines += ["", f"## HS and FA (judge: {name})", ""]
-        lines += ["| defense | " + " | ".join(f"HS {s} | FA {s}" for s in setting_ids) + " |"]
-        lines += ["|---" * (1 + 2 * len(setting_ids)) + "|"]
+        lines += ["", f"## HS, degenerate, FA and over-refusal (judge: {name})", ""]
+        lines += [
+            "| defense | "
+            + " | ".join(
+                f"HS {s} | degenerate {s} | FA {s} | over-refusal {s} | broken / front {s}"
+                for s in setting_ids
+            )
+            + " |"
+        ]
+        lines += ["|---" * (1 + 5 * len(setting_ids)) + "|"]
         for label in labels:
             cells = _hs_fa_cells(grid, label, setting_ids, _entry, "-")
+            marks = [flag(grid[(label, s)]) if (label, s) in grid else "-" for s in setting_ids]
+            cells = [c for i, m in enumerate(marks) for c in (*cells[4 * i : 4 * i + 4], m)]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "## Cost per defense (over plain SFT)", ""]
     lines += [
@@ -693,20 +719,28 @@ def _tex(text: str) -> str:
 
 
 def latex_table(table: list[dict[str, Any]], judge: str) -> str:
-    """booktabs: one row per defense (variant), HS and FA per setting, first judge."""
+    """booktabs: one row per defense (variant), HS, degenerate, FA and over-refusal per setting, first judge;
+    a broken entry's HS carries a dagger, an entry on the front an asterisk (`front.py`)."""
     labels, setting_ids, grid = _grid(table, judge)
     name = next((t["judge"] for t in table if t["judge_spec"] == judge), judge)
     lines = [
-        f"% antidote compare: HS and FA in percent (judge: {name}); mean [95% interval]",
-        "\\begin{tabular}{l" + "rr" * len(setting_ids) + "}",
+        f"% antidote compare: HS, degenerate (Deg.), FA and over-refusal (OR) in percent (judge: {name}); "
+        "mean [95% interval]",
+        "% $^\\dagger$: broken (degenerate or over-refusal rose past its margin over the aligned model's); "
+        "$^*$: on the HS-FA-over-refusal front",
+        "\\begin{tabular}{l" + "rrrr" * len(setting_ids) + "}",
         "\\toprule",
-        " & " + " & ".join(f"\\multicolumn{{2}}{{c}}{{{_tex(s)}}}" for s in setting_ids) + " \\\\",
-        " ".join(f"\\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(len(setting_ids))),
-        "Defense & " + " & ".join("HS & FA" for _ in setting_ids) + " \\\\",
+        " & " + " & ".join(f"\\multicolumn{{4}}{{c}}{{{_tex(s)}}}" for s in setting_ids) + " \\\\",
+        " ".join(f"\\cmidrule(lr){{{2 + 4 * i}-{5 + 4 * i}}}" for i in range(len(setting_ids))),
+        "Defense & " + " & ".join("HS & Deg. & FA & OR" for _ in setting_ids) + " \\\\",
         "\\midrule",
     ]
     for label in labels:
         cells = _hs_fa_cells(grid, label, setting_ids, _tex_entry, "--")
+        for i, s in enumerate(setting_ids):
+            t = grid.get((label, s))
+            if t is not None and (t.get("broken") or t.get("on_front")):
+                cells[4 * i] += "$^\\dagger$" if t.get("broken") else "$^*$"
         lines.append(f"{_tex(label)} & " + " & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", ""]
     return "\n".join(lines)
