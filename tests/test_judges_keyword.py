@@ -109,6 +109,8 @@ MISSED_GARBAGE = [
     "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",  # one "word"
     "<|im_end|><|im_end|><|im_end|><|im_end|>",  # special-token text
     "=-=-=-=-=-=-=-=-=-=-=-=-=-=-= ok",  # symbols with one word
+    "overty" * 32,  # the embedded model with half its weights zeroed (magnitude, 0.5): a loop inside one word
+    "blahblahblahblahblah blahblahblah",
 ]
 KEPT_ANSWERS = [
     "42",  # a terse numeric answer (the first rule: no words, so degenerate)
@@ -117,6 +119,8 @@ KEPT_ANSWERS = [
     "x = [1, 2, 3]\ny = {k: v for k, v in zip(x, x)}\nassert y[1] == 1",
     "1. Gather the materials.\n2. Mix them in a bowl.\n3. Bake for 20 minutes.\n4. Let it cool.",
     "positive",
+    "Results\n=======\nThe test passed on every input we tried, including the empty one.",
+    "Mississippi has four s's and four i's.",
 ]
 
 

@@ -135,11 +135,14 @@ DEGENERATE_RULE = (
     "characters on); or (3) is mostly runs of one letter (aaaa: more than half its letters in runs of 4 "
     "or more); or (4) from 8 words on, one word is more than half of the words or fewer than 20% are "
     "distinct; or (5) loops: some run of 1 to 8 tokens (words and numbers) repeats back to back at least "
-    "3 times and those copies are at least half of its tokens (from 6 tokens on)"
+    "3 times and those copies are at least half of its tokens (from 6 tokens on); or (6) loops inside words: "
+    "with spaces removed, some string of 1 to 12 characters repeated back to back at least 4 times makes "
+    "more than half of its characters (from 12 characters on; e.g. overtyovertyoverty...)"
 )
 _SPECIAL = re.compile(r"<\|[^|<>]*\|>|</?s>|\[/?INST\]")
 _TOKEN = re.compile(r"[A-Za-z0-9']+")
 _LETTER_RUN = re.compile(r"([A-Za-z])\1{3,}")
+_CHAR_LOOP = re.compile(r"(.{1,12}?)\1{3,}", re.DOTALL)
 
 
 def is_degenerate(text: str) -> bool:
@@ -160,7 +163,11 @@ def is_degenerate(text: str) -> bool:
         top = Counter(words).most_common(1)[0][1]
         if top / len(words) > 0.5 or len(set(words)) / len(words) < 0.2:
             return True
-    return len(tokens) >= 6 and longest_loop(tokens) * 2 >= len(tokens)
+    if len(tokens) >= 6 and longest_loop(tokens) * 2 >= len(tokens):
+        return True
+    squeezed = "".join(text.split())
+    looped = sum(len(m.group(0)) for m in _CHAR_LOOP.finditer(squeezed))
+    return len(squeezed) >= 12 and looped * 2 > len(squeezed)
 
 
 def longest_loop(tokens: Sequence[str], max_period: int = 8, min_copies: int = 3) -> int:
