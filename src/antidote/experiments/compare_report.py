@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from antidote.experiments.front import Margins, flag, rule
 from antidote.experiments.matrix import SFT
 from antidote.experiments.rows import ResultRow, TableEntry, max_or_none, mean_or_none
 
@@ -36,12 +37,20 @@ def _hs_fa_cells(
     fmt: Callable[[dict[str, Any]], str],
     missing: str,
 ) -> list[str]:
-    """One table row's HS and FA entries, setting by setting (`missing` where a defense did not run)."""
+    """One table row's HS, degenerate, FA and over-refusal entries, setting by setting (`missing` where a
+    defense did not run); degenerate and over-refusal as means only."""
     cells = []
     for s in setting_ids:
         t = grid.get((label, s))
-        cells += [fmt(t.hs), fmt(t.fa)] if t else [missing, missing]
+        if t is None:
+            cells += [missing] * 4
+            continue
+        cells += [fmt(t.hs), _mean(t.degenerate), fmt(t.fa), _mean(t.over_refusal)]
     return cells
+
+
+def _mean(entry: dict[str, Any]) -> str:
+    return f"{entry['mean']:.1f}"
 
 
 def report_markdown(config: CompareConfig, rows: list[ResultRow], table: list[TableEntry]) -> str:
@@ -52,18 +61,30 @@ def report_markdown(config: CompareConfig, rows: list[ResultRow], table: list[Ta
         f"Harmful prompts: {first.prompt_set} ({first.n_prompts}); task: {first.eval_task} "
         f"({first.n_task} items). Sweep: {config.matrix.sweep}; {len(config.cells)} cells. "
         "HS and FA in percent: with several seeds the mean and its 95% t interval over seeds (n = seeds), "
-        "with one seed the value and its 95% per-prompt Wilson interval.",
+        "with one seed the value and its 95% per-prompt Wilson interval. Degenerate: the share of answers "
+        "to harmful prompts that are garbage (empty, loops, no words; not counted in HS); over-refusal: the "
+        "share of harmless prompts refused; both means over seeds. "
+        + rule(Margins(config.run.max_degenerate_rise, config.run.max_over_refusal_rise)),
     ]
     for judge in config.run.judges:
         labels, setting_ids, grid = _grid(table, judge)
         if not labels:
             continue
         name = next(t.judge for t in table if t.judge_spec == judge)
-        lines += ["", f"## HS and FA (judge: {name})", ""]
-        lines += ["| defense | " + " | ".join(f"HS {s} | FA {s}" for s in setting_ids) + " |"]
-        lines += ["|---" * (1 + 2 * len(setting_ids)) + "|"]
+        lines += ["", f"## HS, degenerate, FA and over-refusal (judge: {name})", ""]
+        lines += [
+            "| defense | "
+            + " | ".join(
+                f"HS {s} | degenerate {s} | FA {s} | over-refusal {s} | broken / front {s}"
+                for s in setting_ids
+            )
+            + " |"
+        ]
+        lines += ["|---" * (1 + 5 * len(setting_ids)) + "|"]
         for label in labels:
             cells = _hs_fa_cells(grid, label, setting_ids, _entry, "-")
+            marks = [flag(vars(grid[(label, s)])) if (label, s) in grid else "-" for s in setting_ids]
+            cells = [c for i, m in enumerate(marks) for c in (*cells[4 * i : 4 * i + 4], m)]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "## Cost per defense (over plain SFT)", ""]
     lines += [
@@ -116,20 +137,28 @@ def _tex(text: str) -> str:
 
 
 def latex_table(table: list[TableEntry], judge: str) -> str:
-    """booktabs: one row per defense (variant), HS and FA per setting, first judge."""
+    """booktabs: one row per defense (variant), HS, degenerate, FA and over-refusal per setting, first judge;
+    a broken entry's HS carries a dagger, an entry on the front an asterisk (`front.py`)."""
     labels, setting_ids, grid = _grid(table, judge)
     name = next((t.judge for t in table if t.judge_spec == judge), judge)
     lines = [
-        f"% antidote compare: HS and FA in percent (judge: {name}); mean [95% interval]",
-        "\\begin{tabular}{l" + "rr" * len(setting_ids) + "}",
+        f"% antidote compare: HS, degenerate (Deg.), FA and over-refusal (OR) in percent (judge: {name}); "
+        "mean [95% interval]",
+        "% $^\\dagger$: broken (degenerate or over-refusal rose past its margin over the aligned model's); "
+        "$^*$: on the HS-FA-over-refusal front",
+        "\\begin{tabular}{l" + "rrrr" * len(setting_ids) + "}",
         "\\toprule",
-        " & " + " & ".join(f"\\multicolumn{{2}}{{c}}{{{_tex(s)}}}" for s in setting_ids) + " \\\\",
-        " ".join(f"\\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(len(setting_ids))),
-        "Defense & " + " & ".join("HS & FA" for _ in setting_ids) + " \\\\",
+        " & " + " & ".join(f"\\multicolumn{{4}}{{c}}{{{_tex(s)}}}" for s in setting_ids) + " \\\\",
+        " ".join(f"\\cmidrule(lr){{{2 + 4 * i}-{5 + 4 * i}}}" for i in range(len(setting_ids))),
+        "Defense & " + " & ".join("HS & Deg. & FA & OR" for _ in setting_ids) + " \\\\",
         "\\midrule",
     ]
     for label in labels:
         cells = _hs_fa_cells(grid, label, setting_ids, _tex_entry, "--")
+        for i, s in enumerate(setting_ids):
+            t = grid.get((label, s))
+            if t is not None and (t.broken or t.on_front):
+                cells[4 * i] += "$^\\dagger$" if t.broken else "$^*$"
         lines.append(f"{_tex(label)} & " + " & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", ""]
     return "\n".join(lines)

@@ -7,10 +7,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from antidote.evaluation.stats import wilson_interval
+from antidote.experiments import front
 from antidote.experiments.aggregate import summarize
 from antidote.experiments.cache import StageCache
 from antidote.experiments.matrix import MATRIX_KEYS, SFT, Cell
@@ -20,9 +22,9 @@ from antidote.outputs import json_text
 
 CSV_FIELDS = (
     "defense", "variant", "label", "cell", "setting", "seed", "judge", "judge_spec", "hs", "hs_low",
-    "hs_high", "fa", "fa_low", "fa_high", "over_refusal", "degenerate", "seconds", "pipeline_seconds",
-    "peak_rss_mib", "peak_cuda_allocated_mib", "lr", "epochs", "harmful_ratio", "num_samples", "task",
-    "prompt_set", "n_prompts", "eval_task", "n_task", "general_utility",
+    "hs_high", "degenerate", "fa", "fa_low", "fa_high", "over_refusal", "broken", "on_front", "seconds",
+    "pipeline_seconds", "peak_rss_mib", "peak_cuda_allocated_mib", "lr", "epochs", "harmful_ratio",
+    "num_samples", "task", "prompt_set", "n_prompts", "eval_task", "n_task", "general_utility",
 )  # fmt: skip
 MEASURED = ("seconds", "pipeline_seconds", "peak_rss_mib", "peak_cuda_allocated_mib")
 
@@ -63,6 +65,9 @@ class ResultRow:
     eval_stage: str
     general_utility: dict[str, dict[str, float]] | None
     recovered: list[float] | None
+    # `front.marks` against the aligned row of the same judge and cell (set by `mark_rows`)
+    broken: str = ""  # why the row is broken (degenerate or over-refusal past its margin); "" when not
+    on_front: bool = False  # on the HS-FA-over-refusal front
 
     def setting_value(self, key: str) -> Any:
         return getattr(self, key)
@@ -150,8 +155,9 @@ def to_csv(rows: list[ResultRow]) -> str:
 
 @dataclass
 class TableEntry:
-    """One (judge, setting, defense label) over seeds: HS and FA summaries (`aggregate.summarize`: mean,
-    low, high, n, interval_kind), the mean own and pipeline seconds, the largest peak memory."""
+    """One (judge, setting, defense label) over seeds: HS, FA, degenerate and over-refusal summaries
+    (`aggregate.summarize`: mean, low, high, n, interval_kind; the last two without per-seed intervals), the
+    mean own and pipeline seconds, the largest peak memory, and the broken / front marks of its means."""
 
     judge_spec: str
     judge: str
@@ -162,6 +168,8 @@ class TableEntry:
     seeds: list[int]
     hs: dict[str, Any]
     fa: dict[str, Any]
+    degenerate: dict[str, Any]
+    over_refusal: dict[str, Any]
     seconds: float | None
     pipeline_seconds: float | None
     peak_rss_mib: float | None
@@ -175,9 +183,17 @@ class TableEntry:
     harmful_ratio: float
     num_samples: int
     task: str
+    broken: str = ""  # as `ResultRow.broken`, against the aligned entry of the same judge and setting
+    on_front: bool = False
 
     def setting_value(self, key: str) -> Any:
         return getattr(self, key)
+
+
+def mark_rows(rows: Sequence[ResultRow | TableEntry], margins: front.Margins, group: tuple[str, ...]) -> None:
+    """Set each row's `broken` and `on_front` (`front.marks`), comparing rows with the same `group` fields."""
+    for r, (broken, on_front) in zip(rows, front.marks([vars(r) for r in rows], margins, group), strict=True):
+        r.broken, r.on_front = broken, on_front
 
 
 def aggregate(rows: list[ResultRow]) -> list[TableEntry]:
@@ -207,6 +223,8 @@ def aggregate(rows: list[ResultRow]) -> list[TableEntry]:
                 seeds=[g.seed for g in group],
                 hs=summarize([g.hs for g in group], [g.hs_ci for g in group]),
                 fa=summarize([g.fa for g in group], [g.fa_ci for g in group]),
+                degenerate=summarize([g.degenerate for g in group], [None for _ in group]),
+                over_refusal=summarize([g.over_refusal for g in group], [None for _ in group]),
                 seconds=mean_or_none([g.seconds for g in group]),
                 pipeline_seconds=mean_or_none([g.pipeline_seconds for g in group]),
                 peak_rss_mib=max_or_none(peaks),
