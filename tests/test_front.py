@@ -6,6 +6,7 @@ import pytest
 
 from antidote.errors import AntidoteError
 from antidote.experiments.front import Margins, dominates, mark, on_front
+from antidote.experiments.rows import ResultRow, aggregate, mark_rows
 
 
 def _row(label: str, hs: float, fa: float, over_refusal: float = 10.0, degenerate: float = 5.0) -> dict:
@@ -96,3 +97,44 @@ def test_dominates_and_on_front_by_brute_force() -> None:
 def test_a_margin_outside_0_100_is_an_error() -> None:
     with pytest.raises(AntidoteError, match="degenerate margin must be"):
         Margins(degenerate=-1.0)
+
+
+def _result(label: str, seed: int, hs: float, degenerate: float, over_refusal: float = 5.0) -> ResultRow:
+    """A compare result row at one setting; only the fields the marks and the means read vary."""
+    return ResultRow(
+        defense=label, variant="", label=label, cell=f"lr=0.001,seed={seed}", setting="lr=0.001", seed=seed,
+        judge="keyword", judge_spec="keyword", hs=hs, hs_ci=[0.0, 100.0], fa=80.0, fa_ci=[0.0, 100.0],
+        over_refusal=over_refusal, degenerate=degenerate, seconds=None, pipeline_seconds=None,
+        peak_rss_mib=None, peak_cuda_allocated_mib=None, lr=1e-3, epochs=1, harmful_ratio=0.1, num_samples=10,
+        task="t", prompt_set="p", n_prompts=10, eval_task="t", n_task=10, stages={},
+        eval_stage="" if label != "aligned" else "evaluate-aligned", general_utility=None, recovered=None,
+    )  # fmt: skip
+
+
+def test_compare_rows_are_marked_per_cell_and_entries_on_their_means() -> None:
+    """sft: degenerate 30 at seed 0 (+20 over aligned's 10: broken in its cell) and 10 at seed 1; its entry's
+    mean is 20, a rise of exactly 10: not broken, and on the front (resta, the only other row, is broken:
+    degenerate 40 at both seeds, +30)."""
+    rows = [
+        _result("aligned", 0, 10.0, 10.0),
+        _result("sft", 0, 90.0, 30.0),
+        _result("resta", 0, 5.0, 40.0),
+        _result("aligned", 1, 10.0, 10.0),
+        _result("sft", 1, 70.0, 10.0),
+        _result("resta", 1, 5.0, 40.0),
+    ]
+    mark_rows(rows, Margins(), group=("judge_spec", "cell"))
+    assert [(r.broken, r.on_front) for r in rows] == [
+        ("", False),
+        ("degenerate +20.0", False),
+        ("degenerate +30.0", False),
+        ("", False),
+        ("", True),
+        ("degenerate +30.0", False),
+    ]
+    table = {t.label: t for t in aggregate(rows)}
+    assert table["aligned"].seeds == [0]  # one evaluation, counted once
+    assert table["sft"].degenerate["mean"] == 20.0 and table["sft"].over_refusal["mean"] == 5.0
+    mark_rows(list(table.values()), Margins(), group=("judge_spec", "setting"))
+    assert (table["sft"].broken, table["sft"].on_front) == ("", True)
+    assert (table["resta"].broken, table["resta"].on_front) == ("degenerate +30.0", False)
