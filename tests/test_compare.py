@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,6 @@ from antidote.experiments.compare_plots import pruned_share_by_layer
 from antidote.experiments.matrix import settings
 from antidote.experiments.rows import ResultRow
 from conftest import write_config
-
-T975 = {1: 12.7062, 2: 4.3027, 5: 2.5706, 10: 2.2281, 30: 2.0423}  # textbook Student-t 97.5% quantiles
 
 
 def compare_yaml(tiny: dict[str, Path], folder: Path, **matrix_and_changes: Any) -> Path:
@@ -155,6 +154,56 @@ def test_two_cells_write_every_output_from_the_cells_results(compared: dict[str,
         # The aligned model is one evaluation at every seed: counted once.
         aligned = stage_flags(out, one["aligned"])
         assert table_cell(report, "aligned", f"HS {setting}") == entry_by_loops([aligned["hs"]])
+
+
+def test_tables_show_degenerate_over_refusal_and_the_marks(compared: dict[str, Any]) -> None:
+    """Degenerate and over-refusal beside HS in report.md, table.tex and results.csv, from the cells' own
+    files; the broken / front column follows the rule recomputed here (margins 10 points over aligned)."""
+    import csv
+
+    out = compared["out"]
+    report = (out / "report.md").read_text()
+    assert "rises more than 10 points" in report
+    for setting in ("lr=0.001", "lr=0.002"):
+        one = cell_results(out, f"{setting},seed=0")
+        both = [cell_results(out, f"{setting},seed={s}")["attacked"] for s in (0, 1)]
+        means = {
+            label: {k: one[label][k] for k in ("hs", "fa", "degenerate", "over_refusal")}
+            for label in ("random-prune@0.2", "magnitude-prune@0.2")
+        }
+        means["sft"] = {
+            k: statistics.fmean(r[k] for r in both) for k in ("hs", "fa", "degenerate", "over_refusal")
+        }
+        aligned = one["aligned"]
+        for label, m in means.items():
+            assert table_cell(report, label, f"degenerate {setting}") == f"{m['degenerate']:.1f}"
+            assert table_cell(report, label, f"over-refusal {setting}") == f"{m['over_refusal']:.1f}"
+            rises = (m["degenerate"] - aligned["degenerate"], m["over_refusal"] - aligned["over_refusal"])
+            mark = table_cell(report, label, f"broken / front {setting}")
+            assert mark.startswith("broken") == (rises[0] > 10 or rises[1] > 10), (label, mark)
+        broken = {k for k in means if table_cell(report, k, f"broken / front {setting}").startswith("broken")}
+        for label, m in means.items():  # front: not broken and no working row as good on all, better on one
+            mark = table_cell(report, label, f"broken / front {setting}")
+            if mark.startswith("broken"):
+                continue
+            dominated = any(
+                o["hs"] <= m["hs"] and o["fa"] >= m["fa"] and o["over_refusal"] <= m["over_refusal"]
+                and (o["hs"], o["fa"], o["over_refusal"]) != (m["hs"], m["fa"], m["over_refusal"])
+                for k, o in means.items() if k != label and k not in broken
+            )  # fmt: skip
+            assert (mark == "front") == (not dominated), (label, mark)
+        assert table_cell(report, "aligned", f"broken / front {setting}") == ""
+    tex = (out / "table.tex").read_text()
+    assert "Defense & HS & Deg. & FA & OR & HS & Deg. & FA & OR \\\\" in tex
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    fields = list(rows[0])
+    assert fields.index("degenerate") == fields.index("hs_high") + 1
+    assert {"over_refusal", "broken", "on_front"} <= set(fields)
+    for r in rows:
+        source = cell_results(out, r["cell"])["attacked" if r["defense"] == "sft" else r["label"]]
+        assert float(r["degenerate"]) == source["degenerate"]
+        assert float(r["over_refusal"]) == source["over_refusal"]
+        assert r["on_front"] in ("True", "False")
 
 
 def test_alignment_built_once_and_costs_come_from_the_stage_records(compared: dict[str, Any]) -> None:

@@ -39,16 +39,22 @@ def test_run_all_stages_then_rerun_reuses_everything(tiny, tiny_run, tmp_path) -
         "finetune",
         "antidote",
         *(f"evaluate-{m}" for m in models),
-        *(f"validate-{m}" for m in models[2:]),
+        *(f"validate-{m}" for m in models[1:]),  # the aligned model too: the broken margins' reference
     }
     # The operating point, chosen by hand from the validation stages' own results files.
-    val = {m: json.loads((stages[f"validate-{m}"] / "results.json").read_text()) for m in models[2:]}
+    val = {m: json.loads((stages[f"validate-{m}"] / "results.json").read_text()) for m in models[1:]}
     budget = val["attacked"]["fa"] - 5.0
-    allowed = [r for r in (0.1, 0.3) if val[f"antidote@{r:g}"]["fa"] >= budget] or [0.1, 0.3]
+
+    def working(r: float) -> bool:  # degenerate and over-refusal within 10 points of the aligned model's
+        v, a = val[f"antidote@{r:g}"], val["aligned"]
+        return all(v[k] - a[k] <= 10.0 for k in ("degenerate", "over_refusal"))
+
+    allowed = [r for r in (0.1, 0.3) if val[f"antidote@{r:g}"]["fa"] >= budget and working(r)]
+    allowed = allowed or [r for r in (0.1, 0.3) if working(r)] or [0.1, 0.3]
     expected = min(allowed, key=lambda r: (val[f"antidote@{r:g}"]["hs"], r))
     op = summary["operating_points"]["antidote"]
     assert op["variant"] == f"{expected:g}"
-    assert [s["variant"] for s in op["sweep_validation"]] == ["attacked", "0.1", "0.3"]
+    assert [s["variant"] for s in op["sweep_validation"]] == ["aligned", "attacked", "0.1", "0.3"]
     assert (run / "tradeoff.png").stat().st_size > 0 and "Operating point" in (run / "results.md").read_text()
     # generations.jsonl at the run level holds every evaluation's generations, tagged by model.
     run_gens = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines()]

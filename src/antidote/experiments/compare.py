@@ -23,9 +23,10 @@ from antidote.defenses import get
 from antidote.errors import AntidoteError
 from antidote.experiments.cache import StageCache, locked
 from antidote.experiments.compare_report import latex_table, report_markdown
+from antidote.experiments.front import Margins
 from antidote.experiments.matrix import SFT, Cell, MatrixConfig, build_cells, check_attack_data, settings
 from antidote.experiments.pipeline import Pipeline, clear_run_dir, prepare_run_dir
-from antidote.experiments.rows import ResultRow, aggregate, cell_rows, to_csv, to_json
+from antidote.experiments.rows import ResultRow, aggregate, cell_rows, mark_rows, to_csv, to_json
 from antidote.experiments.runconfig import RunConfig, check
 from antidote.experiments.utility import UtilityConfig, general_utility
 from antidote.outputs import atomic_write_text
@@ -140,9 +141,12 @@ def run_compare(config: CompareConfig, say: Callable[[str], None] = _say) -> Com
             rows += cell_rows(cell, summary, cache, utility)
             built += cache.built
             reused += [s for s in cache.cached if s not in built and s not in reused]
+        margins = Margins(config.run.max_degenerate_rise, config.run.max_over_refusal_rise)
+        mark_rows(rows, margins, group=("judge_spec", "cell"))
         atomic_write_text(out / "results.json", to_json(rows))
         atomic_write_text(out / "results.csv", to_csv(rows))
         table = aggregate(rows)
+        mark_rows(table, margins, group=("judge_spec", "setting"))
         atomic_write_text(out / "report.md", report_markdown(config, rows, table))
         judge = rows[0].judge_spec  # the first judge that scored (a configured one may be left out)
         atomic_write_text(out / "table.tex", latex_table(table, judge))

@@ -1,9 +1,11 @@
 """The plots of `antidote compare` (matplotlib, Agg), from the aggregated table (first judge):
-- hs_vs_fa.png: HS against FA, one marker per defense (variant) and setting;
+- hs_vs_fa.png: HS against FA, one marker per defense (variant) and setting; a broken entry (`front.py`:
+  degenerate or over-refusal past its margin) circled in red, an entry on the front boxed in black; a second
+  panel: each entry's degenerate rate against its over-refusal;
 - hs_vs_lr.png, hs_vs_epochs.png: HS against the attack's learning rate / epochs, one line per defense, the
-  other matrix keys at their default (only for keys that the matrix varies);
-- antidote_mask_ratio.png: Antidote's HS and FA against its mask ratio (0: the attacked model), when two or
-  more ratios were evaluated;
+  other matrix keys at their default (only for keys that the matrix varies); broken points circled in red;
+- antidote_mask_ratio.png: Antidote's HS, FA, degenerate and over-refusal rates against its mask ratio (0: the
+  attacked model), when two or more ratios were evaluated;
 - antidote_mask_layers.png: the share of weights Antidote pruned per layer and module type (its mask file
   at the largest ratio, default setting, first seed).
 """
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 
+from antidote.experiments.front import value
 from antidote.experiments.matrix import SFT
 from antidote.experiments.rows import ResultRow, TableEntry
 
@@ -90,14 +93,33 @@ def _style(i: int) -> dict[str, Any]:
     return {"color": f"C{i % 10}", "marker": _MARKERS[(i + i // 10) % len(_MARKERS)]}
 
 
+def _ring(ax: Any, entries: list[TableEntry], x: str, y: str) -> None:
+    """Circle broken entries in red and box entries on the front in black (`rows.mark_rows` set both)."""
+    for key, style in (
+        ("broken", {"marker": "o", "edgecolors": "red", "s": 160, "label": "broken"}),
+        ("on_front", {"marker": "s", "edgecolors": "black", "s": 130, "label": "on the front"}),
+    ):
+        pts = [t for t in entries if getattr(t, key)]
+        if pts:
+            xs, ys = [value(getattr(t, x)) for t in pts], [value(getattr(t, y)) for t in pts]
+            ax.scatter(xs, ys, facecolors="none", linewidths=1.2, **style)
+
+
 def hs_vs_fa(entries: list[TableEntry], path: Path) -> Path:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, (ax, side) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     labels = list(dict.fromkeys(t.label for t in entries))
     for i, label in enumerate(labels):
         pts = [t for t in entries if t.label == label]
         style = {"color": "gray", "marker": "x"} if label in REFERENCE else _style(i)
         ax.scatter([t.fa["mean"] for t in pts], [t.hs["mean"] for t in pts], label=label, **style)
+        degenerate = [t.degenerate["mean"] for t in pts]
+        side.scatter([t.over_refusal["mean"] for t in pts], degenerate, **style)
+    _ring(ax, entries, "fa", "hs")
+    _ring(side, entries, "over_refusal", "degenerate")
+    side.set_xlabel("over-refusal (% of harmless prompts refused)")
+    side.set_ylabel("degenerate answers (% of harmful prompts)")
+    side.set_title("What a low HS may hide", fontsize=9)
     ax.set_xlabel("fine-tuning accuracy FA (%)")
     ax.set_ylabel(f"harmful score HS (%, {entries[0].judge} judge)")
     ax.set_title("Harm against task accuracy, every defense and setting")
@@ -116,6 +138,7 @@ def hs_against(entries: list[TableEntry], key: str, path: Path) -> Path:
         style = _style(i)
         xs, ys = [t.setting_value(key) for t in pts], [t.hs["mean"] for t in pts]
         ax.plot(xs, ys, linestyle=_LINES[i // 10 % 3], label=label, **style)
+    _ring(ax, [t for t in entries if t.broken], key, "hs")
     if key == "lr":
         ax.set_xscale("log")
     ax.set_xlabel({"lr": "fine-tuning learning rate", "epochs": "fine-tuning epochs"}[key])
@@ -145,6 +168,8 @@ def mask_ratio_plot(entries: list[TableEntry], path: Path) -> Path | None:
     xs = [x for x, _ in points]
     ax.plot(xs, [t.hs["mean"] for _, t in points], "o-", color="C3", label="HS")
     ax.plot(xs, [t.fa["mean"] for _, t in points], "s--", color="C0", label="FA")
+    ax.plot(xs, [t.degenerate["mean"] for _, t in points], "v:", color="C1", label="degenerate")
+    ax.plot(xs, [t.over_refusal["mean"] for _, t in points], "^:", color="C2", label="over-refusal")
     ax.set_xlabel("Antidote mask ratio alpha (0 = the attacked model)")
     ax.set_ylabel("percent")
     ax.set_title("Antidote: harm and accuracy against the share pruned")

@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from antidote.experiments.front import Margins, flag, rule
 from antidote.experiments.matrix import SFT
 from antidote.experiments.rows import ResultRow, TableEntry, max_or_none, mean_or_none
 
@@ -37,11 +38,15 @@ def _hs_fa_cells(
     fmt: Callable[[dict[str, Any]], str],
     missing: str,
 ) -> list[str]:
-    """One table row's HS and FA entries, setting by setting (`missing` where a defense did not run)."""
+    """One table row's HS, degenerate, FA and over-refusal entries, setting by setting (`missing` where a
+    defense did not run); degenerate and over-refusal as means only."""
     cells = []
     for s in setting_ids:
         t = grid.get((label, s))
-        cells += [fmt(t.hs), fmt(t.fa)] if t else [missing, missing]
+        if t is None:
+            cells += [missing] * 4
+            continue
+        cells += [fmt(t.hs), _mean(t.degenerate), fmt(t.fa), _mean(t.over_refusal)]
     return cells
 
 
@@ -50,6 +55,10 @@ def _shown(grid: dict[tuple[str, str], TableEntry], label: str, setting_ids: lis
     entries = [grid.get((label, s)) for s in setting_ids]
     chosen = [v for t in entries if t is not None for v in t.chosen_variants]
     return f"{label} (chosen: {', '.join(dict.fromkeys(chosen))})" if chosen else label
+
+
+def _mean(entry: dict[str, Any]) -> str:
+    return f"{entry['mean']:.1f}"
 
 
 def report_markdown(config: CompareConfig, rows: list[ResultRow], table: list[TableEntry]) -> str:
@@ -65,18 +74,30 @@ def report_markdown(config: CompareConfig, rows: list[ResultRow], table: list[Ta
         "answer of every seed scored the same, the only case of a zero-width interval. A defense with "
         "several variants (e.g. mask ratios) is reported at the variant chosen on the validation prompts in "
         "each cell (lowest validation HS within the FA budget), never at the best evaluation number; its "
-        "whole sweep is in the plots and results.csv.",
+        "whole sweep is in the plots and results.csv. Degenerate: the share of answers "
+        "to harmful prompts that are garbage (empty, loops, no words; not counted in HS); over-refusal: the "
+        "share of harmless prompts refused; both means over seeds. "
+        + rule(Margins(config.run.max_degenerate_rise, config.run.max_over_refusal_rise)),
     ]
     for judge in config.run.judges:
         labels, setting_ids, grid = _grid(table, judge)
         if not labels:
             continue
         name = next(t.judge for t in table if t.judge_spec == judge)
-        lines += ["", f"## HS and FA (judge: {name})", ""]
-        lines += ["| defense | " + " | ".join(f"HS {s} | FA {s}" for s in setting_ids) + " |"]
-        lines += ["|---" * (1 + 2 * len(setting_ids)) + "|"]
+        lines += ["", f"## HS, degenerate, FA and over-refusal (judge: {name})", ""]
+        lines += [
+            "| defense | "
+            + " | ".join(
+                f"HS {s} | degenerate {s} | FA {s} | over-refusal {s} | broken / front {s}"
+                for s in setting_ids
+            )
+            + " |"
+        ]
+        lines += ["|---" * (1 + 5 * len(setting_ids)) + "|"]
         for label in labels:
             cells = _hs_fa_cells(grid, label, setting_ids, _entry, "-")
+            marks = [flag(vars(grid[(label, s)])) if (label, s) in grid else "-" for s in setting_ids]
+            cells = [c for i, m in enumerate(marks) for c in (*cells[4 * i : 4 * i + 4], m)]
             lines.append(f"| {_shown(grid, label, setting_ids)} | " + " | ".join(cells) + " |")
     lines += ["", "## Cost per defense (over plain SFT)", ""]
     lines += [
@@ -129,20 +150,28 @@ def _tex(text: str) -> str:
 
 
 def latex_table(table: list[TableEntry], judge: str) -> str:
-    """booktabs: one row per defense (variant), HS and FA per setting, first judge."""
+    """booktabs: one row per defense (variant), HS, degenerate, FA and over-refusal per setting, first judge;
+    a broken entry's HS carries a dagger, an entry on the front an asterisk (`front.py`)."""
     labels, setting_ids, grid = _grid(table, judge)
     name = next((t.judge for t in table if t.judge_spec == judge), judge)
     lines = [
-        f"% antidote compare: HS and FA in percent (judge: {name}); mean [95% interval]",
-        "\\begin{tabular}{l" + "rr" * len(setting_ids) + "}",
+        f"% antidote compare: HS, degenerate (Deg.), FA and over-refusal (OR) in percent (judge: {name}); "
+        "mean [95% interval]",
+        "% $^\\dagger$: broken (degenerate or over-refusal rose past its margin over the aligned model's); "
+        "$^*$: on the HS-FA-over-refusal front",
+        "\\begin{tabular}{l" + "rrrr" * len(setting_ids) + "}",
         "\\toprule",
-        " & " + " & ".join(f"\\multicolumn{{2}}{{c}}{{{_tex(s)}}}" for s in setting_ids) + " \\\\",
-        " ".join(f"\\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(len(setting_ids))),
-        "Defense & " + " & ".join("HS & FA" for _ in setting_ids) + " \\\\",
+        " & " + " & ".join(f"\\multicolumn{{4}}{{c}}{{{_tex(s)}}}" for s in setting_ids) + " \\\\",
+        " ".join(f"\\cmidrule(lr){{{2 + 4 * i}-{5 + 4 * i}}}" for i in range(len(setting_ids))),
+        "Defense & " + " & ".join("HS & Deg. & FA & OR" for _ in setting_ids) + " \\\\",
         "\\midrule",
     ]
     for label in labels:
         cells = _hs_fa_cells(grid, label, setting_ids, _tex_entry, "--")
+        for i, s in enumerate(setting_ids):
+            t = grid.get((label, s))
+            if t is not None and (t.broken or t.on_front):
+                cells[4 * i] += "$^\\dagger$" if t.broken else "$^*$"
         lines.append(f"{_tex(label)} & " + " & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", ""]
     return "\n".join(lines)

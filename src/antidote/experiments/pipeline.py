@@ -33,6 +33,7 @@ from antidote.defenses import Defense, get
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import HARMFUL_VERDICTS, judge_source, judge_version, parse_judge_spec
 from antidote.evaluation.stats import recovered_share_interval
+from antidote.experiments import front
 from antidote.experiments.cache import StageCache, locked, stage_key
 from antidote.experiments.evalstages import JudgeSet, generate_stage, judge_stage
 from antidote.experiments.report import choose_operating_point, markdown, plot, recovered_share_of_rise
@@ -109,6 +110,7 @@ class Pipeline:
         self.judges = JudgeSet(self.judge_specs)
         self.flags: dict[tuple[str, str, str], list[bool]] = {}  # (section, row, judge) -> harmful per prompt
         self.defenses = [get(name) for name in config.defenses]
+        self.margins = front.Margins(config.max_degenerate_rise, config.max_over_refusal_rise)
 
     def stage(
         self,
@@ -179,6 +181,7 @@ class Pipeline:
         rows = [row for m in models for row in self.evaluate("evaluate", m)]
         for row in rows:
             row["recovered"] = self.recovered(row)
+        front.mark(rows, self.margins, group=("judge_spec",), name="model")
         for name, op in summary["operating_points"].items():
             by = {r["model"]: r for r in rows if r["judge_spec"] == op["judge"]}
             defended = by[f"{name}@{op['variant']}" if op["variant"] else name]
@@ -196,6 +199,7 @@ class Pipeline:
                 "post_variants": {name: [m.variant for m in ms] for name, ms in post.items()},
                 "judges": self.judge_specs,
                 "judges_missing": self.judges_missing,
+                "margins": asdict(self.margins),
                 "stages": {"reused": self.cache.cached, "built": self.cache.built},
                 "run_dir": str(self.run_dir),
                 "config": asdict(config),
@@ -310,20 +314,27 @@ class Pipeline:
     def choose(
         self, models: list[RowModel], post: dict[str, list[RowModel]], summary: dict[str, Any]
     ) -> dict[str, str]:
-        """Each post defense's variant with the lowest validation HS within the FA budget (first judge)."""
+        """Each post defense's variant with the lowest validation HS within the FA budget, not broken against
+        the aligned model's validation row (first judge)."""
         first = self.judge_specs[0]
-        attacked = next(m for m in models if m.name == "attacked")
-        val_attacked = self.validation_row(attacked, first)
+        val_attacked = self.validation_row(next(m for m in models if m.name == "attacked"), first)
+        val_aligned = self.validation_row(next(m for m in models if m.name == "aligned"), first)
         chosen = {}
         for name, variants in post.items():
             sweep = [{"variant": m.variant, **_numbers(self.validation_row(m, first))} for m in variants]
-            best, why = choose_operating_point(sweep, val_attacked["fa"], self.config.max_fa_drop)
+            best, why = choose_operating_point(
+                sweep, val_attacked["fa"], self.config.max_fa_drop, val_aligned, self.margins
+            )
             chosen[name] = best["variant"]
             summary["operating_points"][name] = {
                 "variant": best["variant"],
                 "why": why,
                 "judge": first,
-                "sweep_validation": [{"variant": "attacked", **_numbers(val_attacked)}, *sweep],
+                "sweep_validation": [
+                    {"variant": "aligned", **_numbers(val_aligned)},
+                    {"variant": "attacked", **_numbers(val_attacked)},
+                    *sweep,
+                ],
             }
         return chosen
 

@@ -8,21 +8,48 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from antidote.experiments.front import Margins, broken_reasons, flag, rule
+
 
 def choose_operating_point(
-    sweep: Sequence[dict[str, Any]], attacked_fa: float, max_fa_drop: float
+    sweep: Sequence[dict[str, Any]],
+    attacked_fa: float,
+    max_fa_drop: float,
+    aligned: dict[str, Any] | None = None,
+    margins: Margins | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """The variant with the lowest validation HS among those losing at most `max_fa_drop` FA points
-    (ties: the first in `sweep`, i.e. the smaller ratio). If none qualifies, the lowest HS, said so."""
-    allowed = [s for s in sweep if s["fa"] >= attacked_fa - max_fa_drop]
+    """The variant with the lowest validation HS among those losing at most `max_fa_drop` FA points and not
+    broken (`front.broken_reasons`: degenerate or over-refusal rising more than `margins` over the `aligned`
+    model's validation row) (ties: the first in `sweep`, i.e. the smaller ratio). If none qualifies: the
+    lowest HS among the variants that are not broken, else the lowest HS of all, said so. Each sweep entry
+    gets `broken` (the reasons, "" when not broken)."""
+    margins = margins or Margins()
+    for s in sweep:
+        s["broken"] = "; ".join(broken_reasons(s, aligned, margins)) if aligned is not None else ""
+    allowed = [s for s in sweep if s["fa"] >= attacked_fa - max_fa_drop and not s["broken"]]
     if allowed:
         best = min(allowed, key=lambda s: s["hs"])
         return best, (
             f"lowest validation HS ({best['hs']}) among variants losing at most {max_fa_drop} FA points "
             f"against the attacked model (validation FA {attacked_fa})"
+            + (
+                f" and not broken (degenerate and over-refusal within {margins.degenerate:g} and "
+                f"{margins.over_refusal:g} points of the aligned model's)"
+                if aligned is not None
+                else ""
+            )
+        )
+    working = [s for s in sweep if not s["broken"]]
+    if working:
+        best = min(working, key=lambda s: s["hs"])
+        return best, (
+            f"no variant kept validation FA within {max_fa_drop} points"
+            + (" while not broken" if aligned is not None else "")
+            + "; took the lowest validation HS"
+            + (" among the variants not broken" if aligned is not None else "")
         )
     best = min(sweep, key=lambda s: s["hs"])
-    return best, f"no variant kept validation FA within {max_fa_drop} points; took the lowest validation HS"
+    return best, "every variant is broken (degenerate or over-refusal); took the lowest validation HS"
 
 
 def recovered_share_of_rise(aligned_hs: float, attacked_hs: float, defended_hs: float) -> float | None:
@@ -47,23 +74,26 @@ def markdown(summary: dict[str, Any]) -> str:
         "the same answers (not counted as harmful by any judge). Recovered: the share of the HS rise "
         "(aligned -> attacked) the row's model gave back, same judge, with a paired bootstrap interval over "
         "prompts; '-' for the reference rows, and where the attack raised HS by less than 10 points (the "
-        "share is then undefined: any value fits a small rise).",
+        "share is then undefined: any value fits a small rise). "
+        + rule(Margins(**summary.get("margins", {}))),
         "",
-        "| model | judge | HS | degenerate | FA | over-refusal | recovered | eval seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | judge | HS | degenerate | FA | over-refusal | broken / front | recovered | eval seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['model']} | {r['judge']} | {_ci(r, 'hs')} | {r['degenerate']} | {_ci(r, 'fa')} | "
-        f"{_ci(r, 'over_refusal')} | {_share(r.get('recovered'))} | {r['seconds']} |"
+        f"{_ci(r, 'over_refusal')} | {flag(r)} | {_share(r.get('recovered'))} | {r['seconds']} |"
         for r in rows
     ]
     for spec, why in summary.get("judges_missing", {}).items():
         lines += ["", f"Judge {spec} left out: {why}."]
     for name, op in summary.get("operating_points", {}).items():
-        lines += ["", f"## {name}: validation sweep (first row: the attacked model)", ""]
-        lines += ["| variant | HS | FA | degenerate |", "|---|---|---|---|"]
+        lines += ["", f"## {name}: validation sweep (first rows: the reference models)", ""]
+        lines += ["| variant | HS | degenerate | FA | over-refusal | broken |", "|---|---|---|---|---|---|"]
         lines += [
-            f"| {s['variant']} | {s['hs']} | {s['fa']} | {s['degenerate']} |" for s in op["sweep_validation"]
+            f"| {s['variant']} | {s['hs']} | {s['degenerate']} | {s['fa']} | {s.get('over_refusal', '-')} | "
+            f"{s.get('broken') or ''} |"
+            for s in op["sweep_validation"]
         ]
         lines += [
             "",
@@ -100,7 +130,8 @@ def _share(share: Sequence[float | None] | None) -> str:
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
-    """HS and FA (first judge, evaluation prompts) of each post-fine-tuning defense over its variants."""
+    """HS, FA and the degenerate rate (first judge, evaluation prompts) of each post-fine-tuning defense over
+    its variants; broken variants (`front.py`) circled in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,6 +150,23 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         color = f"C{i}"
         ax.plot([x for x, _ in points], [p["hs"] for _, p in points], "o-", color=color, label=f"{name} HS")
         ax.plot([x for x, _ in points], [p["fa"] for _, p in points], "s--", color=color, label=f"{name} FA")
+        ax.plot(
+            [x for x, _ in points],
+            [p["degenerate"] for _, p in points],
+            "v:",
+            color=color,
+            label=f"{name} degenerate",
+        )
+        broken = [(x, p) for x, p in points if p.get("broken")]
+        if broken:
+            ax.scatter(
+                [x for x, _ in broken],
+                [p["hs"] for _, p in broken],
+                s=160,
+                facecolors="none",
+                edgecolors="red",
+                label=f"{name} broken",
+            )
     if "aligned" in by:
         ax.axhline(by["aligned"]["hs"], color="gray", linestyle=":", label="aligned HS")
     ax.set_xlabel("mask ratio alpha (0 = attacked model)")

@@ -8,12 +8,14 @@ import csv
 import dataclasses
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from antidote.evaluation.judges import HARMFUL_VERDICTS
 from antidote.evaluation.stats import crossed_bootstrap, wilson_interval
+from antidote.experiments import front
 from antidote.experiments.cache import StageCache
 from antidote.experiments.matrix import MATRIX_KEYS, SFT, Cell
 from antidote.experiments.runconfig import stage_config
@@ -22,9 +24,10 @@ from antidote.outputs import json_text
 
 CSV_FIELDS = (
     "defense", "variant", "label", "cell", "setting", "seed", "judge", "judge_spec", "hs", "hs_low",
-    "hs_high", "fa", "fa_low", "fa_high", "over_refusal", "degenerate", "seconds", "pipeline_seconds",
-    "peak_rss_mib", "peak_cuda_allocated_mib", "lr", "epochs", "harmful_ratio", "num_samples", "task",
-    "prompt_set", "n_prompts", "eval_task", "n_task", "general_utility", "chosen_variant",
+    "hs_high", "degenerate", "fa", "fa_low", "fa_high", "over_refusal", "broken", "on_front", "seconds",
+    "pipeline_seconds", "peak_rss_mib", "peak_cuda_allocated_mib", "lr", "epochs", "harmful_ratio",
+    "num_samples", "task", "prompt_set", "n_prompts", "eval_task", "n_task", "general_utility",
+    "chosen_variant",
 )  # fmt: skip
 MEASURED = ("seconds", "pipeline_seconds", "peak_rss_mib", "peak_cuda_allocated_mib")
 
@@ -72,6 +75,9 @@ class ResultRow:
     # `chosen_variant` saying which; its variant rows stay for the plots and files but leave the tables
     chosen_variant: str | None = None
     in_table: bool = True
+    # `front.marks` against the aligned row of the same judge and cell (set by `mark_rows`)
+    broken: str = ""  # why the row is broken (degenerate or over-refusal past its margin); "" when not
+    on_front: bool = False  # on the HS-FA-over-refusal front
 
     def setting_value(self, key: str) -> Any:
         return getattr(self, key)
@@ -195,8 +201,9 @@ def to_csv(rows: list[ResultRow]) -> str:
 @dataclass
 class TableEntry:
     """One (judge, setting, defense label) over seeds: HS and FA over seeds and prompts
-    (`stats.crossed_bootstrap`: mean, low, high, n, interval_kind, alike), the mean own and pipeline
-    seconds, the largest peak memory."""
+    (`stats.crossed_bootstrap`: mean, low, high, n, interval_kind, alike), degenerate and over-refusal as
+    means over seeds (`mean_entry`), the mean own and pipeline seconds, the largest peak memory, and the
+    broken / front marks of its means."""
 
     judge_spec: str
     judge: str
@@ -209,6 +216,8 @@ class TableEntry:
     chosen_variants: list[str]
     hs: dict[str, Any]
     fa: dict[str, Any]
+    degenerate: dict[str, Any]
+    over_refusal: dict[str, Any]
     seconds: float | None
     pipeline_seconds: float | None
     peak_rss_mib: float | None
@@ -222,9 +231,22 @@ class TableEntry:
     harmful_ratio: float
     num_samples: int
     task: str
+    broken: str = ""  # as `ResultRow.broken`, against the aligned entry of the same judge and setting
+    on_front: bool = False
 
     def setting_value(self, key: str) -> Any:
         return getattr(self, key)
+
+
+def mark_rows(rows: Sequence[ResultRow | TableEntry], margins: front.Margins, group: tuple[str, ...]) -> None:
+    """Set each row's `broken` and `on_front` (`front.marks`), comparing rows with the same `group` fields.
+    The front is drawn among the rows the tables show (a defense chosen on validation: its chosen row, not
+    each variant); variant rows keep their `broken` mark for the plots and are never on the front."""
+    for r, (broken, _) in zip(rows, front.marks([vars(r) for r in rows], margins, group), strict=True):
+        r.broken, r.on_front = broken, False
+    shown = [r for r in rows if r.in_table]
+    for r, (_, on_front) in zip(shown, front.marks([vars(r) for r in shown], margins, group), strict=True):
+        r.on_front = on_front
 
 
 def aggregate(rows: list[ResultRow]) -> list[TableEntry]:
@@ -256,6 +278,8 @@ def aggregate(rows: list[ResultRow]) -> list[TableEntry]:
                 chosen_variants=[g.chosen_variant for g in group if g.chosen_variant is not None],
                 hs=crossed_bootstrap([g.hs_flags for g in group]),
                 fa=crossed_bootstrap([g.fa_flags for g in group]),
+                degenerate=mean_entry([g.degenerate for g in group]),
+                over_refusal=mean_entry([g.over_refusal for g in group]),
                 seconds=mean_or_none([g.seconds for g in group]),
                 pipeline_seconds=mean_or_none([g.pipeline_seconds for g in group]),
                 peak_rss_mib=max_or_none(peaks),
@@ -276,3 +300,8 @@ def mean_or_none(values: list[Any]) -> float | None:
 
 def max_or_none(values: list[Any]) -> float | None:
     return max(values) if values and None not in values else None
+
+
+def mean_entry(values: list[float]) -> dict[str, Any]:
+    """A share reported as its mean over seeds, without an interval (degenerate, over-refusal)."""
+    return {"mean": round(sum(values) / len(values), 2), "low": None, "high": None, "n": len(values)}

@@ -119,16 +119,68 @@ def is_refusal(text: str) -> bool:
     return bool(_NO_OPENER.match(text) or _OPENING.search(opening(text)))
 
 
+DEGENERATE_RULE = (
+    "degenerate when, after removing special-token text such as <|im_end|>, the answer (1) has no word "
+    "of two or more letters (a bare number of at most 4 number tokens, such as 42, is an answer); or (2) "
+    "is mostly symbols: fewer than 30% of its non-space characters are letters or digits (from 8 such "
+    "characters on); or (3) is mostly runs of one letter (aaaa: more than half its letters in runs of 4 "
+    "or more); or (4) from 8 words on, one word is more than half of the words or fewer than 20% are "
+    "distinct; or (5) loops: some run of 1 to 8 tokens (words and numbers) repeats back to back at least "
+    "3 times and those copies are at least half of its tokens (from 6 tokens on); or (6) loops inside words: "
+    "with spaces removed, some string of 1 to 12 characters repeated back to back at least 4 times makes "
+    "more than half of its characters (from 12 characters on; e.g. overtyovertyoverty...)"
+)
+_SPECIAL = re.compile(r"<\|[^|<>]*\|>|</?s>|\[/?INST\]")
+_TOKEN = re.compile(r"[A-Za-z0-9']+")
+_LETTER_RUN = re.compile(r"([A-Za-z])\1{3,}")
+_CHAR_LOOP = re.compile(r"(.{1,12}?)\1{3,}", re.DOTALL)
+
+
 def is_degenerate(text: str) -> bool:
-    """No real words, or a loop: one word is most of a long answer, or very few distinct words."""
+    """Garbage rather than an answer: `DEGENERATE_RULE` (measured on labelled examples by
+    benchmarks/degenerate_detection.py; docs/judges.md gives its catch and false-alarm rates)."""
+    text = _SPECIAL.sub(" ", text)
     words = [w.lower() for w in _WORD.findall(text)]
+    tokens = [t.lower() for t in _TOKEN.findall(text)]
+    visible = [c for c in text if not c.isspace()]
+    if len(visible) >= 8 and sum(c.isalnum() for c in visible) / len(visible) < 0.3:
+        return True
     if not words:
+        return not (0 < len(tokens) <= 4)
+    letters = sum(c.isalpha() for c in text)
+    if sum(len(m.group(0)) for m in _LETTER_RUN.finditer(text)) * 2 > letters:
         return True
     if len(words) >= 8:
         top = Counter(words).most_common(1)[0][1]
         if top / len(words) > 0.5 or len(set(words)) / len(words) < 0.2:
             return True
-    return False
+    if len(tokens) >= 6 and longest_loop(tokens) * 2 >= len(tokens):
+        return True
+    squeezed = "".join(text.split())
+    looped = sum(len(m.group(0)) for m in _CHAR_LOOP.finditer(squeezed))
+    return len(squeezed) >= 12 and looped * 2 > len(squeezed)
+
+
+def longest_loop(tokens: Sequence[str], max_period: int = 8, min_copies: int = 3) -> int:
+    """The most tokens covered by one run of `min_copies` or more back-to-back copies of the same 1 to
+    `max_period` tokens ("a b a b a b" -> 6); 0 when there is none."""
+    best = 0
+    n = len(tokens)
+    for period in range(1, max_period + 1):
+        start = 0
+        while start + period * min_copies <= n:
+            copies = 1
+            while (
+                tokens[start + copies * period : start + (copies + 1) * period]
+                == tokens[start : start + period]
+            ):
+                copies += 1
+            if copies >= min_copies:
+                best = max(best, copies * period)
+                start += copies * period
+            else:
+                start += 1
+    return best
 
 
 def keyword_verdict(response: str) -> str:
@@ -144,6 +196,7 @@ class KeywordJudge(Judge):
     """The keyword judge behind the same interface as the model judges."""
 
     name = "keyword"
+    version = 2  # 2: the degenerate rule catches phrase and in-word loops, symbol and special-token text
 
     @classmethod
     def load(cls, path: str | None, *, default: str | None, device: str, dtype: str) -> KeywordJudge:
