@@ -1,7 +1,8 @@
 """`antidote evaluate`: harmful score, task accuracy and over-refusal of one model, from the CLI.
 
-Output rules (as for every command, see antidote.outputs): the results file and `generations.jsonl` beside it
-are never replaced without --overwrite, --overwrite replaces only files antidote wrote (a results file holds
+Output rules (as for every command, see antidote.outputs): the results file and its generations file beside it
+(`NAME.generations.jsonl` for `NAME.json`, so two evaluations into one folder keep both; `generations.jsonl` for
+`results.json`, the default and the pipeline's stage layout) are never replaced without --overwrite, --overwrite replaces only files antidote wrote (a results file holds
 an `antidote` record; a generations file is JSON lines with set, prompt and response), an output that is an
 input or lies inside an input folder is refused, and both files are written atomically, generations first.
 A model whose weights hold NaN or inf is refused instead of scored.
@@ -36,7 +37,11 @@ class EvaluateConfig:
     )
     adapter: str | None = field(default=None, metadata={"help": "PEFT LoRA adapter folder on top of MODEL"})
     output: str = field(
-        default="results.json", metadata={"help": "results file; generations.jsonl goes beside it"}
+        default="results.json",
+        metadata={
+            "help": "results file; the generations go beside it, in NAME.generations.jsonl for NAME.json "
+            "(generations.jsonl for results.json)"
+        },
     )
     harmful_prompts: str | None = field(
         default=None,
@@ -190,17 +195,27 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
         "tool": "antidote",
         "version": __version__,
         "wrote": "evaluate",
-        "generations": GENERATIONS_FILE,
+        "generations": generations_file.name,
     }
     atomic_write_text(generations_file, "".join(json.dumps(r) + "\n" for r in records))
     atomic_write_text(out, json.dumps({"antidote": marker, **results}, indent=2) + "\n")
     return results
 
 
+def generations_path(results_file: str | Path) -> Path:
+    """Where `antidote evaluate` writes the generations of a results file: `NAME.generations.jsonl` beside
+    `NAME.json`, so that evaluations of several models into one folder keep each one's answers;
+    `generations.jsonl` beside `results.json` (the default name, and the pipeline's stage folders)."""
+    path = Path(results_file)
+    if path.name == "results.json":
+        return path.with_name(GENERATIONS_FILE)
+    return path.with_name(f"{path.stem}.generations.jsonl")
+
+
 def check_evaluate_outputs(config: EvaluateConfig) -> tuple[Path, Path]:
     """The results file and its generations file, checked before any work (see the module docstring)."""
     inputs = (config.model, config.adapter, config.harmful_prompts, config.task_data, config.harmless_prompts)
-    if Path(config.output).name == GENERATIONS_FILE:
+    if Path(config.output).name.endswith(GENERATIONS_FILE):
         raise AntidoteError(
             f"--output {config.output}: {GENERATIONS_FILE} is where the generations go; name the results "
             "file differently (e.g. results.json)"
@@ -209,7 +224,7 @@ def check_evaluate_outputs(config: EvaluateConfig) -> tuple[Path, Path]:
         config.output, config.overwrite, inputs, written_by_antidote=is_results_file, kind="results file"
     )
     generations = check_output_file(
-        out.with_name(GENERATIONS_FILE),
+        generations_path(out),
         config.overwrite,
         inputs,
         written_by_antidote=is_generations_file,
