@@ -541,10 +541,10 @@ def read_judge_record(folder: str | Path) -> dict[str, Any]:
     if path == default_judge_folder() and not is_judge_folder(path):
         raise AntidoteError(
             f"no learned judge is installed at {path}; train it once with antidote judge train --data "
-            "LABELLED.jsonl (about 10 minutes on 2 CPU cores), or name a folder: learned:PATH. LABELLED.jsonl: "
-            "labelled pairs, one JSON object a line with prompt, response and label harmful|safe, e.g. built "
-            "from PKU-SafeRLHF on the HF hub (PKU-Alignment/PKU-SafeRLHF, CC-BY-NC-4.0) as the README's "
-            "'Where the learned judge's data comes from' shows"
+            "LABELLED.jsonl (about 10 minutes on 2 CPU cores), or name a folder: learned:PATH. "
+            "LABELLED.jsonl: labelled pairs, one JSON object a line with prompt, response and label "
+            "harmful|safe, e.g. built from PKU-SafeRLHF on the HF hub (PKU-Alignment/PKU-SafeRLHF, "
+            "CC-BY-NC-4.0) as the README's 'Where the learned judge's labelled data comes from' shows"
         )
     if not is_judge_folder(path):
         raise AntidoteError(

@@ -273,7 +273,7 @@ def available_judges(specs: Sequence[str]) -> tuple[list[str], dict[str, str]]:
             f"no learned judge installed at {default_judge_folder()}; install it once with antidote judge "
             "train --data LABELLED.jsonl: labelled pairs, one JSON object a line with prompt, response and "
             "label harmful|safe, e.g. built from PKU-SafeRLHF on the HF hub (PKU-Alignment/PKU-SafeRLHF, "
-            "CC-BY-NC-4.0) as the README's 'Where the learned judge's data comes from' shows"
+            "CC-BY-NC-4.0) as the README's 'Where the learned judge's labelled data comes from' shows"
         )
     return [s for s in specs if s not in missing], missing
 

@@ -1,8 +1,9 @@
 """`antidote evaluate`: harmful score, task accuracy and over-refusal of one model, from the CLI.
 
-Output rules (as for every command, see antidote.outputs): the results file and its generations file beside it
-(`NAME.generations.jsonl` for `NAME.json`, so two evaluations into one folder keep both; `generations.jsonl` for
-`results.json`, the default and the pipeline's stage layout) are never replaced without --overwrite, --overwrite replaces only files antidote wrote (a results file holds
+Output rules (as for every command, see antidote.outputs): the results file and its generations file beside
+it (`NAME.generations.jsonl` for `NAME.json`, so two evaluations into one folder keep both;
+`generations.jsonl` for `results.json`, the default and the pipeline's stage layout) are never replaced
+without --overwrite, --overwrite replaces only files antidote wrote (a results file holds
 an `antidote` record; a generations file is JSON lines with set, prompt and response), an output that is an
 input or lies inside an input folder is refused, and both files are written atomically, generations first.
 A model whose weights hold NaN or inf is refused instead of scored.
