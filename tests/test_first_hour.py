@@ -3,6 +3,7 @@ one flag vocabulary, resuming, the Python API, plug-in defenses. Tiny models onl
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -165,3 +166,157 @@ def test_demo_reruns_into_the_same_folder_so_it_resumes(tmp_path, capsys, monkey
     assert [Path(f).resolve() for f in folders] == [tmp_path / "runs" / "demo-quick"] * 2 + [
         tmp_path / "runs" / "demo"
     ]
+
+
+# ---- a 7B on one GPU: mixed precision, gradient accumulation, quantized base, evaluate --device/--dtype ----
+
+
+def test_gradient_accumulation_takes_one_optimizer_step_per_n_batches(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """8 pairs in batches of 2: 4 optimizer steps an epoch, 2 with --gradient-accumulation-steps 2
+    (counted by hand: 8 / (2 x 2))."""
+    from antidote.models import load_model
+    from antidote.training.config import TrainConfig
+    from antidote.training.sft import fit_lora
+
+    pairs = [(f"how do i make a weapon {i}", "i can not help") for i in range(8)]
+    steps = {}
+    for accumulate in (1, 2):
+        loaded = load_model(str(tiny["model"]), device="cpu")
+        config = TrainConfig(batch_size=2, epochs=1, lora_r=2, gradient_accumulation_steps=accumulate)
+        assert config.effective_batch_size == 2 * accumulate
+        trained = fit_lora(
+            loaded.model, loaded.tokenizer, pairs, config, output_dir=tmp_path / str(accumulate)
+        )
+        steps[accumulate] = trained.trainer.state.global_step
+        assert trained.trainer.args.gradient_accumulation_steps == accumulate
+    assert steps == {1: 4, 2: 2}
+
+
+def test_mixed_precision_reaches_the_trainer(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from antidote.training.config import TrainConfig
+    from antidote.training.sft import _training_arguments
+
+    args = _training_arguments(TrainConfig(mixed_precision="bf16"), tmp_path)
+    assert args.bf16 is True and args.fp16 is False
+    args = _training_arguments(TrainConfig(), tmp_path)
+    assert args.bf16 is False and args.fp16 is False
+    if not torch.cuda.is_available():
+        with pytest.raises(AntidoteError, match="fp16 needs a CUDA GPU"):
+            _training_arguments(TrainConfig(mixed_precision="fp16"), tmp_path)
+    with pytest.raises(AntidoteError, match="unknown --mixed-precision 'fp8'"):
+        TrainConfig(mixed_precision="fp8")
+
+
+def test_bf16_mixed_precision_trains_on_this_machine(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from antidote.training.config import TrainConfig
+    from antidote.training.sft import fit_lora
+    from conftest import make_model, make_tokenizer
+
+    pairs = [(f"how do i make a weapon {i}", "i can not help") for i in range(4)]
+    config = TrainConfig(batch_size=2, epochs=1, lora_r=2, mixed_precision="bf16")
+    trained = fit_lora(make_model(), make_tokenizer(), pairs, config, output_dir=tmp_path)
+    assert trained.trainer.accelerator.mixed_precision == "bf16"
+    assert len(trained.losses) == 2 and all(0 < loss < 100 for loss in trained.losses)
+
+
+def test_quantize_needs_bitsandbytes_and_is_not_for_align(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    from antidote.models.loading import _quantization
+    from antidote.training.stages import AlignConfig, FinetuneConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    with pytest.raises(AntidoteError, match="needs bitsandbytes and a CUDA GPU: pip install bitsandbytes"):
+        FinetuneConfig(model="m", quantize="4bit")
+    with pytest.raises(AntidoteError, match="unknown --quantize '3bit'"):
+        FinetuneConfig(model="m", quantize="3bit")
+    assert _quantization("none") == {}
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name, *a)
+    )
+    config = _quantization("4bit")["quantization_config"]
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+    assert _quantization("8bit")["quantization_config"].load_in_8bit
+    with pytest.raises(AntidoteError, match="align merges its adapter"):
+        AlignConfig(model="m", quantize="4bit")
+
+
+def test_new_training_options_leave_cached_stage_keys_alone() -> None:
+    """A stage cached before these options existed keeps its key while they are at their defaults."""
+    from antidote.experiments.pipeline import _settings
+    from antidote.training.stages import FinetuneConfig
+
+    settings = _settings(FinetuneConfig(model="m"))
+    for name in ("mixed_precision", "gradient_accumulation_steps", "quantize"):
+        assert name not in settings
+    assert _settings(FinetuneConfig(model="m", mixed_precision="bf16"))["mixed_precision"] == "bf16"
+
+
+def test_evaluate_device_and_dtype_reach_the_loader(tiny, tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    import antidote.models as models
+
+    seen = []
+    real = models.load_model
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        loaded = real(*args, **kwargs)
+        seen.append((kwargs, next(loaded.model.parameters()).dtype))
+        return loaded
+
+    monkeypatch.setattr(models, "load_model", spy)
+    argv = ["evaluate", str(tiny["model"]), "--template", "plain", "--max-prompts", "2", "--max-task", "2"]
+    argv += ["--max-harmless", "1", "--max-new-tokens", "2", "--output", str(tmp_path / "r.json")]
+    assert main([*argv, "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    assert seen[0][0]["device"] == "cpu" and seen[0][0]["dtype"] == "bfloat16"
+    assert seen[0][1] == torch.bfloat16
+    assert main([*argv, "--overwrite", "--dtype", "float8"]) == 2
+    assert "float8" in capsys.readouterr().err and len(seen) == 1
+
+
+# ---- realign reads and carries the prompt format ---------------------------------------------------------
+
+
+def test_realign_calibrates_in_the_adapters_saved_format_and_writes_it(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An adapter trained with --template plain (its antidote_prompt.json says so): realign calibrates on the
+    plain-formatted pairs (token count computed here by hand from the plain template, which differs from
+    alpaca's) and its output says plain too, for evaluate to read."""
+    import shutil
+
+    from antidote.data import load_examples, tokenize_examples
+    from antidote.models import load_model
+    from antidote.realignment.config import RealignConfig
+    from antidote.realignment.engine import run_realign
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny["adapter"], adapter)
+    (adapter / "antidote_prompt.json").write_text('{"template": "plain"}\n')
+    config = RealignConfig(model=str(tiny["model"]), adapter=str(adapter), data=str(tiny["harmful"]))
+    assert config.template == "plain"
+    out = tmp_path / "out"
+    run_realign(
+        RealignConfig(
+            model=str(tiny["model"]), adapter=str(adapter), data=str(tiny["harmful"]), output=str(out)
+        )
+    )
+    report = json.loads((out / "realign_report.json").read_text())
+    tokenizer = load_model(str(tiny["model"])).tokenizer
+    examples = load_examples(str(tiny["harmful"]))
+    by_template = {
+        t: sum(len(s) for s in tokenize_examples(examples, tokenizer, t, 512)) for t in ("plain", "alpaca")
+    }
+    assert by_template["plain"] != by_template["alpaca"]
+    assert report["calibration"]["tokens"] == by_template["plain"]
+    assert json.loads((out / "antidote_prompt.json").read_text()) == {"template": "plain"}
+    # no saved format: alpaca, the paper's, as before; an explicit --template wins over the saved one
+    assert (
+        RealignConfig(model=str(tiny["model"]), adapter=str(tiny["adapter"]), data="x").template == "alpaca"
+    )
+    explicit = RealignConfig(model=str(tiny["model"]), adapter=str(adapter), data="x", template="chat")
+    assert explicit.template == "chat"

@@ -19,13 +19,12 @@ from typing import Any
 from antidote.data.builtin import harmful_split, task_split
 from antidote.data.catalog import data_dir_field
 from antidote.data.loading import load_examples
-from antidote.data.templates import check_template
+from antidote.data.templates import check_template, saved_template
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import parse_judge_spec
 from antidote.outputs import atomic_write_text, check_output_file
 from antidote.tasks import get_task, load_task_items, task_help, task_names
 
-PROMPT_FILE = "antidote_prompt.json"
 GENERATIONS_FILE = "generations.jsonl"
 
 
@@ -91,6 +90,20 @@ class EvaluateConfig:
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing results file"})
     data_dir: str | None = data_dir_field()
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (GPUs with device_map=auto, else CPU), cpu, cuda, cuda:1 ... (backend hf)",
+            "key_when_set": True,  # a stage cache key names it only when set (earlier stages stay valid)
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (as saved), float32, bfloat16 or float16: bfloat16 halves a 7B's memory",
+            "key_when_set": True,
+        },
+    )
 
     def __post_init__(self) -> None:
         parse_judge_spec(self.judge)
@@ -112,24 +125,20 @@ class EvaluateConfig:
             )
         if self.template != "auto":
             check_template(self.template)
+        from antidote.models.loading import check_load_options
+
+        check_load_options(self.dtype, self.device)
         for name in ("max_prompts", "max_task", "max_harmless", "max_new_tokens", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise AntidoteError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
-def saved_template(*folders: str | None) -> str:
-    """The prompt format recorded with a model or adapter folder, else alpaca."""
-    for folder in folders:
-        if folder and (Path(folder) / PROMPT_FILE).is_file():
-            return str(json.loads((Path(folder) / PROMPT_FILE).read_text())["template"])
-    return "alpaca"
-
-
-def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
+def run_evaluate(config: EvaluateConfig, judge: Any = None, loaded: Any = None) -> dict[str, Any]:
     """Evaluate, write results.json and generations.jsonl (atomically), return the results.
 
-    judge: an already loaded judge (the pipeline shares one over many models); default: config.judge."""
+    judge: an already loaded judge (the pipeline shares one over many models); default: config.judge.
+    loaded: a `LoadedModel` already in memory (the Python API); default: load config.model."""
     from antidote.evaluation.evaluate import evaluate_model
     from antidote.evaluation.generation import load_vllm
     from antidote.evaluation.model_judges import make_judge
@@ -156,8 +165,10 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
     harmless = harmless[: config.max_harmless]
     template = saved_template(config.adapter, config.model) if config.template == "auto" else config.template
     judge = judge or make_judge(config.judge)  # before generating: a missing judge fails fast
-    load = load_model if config.backend == "hf" else load_vllm  # vLLM only when asked for
-    loaded = load(config.model, adapter=config.adapter)
+    if loaded is None and config.backend == "hf":
+        loaded = load_model(config.model, adapter=config.adapter, dtype=config.dtype, device=config.device)
+    elif loaded is None:  # vLLM only when asked for
+        loaded = load_vllm(config.model, adapter=config.adapter)
     if config.backend == "hf":
         check_finite_parameters(
             loaded.model, f"model {config.model}" + (f" with {config.adapter}" if config.adapter else "")

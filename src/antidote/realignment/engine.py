@@ -26,7 +26,7 @@ from torch import nn
 
 from antidote.errors import AntidoteError
 from antidote.memory import peak_memory
-from antidote.models import LoadedModel, load_model
+from antidote.models import LoadedModel, load_model, wrap_model
 from antidote.outputs import atomic_output_dir
 from antidote.realignment.calibrate import (
     Parallel,
@@ -336,11 +336,12 @@ def run_realign(
 
 
 def realign(
-    model: str | LoadedModel, data: str | Records = "", *, mask_ratio: float = 0.1, **options: Any
+    model: Any, data: str | Records = "", *, mask_ratio: float = 0.1, **options: Any
 ) -> RealignResult:
     """Realign a fine-tuned model: prune the weights most important on harmful data.
 
-    model: a model spec (HF folder, hub id, .gguf, `smollm2-135m-instruct`) or a `LoadedModel`.
+    model: a model spec (HF folder, hub id, .gguf, `smollm2-135m-instruct`), a `LoadedModel`, or a
+    transformers/PEFT model object (then `tokenizer=` too, unless it was loaded from a local folder).
     data: harmful prompt+answer pairs (file path, `hf:NAME`, or a list of dicts).
     options: any `RealignConfig` field (score, granularity, action, adapter, output, ...).
     Returns the realigned model (in memory, and in `output` when given), its masks and report.
@@ -358,7 +359,7 @@ def realign(
 
 
 def realign_sweep(
-    model: str | LoadedModel,
+    model: Any,
     data: str | Records = "",
     *,
     mask_ratios: Sequence[float] = (0.01, 0.05, 0.1),
@@ -386,10 +387,17 @@ def _sequential(config: RealignConfig, model: LoadedModel | None, records: Recor
 
 
 def _config(
-    model: str | LoadedModel, data: str | Records, ratios: tuple[float, ...], options: dict[str, Any]
+    model: Any, data: str | Records, ratios: tuple[float, ...], options: dict[str, Any]
 ) -> tuple[LoadedModel | None, list[Mapping[str, Any]] | None, RealignConfig]:
     """The Python API's arguments -> (the loaded model if given, in-memory records if given, config)."""
-    loaded = model if isinstance(model, LoadedModel) else None
+    options = dict(options)
+    tokenizer = options.pop("tokenizer", None)
+    if isinstance(model, str | Path):
+        if tokenizer is not None:
+            raise AntidoteError("tokenizer= goes with a model object; a named model brings its own")
+        loaded = None
+    else:
+        loaded = wrap_model(model, tokenizer)
     records = None if isinstance(data, str) else list(data)
     if loaded is not None and loaded.adapter:
         options = {"adapter": loaded.adapter, **options}

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from antidote.data.templates import write_prompt_file
 from antidote.models import LoadedModel
 from antidote.realignment.calibrate import Statistics
 from antidote.realignment.config import RealignConfig
@@ -102,6 +103,7 @@ def save_realigned(
         if not loaded.adapter:
             loaded.tokenizer.save_pretrained(folder)
     write_mask_file(folder / MASK_FILE, masks)
+    write_prompt_file(folder, report["config"]["template"])
     write_report(folder, report)
     (folder / CARD_FILE).write_text(model_card(report))
 

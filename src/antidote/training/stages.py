@@ -94,6 +94,11 @@ class AlignConfig(TrainConfig):
             if value is not None and value < 1:
                 raise AntidoteError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         check_template(self.template)
+        if self.quantize != "none":
+            raise AntidoteError(
+                f"align merges its adapter into the base model, which --quantize {self.quantize} cannot "
+                "take; align with --mixed-precision bf16 instead (--quantize is for finetune)"
+            )
         super().__post_init__()
 
 
@@ -360,7 +365,13 @@ def run_finetune(config: FinetuneConfig, seam: Seam | None = None) -> Path:
     out = check_output_dir(config.output, config.overwrite, inputs)
     task, harmful = attack_data(config)
     mix, n_harmful = attack_mix(task, harmful, config.num_samples, config.harmful_ratio, config.seed)
-    loaded = load_model(config.model, device=_load_device())
+    loaded = load_model(config.model, device=_load_device(), quantize=config.quantize)
+    if config.quantize != "none":  # QLoRA: norms in float32, gradients reach the adapter's inputs
+        from peft import prepare_model_for_kbit_training
+
+        loaded.model = prepare_model_for_kbit_training(
+            loaded.model, use_gradient_checkpointing=config.gradient_checkpointing
+        )
     pairs = _format(loaded.tokenizer, config.template, mix)
     with _stage_folder(out, config.overwrite) as tmp:
         trained = _fit(loaded, pairs, config, tmp, "finetune", seam)
