@@ -320,3 +320,63 @@ def test_realign_calibrates_in_the_adapters_saved_format_and_writes_it(tiny, tmp
     )
     explicit = RealignConfig(model=str(tiny["model"]), adapter=str(adapter), data="x", template="chat")
     assert explicit.template == "chat"
+
+
+# ---- the Python API ----------------------------------------------------------------------------------------
+
+
+def test_dir_lists_the_public_api() -> None:
+    import antidote
+
+    names = dir(antidote)
+    for name in ("evaluate", "run", "compare", "realign", "realign_sweep", "load_model", "wrap_model"):
+        assert name in names and callable(getattr(antidote, name))
+    assert "TYPE_CHECKING" not in names and "Any" not in names
+
+
+def test_realign_takes_a_transformers_model_object(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Before: str(model) was taken for a path (OSError: File name too long). Now the object is used, and its
+    masks are those of the same weights named by folder."""
+    import torch
+
+    import antidote
+    from conftest import make_model, make_tokenizer
+
+    model = make_model(seed=0)  # the weights saved in tiny["model"]
+    by_object = antidote.realign(model, str(tiny["harmful"]), tokenizer=make_tokenizer(), template="plain")
+    by_folder = antidote.realign(str(tiny["model"]), str(tiny["harmful"]), template="plain")
+    assert by_object.masks.keys() == by_folder.masks.keys() and by_object.masks
+    for name, mask in by_folder.masks.items():
+        assert torch.equal(by_object.masks[name], mask)
+    assert by_object.model is model  # pruned in place, as a LoadedModel is
+    with pytest.raises(AntidoteError, match="needs its tokenizer: pass tokenizer="):
+        antidote.realign(make_model(), str(tiny["harmful"]))
+    with pytest.raises(AntidoteError, match="tokenizer= goes with a model object"):
+        antidote.realign(str(tiny["model"]), str(tiny["harmful"]), tokenizer=make_tokenizer())
+
+
+def test_evaluate_function_takes_a_model_object_writes_when_asked(tiny, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import antidote
+    from conftest import make_model, make_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    small = dict(template="plain", max_prompts=3, max_task=2, max_harmless=2, max_new_tokens=3)
+    by_object = antidote.evaluate(make_model(seed=0), tokenizer=make_tokenizer(), **small)
+    assert list(tmp_path.iterdir()) == []  # no output: nothing written
+    by_folder = antidote.evaluate(str(tiny["model"]), output=tmp_path / "r.json", **small)
+    assert (tmp_path / "r.json").is_file() and (tmp_path / "r.generations.jsonl").is_file()
+    for key in ("hs", "fa", "over_refusal", "n_prompts", "n_task", "n_harmless"):
+        assert by_object[key] == by_folder[key]
+    assert by_object["n_prompts"] == 3 and by_object["n_task"] == 2
+    with pytest.raises(AntidoteError, match="unknown options max_promts"):
+        antidote.evaluate(str(tiny["model"]), max_promts=3)
+
+
+def test_run_function_plans_without_work(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import antidote
+    from conftest import write_config
+
+    config = write_config(tiny, tmp_path)
+    result = antidote.run(config, plan=True)
+    assert result["plan"].startswith("antidote run --plan: 1 cells") and "build   align" in result["plan"]
+    assert not (tmp_path / "run").exists()

@@ -183,13 +183,9 @@ def _run_config(path: str, args: argparse.Namespace, run_dir: str | None) -> Any
 
 def _run(config: Any) -> dict[str, Any]:
     """A run config's run: one pipeline, or with `seeds:` one per seed on one cache (a compare)."""
-    if config.seeds:
-        from antidote.experiments.compare import run_seeds
+    from antidote.api import run_config
 
-        return run_seeds(config)
-    from antidote.experiments.pipeline import run_pipeline
-
-    return run_pipeline(config)
+    return run_config(config)
 
 
 def _finish_run(summary: dict[str, Any], as_json: bool = False) -> int:
@@ -212,41 +208,22 @@ def _finish_run(summary: dict[str, Any], as_json: bool = False) -> int:
 
 
 def _clear_for_overwrite(config: Any) -> None:
-    """--overwrite of `run`/`demo`: remove what an earlier run wrote into the run folder (and nothing else);
-    a folder antidote did not make is refused before anything is removed."""
-    from antidote.experiments.pipeline import clear_run_dir, prepare_run_dir
+    from antidote.api import clear_for_overwrite
 
-    run_dir = Path(config.run_dir).expanduser().resolve()
-    prepare_run_dir(run_dir, create=False)
-    if config.seeds:  # a run over seeds writes a compare's outputs
-        from antidote.experiments.compare import clear_compare_dir
-
-        clear_compare_dir(run_dir)
-    else:
-        clear_run_dir(run_dir)
+    clear_for_overwrite(config)
 
 
 def plan_run(config: Any, path: str = "the config") -> str:
-    """`antidote run --plan`: the stages of the run (cached or to build, with a time estimate from stages
-    of the same kind already recorded in the run folder), as `antidote compare --plan` gives them. The run
-    is planned as a compare of one cell whose stage cache is the run folder's own `stages/`."""
-    from antidote.experiments.compare import Cell, CompareConfig, MatrixConfig, plan, seeds_compare
+    from antidote.api import plan_run as plan
 
-    if config.seeds:
-        compare = seeds_compare(config, path)
-    else:
-        compare = CompareConfig(config, MatrixConfig(), [Cell("run", "run", {}, 0, config)], path)
-    return plan(compare).replace("antidote compare --plan", "antidote run --plan", 1)
+    return plan(config, path)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from antidote.experiments.pipeline import PACKAGED_CONFIGS, packaged_config
+    from antidote.api import load_run
 
-    path = args.config_file
-    if not Path(path).exists() and (PACKAGED_CONFIGS / f"{path}.yaml").is_file():
-        path = str(packaged_config(path))  # `antidote run demo`: a config shipped in the package
-    config = _run_config(path, args, args.output)
-    return _run_or_plan(config, args, path)
+    config = load_run(args.config_file, args.output, getattr(args, "data_dir", None))
+    return _run_or_plan(config, args, args.config_file)
 
 
 def _run_or_plan(config: Any, args: argparse.Namespace, path: str) -> int:
