@@ -380,3 +380,103 @@ def test_run_function_plans_without_work(tiny, tmp_path) -> None:  # type: ignor
     result = antidote.run(config, plan=True)
     assert result["plan"].startswith("antidote run --plan: 1 cells") and "build   align" in result["plan"]
     assert not (tmp_path / "run").exists()
+
+
+# ---- plug-ins: a defense and a judge from another installed package ---------------------------------------
+
+PLUGIN = """
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from antidote.defenses import Defense
+
+
+@dataclass
+class Config:
+    model: str = field(default="", metadata={"help": "the aligned model", "positional": True})
+    adapter: str = field(default="", metadata={"help": "the fine-tuning adapter"})
+    output: str = field(default="", metadata={"help": "output folder"})
+    overwrite: bool = field(default=False, metadata={"help": "replace"})
+    data_dir: str | None = field(default=None, metadata={"help": "data folder"})
+    note: str = field(default="hello", metadata={"help": "a note this defense writes"})
+
+
+def run(config):
+    out = Path(config.output)
+    shutil.copytree(config.adapter, out)
+    (out / "note.txt").write_text(config.note)
+    return {"": out}
+
+
+DEFENSE = Defense("my-noop", "post", Config, run, "copies the adapter (a plug-in test)")
+
+
+class AlwaysUnsafe:
+    def __init__(self, path):
+        self.name = f"always-unsafe ({path})"
+
+    def verdicts(self, prompts, responses):
+        return ["unsafe"] * len(prompts)
+
+
+def make_judge(path):
+    return AlwaysUnsafe(path)
+"""
+
+ENTRY_POINTS = """[antidote.defenses]
+my-noop = myplug:DEFENSE
+broken-one = myplug_missing:DEFENSE
+
+[antidote.judges]
+always-unsafe = myplug:make_judge
+"""
+
+
+@pytest.fixture
+def plugin_package(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """A distribution `myplug` installed on sys.path (a module and its dist-info with entry_points.txt)."""
+    from antidote import plugins
+    from antidote.defenses import REGISTRY
+
+    site = tmp_path / "site"
+    (site / "myplug-0.1.dist-info").mkdir(parents=True)
+    (site / "myplug.py").write_text(PLUGIN)
+    (site / "myplug-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: myplug\nVersion: 0.1\n"
+    )
+    (site / "myplug-0.1.dist-info" / "entry_points.txt").write_text(ENTRY_POINTS)
+    monkeypatch.syspath_prepend(str(site))
+    plugins.judge_factories.cache_clear()
+    yield site
+    REGISTRY.pop("my-noop", None)
+    plugins.BROKEN.clear()
+    plugins.judge_factories.cache_clear()
+
+
+def test_a_package_registers_a_defense_by_entry_point(plugin_package, tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from antidote.defenses import get, load_plugins
+
+    assert load_plugins() == ["my-noop"]
+    assert get("my-noop").stage == "post"
+    with pytest.raises(AntidoteError, match=r"unknown defense 'broken-one'.*myplug_missing:DEFENSE"):
+        get("broken-one")
+    with pytest.raises(SystemExit):
+        main(["defend", "my-noop", "--help"])
+    assert "--note" in capsys.readouterr().out
+    out = tmp_path / "out"
+    argv = ["defend", "my-noop", str(tiny["model"]), "--adapter", str(tiny["adapter"]), "--output", str(out)]
+    assert main([*argv, "--note", "from my package"]) == 0
+    assert (out / "note.txt").read_text() == "from my package" and (out / "adapter_config.json").is_file()
+
+
+def test_a_package_registers_a_judge_by_entry_point(plugin_package) -> None:  # type: ignore[no-untyped-def]
+    from antidote.evaluation.judges import parse_judge_spec
+    from antidote.evaluation.model_judges import make_judge
+
+    assert parse_judge_spec("always-unsafe:/some/path") == ("always-unsafe", "/some/path")
+    judge = make_judge("always-unsafe:/some/path")
+    assert judge.name == "always-unsafe (/some/path)"
+    assert judge.verdicts(["a", "b"], ["c", "d"]) == ["unsafe", "unsafe"]
+    with pytest.raises(AntidoteError, match=r"choose one of keyword, .*always-unsafe"):
+        parse_judge_spec("nope")

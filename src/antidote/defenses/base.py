@@ -70,5 +70,9 @@ def register(defense: Defense) -> Defense:
 
 def get(name: str) -> Defense:
     if name not in REGISTRY:
-        raise AntidoteError(f"unknown defense {name!r}; known defenses: {', '.join(sorted(REGISTRY))}")
+        from antidote.plugins import broken_note
+
+        raise AntidoteError(
+            f"unknown defense {name!r}; known defenses: {', '.join(sorted(REGISTRY))}{broken_note()}"
+        )
     return REGISTRY[name]

@@ -186,10 +186,17 @@ def parse_judge_spec(spec: str) -> tuple[str, str | None]:
     """'beavertails:/models/dam' -> ('beavertails', '/models/dam'); an unknown kind is an error."""
     kind, sep, path = spec.partition(":")
     if kind not in JUDGE_KINDS:
+        from antidote.plugins import broken_note, judge_factories
+
+        plugins = judge_factories(
+            JUDGE_KINDS
+        )  # judges of installed packages (the antidote.judges entry points)
+        if kind in plugins:
+            return kind, (path or None)
         raise AntidoteError(
-            f"unknown judge {spec!r}; choose one of {', '.join(JUDGE_KINDS)} "
+            f"unknown judge {spec!r}; choose one of {', '.join([*JUDGE_KINDS, *plugins])} "
             "(model judges take a path: beavertails:PATH, llamaguard:PATH, harmbench:PATH, learned:PATH; a "
-            "bare learned is the default learned judge, antidote judge train installs it)"
+            f"bare learned is the default learned judge, antidote judge train installs it){broken_note()}"
         )
     if kind == "keyword" and sep:
         raise AntidoteError("the keyword judge takes no model path; write just keyword")

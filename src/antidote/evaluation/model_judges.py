@@ -71,6 +71,12 @@ def make_judge(spec: str, *, device: str = "auto", dtype: str = "auto") -> Any:
     kind, path = parse_judge_spec(spec)
     if kind == "keyword":
         return KeywordJudge()
+    from antidote.evaluation.judges import JUDGE_KINDS
+    from antidote.plugins import judge_factories
+
+    plugins = judge_factories(JUDGE_KINDS)
+    if kind in plugins:  # a judge of another installed package
+        return plugins[kind](path)
     if kind == "learned":
         from antidote.evaluation.learned import LearnedJudge, judge_folder
 
