@@ -480,3 +480,17 @@ def test_a_package_registers_a_judge_by_entry_point(plugin_package) -> None:  # 
     assert judge.verdicts(["a", "b"], ["c", "d"]) == ["unsafe", "unsafe"]
     with pytest.raises(AntidoteError, match=r"choose one of keyword, .*always-unsafe"):
         parse_judge_spec("nope")
+
+
+def test_beavertails_safe_is_read_from_a_local_data_folder(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`compare-paper --plan --data-dir DIR` needed the hub for beavertails:safe; a local copy now serves."""
+    from antidote.data.catalog import read_rows
+
+    folder = tmp_path / "data" / "harmful_qa"
+    folder.mkdir(parents=True)
+    (folder / "beavertails_30k_train_safe.jsonl").write_text(
+        '{"prompt": "p", "response": "r", "is_safe": true}\n'
+    )
+    assert read_rows("beavertails:safe", tmp_path / "data") == [
+        {"prompt": "p", "response": "r", "is_safe": True}
+    ]

@@ -329,7 +329,7 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
         metavar="DIR",
-        help="folder laid out like ../shared/data, for data given by name (advbench, sst2:train, "
+        help="data folder (layout: docs/data-folder.md), for data given by name (advbench, sst2:train, "
         "beavertails:unsafe, ...); default: a run config's data_dir, $ANTIDOTE_DATA_DIR, else the hub",
     )
 
@@ -463,7 +463,7 @@ COMMANDS = (
         "measure a judge against human labels (eval), train the learned judge (train), split by prompt",
         cmd_judge,
         options=_judge_options,
-        description="`antidote judge eval --data LABELLED.jsonl --judge SPEC`: agreement with human labels "
+        description="`antidote judge eval --data LABELLED.jsonl --judge JUDGE`: agreement with human labels "
         "with 95% intervals; `antidote judge train --data FILE --output DIR`: a logistic probe on a frozen "
         "local LM's hidden states, used as --judge learned:DIR; `antidote judge split`: a held-out file by "
         "prompt. `antidote judge ACTION --help` lists each one's options.",

@@ -1,6 +1,6 @@
 """What a defense is: a name, the stage it acts in, a config dataclass and a `run` that writes HF folders.
 
-Stages, in the order the pipeline runs them (SPEC 1):
+Stages, in the order the pipeline runs them (align -> fine-tune -> post):
 - `align`: replaces the plain alignment. Its config extends `AlignConfig`; `run(config)` writes the aligned,
   merged model to `config.output`.
 - `finetune`: replaces the plain fine-tuning the user runs (the attack). Its config extends

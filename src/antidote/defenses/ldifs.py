@@ -14,7 +14,8 @@ feature dimensions, as git-disl's `torch.norm(...)**2` per layer; so it grows wi
 Deviations from that code: the weight is rho (theirs rho / 2 with rho = 1e-4 in their scripts, so our default
 1e-4 is twice their penalty); padding positions are left out; their per-layer skip of any term >= 0.1 (a guard
 against fp16 overflow that also switches the penalty off when it is large) is not copied. The LDIFS authors'
-own code (CLIP image encoders) L2-normalises features and averages instead of summing; we follow SPEC 4.
+own code (CLIP image encoders) L2-normalises features and averages instead of summing; we follow
+git-disl/Antidote's LDIFSTrainer (LLMs).
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ class LDIFSConfig(FinetuneConfig):
     rho: float = field(
         default=1e-4,
         metadata={
-            "help": "weight of the feature distance sum ||MLP_out(w) - MLP_out(w_aligned)||^2 (SPEC: 1e-4)"
+            "help": "weight of the feature distance sum ||MLP_out(w) - MLP_out(w_aligned)||^2 (authors: 1e-4)"
         },
     )
     layers: str = field(
@@ -170,7 +171,7 @@ class LDIFSConfig(FinetuneConfig):
 
     def __post_init__(self) -> None:
         if not self.rho >= 0:
-            raise AntidoteError(f"--rho must be 0 or more (SPEC 4: 1e-4), got {self.rho}")
+            raise AntidoteError(f"--rho must be 0 or more (authors: 1e-4), got {self.rho}")
         self.layer_indices  # noqa: B018 (parses --layers: a bad value is an error now, before any loading)
         super().__post_init__()
 

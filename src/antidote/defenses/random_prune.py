@@ -1,4 +1,4 @@
-"""Random pruning (ablation, SPEC 2/4): zero a random fraction of the fine-tuned weights, the same number as
+"""Random pruning (the paper's ablation): zero a random fraction of the fine-tuned weights, the same number as
 Antidote would at the same mask ratio and granularity. It needs no data: if it helps as much as Antidote, the
 harmful-data scores are not what does the work."""
 

@@ -1,4 +1,4 @@
-"""Model judges of harmful output (SPEC 5), loaded from a local folder or a hub id.
+"""Model judges of harmful output (beaver-dam-7b, Llama Guard, HarmBench), from a local folder or a hub id.
 
 - beavertails: a beaver-dam-7b-compatible classifier, a sequence-classification model with one sigmoid
   head per harm category (14 for beaver-dam-7b). The QA pair is written as

@@ -1,4 +1,4 @@
-"""Math word problems: GSM8K (data) and the built-in arithmetic task, scored by the final number (SPEC 3)."""
+"""Math word problems: GSM8K (data) and the built-in arithmetic task, scored by the final number (the paper)."""
 
 from __future__ import annotations
 

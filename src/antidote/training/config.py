@@ -21,7 +21,7 @@ QUANTIZE = ("none", "4bit", "8bit")
 
 @dataclass
 class TrainConfig:
-    """LoRA SFT on response tokens (SPEC 3 gives the paper's settings; these defaults suit a 135M model).
+    """LoRA SFT on response tokens (`--preset paper`: the paper's settings; these defaults suit a 135M model).
 
     Training runs on transformers' `Trainer`: AdamW, gradient clipping at 1.0, no warm-up, batches of
     similar length, seeded. Nothing is written outside the output folder unless asked for

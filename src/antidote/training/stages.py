@@ -34,7 +34,8 @@ from antidote.training.config import TrainConfig
 BUILTIN = "builtin"
 PROMPT_FILE = "antidote_prompt.json"
 TRAINER_DIR = ".trainer"  # Trainer's working folder inside the temporary output, removed before the rename
-# SPEC 3: LoRA r=256, alpha=4 on q/k/v; 20 epochs, batch 5, constant lr 1e-4, AdamW wd 0.1; Alpaca template.
+# The Antidote paper's setup: LoRA r=256, alpha=4 on q/k/v; 20 epochs, batch 5, constant lr 1e-4, AdamW
+# wd 0.1; Alpaca template.
 PAPER = {
     "lora_r": 256,
     "lora_alpha": 4,
@@ -122,7 +123,11 @@ class FinetuneConfig(TrainConfig):
     harmful_ratio: float = field(default=0.2, metadata={"help": "fraction P in [0, 1] of harmful samples"})
     num_samples: int = field(default=340, metadata={"help": "N, the number of training samples"})
     preset: str | None = field(
-        default=None, metadata={"help": "paper: the reference hyper-parameters (SPEC 3)"}
+        default=None,
+        metadata={
+            "help": "paper: the Antidote paper's hyper-parameters (LoRA r=256/alpha=4 on q/k/v, 20 epochs, "
+            "batch 5, lr 1e-4)"
+        },
     )
     output: str = field(default="", metadata={"help": "output folder for the attack adapter"})
     template: str = _template_field()
