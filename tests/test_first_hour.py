@@ -494,3 +494,39 @@ def test_beavertails_safe_is_read_from_a_local_data_folder(tmp_path) -> None:  #
     assert read_rows("beavertails:safe", tmp_path / "data") == [
         {"prompt": "p", "response": "r", "is_safe": True}
     ]
+
+
+# ---- tradeoff.png: HS against FA per model, with intervals ----------------------------------------------
+
+
+def test_tradeoff_plot_has_one_point_per_model_with_wilson_intervals(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import math
+
+    from antidote.experiments.report import plot, tradeoff_points
+
+    def wilson(k: int, n: int) -> tuple[float, float]:  # by hand, z of a two-sided 95% interval
+        z, p = 1.959964, k / n
+        center = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return round(100 * (center - half), 2), round(100 * (center + half), 2)
+
+    def row(model: str, hs: float, fa: float, judge: str = "keyword") -> dict:  # type: ignore[type-arg]
+        return {"model": model, "judge_spec": judge, "hs": hs, "n_prompts": 20, "fa": fa, "n_task": 10}
+
+    summary = {
+        "config": {"judges": ["keyword", "learned"]},
+        "rows": [
+            row("aligned", 10.0, 90.0),
+            row("attacked", 60.0, 80.0),
+            row("antidote@0.1", 25.0, 70.0),
+            row("attacked", 5.0, 80.0, judge="learned"),
+        ],
+    }
+    points = tradeoff_points(summary)
+    assert [p["model"] for p in points] == ["aligned", "attacked", "antidote@0.1"]  # first judge only
+    attacked = points[1]
+    assert (attacked["hs"], attacked["fa"]) == (60.0, 80.0)
+    for got, want in ((attacked["hs_ci"], wilson(12, 20)), (attacked["fa_ci"], wilson(8, 10))):
+        assert got == pytest.approx(want, abs=0.011)
+    plot(summary, tmp_path / "tradeoff.png")
+    assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

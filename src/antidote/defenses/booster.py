@@ -7,7 +7,8 @@ batch of harmful prompt -> harmful answer pairs:
     grad = grad f(w) + lam * (grad h(w) - grad h(w - a * grad h(w) / ||grad h(w)||))
 ||.|| is the L2 norm over all trained (LoRA) parameters together; lam = 5, a = 0.1 (the authors' code).
 The harmful batch is drawn from `harmful_data` (default: the built-in align split's compliant answers),
-`batch_size` pairs at a time in a seeded order. Cost: two extra forward+backward passes per step (~3x alignment).
+`batch_size` pairs at a time in a seeded order. Cost: two extra forward+backward passes per step (~3x
+alignment).
 Its trainer (`BoosterTrainer`) is built by `trainer_class()` on first use; hooks: `training_hooks`.
 """
 
