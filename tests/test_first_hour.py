@@ -530,3 +530,19 @@ def test_tradeoff_plot_has_one_point_per_model_with_wilson_intervals(tmp_path) -
         assert got == pytest.approx(want, abs=0.011)
     plot(summary, tmp_path / "tradeoff.png")
     assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_realign_names_a_missing_data_file_before_loading(
+    tiny, tmp_path, monkeypatch, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    import antidote.realignment.engine as engine
+
+    def no_loading(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the model was loaded before the data file was checked")
+
+    monkeypatch.setattr(engine, "load_model", no_loading)
+    missing = tmp_path / "harmfull.jsonl"
+    argv = ["realign", str(tiny["model"]), "--data", str(missing), "--output", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--data file {missing} not found" in err and not (tmp_path / "out").exists()

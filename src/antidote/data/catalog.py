@@ -206,6 +206,17 @@ def read_rows(source: str, data_dir: str | os.PathLike[str] | None = None) -> li
     return read_file(path)
 
 
+def check_source(source: str, what: str = "data file") -> None:
+    """Fail now, before any model is loaded, when `source` names a local file that does not exist (a hub
+    source or a data set name is checked when it is read)."""
+    if source.startswith(PREFIX) or is_named(source) or Path(source).expanduser().is_file():
+        return
+    raise AntidoteError(
+        f"{what} {source} not found; pass a {', '.join(SUFFIXES)} file, {PREFIX}NAME[:SPLIT], or a named "
+        f"data set: {describe()}"
+    )
+
+
 def read_named(source: str, data_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
     """Rows of `NAME[:SPLIT]` from the data folder (`data_dir`, default $ANTIDOTE_DATA_DIR), else the hub."""
     name, _, split = source.partition(":")

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from antidote.data.catalog import check_source
 from antidote.errors import AntidoteError
 from antidote.memory import peak_memory
 from antidote.models import LoadedModel, load_model, wrap_model
@@ -151,6 +152,10 @@ def prepare(
     """Load and check everything before calibration: the model (unless given), the targets (a
     `--targets` pattern that matches no Linear layer stops here), the reference and the data."""
     timer = timer or Timer()
+    if records is None and SCORES[config.score].needs_data:  # a missing file is said before the weights load
+        check_source(config.data, "--data file")
+        if SCORES[config.score].needs_benign and config.benign_data:
+            check_source(config.benign_data, "--benign-data file")
     with timer.phase("load"):
         loaded = model or load_model(
             config.model,
