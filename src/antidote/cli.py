@@ -252,8 +252,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         Path("runs").mkdir(exist_ok=True)
     path = str(packaged_config(name))
     config = _run_config(path, args, output)
-    if args.quick and not args.json:
-        print(QUICK_BANNER, file=sys.stderr)
     code = _run_or_plan(config, args, path)
     if args.quick and not args.json and not args.plan:
         print(QUICK_BANNER)
