@@ -532,9 +532,7 @@ def test_tradeoff_plot_has_one_point_per_model_with_wilson_intervals(tmp_path) -
     assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_realign_names_a_missing_data_file_before_loading(
-    tiny, tmp_path, monkeypatch, capsys
-) -> None:  # type: ignore[no-untyped-def]
+def test_realign_names_a_missing_data_file_before_loading(tiny, tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     import antidote.realignment.engine as engine
 
     def no_loading(*args, **kwargs):  # type: ignore[no-untyped-def]
