@@ -101,7 +101,7 @@ def test_cli_data_dir_is_read_by_the_command(data_dir: Path, tiny, tmp_path: Pat
     assert main([*argv, "--data-dir", str(tmp_path / "missing"), "--output", str(out)]) == 2
     assert not out.exists()
     assert main([*argv, "--data-dir", str(data_dir), "--output", str(out)]) == 0
-    gens = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    gens = [json.loads(x) for x in (tmp_path / "r.generations.jsonl").read_text().splitlines()]
     assert [g["prompt"] for g in gens if g["set"] == "harmful"] == ["g1"]  # the data folder's one goal
     assert catalog.DATA_DIR_ENV not in os.environ
 

@@ -23,7 +23,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -446,6 +446,9 @@ def _settings(stage_config: Any) -> Any:
     out = asdict(stage_config)
     for name in ("output", "overwrite", "also_judges"):  # judges other than keyword are their own stages
         out.pop(name, None)
+    for f in fields(stage_config):  # options added later: at their default, a stage's key stays as it was
+        if f.metadata.get("key_when_set") and out.get(f.name) == f.default:
+            out.pop(f.name, None)
     return out
 
 

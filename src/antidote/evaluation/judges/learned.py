@@ -282,7 +282,10 @@ def read_judge_record(folder: str | Path) -> dict[str, Any]:
     if path == default_judge_folder() and not is_judge_folder(path):
         raise AntidoteError(
             f"no learned judge is installed at {path}; train it once with antidote judge train --data "
-            "LABELLED.jsonl (docs/judges.md: about 10 minutes on 2 CPU cores), or name a folder: learned:PATH"
+            "LABELLED.jsonl (about 10 minutes on 2 CPU cores), or name a folder: learned:PATH. "
+            "LABELLED.jsonl: labelled pairs, one JSON object a line with prompt, response and label "
+            "harmful|safe, e.g. built from PKU-SafeRLHF on the HF hub (PKU-Alignment/PKU-SafeRLHF, "
+            "CC-BY-NC-4.0) as the README's 'Where the learned judge's labelled data comes from' shows"
         )
     if not is_judge_folder(path):
         raise AntidoteError(
@@ -442,7 +445,10 @@ class LearnedJudge(Judge):
         if path is None and not is_judge_folder(default_judge_folder()):
             return (
                 f"no learned judge installed at {default_judge_folder()}; install it once with antidote "
-                "judge train --data LABELLED.jsonl (docs/judges.md)"
+                "judge train --data LABELLED.jsonl: labelled pairs, one JSON object a line with prompt, "
+                "response and label harmful|safe, e.g. built from PKU-SafeRLHF on the HF hub "
+                "(PKU-Alignment/PKU-SafeRLHF, CC-BY-NC-4.0) as the README's 'Where the learned judge's "
+                "labelled data comes from' shows"
             )
         return None
 
