@@ -92,7 +92,7 @@ def test_run_overwrite_removes_what_the_run_wrote_and_reruns(tiny, tmp_path, mon
     """--overwrite on an earlier run's folder: its stages and results go (a user's own file stays), then the
     run starts from zero."""
     import antidote.cli as cli
-    from antidote.experiments.pipeline import RUN_MARKER
+    from antidote.experiments.rundir import RUN_MARKER
     from conftest import write_config
 
     config = write_config(tiny, tmp_path)
@@ -248,13 +248,13 @@ def test_quantize_needs_bitsandbytes_and_is_not_for_align(monkeypatch) -> None: 
 
 def test_new_training_options_leave_cached_stage_keys_alone() -> None:
     """A stage cached before these options existed keeps its key while they are at their defaults."""
-    from antidote.experiments.pipeline import _settings
+    from antidote.experiments.pipeline import stage_settings
     from antidote.training.stages import FinetuneConfig
 
-    settings = _settings(FinetuneConfig(model="m"))
+    settings = stage_settings(FinetuneConfig(model="m"))
     for name in ("mixed_precision", "gradient_accumulation_steps", "quantize"):
         assert name not in settings
-    assert _settings(FinetuneConfig(model="m", mixed_precision="bf16"))["mixed_precision"] == "bf16"
+    assert stage_settings(FinetuneConfig(model="m", mixed_precision="bf16"))["mixed_precision"] == "bf16"
 
 
 def test_evaluate_device_and_dtype_reach_the_loader(tiny, tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -133,7 +133,8 @@ class JudgeTrainConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
 
     def __post_init__(self) -> None:
-        from antidote.evaluation.judges.learned import DTYPES, POOLINGS, PROMPT_FORMATS
+        from antidote.evaluation.judges.learned import POOLINGS, PROMPT_FORMATS
+        from antidote.models.layers import DTYPES
 
         self.layers = _tuple(self.layers, int, "layers", "12,18,24")
         self.poolings = _tuple(self.poolings, str, "poolings", "mean,last")
@@ -248,6 +249,7 @@ def run_judge_train(config: JudgeTrainConfig) -> dict[str, Any]:
 
     from antidote import __version__
     from antidote.evaluation.judges import learned, learned_training
+    from antidote.models.layers import decoder_layers, resolve_dtype
     from antidote.models.loading import load_model, resolve_model_folder
     from antidote.outputs import atomic_output_dir, check_output_dir
 
@@ -271,9 +273,9 @@ def run_judge_train(config: JudgeTrainConfig) -> dict[str, Any]:
     key = learned.weights_key(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     format_key = learned.prompt_format_key(tokenizer, config.prompt_format)
-    dtype = learned.resolve_dtype(config.dtype, config.device)
+    dtype = resolve_dtype(config.dtype, config.device)
     loaded = load_model(folder, device=config.device, dtype=dtype, with_tokenizer=False)
-    _, blocks = learned.decoder_layers(loaded.model)
+    _, blocks = decoder_layers(loaded.model)
     start, cpu_start = time.perf_counter(), time.process_time()
     features = learned.hidden_features(
         loaded.model,

@@ -122,7 +122,7 @@ class Pipeline:
         """A cached stage; `about` goes into its record: kind (align, finetune, defense, evaluate, validate,
         judge), defense (None for the plain pipeline), method (the code it runs: "plain" or the defense's),
         and for evaluations the row and variant. `outputs`: the files it must hold (checked on reuse)."""
-        spec = {"upstream": upstream, "data_dir": self.data_dir, "config": _settings(settings)}
+        spec = {"upstream": upstream, "data_dir": self.data_dir, "config": stage_settings(settings)}
         return self.cache.run(name, spec, build, about, outputs)
 
     def run(self) -> dict[str, Any]:
@@ -440,7 +440,9 @@ def _record_variants(out: Path, variants: dict[str, Path]) -> None:
     (out / "variants.json").write_text(json_text(rel, indent=2) + "\n")
 
 
-def _settings(stage_config: Any) -> Any:
+def stage_settings(stage_config: Any) -> Any:
+    """What of a stage's config keys its cached stage: all of it but the output flags, and options added
+    later (`key_when_set`) only when set away from their default, so older stages keep their keys."""
     if stage_config is None or isinstance(stage_config, dict):
         return stage_config
     out = asdict(stage_config)

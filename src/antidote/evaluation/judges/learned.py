@@ -31,15 +31,20 @@ from torch import nn
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges.base import Judge
 from antidote.evaluation.judges.keyword import is_refusal, keyword_verdict
+from antidote.models.layers import DTYPES, decoder_layers
 
 LEARNED_ENV = "ANTIDOTE_LEARNED_JUDGE"
 JUDGE_FILE = "judge.json"
 PROBE_FILE = "probe.safetensors"
 JUDGE_KIND = "antidote-learned-judge"
 PROMPT_FORMATS = ("chat", "plain")
-DTYPES = ("auto", "float32", "bfloat16")
 PLAIN_PREFIX = "User: {prompt}\nAssistant: "
 POOLINGS = ("mean", "last")
+LABELLED_DATA = (  # what the learned judge trains on, and where such data comes from
+    "LABELLED.jsonl: labelled pairs, one JSON object a line with prompt, response and label harmful|safe, "
+    "e.g. built from PKU-SafeRLHF on the HF hub (PKU-Alignment/PKU-SafeRLHF, CC-BY-NC-4.0) as the README's "
+    "'Where the learned judge's labelled data comes from' shows"
+)
 
 
 # ---- formatting and features -------------------------------------------------------------------------
@@ -89,33 +94,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
-
-
-def resolve_dtype(name: str, device: str) -> str:
-    """ "auto" -> bfloat16 where the hardware multiplies it natively (CUDA with bf16, a CPU with AMX or
-    AVX512-BF16: about 2x faster here, features within cosine 0.9999 of float32), else float32."""
-    from antidote.realignment.calibrate import fast_bfloat16
-
-    if name not in DTYPES:
-        raise AntidoteError(f"unknown --dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    if name != "auto":
-        return name
-    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    return "bfloat16" if fast_bfloat16(dev) else "float32"
-
-
-def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
-    """The decoder body (without the output head when the model exposes `get_decoder`) and its list of
-    transformer blocks: the ModuleList whose length is config.num_hidden_layers."""
-    get_decoder = getattr(model, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else model
-    if not isinstance(decoder, nn.Module):
-        decoder = model
-    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for module in decoder.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and (count is None or len(module) == count):
-            return decoder, module
-    raise AntidoteError("cannot find the transformer blocks of the base model; use a decoder-only causal LM")
 
 
 class _Stop(Exception):
@@ -282,10 +260,8 @@ def read_judge_record(folder: str | Path) -> dict[str, Any]:
     if path == default_judge_folder() and not is_judge_folder(path):
         raise AntidoteError(
             f"no learned judge is installed at {path}; train it once with antidote judge train --data "
-            "LABELLED.jsonl (about 10 minutes on 2 CPU cores), or name a folder: learned:PATH. "
-            "LABELLED.jsonl: labelled pairs, one JSON object a line with prompt, response and label "
-            "harmful|safe, e.g. built from PKU-SafeRLHF on the HF hub (PKU-Alignment/PKU-SafeRLHF, "
-            "CC-BY-NC-4.0) as the README's 'Where the learned judge's labelled data comes from' shows"
+            f"LABELLED.jsonl (about 10 minutes on 2 CPU cores), or name a folder: learned:PATH. "
+            + LABELLED_DATA
         )
     if not is_judge_folder(path):
         raise AntidoteError(
@@ -443,12 +419,10 @@ class LearnedJudge(Judge):
     @classmethod
     def unavailable(cls, path: str | None) -> str | None:
         if path is None and not is_judge_folder(default_judge_folder()):
+            where = default_judge_folder()
             return (
-                f"no learned judge installed at {default_judge_folder()}; install it once with antidote "
-                "judge train --data LABELLED.jsonl: labelled pairs, one JSON object a line with prompt, "
-                "response and label harmful|safe, e.g. built from PKU-SafeRLHF on the HF hub "
-                "(PKU-Alignment/PKU-SafeRLHF, CC-BY-NC-4.0) as the README's 'Where the learned judge's "
-                "labelled data comes from' shows"
+                f"no learned judge installed at {where}; install it once with antidote judge train. "
+                + LABELLED_DATA
             )
         return None
 
