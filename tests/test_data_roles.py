@@ -20,7 +20,6 @@ from antidote.data.catalog import _PROMPT_FIELDS, _RESPONSE_FIELDS, _text_key, r
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path("/work/shared/data")
 CONFIGS = [
-    ROOT / "configs" / "demo.yaml",
     ROOT / "configs" / "compare-demo.yaml",
     ROOT / "configs" / "shared-data.yaml",
     *sorted((ROOT / "src" / "antidote" / "experiments" / "configs").glob("*.yaml")),
@@ -66,7 +65,10 @@ def roles(path: Path) -> dict[str, dict[str, tuple[set[str], set[str]]]]:
     data_dir = config.get("data_dir")
     if data_dir is not None:
         data_dir = str((ROOT / data_dir).resolve()) if not Path(data_dir).is_absolute() else data_dir
-        data_dir = str(SHARED) if data_dir.endswith("shared/data") else data_dir
+        # the config's data folder (`data/` beside the checkout), read here from the shared copy of it
+        data_dir = (
+            str(SHARED) if data_dir.endswith("shared/data") or not Path(data_dir).is_dir() else data_dir
+        )
 
     def get(section: str, key: str) -> tuple[set[str], set[str]]:
         return _texts(_source(config, section, key), data_dir)
