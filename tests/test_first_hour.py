@@ -471,9 +471,12 @@ def test_a_package_registers_a_defense_by_entry_point(plugin_package, tiny, tmp_
 
 
 def test_a_package_registers_a_judge_by_entry_point(plugin_package) -> None:  # type: ignore[no-untyped-def]
-    from antidote.evaluation.judges import make_judge, parse_judge_spec
+    from antidote.evaluation.judges import judge_kinds, judge_version, make_judge, parse_judge_spec
 
     assert parse_judge_spec("always-unsafe:/some/path") == ("always-unsafe", "/some/path")
+    assert (
+        "always-unsafe" in judge_kinds() and judge_version("always-unsafe") == 1
+    )  # cached stages keyed on it
     judge = make_judge("always-unsafe:/some/path")
     assert judge.name == "always-unsafe (/some/path)"
     assert judge.verdicts(["a", "b"], ["c", "d"]) == ["unsafe", "unsafe"]
