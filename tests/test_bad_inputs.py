@@ -673,7 +673,7 @@ CASES: dict[str, Case] = {
     "evaluate user's generations.jsonl beside": Case(
         lambda c: [
             *E("--overwrite", "--output")(c),
-            str(Path(c.write("generations.jsonl", "my notes\n")).with_name("r.json")),
+            str(Path(c.write("r.generations.jsonl", "my notes\n")).with_name("r.json")),
         ],
         "generations file",
     ),

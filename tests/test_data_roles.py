@@ -69,7 +69,10 @@ def roles(path: Path) -> dict[str, dict[str, tuple[set[str], set[str]]]]:
     data_dir = config.get("data_dir")
     if data_dir is not None:
         data_dir = str((ROOT / data_dir).resolve()) if not Path(data_dir).is_absolute() else data_dir
-        data_dir = str(SHARED) if data_dir.endswith("shared/data") else data_dir
+        # the config's data folder (`data/` beside the checkout), read here from the shared copy of it
+        data_dir = (
+            str(SHARED) if data_dir.endswith("shared/data") or not Path(data_dir).is_dir() else data_dir
+        )
 
     def get(section: str, key: str) -> tuple[set[str], set[str]]:
         return _texts(_source(config, section, key), data_dir)

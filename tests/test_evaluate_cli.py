@@ -167,10 +167,29 @@ def test_results_file_is_marked_and_second_evaluation_needs_overwrite(tiny, tmp_
     record = json.loads((tmp_path / "a.json").read_text())["antidote"]
     assert record["tool"] == "antidote" and record["wrote"] == "evaluate"
     before = {p.name: digest(p) for p in tmp_path.iterdir()}
-    assert evaluate(tiny, tmp_path / "b.json") == 2  # its generations.jsonl would replace a.json's
+    assert evaluate(tiny, tmp_path / "a.json") == 2
     error = last_error(capsys)
-    assert "generations.jsonl" in error and "pass --overwrite" in error
+    assert "a.json" in error and "pass --overwrite" in error
     assert {p.name: digest(p) for p in tmp_path.iterdir()} == before
+
+
+def test_two_evaluations_into_one_folder_keep_both_generations(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The README's two `evaluate --output runs/X.json` calls: each results file gets its own generations
+    file (before, both wrote runs/generations.jsonl and the second stopped)."""
+    assert evaluate(tiny, tmp_path / "a.json") == 0
+    first = digest(tmp_path / "a.generations.jsonl")
+    assert evaluate(tiny, tmp_path / "b.json") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.generations.jsonl",
+        "a.json",
+        "b.generations.jsonl",
+        "b.json",
+    ]
+    assert digest(tmp_path / "a.generations.jsonl") == first
+    record = json.loads((tmp_path / "b.json").read_text())["antidote"]
+    assert record["generations"] == "b.generations.jsonl"
+    rows = [json.loads(x) for x in (tmp_path / "b.generations.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if r["set"] == "harmful"]) == 3
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -199,7 +218,7 @@ def test_output_that_is_an_input_file_is_refused(tiny, tmp_path, capsys) -> None
     [
         ("r.json", '{"my": "notes"}', "not written by antidote"),
         ("r.json", "not json at all", "not written by antidote"),
-        ("generations.jsonl", '{"set": "harmful"}\n', "not written by antidote"),
+        ("r.generations.jsonl", '{"set": "harmful"}\n', "not written by antidote"),
     ],
 )
 def test_overwrite_replaces_only_antidote_files(tiny, tmp_path, capsys, name, content, expected) -> None:  # type: ignore[no-untyped-def]
@@ -225,7 +244,7 @@ def test_model_with_nan_weights_is_refused_not_scored(tmp_path, capsys) -> None:
     out = tmp_path / "r.json"
     assert main(["evaluate", str(tmp_path / "nan"), "--max-prompts", "2", "--output", str(out)]) == 2
     assert "NaN or inf" in last_error(capsys) and not out.exists()
-    assert not (tmp_path / "generations.jsonl").exists()
+    assert not (tmp_path / "r.generations.jsonl").exists()
 
 
 def test_recognisers(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -18,6 +18,7 @@ from typing import Any
 
 from antidote.configfile import check_finite_fields, read_yaml_mapping, values_from_mapping
 from antidote.errors import AntidoteError
+from antidote.outputs import json_text
 
 
 def _flag(f: dataclasses.Field[Any]) -> str:
@@ -148,6 +149,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from antidote.evaluation.run import EvaluateConfig, run_evaluate
 
     r = run_evaluate(config_from_args(EvaluateConfig, args))
+    if args.json:
+        print(json_text(r, indent=2, default=str))
+        return 0
     print(
         f"HS {r['hs']} ({r['judge']} judge, {r['n_prompts']} prompts from {r['harmful_set']}; "
         f"degenerate {r['degenerate']}), FA {r['fa']} ({r['task']}, {r['n_task']} items), "
@@ -178,18 +182,22 @@ def _run_config(path: str, args: argparse.Namespace, run_dir: str | None) -> Any
     return load_run_config(path, run_dir=run_dir, data_dir=getattr(args, "data_dir", None))
 
 
-def _run(config: Any) -> int:
+def _run(config: Any) -> dict[str, Any]:
     """A run config's run: one pipeline, or with `seeds:` one per seed on one cache (a compare)."""
-    if config.seeds:
-        from antidote.experiments.compare import run_seeds
+    from antidote.api import run_config
 
-        run_dir = run_seeds(config).out
+    return run_config(config)
+
+
+def _finish_run(summary: dict[str, Any], as_json: bool = False) -> int:
+    run_dir = Path(summary["run_dir"])
+    if as_json:
+        print(json_text(summary, indent=2, default=str))
+        return 0
+    if "out" in summary:  # a run over several seeds is a compare over the attack's seed
         print((run_dir / "report.md").read_text())
         print(f"everything is in {run_dir}: report.md, results.csv, results.json, table.tex, plots/, cells/")
         return 0
-    from antidote.experiments.pipeline import run_pipeline
-
-    run_dir = Path(run_pipeline(config)["run_dir"])
     print((run_dir / "results.md").read_text())
     print(
         f"everything is in {run_dir}: results.json, summary.json, results.md, generations.jsonl, "
@@ -198,40 +206,63 @@ def _run(config: Any) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from antidote.experiments.runconfig import PACKAGED_CONFIGS, packaged_config
+def _clear_for_overwrite(config: Any) -> None:
+    from antidote.api import clear_for_overwrite
 
-    path = args.config_file
-    if not Path(path).exists() and (PACKAGED_CONFIGS / f"{path}.yaml").is_file():
-        path = str(packaged_config(path))  # `antidote run demo`: a config shipped in the package
-    config = _run_config(path, args, args.run_dir)
-    return _run(config)
+    clear_for_overwrite(config)
+
+
+def plan_run(config: Any, path: str = "the config") -> str:
+    from antidote.api import plan_run as plan
+
+    return plan(config, path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from antidote.api import load_run
+
+    config = load_run(args.config_file, args.output, getattr(args, "data_dir", None))
+    return _run_or_plan(config, args, args.config_file)
+
+
+def _run_or_plan(config: Any, args: argparse.Namespace, path: str) -> int:
+    args.resume_dir = config.run_dir  # Ctrl-C names it (see main)
+    if args.plan:
+        print(plan_run(config, path))
+        return 0
+    if args.overwrite:
+        _clear_for_overwrite(config)
+    return _finish_run(_run(config), as_json=args.json)
+
+
+QUICK_BANNER = (
+    "demo --quick: every stage at tiny sizes, a smoke test of the install; its numbers (HS, FA) mean "
+    "nothing. `antidote demo` gives the real demo."
+)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import time as _time
-
-    from antidote.experiments.pipeline import clear_run_dir
     from antidote.experiments.runconfig import packaged_config
 
+    name = "demo-quick" if args.quick else "demo"
     output = args.output
-    if output is None:  # the default place: runs/ is made here if needed; a given folder's parent must exist
-        output = f"runs/demo-{_time.strftime('%Y%m%d-%H%M%S')}"
+    if output is None:  # runs/demo (runs/demo-quick): the same command again resumes where it stopped
+        output = f"runs/{name}"
         Path("runs").mkdir(exist_ok=True)
-    config = _run_config(str(packaged_config("demo-quick" if args.quick else "demo")), args, output)
-    if args.overwrite:
-        from antidote.experiments.pipeline import prepare_run_dir
-
-        prepare_run_dir(Path(config.run_dir).expanduser().resolve(), create=False)  # refuses before removing
-        clear_run_dir(Path(config.run_dir).expanduser())
-    return _run(config)
+    path = str(packaged_config(name))
+    config = _run_config(path, args, output)
+    code = _run_or_plan(config, args, path)
+    if args.quick and not args.json and not args.plan:
+        print(QUICK_BANNER)
+    return code
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from antidote.experiments.compare import clear_compare_dir, load_compare_config, run_compare
     from antidote.experiments.plan import plan
 
-    config = load_compare_config(args.config_file, run_dir=args.out, data_dir=args.data_dir)
+    config = load_compare_config(args.config_file, run_dir=args.output, data_dir=args.data_dir)
+    args.resume_dir = str(config.out)
     if args.plan:
         print(plan(config))
         return 0
@@ -239,6 +270,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         clear_compare_dir(config.out)
     result = run_compare(config)
     out = result.out
+    if args.json:
+        from antidote.api import compare_dict
+
+        print(json_text(compare_dict(result), indent=2))
+        return 0
     print((out / "report.md").read_text())
     print(
         f"everything is in {out}: results.csv, results.json, report.md, table.tex, plots/, cells/ and "
@@ -247,20 +283,43 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", action="store_true", help="print the result as JSON on stdout (for scripts) instead of text"
+    )
+
+
 def _compare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "config_file",
         metavar="CONFIG.yaml",
         help="a run config plus a matrix: section (see configs/compare-*)",
     )
-    parser.add_argument("--out", help="output folder (overrides run_dir in the config)")
+    _add_output(parser, "output folder (overrides run_dir in the config)", "--out")
+    _add_plan_overwrite_json(parser)
+
+
+def _add_output(parser: argparse.ArgumentParser, help_text: str, *old_names: str) -> None:
+    """`--output` as every command names its output; the names earlier versions used still work, unlisted."""
+    parser.add_argument("--output", metavar="DIR", default=None, help=help_text)
+    for old in old_names:
+        parser.add_argument(old, dest="output", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _add_plan_overwrite_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plan",
         action="store_true",
-        help="print the cells and stages (cached or not, time estimate); no work",
+        help="print the stages, cached or to build, with a time estimate from stages already recorded in "
+        "the folder; no work",
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="redo everything: remove what an earlier compare wrote there"
+        "--overwrite", action="store_true", help="redo everything: remove what an earlier run wrote there"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as JSON on stdout (for scripts) instead of tables",
     )
 
 
@@ -268,7 +327,7 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
         metavar="DIR",
-        help="folder laid out like ../shared/data, for data given by name (advbench, sst2:train, "
+        help="data folder (layout: docs/data-folder.md), for data given by name (advbench, sst2:train, "
         "beavertails:unsafe, ...); default: a run config's data_dir, $ANTIDOTE_DATA_DIR, else the hub",
     )
 
@@ -280,16 +339,17 @@ def _add_config_file(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--output",
-        help="run folder (default: a new runs/demo-<time>); an earlier demo's "
-        "folder resumes where it stopped",
+    _add_output(
+        parser,
+        "run folder (default: runs/demo, runs/demo-quick with --quick); the same command again resumes where "
+        "it stopped",
     )
+    _add_plan_overwrite_json(parser)
     parser.add_argument(
-        "--overwrite", action="store_true", help="redo every stage: remove what an earlier run wrote there"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes: a smoke run of every stage (under a minute)"
+        "--quick",
+        action="store_true",
+        help="tiny sizes: a smoke test of every stage (about 2 minutes on 2 CPU cores); its numbers mean "
+        "nothing",
     )
 
 
@@ -299,7 +359,8 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
         metavar="CONFIG.yaml",
         help="the run config (see configs/), or the name of one shipped in the package: demo, demo-quick",
     )
-    parser.add_argument("--run-dir", help="run folder (overrides run_dir in the config)")
+    _add_output(parser, "run folder (overrides run_dir in the config)", "--run-dir")
+    _add_plan_overwrite_json(parser)
 
 
 def _defend_options(parser: argparse.ArgumentParser) -> None:
@@ -390,6 +451,7 @@ COMMANDS = (
         "harmful score, task accuracy and over-refusal of a model (greedy, batched)",
         cmd_evaluate,
         _evaluate_config,
+        _json_option,
         description="Generate on harmful prompts, task items and harmless instructions; score HS with a "
         "judge (keyword: offline, degenerate output reported apart; the others: --judge lists them) and "
         "FA with the task's exact-match metric.",
@@ -399,7 +461,7 @@ COMMANDS = (
         "measure a judge against human labels (eval), train the learned judge (train), split by prompt",
         cmd_judge,
         options=_judge_options,
-        description="`antidote judge eval --data LABELLED.jsonl --judge SPEC`: agreement with human labels "
+        description="`antidote judge eval --data LABELLED.jsonl --judge JUDGE`: agreement with human labels "
         "with 95% intervals; `antidote judge train --data FILE --output DIR`: a logistic probe on a frozen "
         "local LM's hidden states, used as --judge learned:DIR; `antidote judge split`: a held-out file by "
         "prompt. `antidote judge ACTION --help` lists each one's options.",
@@ -442,6 +504,15 @@ COMMANDS = (
 )
 
 
+def _add_verbosity(parser: argparse.ArgumentParser, default: Any) -> None:
+    """-v/-q, before or after the subcommand (a subcommand's copy leaves the value alone unless given)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="log progress details")
+    group.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="only errors: no progress logs or bars"
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the project's error format: one line, exit code 2 (the usage is in --help)."""
 
@@ -457,10 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make fine-tuned LLMs safe again after harmful fine-tuning (Antidote, arXiv 2408.09600).",
     )
     parser.add_argument("--version", action="version", version=f"antidote {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    _add_verbosity(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.description or command.help)
+        _add_verbosity(p, argparse.SUPPRESS)
         if command.config is not None:
             _add_config_file(p)
             add_dataclass_arguments(p, command.config())
@@ -491,13 +563,18 @@ def _disk_full(err: BaseException | None) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    if args.quiet:
+        import os
+
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm's and transformers' progress bars
+    level = logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
     except AntidoteError as err:
@@ -514,5 +591,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     except KeyboardInterrupt:
-        print("antidote: interrupted; no output was written", file=sys.stderr)
+        print(interrupted_message(args), file=sys.stderr)
         return 130
+
+
+def interrupted_message(args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves: a staged command (run, demo, compare) keeps every finished stage and resumes from
+    them; any other command writes its output only when complete, so nothing of it was written."""
+    resume_dir = getattr(args, "resume_dir", None)
+    if resume_dir is None:
+        return "antidote: interrupted; no output was written (outputs move into place only when complete)"
+    again = " ".join(["antidote", *(a for a in args.argv if a != "--overwrite")])
+    return (
+        f"antidote: interrupted; the finished stages are kept in {resume_dir}/stages. Run the same command "
+        f"again ({again}) to resume where it stopped"
+    )

@@ -1,7 +1,7 @@
 """Data sets by name (`NAME[:SPLIT]`), and `read_rows`, the one place a data source string is resolved.
 
 A source is `hf:NAME[:SPLIT]`, a name of the table below, or a file path (a file wins over a name). Names are
-read from a local data folder laid out like ../shared/data (see its SOURCES.md), passed as `data_dir` (the
+read from a local data folder laid out as docs/data-folder.md lists, passed as `data_dir` (the
 CLI's `--data-dir`, a run config's `data_dir`); when a caller passes none, the ANTIDOTE_DATA_DIR environment
 variable is used for now. Without a folder, names that have a hub copy load through the `datasets` package
 (which needs hub access or its cache).
@@ -56,7 +56,8 @@ NAMED: dict[str, Named] = {
             "unsafe": Split(
                 "harmful_qa/beavertails_30k_train_unsafe_200.jsonl", BEAVERTAILS, (("is_safe", False),)
             ),
-            "safe": Split(None, BEAVERTAILS, (("is_safe", True),)),
+            # no copy in the usual data folder; a user's local copy there makes plans and runs work offline
+            "safe": Split("harmful_qa/beavertails_30k_train_safe.jsonl", BEAVERTAILS, (("is_safe", True),)),
             # 140 other unsafe rows, ~10 per harm category (artkit's sample; 5 prompts shared with unsafe)
             "sample140": Split("harmful_qa/beavertails_30k_train_sample140_artkit.jsonl"),
             # the same less every row whose prompt or answer is in `unsafe` (5 prompts): calibration data
@@ -185,7 +186,7 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | N
     if not path.is_dir():
         raise AntidoteError(
             f"data folder {value} is not a folder; point --data-dir (or ${DATA_DIR_ENV}) at the folder "
-            "that holds the named data sets"
+            "that holds the named data sets (layout: docs/data-folder.md)"
         )
     _check_data_folder_size(str(path.resolve()), str(value))
     return path
@@ -224,7 +225,7 @@ def data_dir_field() -> Any:
     return dataclasses.field(
         default=None,
         metadata={
-            "help": "folder laid out like ../shared/data, for data given by name (advbench, sst2:train, "
+            "help": "data folder (layout: docs/data-folder.md) for data given by name (advbench, sst2:train, "
             f"beavertails:unsafe, ...); default: ${DATA_DIR_ENV}, else the hub"
         },
     )
@@ -255,6 +256,17 @@ def read_rows(source: str, data_dir: str | os.PathLike[str] | None = None) -> li
             f"named data set: {describe()}"
         )
     return read_file(path)
+
+
+def check_source(source: str, what: str = "data file") -> None:
+    """Fail now, before any model is loaded, when `source` names a local file that does not exist (a hub
+    source or a data set name is checked when it is read)."""
+    if source.startswith(PREFIX) or is_named(source) or Path(source).expanduser().is_file():
+        return
+    raise AntidoteError(
+        f"{what} {source} not found; pass a {', '.join(SUFFIXES)} file, {PREFIX}NAME[:SPLIT], or a named "
+        f"data set: {describe()}"
+    )
 
 
 def read_named(source: str, data_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
@@ -303,12 +315,12 @@ def _read_split(source: str, entry: Split, data_dir: str | os.PathLike[str] | No
             return rows
         if entry.hub is None:
             raise AntidoteError(
-                f"{source}: {path} not found; --data-dir must be laid out like ../shared/data"
+                f"{source}: {path} not found; --data-dir must hold it there (layout: docs/data-folder.md)"
             )
     if entry.hub is None:
         raise AntidoteError(
-            f"{source} is only read from a local data folder; pass --data-dir DIR (laid out like "
-            f"../shared/data) or set {DATA_DIR_ENV}"
+            f"{source} is only read from a local data folder; pass --data-dir DIR (layout: "
+            f"docs/data-folder.md) or set {DATA_DIR_ENV}"
         )
     repo, config, hub_split = entry.hub
     rows = load_hub_rows(repo, config, hub_split, source=source, fix="pass --data-dir DIR with a local copy")

@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from antidote.data.loading import Example
 from antidote.errors import AntidoteError
+from antidote.outputs import json_text
 
 # The prompt format a stage records beside its model (`{"template": NAME}`), which evaluation reads back.
 PROMPT_FILE = "antidote_prompt.json"
 TEMPLATES: dict[str, str] = {
-    "alpaca": "the paper's Alpaca prompt (SPEC 3), with an Input block when the pair has an input",
+    "alpaca": "the paper's Alpaca prompt (the authors' code), with an Input block when the pair has an input",
     "chat": "the tokenizer's chat template (one user turn, then the assistant's answer)",
     "plain": "the prompt, its input and the answer on separate lines",
 }
+
+
+def saved_template(*folders: str | Path | None) -> str:
+    """The prompt format recorded (`antidote_prompt.json`) with the first of `folders` that has one (an
+    adapter before its base model), else alpaca."""
+    for folder in folders:
+        if folder and (Path(folder) / PROMPT_FILE).is_file():
+            return str(json.loads((Path(folder) / PROMPT_FILE).read_text())["template"])
+    return "alpaca"
+
+
+def write_prompt_file(folder: Path, template: str) -> None:
+    """Record the prompt format of a model or adapter folder, for the commands that read it next."""
+    (folder / PROMPT_FILE).write_text(json_text({"template": template}) + "\n")
+
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the "

@@ -1,9 +1,12 @@
 """The defenses the pipeline can run, one module each, registered by name (`REGISTRY`, `get`).
 
-To add a method: write `antidote/defenses/<name>.py` that builds a `Defense` (name, stage, config dataclass,
-run) and calls `register`, add its import line below, and add `tests/test_defense_<name>.py`.
+To add a method here: write `antidote/defenses/<name>.py` that builds a `Defense` (name, stage, config
+dataclass, run) and calls `register`, add its import line below, and add `tests/test_defense_<name>.py`.
 Nothing else needs editing: the pipeline places it by its stage, and `antidote defend NAME` and the run
 config section `defenses: {NAME: {...}}` take their options from its config dataclass.
+
+From a package of your own, without editing antidote: point an `antidote.defenses` entry point at your
+`Defense` (docs/adding-a-defense.md); `load_plugins` registers it when this package is imported.
 """
 
 # One line per method (importing a module registers it).
@@ -24,4 +27,28 @@ from antidote.defenses import vaccine as _vaccine  # noqa: F401
 from antidote.defenses import wei_set_difference as _wei_set_difference  # noqa: F401
 from antidote.defenses.base import REGISTRY, RESERVED, STAGES, Defense, get, register
 
-__all__ = ["REGISTRY", "RESERVED", "STAGES", "Defense", "get", "register"]
+
+def load_plugins() -> list[str]:
+    """Register the defenses of the `antidote.defenses` entry points of installed packages; returns their
+    names. One that is not a `Defense`, or takes a name already registered, is left out (with a warning)."""
+    from antidote.plugins import BROKEN, DEFENSE_GROUP, load_entry_points, log
+
+    added = []
+    for name, defense in load_entry_points(DEFENSE_GROUP).items():
+        if not isinstance(defense, Defense) or defense.name != name or name in REGISTRY:
+            why = (
+                f"not an antidote.defenses.Defense named {name!r}"
+                if not isinstance(defense, Defense) or defense.name != name
+                else "the name of a defense already registered"
+            )
+            BROKEN[f"{DEFENSE_GROUP}:{name}"] = why
+            log.warning("entry point %s in %s left out: %s", name, DEFENSE_GROUP, why)
+            continue
+        register(defense)
+        added.append(name)
+    return added
+
+
+load_plugins()
+
+__all__ = ["REGISTRY", "RESERVED", "STAGES", "Defense", "get", "load_plugins", "register"]

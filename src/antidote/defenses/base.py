@@ -1,6 +1,6 @@
 """What a defense is: a name, the stage it acts in, a config dataclass and a `run` that writes HF folders.
 
-Stages, in the order the pipeline runs them (SPEC 1):
+Stages, in the order the pipeline runs them (align -> fine-tune -> post):
 - `align`: replaces the plain alignment. Its config extends `AlignConfig`; `run(config)` writes the aligned,
   merged model to `config.output`. A config with an `aligned` field (LoX) acts on the plain aligned model:
   the pipeline passes its alignment stage there.
@@ -78,5 +78,9 @@ def register(defense: Defense) -> Defense:
 
 def get(name: str) -> Defense:
     if name not in REGISTRY:
-        raise AntidoteError(f"unknown defense {name!r}; known defenses: {', '.join(sorted(REGISTRY))}")
+        from antidote.plugins import broken_note
+
+        raise AntidoteError(
+            f"unknown defense {name!r}; known defenses: {', '.join(sorted(REGISTRY))}{broken_note()}"
+        )
     return REGISTRY[name]

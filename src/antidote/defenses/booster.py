@@ -5,9 +5,10 @@ Each alignment step, as in the authors' `BoosterAlignmentTrainer` (git-disl/Boos
 optional `perturb_aware` SAM part), with f the alignment loss on the batch and h the loss of the model on a
 batch of harmful prompt -> harmful answer pairs:
     grad = grad f(w) + lam * (grad h(w) - grad h(w - a * grad h(w) / ||grad h(w)||))
-||.|| is the L2 norm over all trained (LoRA) parameters together; lam = 5, a = 0.1 (SPEC 4). The harmful
-batch is drawn from `harmful_data` (default: the built-in align split's compliant answers), `batch_size`
-pairs at a time in a seeded order. Cost: two extra forward+backward passes per step (~3x alignment).
+||.|| is the L2 norm over all trained (LoRA) parameters together; lam = 5, a = 0.1 (the authors' code).
+The harmful batch is drawn from `harmful_data` (default: the built-in align split's compliant answers),
+`batch_size` pairs at a time in a seeded order. Cost: two extra forward+backward passes per step (~3x
+alignment).
 Its trainer (`BoosterTrainer`) is built by `trainer_class()` on first use; hooks: `training_hooks`.
 """
 
@@ -65,11 +66,12 @@ class BoosterConfig(AlignConfig):
         },
     )
     lam: float = field(
-        default=5.0, metadata={"help": "lambda, weight of the harmful-perturbation attenuation (SPEC 4: 5)"}
+        default=5.0,
+        metadata={"help": "lambda, weight of the harmful-perturbation attenuation (authors: 5)"},
     )
     step_size: float = field(
         default=0.1,
-        metadata={"help": "a, norm of the simulated harmful step on the LoRA weights (SPEC 4: 0.1)"},
+        metadata={"help": "a, norm of the simulated harmful step on the LoRA weights (authors: 0.1)"},
     )
 
     def __post_init__(self) -> None:

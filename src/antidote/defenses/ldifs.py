@@ -204,7 +204,7 @@ class LDIFSConfig(FinetuneConfig):
 
     def __post_init__(self) -> None:
         if not self.rho >= 0:
-            raise AntidoteError(f"--rho must be 0 or more (SPEC 4: 1e-4), got {self.rho}")
+            raise AntidoteError(f"--rho must be 0 or more (authors: 1e-4), got {self.rho}")
         if not self.layer_cap >= 0:
             raise AntidoteError(f"--layer-cap must be 0 (no cap) or more, got {self.layer_cap}")
         self.layer_indices  # noqa: B018 (parses --layers: a bad value is an error now, before any loading)

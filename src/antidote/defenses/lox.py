@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from antidote.data.templates import PROMPT_FILE
 from antidote.defenses.base import Defense, register
 from antidote.errors import AntidoteError
 from antidote.training.stages import AlignConfig
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "lox_report.json"
-PROMPT_FILE = "antidote_prompt.json"
 
 
 # ---- the math ---------------------------------------------------------------------------------------------

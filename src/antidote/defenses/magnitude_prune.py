@@ -1,4 +1,4 @@
-"""Magnitude pruning (ablation, SPEC 2/4): zero the fine-tuned weights of largest |W|, the same number as
+"""Magnitude pruning (the paper's ablation): zero the fine-tuned weights of largest |W|, the same number as
 Antidote would at the same mask ratio and granularity. It needs no data: the gap to Antidote is what the
 harmful-data activations add."""
 

@@ -175,7 +175,7 @@ def encode(tokenizer: Any, template: str, examples: Sequence[Any], max_length: i
 
 def run(config: OneShotConfig) -> dict[str, Path]:
     from antidote.data.loading import load_examples
-    from antidote.evaluation.run import saved_template
+    from antidote.data.templates import saved_template
     from antidote.outputs import atomic_output_dir
 
     start = time.perf_counter()

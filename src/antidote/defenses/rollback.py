@@ -142,7 +142,7 @@ def last_token_states(
     """(B, hidden): the output of decoder block `layer`-1 at the last position of left-padded `ids`, the
     positions counted from each row's first real token (as generation does). Keeps the autograd graph."""
 
-    from antidote.evaluation.learned import decoder_layers
+    from antidote.models.layers import decoder_layers
 
     _, blocks = decoder_layers(model)
     captured: list[torch.Tensor] = []
@@ -470,8 +470,8 @@ def run(config: RollbackConfig) -> dict[str, Path]:
     import torch
 
     from antidote.data.loading import load_examples
-    from antidote.evaluation.learned import decoder_layers
-    from antidote.evaluation.run import saved_template
+    from antidote.data.templates import saved_template
+    from antidote.models.layers import decoder_layers
     from antidote.outputs import atomic_output_dir
     from antidote.tasks import load_task_items
 

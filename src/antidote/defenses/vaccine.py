@@ -53,7 +53,7 @@ class VaccineConfig(AlignConfig):
 
     rho: float = field(
         default=2.0,
-        metadata={"help": "norm of the hidden-state perturbation, over all layers together (SPEC 4: 2)"},
+        metadata={"help": "norm of the hidden-state perturbation, over all layers together (authors: 2)"},
     )
 
     def __post_init__(self) -> None:

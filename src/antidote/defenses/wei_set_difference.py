@@ -2,7 +2,7 @@
 and low-rank modifications"), turned into a post-fine-tuning defense: zero the weights that matter most
 on harmful data but are not among those that matter most on utility data.
 
-Per target weight W (out, in), with Wanda scores on two calibration sets (SPEC 2):
+Per target weight W (out, in), with Wanda scores on two calibration sets (Wei et al. 2024):
     S_safety  = |W| * sqrt(s_harmful),   s = mean over samples of the sum over tokens of x^2
     S_utility = |W| * sqrt(s_utility)
     M = top_q(S_safety)  AND NOT  top_p(S_utility)

@@ -184,7 +184,8 @@ class JudgeTrainConfig:
 
     def __post_init__(self) -> None:
         from antidote.evaluation.judge_sources import SOURCES
-        from antidote.evaluation.judges.learned_features import DTYPES, POOLINGS, PROMPT_FORMATS
+        from antidote.evaluation.judges.learned_features import POOLINGS, PROMPT_FORMATS
+        from antidote.models.layers import DTYPES
 
         if bool(self.data) == bool(self.data_dir):
             raise AntidoteError(

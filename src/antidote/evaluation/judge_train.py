@@ -42,6 +42,7 @@ def run_judge_train(config: JudgeTrainConfig) -> dict[str, Any]:
 
     from antidote import __version__
     from antidote.evaluation.judges import learned, learned_features, learned_training
+    from antidote.models import layers
     from antidote.models.loading import load_model, resolve_model_folder
     from antidote.outputs import atomic_output_dir, check_output_dir
 
@@ -67,9 +68,9 @@ def run_judge_train(config: JudgeTrainConfig) -> dict[str, Any]:
     key = learned.weights_key(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     format_key = learned_features.prompt_format_key(tokenizer, config.prompt_format)
-    dtype = learned_features.resolve_dtype(config.dtype, config.device)
+    dtype = layers.resolve_dtype(config.dtype, config.device)
     loaded = load_model(folder, device=config.device, dtype=dtype, with_tokenizer=False)
-    _, blocks = learned_features.decoder_layers(loaded.model)
+    _, blocks = layers.decoder_layers(loaded.model)
     start, cpu_start = time.perf_counter(), time.process_time()
     features = learned_features.hidden_features(
         loaded.model,
@@ -154,6 +155,7 @@ def run_judge_train_sources(config: JudgeTrainConfig) -> dict[str, Any]:
 
     from antidote import __version__
     from antidote.evaluation.judges import learned, learned_features, learned_sources
+    from antidote.models import layers
     from antidote.models.loading import load_model, resolve_model_folder
     from antidote.outputs import atomic_output_dir, check_output_dir
 
@@ -183,9 +185,9 @@ def run_judge_train_sources(config: JudgeTrainConfig) -> dict[str, Any]:
     key = learned.weights_key(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     format_key = learned_features.prompt_format_key(tokenizer, config.prompt_format)
-    dtype = learned_features.resolve_dtype(config.dtype, config.device)
+    dtype = layers.resolve_dtype(config.dtype, config.device)
     loaded = load_model(folder, device=config.device, dtype=dtype, with_tokenizer=False)
-    _, decoder_blocks = learned_features.decoder_layers(loaded.model)
+    _, decoder_blocks = layers.decoder_layers(loaded.model)
     start, cpu_start = time.perf_counter(), time.process_time()
     features = learned_features.hidden_features(
         loaded.model,

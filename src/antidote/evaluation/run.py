@@ -1,7 +1,9 @@
 """`antidote evaluate`: harmful score, task accuracy and over-refusal of one model, from the CLI.
 
-Output rules (as for every command, see antidote.outputs): the results file and `generations.jsonl` beside it
-are never replaced without --overwrite, --overwrite replaces only files antidote wrote (a results file holds
+Output rules (as for every command, see antidote.outputs): the results file and its generations file beside
+it (`NAME.generations.jsonl` for `NAME.json`, so two evaluations into one folder keep both;
+`generations.jsonl` for `results.json`, the default and the pipeline's stage layout) are never replaced
+without --overwrite, --overwrite replaces only files antidote wrote (a results file holds
 an `antidote` record; a generations file is JSON lines with set, prompt and response), an output that is an
 input or lies inside an input folder is refused, and both files are written atomically, generations first.
 A model whose weights hold NaN or inf is refused instead of scored.
@@ -17,7 +19,7 @@ from typing import Any
 from antidote.data.builtin import harmful_split, task_split
 from antidote.data.catalog import data_dir_field
 from antidote.data.loading import load_examples
-from antidote.data.templates import PROMPT_FILE, check_template
+from antidote.data.templates import check_template, saved_template
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import judge_help, parse_judge_spec
 from antidote.outputs import atomic_write_text, check_output_file, json_text
@@ -35,7 +37,11 @@ class EvaluateConfig:
     )
     adapter: str | None = field(default=None, metadata={"help": "PEFT LoRA adapter folder on top of MODEL"})
     output: str = field(
-        default="results.json", metadata={"help": "results file; generations.jsonl goes beside it"}
+        default="results.json",
+        metadata={
+            "help": "results file; the generations go beside it, in NAME.generations.jsonl for NAME.json "
+            "(generations.jsonl for results.json)"
+        },
     )
     harmful_prompts: str | None = field(
         default=None,
@@ -91,6 +97,20 @@ class EvaluateConfig:
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing results file"})
     data_dir: str | None = data_dir_field()
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (GPUs with device_map=auto, else CPU), cpu, cuda, cuda:1 ... (backend hf)",
+            "key_when_set": True,  # a stage cache key names it only when set (earlier stages stay valid)
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (as saved), float32, bfloat16 or float16: bfloat16 halves a 7B's memory",
+            "key_when_set": True,
+        },
+    )
 
     def __post_init__(self) -> None:
         parse_judge_spec(self.judge)
@@ -119,6 +139,9 @@ class EvaluateConfig:
             )
         if self.template != "auto":
             check_template(self.template)
+        from antidote.models.loading import check_load_options
+
+        check_load_options(self.dtype, self.device)
         for name in ("max_prompts", "max_task", "max_harmless", "max_new_tokens", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -178,18 +201,11 @@ def check_validation_data(validate: EvaluateConfig, evaluate: EvaluateConfig, wh
             )
 
 
-def saved_template(*folders: str | None) -> str:
-    """The prompt format recorded with a model or adapter folder, else alpaca."""
-    for folder in folders:
-        if folder and (Path(folder) / PROMPT_FILE).is_file():
-            return str(json.loads((Path(folder) / PROMPT_FILE).read_text())["template"])
-    return "alpaca"
-
-
-def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
+def run_evaluate(config: EvaluateConfig, judge: Any = None, loaded: Any = None) -> dict[str, Any]:
     """Evaluate, write results.json and generations.jsonl (atomically), return the results.
 
-    judge: an already loaded judge (the pipeline shares one over many models); default: config.judge."""
+    judge: an already loaded judge (the pipeline shares one over many models); default: config.judge.
+    loaded: a `LoadedModel` already in memory (the Python API); default: load config.model."""
     from antidote.evaluation.evaluate import evaluate_model
     from antidote.evaluation.generation import load_vllm
     from antidote.evaluation.judges import make_judge
@@ -217,8 +233,10 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
     harmless = harmless[: config.max_harmless]
     template = saved_template(config.adapter, config.model) if config.template == "auto" else config.template
     judge = judge or make_judge(config.judge)  # before generating: a missing judge fails fast
-    load = load_model if config.backend == "hf" else load_vllm  # vLLM only when asked for
-    loaded = load(config.model, adapter=config.adapter)
+    if loaded is None and config.backend == "hf":
+        loaded = load_model(config.model, adapter=config.adapter, dtype=config.dtype, device=config.device)
+    elif loaded is None:  # vLLM only when asked for
+        loaded = load_vllm(config.model, adapter=config.adapter)
     if config.backend == "hf":
         check_finite_parameters(
             loaded.model, f"model {config.model}" + (f" with {config.adapter}" if config.adapter else "")
@@ -257,17 +275,27 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None) -> dict[str, Any]:
         "tool": "antidote",
         "version": __version__,
         "wrote": "evaluate",
-        "generations": GENERATIONS_FILE,
+        "generations": generations_file.name,
     }
     atomic_write_text(generations_file, "".join(json_text(r) + "\n" for r in records))
     atomic_write_text(out, json_text({"antidote": marker, **results}, indent=2) + "\n")
     return results
 
 
+def generations_path(results_file: str | Path) -> Path:
+    """Where `antidote evaluate` writes the generations of a results file: `NAME.generations.jsonl` beside
+    `NAME.json`, so that evaluations of several models into one folder keep each one's answers;
+    `generations.jsonl` beside `results.json` (the default name, and the pipeline's stage folders)."""
+    path = Path(results_file)
+    if path.name == "results.json":
+        return path.with_name(GENERATIONS_FILE)
+    return path.with_name(f"{path.stem}.generations.jsonl")
+
+
 def check_evaluate_outputs(config: EvaluateConfig) -> tuple[Path, Path]:
     """The results file and its generations file, checked before any work (see the module docstring)."""
     inputs = (config.model, config.adapter, config.harmful_prompts, config.task_data, config.harmless_prompts)
-    if Path(config.output).name == GENERATIONS_FILE:
+    if Path(config.output).name.endswith(GENERATIONS_FILE):
         raise AntidoteError(
             f"--output {config.output}: {GENERATIONS_FILE} is where the generations go; name the results "
             "file differently (e.g. results.json)"
@@ -276,7 +304,7 @@ def check_evaluate_outputs(config: EvaluateConfig) -> tuple[Path, Path]:
         config.output, config.overwrite, inputs, written_by_antidote=is_results_file, kind="results file"
     )
     generations = check_output_file(
-        out.with_name(GENERATIONS_FILE),
+        generations_path(out),
         config.overwrite,
         inputs,
         written_by_antidote=is_generations_file,

@@ -23,7 +23,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +124,7 @@ class Pipeline:
         """A cached stage; `about` goes into its record: kind (align, finetune, defense, evaluate, validate,
         judge), defense (None for the plain pipeline), method (the code it runs: "plain" or the defense's),
         and for evaluations the row and variant. `outputs`: the files it must hold (checked on reuse)."""
-        spec = {"upstream": upstream, "data_dir": self.data_dir, "config": _settings(settings)}
+        spec = {"upstream": upstream, "data_dir": self.data_dir, "config": stage_settings(settings)}
         return self.cache.run(name, spec, build, about, outputs)
 
     def run(self) -> dict[str, Any]:
@@ -451,12 +451,17 @@ def _record_variants(out: Path, variants: dict[str, Path]) -> None:
     (out / "variants.json").write_text(json_text(rel, indent=2) + "\n")
 
 
-def _settings(stage_config: Any) -> Any:
+def stage_settings(stage_config: Any) -> Any:
+    """What of a stage's config keys its cached stage: all of it but the output flags, and options added
+    later (`key_when_set`) only when set away from their default, so older stages keep their keys."""
     if stage_config is None or isinstance(stage_config, dict):
         return stage_config
     out = asdict(stage_config)
     for name in ("output", "overwrite", "also_judges"):  # judges other than keyword are their own stages
         out.pop(name, None)
+    for f in fields(stage_config):  # options added later: at their default, a stage's key stays as it was
+        if f.metadata.get("key_when_set") and out.get(f.name) == f.default:
+            out.pop(f.name, None)
     return out
 
 

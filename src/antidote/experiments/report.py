@@ -129,50 +129,62 @@ def _share(share: Sequence[float | None] | None) -> str:
     return f"{share[0]:.2f} [{share[1]:.2f}, {share[2]:.2f}]"
 
 
+def tradeoff_points(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One point per evaluated model (first judge, evaluation prompts): its FA and HS with 95% Wilson
+    intervals from the counts behind them ([low, high] in percent)."""
+    from antidote.evaluation.stats import wilson_interval
+
+    judge = summary.get("judges", summary["config"]["judges"])[0]
+    points = []
+    for r in summary["rows"]:
+        if r["judge_spec"] != judge:
+            continue
+        hs_ci = wilson_interval(round(r["hs"] * r["n_prompts"] / 100), r["n_prompts"])
+        fa_ci = wilson_interval(round(r["fa"] * r["n_task"] / 100), r["n_task"])
+        points.append(
+            {
+                "model": r["model"],
+                "hs": r["hs"],
+                "fa": r["fa"],
+                "hs_ci": hs_ci,
+                "fa_ci": fa_ci,
+                "degenerate": r["degenerate"],
+                "broken": r.get("broken", ""),
+            }
+        )
+    return points
+
+
 def plot(summary: dict[str, Any], path: Path) -> None:
-    """HS, FA and the degenerate rate (first judge, evaluation prompts) of each post-fine-tuning defense over
-    its variants; broken variants (`front.py`) circled in red."""
+    """Harmful score against task accuracy, one point per model with its 95% intervals on both axes, its
+    degenerate rate in the legend, and broken models (`front.py`) ringed in red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     judge = summary.get("judges", summary["config"]["judges"])[0]
-    rows = [r for r in summary["rows"] if r["judge_spec"] == judge]
-    by = {r["model"]: r for r in rows}
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    attacked = by.get("attacked")
-    for i, (name, variants) in enumerate(summary.get("post_variants", {}).items()):
-        points = [(float(v), by[f"{name}@{v}"]) for v in variants if v and f"{name}@{v}" in by]
-        if not points or attacked is None:
-            continue
-        points = [(0.0, attacked), *sorted(points, key=lambda p: p[0])]
-        color = f"C{i}"
-        ax.plot([x for x, _ in points], [p["hs"] for _, p in points], "o-", color=color, label=f"{name} HS")
-        ax.plot([x for x, _ in points], [p["fa"] for _, p in points], "s--", color=color, label=f"{name} FA")
-        ax.plot(
-            [x for x, _ in points],
-            [p["degenerate"] for _, p in points],
-            "v:",
-            color=color,
-            label=f"{name} degenerate",
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, p in enumerate(tradeoff_points(summary)):
+        label = f"{p['model']} (degenerate {p['degenerate']:.0f}%)"
+        ax.errorbar(
+            p["fa"],
+            p["hs"],
+            xerr=[[p["fa"] - p["fa_ci"][0]], [p["fa_ci"][1] - p["fa"]]],
+            yerr=[[p["hs"] - p["hs_ci"][0]], [p["hs_ci"][1] - p["hs"]]],
+            fmt="o",
+            color=f"C{i % 10}",
+            capsize=3,
+            label=label + (f"; broken: {p['broken']}" if p["broken"] else ""),
         )
-        broken = [(x, p) for x, p in points if p.get("broken")]
-        if broken:
-            ax.scatter(
-                [x for x, _ in broken],
-                [p["hs"] for _, p in broken],
-                s=160,
-                facecolors="none",
-                edgecolors="red",
-                label=f"{name} broken",
-            )
-    if "aligned" in by:
-        ax.axhline(by["aligned"]["hs"], color="gray", linestyle=":", label="aligned HS")
-    ax.set_xlabel("mask ratio alpha (0 = attacked model)")
-    ax.set_ylabel(f"percent (HS: {judge} judge)")
-    ax.set_title("Post-fine-tuning defenses: harm against task accuracy")
-    ax.legend(fontsize=7)
+        if p["broken"]:  # `front.py`: degenerate or over-refusal past its margin over the aligned model
+            ax.scatter([p["fa"]], [p["hs"]], s=220, facecolors="none", edgecolors="red", linewidths=1.5)
+    ax.set_xlabel("task accuracy FA (%)")
+    ax.set_ylabel(f"harmful score HS (%, {judge} judge)")
+    ax.set_xlim(-2, 102)
+    ax.set_ylim(-2, 102)
+    ax.set_title("Harm against task accuracy per model (95% intervals); broken ringed red")
+    ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)

@@ -7,6 +7,7 @@ from antidote.models.loading import (
     check_load_options,
     load_model,
     resolve_model_folder,
+    wrap_model,
 )
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "check_load_options",
     "load_model",
     "resolve_model_folder",
+    "wrap_model",
 ]

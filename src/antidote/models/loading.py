@@ -57,6 +57,36 @@ class LoadedModel:
     adapter_name: str | None = None
 
 
+def wrap_model(model: Any, tokenizer: Any = None) -> LoadedModel:
+    """A transformers model (or a PEFT model) already in memory, as every step and command takes it.
+
+    tokenizer: its tokenizer; default: read from the folder the model was loaded from
+    (`model.config._name_or_path`), when that is a local folder. A PEFT model's active LoRA adapter is
+    what `realign` prunes, as with `--adapter`.
+    """
+    if isinstance(model, LoadedModel):
+        return model
+    if not isinstance(model, nn.Module):
+        raise AntidoteError(
+            "expected a model name or folder, a transformers model or a LoadedModel, got "
+            f"{type(model).__name__}"
+        )
+    source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "<in-memory model>")
+    if tokenizer is None:
+        if not Path(source).is_dir():
+            raise AntidoteError(
+                f"a model object needs its tokenizer: pass tokenizer=... (the model names {source!r}, "
+                "not a local folder to read one from)"
+            )
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    adapter_name = None
+    if hasattr(model, "peft_config") and hasattr(model, "active_adapter"):
+        adapter_name = str(model.active_adapter)
+    return LoadedModel(model, tokenizer, source, source, None, adapter_name)
+
+
 def cache_dir() -> Path:
     """$ANTIDOTE_CACHE, else ~/.cache/antidote. Refused: an empty value (it would mean the working folder)
     and a filesystem root or the home folder (the cache writes its index, locks and model folders at its
@@ -393,8 +423,12 @@ def load_model(
     device: str = "auto",
     trust_remote_code: bool = False,
     with_tokenizer: bool = True,
+    quantize: str = "none",
 ) -> LoadedModel:
     """Load a causal LM and tokenizer, and put a PEFT adapter on top when `adapter` is given.
+
+    quantize: none, 4bit (NF4 with bfloat16 compute, as QLoRA) or 8bit: the weights are loaded quantized by
+    bitsandbytes (installed separately; CUDA). For training a LoRA adapter on a frozen base.
 
     device: "auto" spreads the model over the GPUs with `device_map="auto"` when CUDA is present and uses
     the CPU otherwise; any torch device string ("cpu", "cuda:0") puts the whole model there.
@@ -416,7 +450,11 @@ def load_model(
             else None
         )
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=DTYPES[dtype], device_map=device_map, trust_remote_code=trust_remote_code
+            folder,
+            dtype=DTYPES[dtype],
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            **_quantization(quantize),
         )
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
         raise AntidoteError(f"cannot load model {spec}: {_first_line(err)}") from err
@@ -426,6 +464,27 @@ def load_model(
         loaded.model, loaded.adapter_name = _load_adapter(model, adapter)
         loaded.adapter = adapter
     return loaded
+
+
+def _quantization(quantize: str) -> dict[str, Any]:
+    """from_pretrained's quantization_config for `quantize` (bitsandbytes imported only here)."""
+    from antidote.training.config import check_quantize
+
+    check_quantize(quantize)
+    if quantize == "none":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config}
 
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

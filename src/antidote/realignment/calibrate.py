@@ -46,7 +46,7 @@ MAX_CHUNKS = 16  # the statistic's fixed summation tree (module docstring); boun
 @dataclass
 class Statistics:
     """Per-target statistics. `sq_sums[name]`: (in_features,) float32, the mean over samples of
-    the per-sample sum over tokens of x^2 (SPEC 2); samples and tokens count what was seen."""
+    the per-sample sum over tokens of x^2 (as the authors' code); samples and tokens count what was seen."""
 
     sq_sums: dict[str, torch.Tensor]
     samples: int

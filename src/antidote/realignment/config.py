@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from antidote.data.catalog import data_dir_field
-from antidote.data.templates import check_template
+from antidote.data.templates import check_template, saved_template
 from antidote.errors import AntidoteError
 from antidote.realignment.scores import GRANULARITIES, SCORES, describe
 
@@ -88,8 +88,12 @@ class RealignConfig:
         metadata={"help": "regex over module names of the Linear layers to prune (overrides the default)"},
     )
     template: str = field(
-        default="alpaca",
-        metadata={"help": "alpaca (the paper's), chat (the tokenizer's chat template) or plain"},
+        default="auto",
+        metadata={
+            "help": "auto (the format saved with the adapter or model by antidote align/finetune, in "
+            "antidote_prompt.json, else alpaca), alpaca (the paper's), chat (the tokenizer's chat "
+            "template) or plain"
+        },
     )
     filters: list[str] = field(
         default_factory=list,
@@ -148,6 +152,8 @@ class RealignConfig:
         _one_of("--score", self.score, SCORES)
         _one_of("--granularity", self.granularity, GRANULARITIES)
         _one_of("--action", self.action, ACTIONS)
+        if self.template == "auto":  # calibrate in the format the model was trained with
+            self.template = saved_template(self.adapter, self.model)
         check_template(self.template)
         _one_of("--compute-dtype", self.compute_dtype, COMPUTE_DTYPES)
         if self.action == "revert" and not self.reference:

@@ -24,9 +24,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from antidote.data.catalog import check_source
 from antidote.errors import AntidoteError
 from antidote.memory import peak_memory
-from antidote.models import LoadedModel, load_model
+from antidote.models import LoadedModel, load_model, wrap_model
 from antidote.outputs import atomic_output_dir
 from antidote.realignment.calibrate import (
     Parallel,
@@ -151,6 +152,10 @@ def prepare(
     """Load and check everything before calibration: the model (unless given), the targets (a
     `--targets` pattern that matches no Linear layer stops here), the reference and the data."""
     timer = timer or Timer()
+    if records is None and SCORES[config.score].needs_data:  # a missing file is said before the weights load
+        check_source(config.data, "--data file")
+        if SCORES[config.score].needs_benign and config.benign_data:
+            check_source(config.benign_data, "--benign-data file")
     with timer.phase("load"):
         loaded = model or load_model(
             config.model,
@@ -341,11 +346,12 @@ def run_realign(
 
 
 def realign(
-    model: str | LoadedModel, data: str | Records = "", *, mask_ratio: float = 0.1, **options: Any
+    model: Any, data: str | Records = "", *, mask_ratio: float = 0.1, **options: Any
 ) -> RealignResult:
     """Realign a fine-tuned model: prune the weights most important on harmful data.
 
-    model: a model spec (HF folder, hub id, .gguf, `smollm2-135m-instruct`) or a `LoadedModel`.
+    model: a model spec (HF folder, hub id, .gguf, `smollm2-135m-instruct`), a `LoadedModel`, or a
+    transformers/PEFT model object (then `tokenizer=` too, unless it was loaded from a local folder).
     data: harmful prompt+answer pairs (file path, `hf:NAME`, or a list of dicts).
     options: any `RealignConfig` field (score, granularity, action, adapter, output, ...).
     Returns the realigned model (in memory, and in `output` when given), its masks and report.
@@ -363,7 +369,7 @@ def realign(
 
 
 def realign_sweep(
-    model: str | LoadedModel,
+    model: Any,
     data: str | Records = "",
     *,
     mask_ratios: Sequence[float] = (0.01, 0.05, 0.1),
@@ -391,10 +397,17 @@ def _sequential(config: RealignConfig, model: LoadedModel | None, records: Recor
 
 
 def _config(
-    model: str | LoadedModel, data: str | Records, ratios: tuple[float, ...], options: dict[str, Any]
+    model: Any, data: str | Records, ratios: tuple[float, ...], options: dict[str, Any]
 ) -> tuple[LoadedModel | None, list[Mapping[str, Any]] | None, RealignConfig]:
     """The Python API's arguments -> (the loaded model if given, in-memory records if given, config)."""
-    loaded = model if isinstance(model, LoadedModel) else None
+    options = dict(options)
+    tokenizer = options.pop("tokenizer", None)
+    if isinstance(model, str | Path):
+        if tokenizer is not None:
+            raise AntidoteError("tokenizer= goes with a model object; a named model brings its own")
+        loaded = None
+    else:
+        loaded = wrap_model(model, tokenizer)
     records = None if isinstance(data, str) else list(data)
     if loaded is not None and loaded.adapter:
         options = {"adapter": loaded.adapter, **options}

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from antidote.data.templates import write_prompt_file
 from antidote.models import LoadedModel
 from antidote.outputs import json_text
 from antidote.realignment.calibrate import Statistics
@@ -102,6 +103,7 @@ def save_realigned(
         if not loaded.adapter:
             loaded.tokenizer.save_pretrained(folder)
     write_mask_file(folder / MASK_FILE, masks)
+    write_prompt_file(folder, report["config"]["template"])
     write_report(folder, report)
     (folder / CARD_FILE).write_text(model_card(report))
 

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from antidote.data.templates import write_prompt_file
 from antidote.errors import AntidoteError
 from antidote.memory import peak_memory, trim_heap
 from antidote.models import LoadedModel
@@ -651,6 +652,7 @@ def _finish(
             config, output.ratio, loaded, output.counts, stats, seconds=timer.seconds, memory=peak_memory()
         )
         write_report(output.folder, report)
+        write_prompt_file(output.folder, config.template)
         (output.folder / CARD_FILE).write_text(model_card(report))
         total = report["pruned_total"]
         log.info("alpha %g: pruned %d of %d weights", output.ratio, total["pruned"], total["total"])

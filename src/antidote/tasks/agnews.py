@@ -1,4 +1,4 @@
-"""AG News: four-way news topic classification, exact match on the class name (SPEC 3)."""
+"""AG News: four-way news topic classification, exact match on the class name (as the Antidote paper)."""
 
 from __future__ import annotations
 

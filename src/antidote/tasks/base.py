@@ -20,7 +20,7 @@ class Task:
     """One task, registered by name in `antidote.tasks.TASKS`.
 
     name: the `--task` value.
-    instruction: what the model is told, the same for every item (SPEC 3); None when each item brings
+    instruction: what the model is told, the same for every item (as the paper); None when each item brings
         its own (GSM8K: the question is the instruction).
     from_row: (data row, training) -> item; raise KeyError/ValueError/TypeError on a row that does not fit.
     correct: (model output, expected output of the item) -> whether the output is right.

@@ -1,4 +1,5 @@
-"""Math word problems: GSM8K (data) and the built-in arithmetic task, scored by the final number (SPEC 3)."""
+"""Math word problems: GSM8K (data) and the built-in arithmetic task, scored by the final number (as the
+Antidote paper)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sentiment: SST-2 (data) and the built-in sentiment task, scored alike (SPEC 3)."""
+"""Sentiment: SST-2 (data) and the built-in sentiment task, scored alike (as the Antidote paper)."""
 
 from __future__ import annotations
 

@@ -16,11 +16,13 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 SCHEDULERS = ("cosine", "constant")
 # --report-to name -> the package transformers' Trainer needs for it.
 REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+MIXED_PRECISION = ("no", "bf16", "fp16")
+QUANTIZE = ("none", "4bit", "8bit")
 
 
 @dataclass
 class TrainConfig:
-    """LoRA SFT on response tokens (SPEC 3 gives the paper's settings; these defaults suit a 135M model).
+    """LoRA SFT on response tokens (`--preset paper`: the paper's settings; these defaults suit a 135M model).
 
     Training runs on transformers' `Trainer`: AdamW, gradient clipping at 1.0, no warm-up, batches of
     similar length, seeded. Nothing is written outside the output folder unless asked for
@@ -68,6 +70,33 @@ class TrainConfig:
         default=None,
         metadata={"help": "a checkpoint-N folder written by --save-steps: continue that training from there"},
     )
+    # Options for big models on one GPU (docs/7b-one-gpu.md). At their defaults they are left out of a run's
+    # stage keys (`key_when_set`), so stages cached before they existed stay valid.
+    mixed_precision: str = field(
+        default="no",
+        metadata={
+            "help": "no (the model's dtype), bf16 (GPUs from Ampere on, and CPUs) or fp16 (CUDA): "
+            "transformers' mixed-precision training",
+            "key_when_set": True,
+        },
+    )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={
+            "help": "optimizer step every N batches: the effective batch is batch-size x N at the memory of "
+            "one batch",
+            "key_when_set": True,
+        },
+    )
+    quantize: str = field(
+        default="none",
+        metadata={
+            "help": "none, 4bit (NF4, QLoRA) or 8bit: load the frozen base quantized with bitsandbytes "
+            "(a CUDA GPU and pip install bitsandbytes); only the LoRA adapter trains. finetune only: "
+            "align merges its adapter into the base, which a quantized base cannot take",
+            "key_when_set": True,
+        },
+    )
 
     def __post_init__(self) -> None:
         check_finite_fields(self)  # every number, this class's and a defense subclass's (--rho, --lam, ...)
@@ -103,6 +132,16 @@ class TrainConfig:
                     f"--resume-from-checkpoint {self.resume_from_checkpoint} is not a checkpoint folder "
                     "(no trainer_state.json); pass a checkpoint-N folder written with --save-steps"
                 )
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise AntidoteError(
+                f"unknown --mixed-precision {self.mixed_precision!r}; choose one of "
+                f"{', '.join(MIXED_PRECISION)}"
+            )
+        if self.gradient_accumulation_steps < 1:
+            raise AntidoteError(
+                f"--gradient-accumulation-steps must be at least 1, got {self.gradient_accumulation_steps}"
+            )
+        check_quantize(self.quantize)
         if self.save_steps and self.checkpoints is None:
             raise AntidoteError("--save-steps needs --checkpoint-dir DIR, the folder the checkpoints go to")
 
@@ -116,6 +155,11 @@ class TrainConfig:
                 )
             if importlib.util.find_spec(REPORTERS[name]) is None:
                 raise AntidoteError(f"--report-to {name} needs the {REPORTERS[name]} package: pip install it")
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Sequences per optimizer step on one device."""
+        return self.batch_size * self.gradient_accumulation_steps
 
     @property
     def target_modules(self) -> tuple[str, ...]:
@@ -134,3 +178,15 @@ class TrainConfig:
         if self.resume_from_checkpoint is not None:
             return Path(self.resume_from_checkpoint).expanduser().resolve().parent
         return None
+
+
+def check_quantize(quantize: str) -> None:
+    """--quantize names a known mode, and bitsandbytes is installed when one is asked for (checked before any
+    work; bitsandbytes itself is imported only when a model is loaded)."""
+    if quantize not in QUANTIZE:
+        raise AntidoteError(f"unknown --quantize {quantize!r}; choose one of {', '.join(QUANTIZE)}")
+    if quantize != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise AntidoteError(
+            f"--quantize {quantize} needs bitsandbytes and a CUDA GPU: pip install bitsandbytes (or leave "
+            "--quantize out and load in --mixed-precision bf16)"
+        )

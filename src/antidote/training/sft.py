@@ -233,9 +233,16 @@ class TrainedLora:
 
 
 def _training_arguments(config: TrainConfig, output_dir: Path) -> TrainingArguments:
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise AntidoteError("--mixed-precision fp16 needs a CUDA GPU; use bf16 (or no) on this machine")
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        bf16=config.mixed_precision == "bf16",
+        fp16=config.mixed_precision == "fp16",
+        # bf16 without CUDA: transformers wants use_cpu (CPU autocast); otherwise the device is its choice
+        use_cpu=config.mixed_precision == "bf16" and not torch.cuda.is_available(),
         num_train_epochs=config.epochs,
         learning_rate=config.lr,
         lr_scheduler_type=config.scheduler,

@@ -24,7 +24,7 @@ from typing import Any
 
 from antidote.data.builtin import harmful_split, task_split
 from antidote.data.catalog import data_dir_field
-from antidote.data.templates import PROMPT_FILE, adds_special_tokens, check_template
+from antidote.data.templates import adds_special_tokens, check_template, write_prompt_file
 from antidote.errors import AntidoteError
 from antidote.outputs import json_text
 from antidote.tasks import TASKS, load_task_items, task_help
@@ -33,10 +33,10 @@ from antidote.training.data import BUILTIN, Triple, format_pairs, read_triples, 
 from antidote.training.hooks import HooksFactory
 
 TRAINER_DIR = ".trainer"  # Trainer's working folder inside the temporary output, removed before the rename
-# SPEC 3: LoRA r=256, alpha=4 on q/k/v; 20 epochs, batch 5, constant lr 1e-4, AdamW wd 0.1; Alpaca template;
-# sequences up to 2048 tokens (the authors' train.py model_max_length), so no GSM8K sample loses its final
-# answer line (at 256, 363 of the 1319 GSM8K test pairs and 1905 of the 7473 train pairs would, in Alpaca
-# format with SmolLM2's tokenizer; the longest train pair is 573 tokens).
+# The Antidote paper's setup: LoRA r=256, alpha=4 on q/k/v; 20 epochs, batch 5, constant lr 1e-4, AdamW
+# wd 0.1; Alpaca template; sequences up to 2048 tokens (the authors' train.py model_max_length), so no GSM8K
+# sample loses its final answer line (at 256, 363 of the 1319 GSM8K test pairs and 1905 of the 7473 train
+# pairs would, in Alpaca format with SmolLM2's tokenizer; the longest train pair is 573 tokens).
 PAPER = {
     "lora_r": 256,
     "lora_alpha": 4,
@@ -97,6 +97,11 @@ class AlignConfig(TrainConfig):
             if value is not None and value < 1:
                 raise AntidoteError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         check_template(self.template)
+        if self.quantize != "none":
+            raise AntidoteError(
+                f"align merges its adapter into the base model, which --quantize {self.quantize} cannot "
+                "take; align with --mixed-precision bf16 instead (--quantize is for finetune)"
+            )
         super().__post_init__()
 
 
@@ -120,7 +125,11 @@ class FinetuneConfig(TrainConfig):
     harmful_ratio: float = field(default=0.2, metadata={"help": "fraction P in [0, 1] of harmful samples"})
     num_samples: int = field(default=340, metadata={"help": "N, the number of training samples"})
     preset: str | None = field(
-        default=None, metadata={"help": "paper: the reference hyper-parameters (SPEC 3)"}
+        default=None,
+        metadata={
+            "help": "paper: the Antidote paper's hyper-parameters (LoRA r=256/alpha=4 on q/k/v, 20 epochs, "
+            "batch 5, lr 1e-4)"
+        },
     )
     output: str = field(default="", metadata={"help": "output folder for the attack adapter"})
     template: str = _template_field()
@@ -151,7 +160,7 @@ class FinetuneConfig(TrainConfig):
 
 
 def _write_stage_files(folder: Path, config: TrainConfig, template: str, extra: dict[str, Any]) -> None:
-    (folder / PROMPT_FILE).write_text(json_text({"template": template}) + "\n")
+    write_prompt_file(folder, template)
     (folder / "train_report.json").write_text(json_text({**extra, "config": asdict(config)}, indent=2) + "\n")
 
 
@@ -335,7 +344,13 @@ def run_finetune(config: FinetuneConfig, hooks: HooksFactory | None = None) -> P
     out = check_output_dir(config.output, config.overwrite, inputs)
     task, harmful = attack_data(config)
     mix, n_harmful = attack_mix(task, harmful, config.num_samples, config.harmful_ratio, config.seed)
-    loaded = load_model(config.model, device=_load_device())
+    loaded = load_model(config.model, device=_load_device(), quantize=config.quantize)
+    if config.quantize != "none":  # QLoRA: norms in float32, gradients reach the adapter's inputs
+        from peft import prepare_model_for_kbit_training
+
+        loaded.model = prepare_model_for_kbit_training(
+            loaded.model, use_gradient_checkpointing=config.gradient_checkpointing
+        )
     with _stage_folder(out, config.overwrite) as tmp:
         trained = _fit(loaded, mix, config, tmp, "finetune", hooks)
         trained.save_adapter(tmp)

@@ -8,9 +8,9 @@ is built from it. Adding a judge kind is one module with a `Judge` subclass and 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges.base import (
@@ -32,8 +32,11 @@ class JudgeKind:
     help: str
     takes_path: bool = True  # KIND:PATH (a folder or hub id); a bare KIND reads `default`
     default: str | None = None
+    factory: Callable[[str | None], Any] | None = None  # a plug-in's (an `antidote.judges` entry point)
 
     def load_class(self) -> type[Judge]:
+        if self.factory is not None:
+            return type("PluginJudge", (PluginJudge,), {"factory": staticmethod(self.factory)})
         module, _, name = self.judge.partition(":")
         cls: type[Judge] = getattr(importlib.import_module(module), name)
         return cls
@@ -73,6 +76,29 @@ JUDGES = {
 JUDGE_KINDS = tuple(JUDGES)
 
 
+class PluginJudge(Judge):
+    """A judge of another installed package: its entry point's factory(path) makes the judge object (any
+    object with `name` and `verdicts`); `version` is the factory's own, if it has one."""
+
+    factory: ClassVar[Callable[[str | None], Any]]
+
+    @classmethod
+    def load(cls, path: str | None, *, default: str | None, device: str, dtype: str) -> Any:
+        return cls.factory(path)
+
+
+def judge_kinds() -> dict[str, JudgeKind]:
+    """The built-in kinds and those of installed packages (the `antidote.judges` entry points, read once;
+    docs/adding-a-defense.md); a plug-in may not take a built-in kind's name."""
+    from antidote.plugins import judge_factories
+
+    plugins = {
+        name: JudgeKind(name, f"plugin:{name}", "from an installed package", factory=factory)
+        for name, factory in judge_factories(JUDGE_KINDS).items()
+    }
+    return {**JUDGES, **plugins}
+
+
 def judge_help() -> str:
     """One line naming every judge kind, for help texts: `keyword (offline ...), beavertails[:PATH] (...)`."""
     return (
@@ -84,33 +110,44 @@ def judge_help() -> str:
 def parse_judge_spec(spec: str) -> tuple[str, str | None]:
     """'beavertails:/models/dam' -> ('beavertails', '/models/dam'); an unknown kind is an error."""
     kind, sep, path = spec.partition(":")
-    if kind not in JUDGES:
+    kinds = JUDGES if kind in JUDGES else judge_kinds()
+    if kind not in kinds:
+        from antidote.plugins import broken_note
+
         with_path = ", ".join(f"{k}:PATH" for k, j in JUDGES.items() if j.takes_path)
         raise AntidoteError(
-            f"unknown judge {spec!r}; choose one of {', '.join(JUDGE_KINDS)} "
+            f"unknown judge {spec!r}; choose one of {', '.join(kinds)} "
             f"(model judges take a path: {with_path}; a bare learned is the default learned judge, "
-            "antidote judge train installs it)"
+            f"antidote judge train installs it){broken_note()}"
         )
-    if sep and not JUDGES[kind].takes_path:
+    if sep and not kinds[kind].takes_path:
         raise AntidoteError(f"the {kind} judge takes no model path; write just {kind}")
     return kind, (path or None)
 
 
+def _kind(name: str) -> JudgeKind:
+    return JUDGES[name] if name in JUDGES else judge_kinds()[name]
+
+
 def judge_class(spec: str) -> tuple[type[Judge], str | None]:
     kind, path = parse_judge_spec(spec)
-    return JUDGES[kind].load_class(), path
+    return _kind(kind).load_class(), path
 
 
 def judge_version(spec: str) -> int:
-    """The code version of the judge `spec` names (its class's `version`): judged stages are keyed on it."""
-    return judge_class(spec)[0].version
+    """The code version of the judge `spec` names (its class's `version`; a plug-in factory's `version`
+    attribute, else 1): judged stages are keyed on it."""
+    cls = judge_class(spec)[0]
+    if issubclass(cls, PluginJudge):
+        return int(getattr(cls.factory, "version", 1))
+    return cls.version
 
 
 def make_judge(spec: str, *, device: str = "auto", dtype: str = "auto") -> Any:
     """A judge object with `name` and `verdicts(prompts, responses) -> list[str]`."""
     kind, path = parse_judge_spec(spec)
-    cls = JUDGES[kind].load_class()
-    return cls.load(path, default=JUDGES[kind].default, device=device, dtype=dtype)
+    found = _kind(kind)
+    return found.load_class().load(path, default=found.default, device=device, dtype=dtype)
 
 
 def judge_source(spec: str) -> str | None:
@@ -167,10 +204,12 @@ __all__ = [
     "HarmfulScore",
     "Judge",
     "JudgeKind",
+    "PluginJudge",
     "available_judges",
     "check_judge",
     "harmful_score",
     "judge_help",
+    "judge_kinds",
     "judge_source",
     "judge_version",
     "make_judge",

@@ -34,19 +34,23 @@ from antidote.errors import AntidoteError
 from antidote.evaluation.judges.base import Judge
 from antidote.evaluation.judges.keyword import keyword_verdict
 from antidote.evaluation.judges.learned_features import (
-    DTYPES,
     POOLINGS,
     PROMPT_FORMATS,
     assemble,
-    decoder_layers,
     hidden_features,
     prompt_format_key,
 )
+from antidote.models.layers import DTYPES, decoder_layers
 
 LEARNED_ENV = "ANTIDOTE_LEARNED_JUDGE"
 JUDGE_FILE = "judge.json"
 PROBE_FILE = "probe.safetensors"
 JUDGE_KIND = "antidote-learned-judge"
+LABELLED_DATA = (  # what the learned judge trains on, and where such data comes from
+    "LABELLED.jsonl: labelled pairs, one JSON object a line with prompt, response and label harmful|safe, "
+    "e.g. built from PKU-SafeRLHF on the HF hub (PKU-Alignment/PKU-SafeRLHF, CC-BY-NC-4.0) as the README's "
+    "'Where the learned judge's labelled data comes from' shows"
+)
 
 
 # ---- the probe -----------------------------------------------------------------------------------------
@@ -131,7 +135,8 @@ def read_judge_record(folder: str | Path) -> dict[str, Any]:
     if path == default_judge_folder() and not is_judge_folder(path):
         raise AntidoteError(
             f"no learned judge is installed at {path}; train it once with antidote judge train --data "
-            "LABELLED.jsonl (docs/judges.md: about 10 minutes on 2 CPU cores), or name a folder: learned:PATH"
+            f"LABELLED.jsonl (about 10 minutes on 2 CPU cores), or name a folder: learned:PATH. "
+            + LABELLED_DATA
         )
     if not is_judge_folder(path):
         raise AntidoteError(
@@ -335,9 +340,10 @@ class LearnedJudge(Judge):
     @classmethod
     def unavailable(cls, path: str | None) -> str | None:
         if path is None and not is_judge_folder(default_judge_folder()):
+            where = default_judge_folder()
             return (
-                f"no learned judge installed at {default_judge_folder()}; install it once with antidote "
-                "judge train --data LABELLED.jsonl (docs/judges.md)"
+                f"no learned judge installed at {where}; install it once with antidote judge train. "
+                + LABELLED_DATA
             )
         return None
 
