@@ -46,5 +46,5 @@ def test_refuses_a_missing_output_before_any_work(tiny, capsys) -> None:  # type
 
 
 def test_unknown_defense_lists_the_known_ones() -> None:
-    with pytest.raises(AntidoteError, match=r"known defenses: antidote, .*magnitude-prune, random-prune"):
+    with pytest.raises(AntidoteError, match=r"known defenses: antidote, .*magnitude-prune, .*random-prune"):
         get("magnitude")

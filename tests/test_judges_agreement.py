@@ -215,7 +215,7 @@ def test_judge_train_says_its_metrics_are_from_the_split_it_chose_on(monkeypatch
         "validation": {"n": 40, "accuracy": 0.9, "auc": 0.95, "judge_hs": 40.0, "human_hs": 42.0},
         "training": {"featurise_seconds": 1.0},
     }  # fmt: skip
-    monkeypatch.setattr(judge_cli, "run_judge_train", lambda config: record)
+    monkeypatch.setattr("antidote.evaluation.judge_train.run_judge_train", lambda config: record)
     config = type("C", (), {"output": "judge"})()
     assert judge_cli.cmd_train(config) == 0  # type: ignore[arg-type]
     out = capsys.readouterr().out

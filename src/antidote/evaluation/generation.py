@@ -43,13 +43,14 @@ def generate(
     into batches, left-padded, so every row's last prompt token sits at the end and generation starts at
     the same step for all rows. settled: (text so far) -> True when a row may stop before EOS or
     `max_new_tokens` (a task's answer is complete). A `VllmModel` generates with vLLM instead (it batches
-    by itself; `batch_size` and `settled` do not apply: it always runs to EOS or the budget).
+    by itself, so `batch_size` does not apply; it runs to EOS or the budget and each output is then cut
+    where `settled` first holds, token by token, which is what the HF path's stopping gives).
     """
     if not prompts:
         return []
     encoded = [encode_prompt(tokenizer, p, special_tokens=add_special_tokens) for p in prompts]
     if isinstance(model, VllmModel):
-        return model.generate_ids(tokenizer, encoded, max_new_tokens=max_new_tokens)
+        return model.generate_ids(tokenizer, encoded, max_new_tokens=max_new_tokens, settled=settled)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = model.get_input_embeddings().weight.device  # type: ignore[operator]
     order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
@@ -118,16 +119,33 @@ class VllmModel(nn.Module):
         )
 
     def generate_ids(
-        self, tokenizer: Any, encoded: Sequence[Sequence[int]], *, max_new_tokens: int
+        self,
+        tokenizer: Any,
+        encoded: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        settled: Callable[[str], bool] | None = None,
     ) -> list[str]:
-        """Greedy continuations of already tokenized prompts, decoded as the HF path decodes them."""
+        """Greedy continuations of already tokenized prompts, decoded as the HF path decodes them (cut at
+        the first token where `settled` holds, as the HF path's stopping criterion stops there)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in encoded]
         results = self.engine.generate(prompts, params, lora_request=self.lora, use_tqdm=False)
-        return [tokenizer.decode(r.outputs[0].token_ids, skip_special_tokens=True) for r in results]
+        return [settled_text(tokenizer, list(r.outputs[0].token_ids), settled) for r in results]
+
+
+def settled_text(tokenizer: Any, ids: list[int], settled: Callable[[str], bool] | None) -> str:
+    """The decoded continuation `ids`, cut after its first token at which `settled` holds for the text so
+    far (the HF path checks after every generated token and stops the row there)."""
+    if settled is not None:
+        for k in range(1, len(ids) + 1):
+            text = tokenizer.decode(ids[:k], skip_special_tokens=True)
+            if settled(text):
+                return text
+    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def load_vllm(spec: str, *, adapter: str | None = None, dtype: str = "auto") -> Any:
