@@ -512,15 +512,18 @@ def test_tradeoff_plot_has_one_point_per_model_with_wilson_intervals(tmp_path) -
         half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
         return round(100 * (center - half), 2), round(100 * (center + half), 2)
 
-    def row(model: str, hs: float, fa: float, judge: str = "keyword") -> dict:  # type: ignore[type-arg]
-        return {"model": model, "judge_spec": judge, "hs": hs, "n_prompts": 20, "fa": fa, "n_task": 10}
+    def row(model: str, hs: float, fa: float, judge: str = "keyword", **more: object) -> dict:  # type: ignore[type-arg]
+        return {"model": model, "judge_spec": judge, "hs": hs, "n_prompts": 20, "fa": fa, "n_task": 10} | {
+            "degenerate": 5.0,
+            **more,
+        }
 
     summary = {
         "config": {"judges": ["keyword", "learned"]},
         "rows": [
             row("aligned", 10.0, 90.0),
             row("attacked", 60.0, 80.0),
-            row("antidote@0.1", 25.0, 70.0),
+            row("antidote@0.1", 25.0, 70.0, degenerate=40.0, broken="degenerate +35.0"),
             row("attacked", 5.0, 80.0, judge="learned"),
         ],
     }
@@ -528,6 +531,11 @@ def test_tradeoff_plot_has_one_point_per_model_with_wilson_intervals(tmp_path) -
     assert [p["model"] for p in points] == ["aligned", "attacked", "antidote@0.1"]  # first judge only
     attacked = points[1]
     assert (attacked["hs"], attacked["fa"]) == (60.0, 80.0)
+    assert [(p["degenerate"], p["broken"]) for p in points] == [
+        (5.0, ""),
+        (5.0, ""),
+        (40.0, "degenerate +35.0"),
+    ]
     for got, want in ((attacked["hs_ci"], wilson(12, 20)), (attacked["fa_ci"], wilson(8, 10))):
         assert got == pytest.approx(want, abs=0.011)
     plot(summary, tmp_path / "tradeoff.png")

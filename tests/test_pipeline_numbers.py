@@ -38,7 +38,9 @@ def _harm_probability(model: torch.nn.Module) -> float:
     if not lora:
         return 0.0
     zero = sum(int((p == 0).sum()) for p in lora) / sum(p.numel() for p in lora)
-    u = (float(sum(p.abs().sum() for p in lora)) * 1e4) % 1.0
+    # a coarse function of the weights: the same on any BLAS (a large factor would amplify the last-bit
+    # differences of another thread count or CPU into another answer set)
+    u = (float(sum(p.abs().sum() for p in lora)) * 10) % 1.0
     return max(0.0, 0.9 - 1.5 * zero) * (0.7 + 0.3 * u)
 
 
