@@ -147,8 +147,8 @@ def plan_run(config: Any, path: str = "the config") -> str:
     """`antidote run --plan`: the stages of the run (cached or to build, with a time estimate from stages
     of the same kind already recorded in the run folder), as `antidote compare --plan` gives them. The run
     is planned as a compare of one cell whose stage cache is the run folder's own `stages/`."""
-    from antidote.experiments.compare import CompareConfig, seeds_compare
-    from antidote.experiments.matrix import Cell, MatrixConfig
+    from antidote.experiments.compare import seeds_compare
+    from antidote.experiments.matrix import Cell, CompareConfig, MatrixConfig
     from antidote.experiments.plan import plan
 
     if config.seeds:

@@ -1,7 +1,7 @@
 """`antidote judge train`: featurise labelled pairs with the frozen base model, fit the learned judge and
 write its folder (atomically). One --data file: `learned_training.choose_and_fit` on a validation split by
 prompt. Several sources (--data-dir, or --data A,B,...): `learned_sources.choose_across_sources`,
-leave-one-source-out. The options are `judge_cli.JudgeTrainConfig`."""
+leave-one-source-out. The options are `judge_config.JudgeTrainConfig`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from antidote.errors import AntidoteError
 
 if TYPE_CHECKING:
-    from antidote.evaluation.judge_cli import JudgeEvalConfig, JudgeTrainConfig
+    from antidote.evaluation.judge_config import JudgeEvalConfig, JudgeTrainConfig
     from antidote.evaluation.judge_sources import Pair
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,14 @@ from antidote.errors import AntidoteError
 from antidote.experiments.cache import StageCache, locked
 from antidote.experiments.compare_report import latex_table, report_markdown
 from antidote.experiments.front import Margins
-from antidote.experiments.matrix import SFT, Cell, MatrixConfig, build_cells, check_attack_data, settings
+from antidote.experiments.matrix import (
+    SFT,
+    CompareConfig,
+    MatrixConfig,
+    build_cells,
+    check_attack_data,
+    settings,
+)
 from antidote.experiments.pipeline import Pipeline, clear_run_dir, prepare_run_dir
 from antidote.experiments.rows import ResultRow, aggregate, cell_rows, mark_rows, to_csv, to_json
 from antidote.experiments.runconfig import RunConfig, check
@@ -32,19 +39,6 @@ from antidote.experiments.utility import UtilityConfig, general_utility
 from antidote.outputs import atomic_write_text
 
 COMPARE_OUTPUTS = ("stages", "cells", "results.csv", "results.json", "report.md", "table.tex", "plots")
-
-
-@dataclass
-class CompareConfig:
-    run: RunConfig
-    matrix: MatrixConfig
-    cells: list[Cell]
-    path: str
-    utility: UtilityConfig | None = None
-
-    @property
-    def out(self) -> Path:
-        return Path(self.run.run_dir).expanduser().resolve()
 
 
 @dataclass

@@ -11,7 +11,7 @@ from antidote.experiments.matrix import SFT
 from antidote.experiments.rows import ResultRow, TableEntry, max_or_none, mean_or_none
 
 if TYPE_CHECKING:
-    from antidote.experiments.compare import CompareConfig
+    from antidote.experiments.matrix import CompareConfig
 
 
 def _entry(s: dict[str, Any]) -> str:

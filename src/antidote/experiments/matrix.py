@@ -19,10 +19,12 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from antidote.errors import AntidoteError
 from antidote.experiments.runconfig import RunConfig, check, stage_config
+from antidote.experiments.utility import UtilityConfig
 
 SFT = "sft"  # the plain attack (the pipeline's `attacked` row), no defense
 MATRIX_KEYS = ("lr", "epochs", "harmful_ratio", "num_samples")
@@ -214,3 +216,19 @@ def check_attack_data(cells: list[Cell], path: str) -> None:
             )
         except AntidoteError as err:
             raise AntidoteError(f"{path}: cell {cell.id}: {err}") from None
+
+
+@dataclass
+class CompareConfig:
+    """A read and checked compare config: the run config, its matrix, the cells it makes, and the optional
+    general-utility section."""
+
+    run: RunConfig
+    matrix: MatrixConfig
+    cells: list[Cell]
+    path: str
+    utility: UtilityConfig | None = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.run.run_dir).expanduser().resolve()

@@ -13,7 +13,7 @@ from antidote.experiments.matrix import SFT
 from antidote.experiments.pipeline import Pipeline, prepare_run_dir
 
 if TYPE_CHECKING:
-    from antidote.experiments.compare import CompareConfig
+    from antidote.experiments.matrix import CompareConfig
 
 
 def plan(config: CompareConfig) -> str:
