@@ -9,6 +9,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,12 +39,10 @@ def run_judge_train(config: JudgeTrainConfig) -> dict[str, Any]:
     """Featurise, choose on the validation split, fit, and write the judge folder (atomically); several
     sources go to `run_judge_train_sources`."""
     import torch
-    from transformers import AutoTokenizer
 
     from antidote import __version__
-    from antidote.evaluation.judges import learned, learned_features, learned_training
-    from antidote.models import layers
-    from antidote.models.loading import load_model, resolve_model_folder
+    from antidote.evaluation.judges import learned, learned_training
+    from antidote.models.loading import resolve_model_folder
     from antidote.outputs import atomic_output_dir, check_output_dir
 
     if config.data_dir or "," in config.data:
@@ -65,39 +64,13 @@ def run_judge_train(config: JudgeTrainConfig) -> dict[str, Any]:
                 f"the {name} split of {config.data} ({len(idx)} rows) lacks one class; give more rows "
                 "or change --validation-fraction"
             )
-    key = learned.weights_key(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    format_key = learned_features.prompt_format_key(tokenizer, config.prompt_format)
-    dtype = layers.resolve_dtype(config.dtype, config.device)
-    loaded = load_model(folder, device=config.device, dtype=dtype, with_tokenizer=False)
-    _, blocks = layers.decoder_layers(loaded.model)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    features = learned_features.hidden_features(
-        loaded.model,
-        tokenizer,
-        prompts,
-        responses,
-        layers=config.layers,
-        prompt_format=config.prompt_format,
-        max_length=config.max_length,
-        batch_size=config.batch_size,
-        poolings=config.poolings,
-    )
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    log.info("featurised %d pairs in %.1f s (%.1f CPU s)", len(prompts), seconds, cpu_seconds)
+    features, meta, timing = featurise(config, folder, prompts, responses, config.layers, config.poolings)
     keyword = {"auto": (False, True), "yes": (True,), "no": (False,)}[config.keyword_feature]
     trained = learned_training.choose_and_fit(
         features, responses, labels, train_idx, val_idx, l2s=config.l2, keyword_options=keyword
     )
-    given = Path(config.model).expanduser()
     meta = {
-        "base_model": str(given.resolve()) if given.exists() else config.model,
-        "base_model_key": key,
-        "num_layers": len(blocks),
-        "prompt_format": config.prompt_format,
-        "prompt_format_key": format_key,
-        "max_length": config.max_length,
-        "dtype": dtype,
+        **meta,
         "training": {
             "data": str(Path(config.data).expanduser().resolve()),
             "rows": len(rows),
@@ -110,11 +83,7 @@ def run_judge_train(config: JudgeTrainConfig) -> dict[str, Any]:
             "harmful_labels": config.harmful_labels,
             "safe_labels": config.safe_labels,
             "candidate_layers": list(config.layers),
-            "featurise_seconds": round(seconds, 1),
-            "featurise_cpu_seconds": round(
-                cpu_seconds, 1
-            ),  # all threads: under CPU contention, wall > CPU/threads
-            "torch_threads": torch.get_num_threads(),
+            **timing,
         },
         "antidote_version": __version__,
         "config": asdict(config),
@@ -151,12 +120,10 @@ def run_judge_train_sources(config: JudgeTrainConfig) -> dict[str, Any]:
     leave-one-source-out over the training sources (`learned_sources.choose_across_sources`), fit on all of
     them, and write the judge folder (atomically)."""
     import torch
-    from transformers import AutoTokenizer
 
     from antidote import __version__
-    from antidote.evaluation.judges import learned, learned_features, learned_sources
-    from antidote.models import layers
-    from antidote.models.loading import load_model, resolve_model_folder
+    from antidote.evaluation.judges import learned, learned_sources
+    from antidote.models.loading import resolve_model_folder
     from antidote.outputs import atomic_output_dir, check_output_dir
 
     inputs = tuple(f.strip() for f in config.data.split(",") if f.strip())
@@ -182,47 +149,21 @@ def run_judge_train_sources(config: JudgeTrainConfig) -> dict[str, Any]:
         for h in config.hidden
         for k in keyword
     ]
-    key = learned.weights_key(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    format_key = learned_features.prompt_format_key(tokenizer, config.prompt_format)
-    dtype = layers.resolve_dtype(config.dtype, config.device)
-    loaded = load_model(folder, device=config.device, dtype=dtype, with_tokenizer=False)
-    _, decoder_blocks = layers.decoder_layers(loaded.model)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    features = learned_features.hidden_features(
-        loaded.model,
-        tokenizer,
-        [p.prompt for p in pairs],
-        [p.response for p in pairs],
-        layers=sorted({layer for layer, _ in blocks}),
-        prompt_format=config.prompt_format,
-        max_length=config.max_length,
-        batch_size=config.batch_size,
-        poolings=sorted({pooling for _, pooling in blocks}),
-    )
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    log.info("featurised %d pairs in %.1f s (%.1f CPU s)", len(pairs), seconds, cpu_seconds)
-    responses = [p.response for p in pairs]
+    poolings = sorted({pooling for _, pooling in blocks})
+    layer_numbers = sorted({layer for layer, _ in blocks})
+    prompts, responses = [p.prompt for p in pairs], [p.response for p in pairs]
+    features, meta, timing = featurise(config, folder, prompts, responses, layer_numbers, poolings)
     fit = learned_sources.choose_across_sources(
         specs, features, responses, labels, [p.source for p in pairs], config.seed
     )
-    given = Path(config.model).expanduser()
     meta = {
-        "base_model": str(given.resolve()) if given.exists() else config.model,
-        "base_model_key": key,
-        "num_layers": len(decoder_blocks),
-        "prompt_format": config.prompt_format,
-        "prompt_format_key": format_key,
-        "max_length": config.max_length,
-        "dtype": dtype,
+        **meta,
         "training": {
             "data": str(Path(config.data_dir).expanduser().resolve()) if config.data_dir else list(inputs),
             "sources": counts,
             "harmful_rows": int(labels.sum()),
             "seed": config.seed,
-            "featurise_seconds": round(seconds, 1),
-            "featurise_cpu_seconds": round(cpu_seconds, 1),
-            "torch_threads": torch.get_num_threads(),
+            **timing,
         },
         "antidote_version": __version__,
         "config": asdict(config),
@@ -230,3 +171,57 @@ def run_judge_train_sources(config: JudgeTrainConfig) -> dict[str, Any]:
     with atomic_output_dir(out, config.overwrite) as tmp:
         learned_sources.save_source_judge(tmp, fit, meta)
     return json.loads((out / learned.JUDGE_FILE).read_text())
+
+
+def featurise(
+    config: JudgeTrainConfig,
+    folder: str,
+    prompts: list[str],
+    responses: list[str],
+    layers: Sequence[int],
+    poolings: Sequence[str],
+) -> tuple[dict[tuple[int, str], Any], dict[str, Any], dict[str, Any]]:
+    """The base model's features of the pairs (`learned_features.hidden_features`), the judge record's
+    fields that describe that model and layout, and the featurising time (all threads' CPU time beside the
+    wall time: under contention wall > CPU / threads)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from antidote.evaluation.judges import learned, learned_features
+    from antidote.models import layers as model_layers
+    from antidote.models.loading import load_model
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    dtype = model_layers.resolve_dtype(config.dtype, config.device)
+    loaded = load_model(folder, device=config.device, dtype=dtype, with_tokenizer=False)
+    _, blocks = model_layers.decoder_layers(loaded.model)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    features = learned_features.hidden_features(
+        loaded.model,
+        tokenizer,
+        prompts,
+        responses,
+        layers=layers,
+        prompt_format=config.prompt_format,
+        max_length=config.max_length,
+        batch_size=config.batch_size,
+        poolings=poolings,
+    )
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    log.info("featurised %d pairs in %.1f s (%.1f CPU s)", len(prompts), seconds, cpu_seconds)
+    given = Path(config.model).expanduser()
+    meta = {
+        "base_model": str(given.resolve()) if given.exists() else config.model,
+        "base_model_key": learned.weights_key(folder),
+        "num_layers": len(blocks),
+        "prompt_format": config.prompt_format,
+        "prompt_format_key": learned_features.prompt_format_key(tokenizer, config.prompt_format),
+        "max_length": config.max_length,
+        "dtype": dtype,
+    }
+    timing = {
+        "featurise_seconds": round(seconds, 1),
+        "featurise_cpu_seconds": round(cpu_seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    return features, meta, timing
