@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from antidote.data.templates import PROMPT_FILE
 from antidote.defenses.base import Defense, register
+from antidote.defenses.weight_edit import check_same_weights
 from antidote.errors import AntidoteError
 from antidote.training.stages import AlignConfig
 
@@ -120,20 +121,12 @@ def extrapolate(aligned: torch.nn.Module, base: torch.nn.Module, config: LoXConf
     pattern = re.compile(config.weights) if config.weights else None
     base_params = dict(base.named_parameters())
     params = dict(aligned.named_parameters())
-    for name, param in params.items():
-        other = base_params.get(name)
-        if other is None or other.shape != param.shape:
-            got = "missing" if other is None else tuple(other.shape)
-            raise AntidoteError(
-                f"the base model {config.model} does not match the aligned model at {name} ({got} vs "
-                f"{tuple(param.shape)}); pass the model that the aligned model was aligned from"
-            )
-    extra = sorted(set(base_params) - set(params))
-    if extra:
-        raise AntidoteError(
-            f"the base model {config.model} does not match the aligned model: it has weights the aligned "
-            f"model lacks ({extra[0]}, {len(extra)} in all); pass the model it was aligned from"
-        )
+    check_same_weights(
+        {n: p.shape for n, p in params.items()},
+        {n: p.shape for n, p in base_params.items()},
+        f"the base model {config.model}",
+        "the aligned model",
+    )
     chosen = [n for n, p in params.items() if p.dim() == 2 and (pattern is None or pattern.search(n))]
     if not chosen:
         raise AntidoteError(

@@ -146,6 +146,27 @@ def dense_parameters(loaded: LoadedModel) -> dict[str, nn.Parameter]:
     return out
 
 
+def check_same_weights(
+    aligned: Mapping[str, torch.Size], base: Mapping[str, torch.Size], what: str, aligned_name: str
+) -> None:
+    """The base model (`what`, for messages) must have exactly the aligned model's weight names and shapes,
+    or a one-line error names the first that differs and how to fix it."""
+    for name, shape in aligned.items():
+        other = base.get(name)
+        if other is None or other != shape:
+            got = "missing" if other is None else tuple(other)
+            raise AntidoteError(
+                f"{what} does not match the aligned model at {name} ({got} vs {tuple(shape)}); pass the "
+                f"model that {aligned_name} was aligned from"
+            )
+    extra = sorted(set(base) - set(aligned))
+    if extra:
+        raise AntidoteError(
+            f"{what} does not match the aligned model: it has weights the aligned model lacks ({extra[0]}, "
+            f"{len(extra)} in all); pass the model that {aligned_name} was aligned from"
+        )
+
+
 def read_base_weights(
     config: WeightEditConfig, shapes: Mapping[str, torch.Size], wanted: Iterable[str] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -167,20 +188,7 @@ def read_base_weights(
         with_tokenizer=False,
     )
     params = dict(base.model.named_parameters())
-    for name, shape in shapes.items():
-        other = params.get(name)
-        if other is None or other.shape != shape:
-            got = "missing" if other is None else tuple(other.shape)
-            raise AntidoteError(
-                f"--base-model {spec} does not match the aligned model at {name} ({got} vs "
-                f"{tuple(shape)}); pass the model that MODEL was aligned from"
-            )
-    extra = sorted(set(params) - set(shapes))
-    if extra:
-        raise AntidoteError(
-            f"--base-model {spec} has weights the aligned model lacks ({extra[0]}, {len(extra)} in all); "
-            "pass the model that MODEL was aligned from"
-        )
+    check_same_weights(shapes, {n: p.shape for n, p in params.items()}, f"--base-model {spec}", "MODEL")
     weights = {name: params[name].detach().clone() for name in (shapes if wanted is None else wanted)}
     del base, params
     return weights
