@@ -37,6 +37,7 @@ LAUNCH_VARIABLES = (
 )  # what torchrun / accelerate launch set besides WORLD_SIZE
 TIMEOUT_ENV = "ANTIDOTE_DIST_TIMEOUT"  # seconds to wait for the other processes (default DEFAULT_TIMEOUT)
 DEFAULT_TIMEOUT = 600
+FINAL_WAIT = datetime.timedelta(hours=24)  # how long the others wait at the end for rank 0 to write
 
 
 @dataclass
@@ -149,9 +150,26 @@ def data_parallel() -> Iterator[DataParallel | None]:
     log.info("data-parallel calibration: rank %d of %d", parallel.rank, parallel.world)
     try:
         yield parallel
+        if created:
+            _leave_together(parallel)
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def _leave_together(parallel: DataParallel) -> None:
+    """Wait until every process is done (rank 0 writes the output after the others have finished
+    calibrating) so that all tear the gloo group down together: a process that tore its group down and
+    exited while rank 0 was still connected sometimes aborted at exit ("terminate called without an
+    active exception", exit -6, about 1 launch in 15 here). Only on success: a process that failed
+    skips this and exits, and the launcher stops the others."""
+    import torch.distributed as dist
+
+    if not parallel.leader:
+        log.info("rank %d: calibration done, waiting for rank 0 to write the output", parallel.rank)
+    # monitored_barrier takes its own timeout (a plain barrier would use the join timeout, and writing a
+    # large model may take longer than that).
+    dist.monitored_barrier(group=parallel.group, timeout=FINAL_WAIT, wait_all_ranks=True)
 
 
 # Not compared between processes: where things are (nodes may keep them at other paths; their content is
