@@ -135,3 +135,16 @@ def test_evaluate_installs_it_and_reports_both_judges(
     out = capsys.readouterr().out
     assert "(keyword judge, " in out and f"(learned ({install}) judge)" in out and "left out" not in out, out
     assert (install / "judge.json").is_file()
+
+
+def test_a_failed_install_is_said_and_the_run_goes_on_without_the_judge(
+    tmp_path: Path, install: Path
+) -> None:
+    data = labelled_folder(tmp_path / "data")
+    _write(
+        data / "harmful_qa/beavertails_30k_train_unsafe_200.jsonl", [{"prompt": "rob a bank"}]
+    )  # no answer
+    said: list[str] = []
+    assert judge_install.ensure_default_judge(["keyword", "learned"], data, said.append) is None
+    assert said[-1].startswith("could not install the default learned judge (a row has none of the fields")
+    assert said[-1].endswith("going on without it") and not (install / "judge.json").exists()

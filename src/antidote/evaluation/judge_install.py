@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from antidote.errors import AntidoteError
+
 log = logging.getLogger(__name__)
 
 NO_INSTALL_ENV = "ANTIDOTE_NO_JUDGE_INSTALL"
@@ -37,8 +39,8 @@ def ensure_default_judge(
     specs: Sequence[str], data_dir: Path | None, say: Callable[[str], None] = log.warning
 ) -> Path | None:
     """Install the default learned judge when `specs` name it, none is installed and `data_dir` holds its
-    labelled sources. Returns the judge folder when this call trained it, else None (nothing to do, or
-    nothing to train on: the run then leaves the judge out and says why)."""
+    labelled sources. Returns the judge folder when this call trained it, else None (nothing to do,
+    nothing to train on, or training failed: the run then leaves the judge out and says why)."""
     from antidote.evaluation.judges.learned import default_judge_folder, is_judge_folder
 
     folder = default_judge_folder()
@@ -60,7 +62,7 @@ def ensure_default_judge(
         return _train(folder, data_dir, say)
 
 
-def _train(folder: Path, data_dir: Path, say: Callable[[str], None]) -> Path:
+def _train(folder: Path, data_dir: Path, say: Callable[[str], None]) -> Path | None:
     from antidote.evaluation.judge_config import JudgeTrainConfig
     from antidote.evaluation.judge_train import run_judge_train
 
@@ -71,7 +73,11 @@ def _train(folder: Path, data_dir: Path, say: Callable[[str], None]) -> Path:
         "CPU cores; some sources are CC-BY-NC-4.0, so keep the judge to non-commercial use). "
         f"${NO_INSTALL_ENV}=1 skips this"
     )
-    run_judge_train(config)
+    try:
+        run_judge_train(config)
+    except AntidoteError as err:  # the judge is an extra: the run goes on without it, saying why
+        say(f"could not install the default learned judge ({err}); going on without it")
+        return None
     say(f"installed the default learned judge: {folder}")
     return folder
 
