@@ -204,9 +204,11 @@ SMALL_EVAL = {"max_prompts": 4, "max_task": 3, "max_harmless": 2, "max_new_token
 
 @pytest.fixture(autouse=True, scope="session")
 def _no_installed_learned_judge(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The bare judge spec `learned` reads the user's cache: no test may depend on what is installed there."""
+    """The bare judge spec `learned` reads the user's cache: no test may depend on what is installed there,
+    and no run with a data folder may install one there."""
     patch = pytest.MonkeyPatch()
     patch.setenv("ANTIDOTE_LEARNED_JUDGE", str(tmp_path_factory.mktemp("no-judge") / "learned"))
+    patch.setenv("ANTIDOTE_NO_JUDGE_INSTALL", "1")  # nor train one (test_judge_install.py turns this off)
     yield
     patch.undo()
 

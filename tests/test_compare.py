@@ -569,3 +569,25 @@ def test_a_defense_chosen_on_validation_is_reported_at_its_chosen_variant_only()
     assert shown[0].hs["mean"] == 25.0 and shown[0].chosen_variants == ["0.1", "0.3"]
     tex = latex_table(table, "keyword")
     assert "antidote@" not in tex and "25.0" in tex
+
+
+def test_a_defense_with_one_variant_stays_in_the_table_beside_a_chosen_one() -> None:
+    """Single-variant post defenses (safelora, resta, safedelta, oneshot-ft, rollback) get an operating point
+    with variant "" too; they once vanished from every table (a copy with the same label and stage)."""
+    from antidote.experiments.compare_report import latex_table
+    from antidote.experiments.rows import aggregate, chosen_rows
+
+    cell = [
+        _row("sft", 0, [1, 1, 1, 1], "e-sft"),
+        _row("antidote@0.1", 0, [0, 0, 1, 1], "e01"),
+        _row("antidote@0.3", 0, [0, 0, 0, 1], "e03"),
+        _row("safelora", 0, [1, 1, 1, 0], "e-safelora"),
+    ]
+    rows = cell + chosen_rows(cell, {"antidote": {"variant": "0.3"}, "safelora": {"variant": ""}})
+    shown = [t for t in aggregate(rows) if t.in_table]
+    assert [(t.label, t.hs["mean"]) for t in shown] == [
+        ("sft", 100.0),
+        ("safelora", 75.0),
+        ("antidote", 25.0),
+    ]
+    assert "75.0" in latex_table(aggregate(rows), "keyword")

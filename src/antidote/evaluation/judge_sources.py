@@ -84,6 +84,11 @@ def _sample(pairs: list[Pair], n: int | None, rng: random.Random) -> list[Pair]:
     return pairs if n is None or n >= len(pairs) else rng.sample(pairs, n)
 
 
+def source_files(source: str) -> tuple[str, ...]:
+    """The files (relative to the data folder) that a source reads."""
+    return _FILES[source]
+
+
 def load_source(data_dir: str | Path, source: str, n: int | None = None, seed: int = 0) -> list[Pair]:
     """Up to n pairs of one source (a seeded sample; all when n is None), deduplicated by (prompt,
     response)."""

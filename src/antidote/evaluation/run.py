@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from antidote.data.builtin import harmful_split, task_split
-from antidote.data.catalog import data_dir_field
+from antidote.data.catalog import data_dir_field, resolve_data_dir
 from antidote.data.loading import load_examples
 from antidote.data.templates import check_template, saved_template
 from antidote.errors import AntidoteError
+from antidote.evaluation.judge_install import ensure_default_judge
 from antidote.evaluation.judges import judge_help, parse_judge_spec
 from antidote.outputs import atomic_write_text, check_output_file, json_text
 from antidote.tasks import get_task, load_task_items, task_help, task_names
@@ -212,6 +213,8 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None, loaded: Any = None) 
     from antidote.models import check_finite_parameters, load_model
 
     out, generations_file = check_evaluate_outputs(config)
+    if judge is None:  # the pipeline installs it before its first stage
+        ensure_default_judge([config.judge, *config.also_judges], resolve_data_dir(config.data_dir))
     if config.harmful_prompts:
         harmful = [
             e.prompt

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from antidote.configfile import config_from_mapping, read_yaml_mapping
+from antidote.data.catalog import resolve_data_dir
 from antidote.defenses import get
 from antidote.errors import AntidoteError
+from antidote.evaluation.judge_install import ensure_default_judge
 from antidote.experiments.cache import StageCache, locked
 from antidote.experiments.compare_report import latex_table, report_markdown
 from antidote.experiments.front import Margins
@@ -125,6 +127,7 @@ def run_compare(config: CompareConfig, say: Callable[[str], None] = _say) -> Com
     built: list[str] = []
     reused: list[str] = []
     with locked(out):
+        ensure_default_judge(config.run.judges, resolve_data_dir(config.run.data_dir), say)
         for cell in config.cells:
             say(f"cell {cell.id}")
             folder = out / "cells" / cell.id

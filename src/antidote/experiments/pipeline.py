@@ -31,6 +31,7 @@ from antidote.data.catalog import resolve_data_dir
 from antidote.data.templates import PROMPT_FILE
 from antidote.defenses import Defense, get
 from antidote.errors import AntidoteError
+from antidote.evaluation.judge_install import ensure_default_judge
 from antidote.evaluation.judges import HARMFUL_VERDICTS, judge_source, judge_version, parse_judge_spec
 from antidote.evaluation.stats import recovered_share_interval
 from antidote.experiments import front
@@ -68,6 +69,7 @@ def run_pipeline(config: RunConfig, say: Callable[[str], None] = _say) -> dict[s
     run_dir = Path(config.run_dir).expanduser().resolve()
     prepare_run_dir(run_dir)
     with locked(run_dir):
+        ensure_default_judge(config.judges, resolve_data_dir(config.data_dir), say)
         return Pipeline(config, run_dir, say).run()
 
 

@@ -166,11 +166,13 @@ def per_prompt(root: Path, row: dict[str, Any]) -> dict[str, list[int]]:
 def chosen_rows(rows: list[ResultRow], points: dict[str, Any]) -> list[ResultRow]:
     """A defense whose variant was chosen on validation is reported at that variant alone: one more row
     labelled by the defense (`chosen_variant` says which); its variant rows stay for the plots and files
-    but leave the tables (`in_table` False)."""
+    but leave the tables (`in_table` False). A defense with one variant only (named "") had nothing to
+    choose from: its row stays as it is (a copy would carry the same label and evaluation stage, and
+    `aggregate` would keep the hidden one of the two)."""
     chosen = []
     for r in rows:
         point = points.get(r.defense)
-        if point is None:
+        if point is None or r.variant == "":
             continue
         r.in_table = False
         if r.variant == point["variant"]:
