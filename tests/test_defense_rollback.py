@@ -320,3 +320,39 @@ def test_runs_in_the_pipeline(tiny, tiny_run, tmp_path: Path) -> None:  # type: 
     assert (
         report["task_accuracy"]["fine_tuned"] == 0 and report["chosen_step"] == 2 and report["at_aligned"] > 0
     )
+
+
+def test_in_a_run_it_guards_the_attack_task_unless_told_otherwise(tmp_path: Path) -> None:
+    """A run (or a compare cell) whose attack trains on SST-2 makes rollback guard SST-2 accuracy on the
+    validate section's SST-2 items, with the attack's SST-2 data as the benign direction and the task's
+    own answer length; before, it guarded the built-in sentiment task whatever the attack was."""
+    from antidote.configfile import config_from_mapping
+    from antidote.experiments.runconfig import RunConfig, defense_config, placeholders
+
+    rows = [{"sentence": f"a fine film number {k}", "label": k % 2} for k in range(4)]
+    train, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
+    for path in (train, heldout):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mapping: dict[str, Any] = {
+        "finetune": {"task": "sst2", "task_data": str(train), "harmful": "builtin"},
+        "validate": {"task": "sst2", "task_data": str(heldout)},
+        "defenses": {"rollback": {}},
+    }
+    defense = get("rollback")
+
+    def options(section: dict[str, Any]) -> Any:
+        config = config_from_mapping(RunConfig, {**mapping, "defenses": {"rollback": section}}, "test")
+        return defense_config(config, defense, placeholders(defense))
+
+    cfg = options({})
+    assert (cfg.task, cfg.task_data, cfg.benign_data) == ("sst2", str(heldout), str(train))
+    assert cfg.task_new_tokens == 200  # the task's own length (the authors' SST-2 budget)
+    assert options({"task_new_tokens": 16, "task_data": str(train)}).task_new_tokens == 16  # the user wins
+    mapping["finetune"] = {"task": "sentiment", "harmful": "builtin"}  # a built-in task: rollback's defaults
+    builtin = options({})
+    assert (builtin.task, builtin.task_data, builtin.benign_data, builtin.task_new_tokens) == (
+        "sentiment",
+        None,
+        None,
+        8,
+    )

@@ -53,6 +53,10 @@ class Defense:
     # model): given its config and the attack's FinetuneConfig, (the config field that model goes to, that
     # fine-tuning's FinetuneConfig). `antidote run` trains it as a cached stage `<name>-<field>`.
     extra_finetune: Callable[[Any, Any], tuple[str, Any]] | None = None
+    # Defaults a run gives the defense's options from the run's own sections (rollback guards the attack's
+    # task): given the attack's FinetuneConfig and the validate section's EvaluateConfig (None without
+    # one), option -> value; what the defense's own section sets wins.
+    from_run: Callable[[Any, Any], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:

@@ -237,6 +237,26 @@ def mean_cosine(
 # ---- the defense ------------------------------------------------------------------------------------------
 
 
+def guard_the_attack_task(attack: Any, validate: Any) -> dict[str, Any]:
+    """In a run, the task whose accuracy rollback guards is the attack's (a compare matrix may vary it), on
+    the validate section's items of that task when it is a data task, with the attack's task data as the
+    benign direction and the task's own answer length (GSM8K's 512 tokens, not 8). Built-in tasks keep
+    rollback's own defaults (their validate and attack splits, 8 tokens); an attack on plain pairs (no
+    task with an accuracy) leaves rollback's task as configured."""
+    from antidote.tasks import get_task, task_names
+
+    if attack.task not in task_names():
+        return {}
+    values: dict[str, Any] = {"task": attack.task}
+    task = get_task(attack.task)
+    if task.needs_data:
+        values["benign_data"] = attack.task_data
+        values["task_new_tokens"] = task.max_new_tokens
+        if validate is not None and validate.task == attack.task:
+            values["task_data"] = validate.task_data
+    return values
+
+
 @dataclass
 class RollbackConfig(WeightEditConfig):
     """Gradient-guided rollback's options (the authors' run_recover_exp.py defaults), plus the inputs every
@@ -657,6 +677,7 @@ DEFENSE = register(
         stage="post",
         config=RollbackConfig,
         run=run,
+        from_run=guard_the_attack_task,
         summary="reset to their aligned values, in steps, the fine-tuned weights whose gradient pulls the "
         "harmful-prompt hidden state furthest from the aligned model's (Yang et al. 2025)",
     )

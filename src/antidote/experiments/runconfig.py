@@ -170,6 +170,11 @@ def defense_config(
     reserved = RESERVED[defense.stage]
     where = f"{path}: defenses: {defense.name}"
     values = section_values(defense.config, config.defenses[defense.name], where, reserved)
+    if defense.from_run is not None:
+        fill = {"model": "<model>", "output": "<output>"}
+        attack = stage_config(config, "finetune", path, **fill)
+        validate = stage_config(config, "validate", path, **fill) if config.validate is not None else None
+        values = {**defense.from_run(attack, validate), **values}
     if defense.stage in STAGE_BASE:
         base = section_values(
             defense.config, getattr(config, defense.stage), f"{path}: {defense.stage}", reserved
