@@ -9,11 +9,9 @@ the line that says how to get it. $ANTIDOTE_NO_JUDGE_INSTALL=1 turns the install
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +53,11 @@ def ensure_default_judge(
             f"({missing[0]})"
         )
         return None
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with _install_lock(folder, say):
+    from antidote.models.loading import file_lock
+
+    # One install at a time per judge folder; a second process waits for the first.
+    waiting = f"waiting for another process that is installing the default learned judge into {folder}"
+    with file_lock(folder.parent / f".{folder.name}.install-lock", waiting):
         if is_judge_folder(folder):  # another process installed it while this one waited
             return None
         return _train(folder, data_dir, say)
@@ -81,19 +82,3 @@ def _train(folder: Path, data_dir: Path, say: Callable[[str], None]) -> Path | N
         return None
     say(f"installed the default learned judge: {folder}")
     return folder
-
-
-@contextlib.contextmanager
-def _install_lock(folder: Path, say: Callable[[str], None]) -> Iterator[None]:
-    """One install at a time per judge folder; a second process waits for the first."""
-    path = folder.parent / f".{folder.name}.install-lock"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"waiting for another process that is installing the default learned judge into {folder}")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)

@@ -233,7 +233,7 @@ def check_finite_parameters(model: nn.Module, what: str) -> None:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path, waiting: str = "") -> Iterator[None]:
+def file_lock(path: Path, waiting: str = "") -> Iterator[None]:
     """An exclusive lock on `path` (created if needed; never truncated, never followed if a symlink)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -291,7 +291,7 @@ def _content_key(path: Path) -> str:
     log.info("hashing %s (once)", path)
     digest = _sha256(path)
     index_file = cache_dir() / INDEX_FILE
-    with _file_lock(cache_dir() / ".gguf-index.lock"):
+    with file_lock(cache_dir() / ".gguf-index.lock"):
         index = {k: v for k, v in _read_index(index_file).items() if Path(k).exists()}
         index[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
         atomic_write_text(index_file, json_text(index, indent=1) + "\n")
@@ -372,7 +372,7 @@ def gguf_to_folder(gguf: Path, name: str | None = None) -> Path:
     key = _content_key(gguf)
     folder = cache_dir() / f"{name or gguf.stem}-{key[:16]}"
     waiting = f"waiting for another process that is dequantizing {gguf.name} into {folder}"
-    with _file_lock(cache_dir() / f".{folder.name}.lock", waiting):
+    with file_lock(cache_dir() / f".{folder.name}.lock", waiting):
         if _is_complete(folder, key):  # another process finished it while we waited
             return folder
         if folder.exists() or folder.is_symlink():  # ours, but incomplete or damaged: rebuild it
