@@ -42,9 +42,8 @@ def ensure_default_judge(
     from antidote.evaluation.judges.learned import default_judge_folder, is_judge_folder
 
     folder = default_judge_folder()
-    if "learned" not in specs or is_judge_folder(folder) or os.environ.get(NO_INSTALL_ENV):
-        return None
-    if data_dir is None:
+    wanted = "learned" in specs and not os.environ.get(NO_INSTALL_ENV)
+    if not wanted or data_dir is None or is_judge_folder(folder):
         return None
     missing = missing_sources(data_dir)
     if missing:
