@@ -4,8 +4,11 @@ The task metrics are tested in test_tasks.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from antidote.errors import AntidoteError
 from antidote.evaluation.generation import generate
 from antidote.evaluation.judges import harmful_score
 from antidote.evaluation.judges.keyword import is_degenerate, keyword_verdict
@@ -96,3 +99,28 @@ def test_max_prompts_samples_every_category_seeded() -> None:
     assert sample_prompts(prompts, None) == prompts and sample_prompts(prompts, 500) == prompts
     other = [f"q{i}" for i in range(10)]  # no categories known: a seeded sample of the one pool
     assert len(set(sample_prompts(other, 4, seed=2))) == 4
+
+
+def test_category_field_spreads_a_files_prompts_over_its_categories(tmp_path: Path) -> None:
+    """A data file's own category column (CatQA's `category`, HarmfulQA's `topic`) spreads the sample: the
+    first 30 rows of this file are all one category, the sample of 9 takes 3 of each of its 3."""
+    import json
+    from collections import Counter
+
+    from antidote.data.loading import load_examples
+    from antidote.evaluation.run import EvaluateConfig, sample_prompts
+
+    rows = [{"question": f"q{i}", "topic": t} for t, n in (("a", 30), ("b", 5), ("c", 5)) for i in range(n)]
+    rows = [{**r, "question": f"{r['topic']}{i}"} for i, r in enumerate(rows)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = load_examples(str(path), require_response=False, category_field="topic")
+    prompts, topics = [e.prompt for e in examples], [e.category for e in examples]
+    assert topics == [r["topic"] for r in rows]
+    chosen = sample_prompts(prompts, 9, seed=0, categories=topics)
+    assert Counter(p[0] for p in chosen) == {"a": 3, "b": 3, "c": 3}
+    assert Counter(p[0] for p in sample_prompts(prompts, 9, seed=0))["a"] > 3  # without: mostly a
+    with pytest.raises(AntidoteError, match="category field 'category' is not in"):
+        load_examples(str(path), require_response=False, category_field="category")
+    with pytest.raises(AntidoteError, match="needs --harmful-prompts"):
+        EvaluateConfig(model="m", category_field="topic")

@@ -26,6 +26,7 @@ class Example:
     prompt: str
     response: str
     input: str = ""
+    category: str = ""  # the row's `category_field` value, where one was asked for
 
 
 def _find_field(fields: Iterable[str], wanted: Sequence[str]) -> str | None:
@@ -64,6 +65,7 @@ def load_examples(
     seed: int = 0,
     require_response: bool = True,
     data_dir: str | os.PathLike[str] | None = None,
+    category_field: str | None = None,
 ) -> list[Example]:
     """Load prompt/response pairs.
 
@@ -74,6 +76,7 @@ def load_examples(
     require_response: every kept row must have a non-empty response; the first that has none is named
         (row N = the N-th record of the source, 1-based). Without it responses may be missing.
     data_dir: the folder named data sets are read from (default: $ANTIDOTE_DATA_DIR, else the hub).
+    category_field: a field every row must have; its text becomes `Example.category`.
 
     The fields are found by name in the first record (PROMPT_FIELDS, RESPONSE_FIELDS, `input`). Their values
     must be text: strings are used as they are, numbers are converted with str(), a missing or null value
@@ -106,6 +109,10 @@ def load_examples(
             f"({'|'.join(PROMPT_FIELDS)}) and a response field ({'|'.join(RESPONSE_FIELDS)}); rename them"
         )
     input_key = _find_field(fields, (INPUT_FIELD,))
+    if category_field is not None and category_field not in fields:
+        raise AntidoteError(
+            f"category field {category_field!r} is not in {label}; fields found: {', '.join(fields)}"
+        )
     examples = []
     for number, row in numbered:
         where = f"{label} row {number}"
@@ -113,6 +120,7 @@ def load_examples(
             prompt=_text(row, prompt_key, where),
             response=_text(row, response_key, where),
             input=_text(row, input_key, where),
+            category=_text(row, category_field, where),
         )
         if not example.prompt.strip():
             continue

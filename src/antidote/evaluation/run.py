@@ -64,6 +64,15 @@ class EvaluateConfig:
         default=None,
         metadata={"help": "use N harmful prompts, a seeded sample spread evenly over the harm categories"},
     )
+    category_field: str | None = field(
+        default=None,
+        metadata={
+            "help": "the field of the harmful prompt file that names each prompt's category (e.g. category "
+            "for CatQA, topic for HarmfulQA): the --max-prompts sample is spread over its values "
+            "(default: the built-in prompts' categories; one category for other files)",
+            "key_when_set": True,
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of the --max-prompts sample"})
     max_harmless: int | None = field(default=None, metadata={"help": "use the first N harmless prompts"})
     max_task: int | None = field(default=None, metadata={"help": "use the first N task items"})
@@ -131,6 +140,10 @@ class EvaluateConfig:
                 else:
                     check_learned_judge(path)
         self.also_judges = [s for s in dict.fromkeys(self.also_judges) if s != self.judge]
+        if self.category_field is not None and not self.harmful_prompts:
+            raise AntidoteError(
+                "--category-field needs --harmful-prompts (the built-in prompts carry their own categories)"
+            )
         if self.backend not in ("hf", "vllm"):
             raise AntidoteError(f"unknown --backend {self.backend!r}; choose one of hf, vllm")
         if get_task(self.task).needs_data and not self.task_data:
@@ -149,21 +162,25 @@ class EvaluateConfig:
                 raise AntidoteError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
-def sample_prompts(prompts: list[str], n: int | None, seed: int = 0) -> list[str]:
+def sample_prompts(
+    prompts: list[str], n: int | None, seed: int = 0, categories: list[str] | None = None
+) -> list[str]:
     """`n` of `prompts` (all when n is None or larger), in their order: a seeded sample taken round-robin over
-    the harm categories (known for the built-in requests; one category otherwise), so that a small N still
-    covers every category."""
+    the harm categories, so that a small N still covers every category. `categories`: one per prompt;
+    default: the built-in requests' own (one category for any other prompt)."""
     if n is None or n >= len(prompts):
         return prompts
     import random
 
     from antidote.data.builtin import SPLITS
 
-    category = {h.prompt: h.category for part in SPLITS["harmful"] for h in harmful_split(part)}
+    if categories is None:
+        known = {h.prompt: h.category for part in SPLITS["harmful"] for h in harmful_split(part)}
+        categories = [known.get(p, "") for p in prompts]
     rng = random.Random(seed)
-    by: dict[str | None, list[int]] = {}
-    for i, prompt in enumerate(prompts):
-        by.setdefault(category.get(prompt), []).append(i)
+    by: dict[str, list[int]] = {}
+    for i, category in enumerate(categories):
+        by.setdefault(category, []).append(i)
     queues = list(by.values())
     for queue in queues:
         rng.shuffle(queue)
@@ -215,16 +232,21 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None, loaded: Any = None) 
     out, generations_file = check_evaluate_outputs(config)
     if judge is None:  # the pipeline installs it before its first stage
         ensure_default_judge([config.judge, *config.also_judges], resolve_data_dir(config.data_dir))
+    categories = None
     if config.harmful_prompts:
-        harmful = [
-            e.prompt
-            for e in load_examples(config.harmful_prompts, require_response=False, data_dir=config.data_dir)
-        ]
-        harmful_set = config.harmful_prompts
+        examples = load_examples(
+            config.harmful_prompts,
+            require_response=False,
+            data_dir=config.data_dir,
+            category_field=config.category_field,
+        )
+        harmful, harmful_set = [e.prompt for e in examples], config.harmful_prompts
+        if config.category_field:
+            categories = [e.category for e in examples]
     else:
         harmful, harmful_set = [h.prompt for h in harmful_split("eval")], "built-in eval"
     task_items = load_task_items(config.task, config.task_data, split="eval", data_dir=config.data_dir)
-    harmful = sample_prompts(harmful, config.max_prompts, config.seed)
+    harmful = sample_prompts(harmful, config.max_prompts, config.seed, categories)
     task_items = task_items[: config.max_task]
     if config.harmless_prompts:
         harmless = [
