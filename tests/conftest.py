@@ -100,7 +100,7 @@ BENIGN = [
 ]
 
 
-def make_tokenizer():  # type: ignore[no-untyped-def]
+def make_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -121,7 +121,7 @@ def make_tokenizer():  # type: ignore[no-untyped-def]
     return fast
 
 
-def make_model(seed: int = 0, layers: int = 2, hidden_size: int = 32):  # type: ignore[no-untyped-def]
+def make_model(seed: int = 0, layers: int = 2, hidden_size: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -143,7 +143,7 @@ def make_model(seed: int = 0, layers: int = 2, hidden_size: int = 32):  # type: 
     return model
 
 
-def greedy_by_hand(model, ids: list[int], steps: int, eos: int | None = None) -> list[int]:  # type: ignore[no-untyped-def]
+def greedy_by_hand(model, ids: list[int], steps: int, eos: int | None = None) -> list[int]:
     """Plain argmax decoding, one full forward per token: the reference for batched generation."""
     seq = torch.tensor([ids])
     for _ in range(steps):

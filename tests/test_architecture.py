@@ -145,3 +145,10 @@ def test_no_file_over_500_lines_in_experiments_and_evaluation() -> None:
         if (n := len(p.read_text().splitlines())) > 500
     }
     assert long == {}
+
+
+def test_no_type_ignore_comments_in_tests() -> None:
+    """mypy checks src/antidote only (pyproject.toml), so an ignore comment in a test silences nothing."""
+    marker = "type" + ": ignore"  # split so that this file does not match itself
+    found = [p.name for p in Path(__file__).parent.rglob("*.py") if marker in p.read_text()]
+    assert found == []

@@ -36,7 +36,7 @@ def test_backend_defaults_to_hf_and_unknown_names_are_refused() -> None:
     assert str(err.value) == "unknown --backend 'tgi'; choose one of hf, vllm"
 
 
-def test_vllm_not_installed_is_one_line_and_writes_nothing(tiny, tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_vllm_not_installed_is_one_line_and_writes_nothing(tiny, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
     out = tmp_path / "results.json"
     assert evaluate(tiny, out, "--backend", "vllm") == 2
@@ -72,16 +72,16 @@ def fake_vllm(calls: list[dict[str, Any]]) -> dict[str, types.ModuleType]:
             ]
 
     vllm = types.ModuleType("vllm")
-    vllm.LLM = LLM  # type: ignore[attr-defined]
-    vllm.SamplingParams = lambda temperature, max_tokens: types.SimpleNamespace(  # type: ignore[attr-defined]
+    vllm.LLM = LLM
+    vllm.SamplingParams = lambda temperature, max_tokens: types.SimpleNamespace(
         temperature=temperature, max_tokens=max_tokens
     )
     inputs = types.ModuleType("vllm.inputs")
-    inputs.TokensPrompt = dict  # type: ignore[attr-defined]
+    inputs.TokensPrompt = dict
     return {"vllm": vllm, "vllm.inputs": inputs}
 
 
-def test_vllm_backend_gets_the_hf_paths_token_ids_and_outputs(tiny, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_vllm_backend_gets_the_hf_paths_token_ids_and_outputs(tiny, tmp_path, monkeypatch) -> None:
     calls: list[dict[str, Any]] = []
     for name, module in fake_vllm(calls).items():
         monkeypatch.setitem(sys.modules, name, module)

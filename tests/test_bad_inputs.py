@@ -847,7 +847,7 @@ def test_bad_input(
     try:
         code = main(argv)
     except SystemExit as exit_info:  # argparse
-        code = exit_info.code  # type: ignore[assignment]
+        code = exit_info.code
     lines = message_lines(capsys.readouterr().err)
     assert code == 2, lines
     assert len(lines) == 1 and lines[0].startswith("antidote: error: "), lines

@@ -54,7 +54,7 @@ def test_stage_is_built_once_with_its_record_inside(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("step", ["build", "record", "rename"])
-def test_a_kill_at_any_step_leaves_no_complete_looking_stage(tmp_path: Path, monkeypatch, step: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_kill_at_any_step_leaves_no_complete_looking_stage(tmp_path: Path, monkeypatch, step: str) -> None:
     """Kill points: inside the build, after the build before the record, after the record before the rename.
     The next start must remove the leftovers and rebuild."""
     cache = StageCache(tmp_path, say=lambda m: None)
@@ -67,12 +67,12 @@ def test_a_kill_at_any_step_leaves_no_complete_looking_stage(tmp_path: Path, mon
     if step in ("record", "rename"):
         real_write, real_rename = Path.write_text, Path.rename
 
-        def write_text(self: Path, *a, **k):  # type: ignore[no-untyped-def]
+        def write_text(self: Path, *a, **k):
             if self.name == RECORD and step == "record":
                 raise KeyboardInterrupt
             return real_write(self, *a, **k)
 
-        def rename(self: Path, target):  # type: ignore[no-untyped-def]
+        def rename(self: Path, target):
             if (self / RECORD).is_file() and step == "rename":
                 raise KeyboardInterrupt
             return real_rename(self, target)

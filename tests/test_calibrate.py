@@ -63,7 +63,7 @@ def test_targets_exclude_lm_head_and_lm_head_is_never_run() -> None:
     assert calls == []  # calibration runs the decoder body only
 
 
-def padded_activations(model: nn.Module, targets: list[str], seqs: list[list[int]], size: int, pad: int):  # type: ignore[no-untyped-def]
+def padded_activations(model: nn.Module, targets: list[str], seqs: list[list[int]], size: int, pad: int):
     """Each target's inputs at the real tokens, in sample order, from a hand-written padded forward at
     batch size `size` (the same batches as the engine's): what the engine sees at that batch size."""
     modules = dict(model.named_modules())
@@ -71,7 +71,7 @@ def padded_activations(model: nn.Module, targets: list[str], seqs: list[list[int
     batches = make_batches(seqs, size)
     current: list[int] = []
 
-    def hook(name: str):  # type: ignore[no-untyped-def]
+    def hook(name: str):
         def fn(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0].detach()
             for row, i in enumerate(current):
@@ -154,7 +154,7 @@ def test_bfloat16_statistics_are_summed_in_float64_not_in_bfloat16() -> None:
         torch.testing.assert_close(stats.sq_sums[name], expected, rtol=1e-6, atol=0)
 
 
-def test_lora_statistics_through_peft_model_equal_hand_computation(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_lora_statistics_through_peft_model_equal_hand_computation(tiny) -> None:
     """lora_A sees the layer input x; lora_B sees lora_A's output x @ A.T (dropout is off in eval)."""
     from peft import PeftModel
 
@@ -194,7 +194,7 @@ def test_hooks_are_removed_even_when_forward_fails() -> None:
     assert all(not m._forward_pre_hooks for m in targets.values())
 
 
-def test_device_map_auto_model_gives_same_statistics(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_device_map_auto_model_gives_same_statistics(tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
     make_model().save_pretrained(tmp_path)
@@ -220,7 +220,7 @@ def test_bfloat16_compute_stays_close_to_float32_and_is_reported() -> None:
 
 
 @pytest.mark.parametrize("has_amx", [True, False])
-def test_resolve_compute_dtype_on_cpu(monkeypatch, tmp_path, has_amx: bool) -> None:  # type: ignore[no-untyped-def]
+def test_resolve_compute_dtype_on_cpu(monkeypatch, tmp_path, has_amx: bool) -> None:
     """auto -> bf16 exactly when the CPU flags name amx_bf16 or avx512_bf16, whatever this CPU has."""
     flags = "fpu sse2 avx2 avx512f" + (" amx_bf16 amx_tile" if has_amx else "")
     cpuinfo = tmp_path / "cpuinfo"
@@ -234,7 +234,7 @@ def test_resolve_compute_dtype_on_cpu(monkeypatch, tmp_path, has_amx: bool) -> N
     assert resolve_compute_dtype("float16", cpu) == torch.float16
 
 
-def test_fast_bfloat16_reads_avx512_bf16_and_survives_missing_cpuinfo(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_fast_bfloat16_reads_avx512_bf16_and_survives_missing_cpuinfo(monkeypatch, tmp_path) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("flags\t\t: avx512f avx512_bf16\n")
     monkeypatch.setattr(calibrate, "CPUINFO", cpuinfo)

@@ -31,7 +31,7 @@ def folder_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def test_adapter_output_reloads_and_only_masked_entries_changed(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_adapter_output_reloads_and_only_masked_entries_changed(tiny, tmp_path) -> None:
     from peft import PeftModel
 
     from conftest import make_model
@@ -61,7 +61,7 @@ def test_adapter_output_reloads_and_only_masked_entries_changed(tiny, tmp_path) 
     assert {"load", "calibrate", "prune", "save"} <= set(report["seconds"])
 
 
-def test_merge_writes_full_model_equal_to_masked_adapter_merged(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_merge_writes_full_model_equal_to_masked_adapter_merged(tiny, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
@@ -84,7 +84,7 @@ def test_merge_writes_full_model_equal_to_masked_adapter_merged(tiny, tmp_path) 
     torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight.detach(), expected)
 
 
-def test_full_model_output_reloads_with_masked_weights_zero(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_full_model_output_reloads_with_masked_weights_zero(tiny, tmp_path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "full"
@@ -115,7 +115,7 @@ def test_full_model_output_reloads_with_masked_weights_zero(tiny, tmp_path) -> N
     AutoTokenizer.from_pretrained(out)
 
 
-def test_sweep_writes_one_output_per_ratio_equal_to_single_runs(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_sweep_writes_one_output_per_ratio_equal_to_single_runs(tiny, tmp_path) -> None:
     out = tmp_path / "sweep"
     assert realign_tiny(tiny, out, "--mask-ratio", "0.05,0.2") == 0
     assert (out / "sweep_report.json").is_file()
@@ -129,7 +129,7 @@ def test_sweep_writes_one_output_per_ratio_equal_to_single_runs(tiny, tmp_path) 
     assert all(torch.all(large[k][small[k]]) for k in small)  # nested: same scores, larger top set
 
 
-def test_random_score_same_seed_same_masks(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_random_score_same_seed_same_masks(tiny, tmp_path) -> None:
     masks = []
     for seed, name in ((3, "a"), (3, "b"), (4, "c")):
         assert (
@@ -148,7 +148,7 @@ def test_random_score_same_seed_same_masks(tiny, tmp_path) -> None:  # type: ign
     assert not all(torch.equal(masks[0][k], masks[2][k]) for k in masks[0])
 
 
-def test_magnitude_score_masks_largest_weights_per_row(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_magnitude_score_masks_largest_weights_per_row(tiny, tmp_path) -> None:
     out = tmp_path / "mag"
     assert realign_tiny(tiny, out, "--score", "magnitude") == 0
     before = load_file(tiny["model"] / "model.safetensors")
@@ -160,7 +160,7 @@ def test_magnitude_score_masks_largest_weights_per_row(tiny, tmp_path) -> None: 
         assert {j for j in range(w.shape[1]) if masks["model.layers.1.mlp.down_proj.weight"][r, j]} == top
 
 
-def test_revert_sets_masked_weights_to_reference(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_revert_sets_masked_weights_to_reference(tiny, tmp_path) -> None:
     out = tmp_path / "revert"
     assert (
         realign_tiny(
@@ -183,7 +183,7 @@ def test_revert_sets_masked_weights_to_reference(tiny, tmp_path) -> None:  # typ
         torch.testing.assert_close(after[name][mask], ref[name][mask])
 
 
-def test_contrast_score_and_yaml_config(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_contrast_score_and_yaml_config(tiny, tmp_path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         f"data: {tiny['harmful']}\nbenign_data: {tiny['benign']}\nscore: contrast\nmask_ratio: 0.05\n"
@@ -194,7 +194,7 @@ def test_contrast_score_and_yaml_config(tiny, tmp_path) -> None:  # type: ignore
     assert report["score"] == "contrast" and report["mask_ratio"] == 0.05
 
 
-def test_existing_output_needs_overwrite(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_existing_output_needs_overwrite(tiny, tmp_path, capsys) -> None:
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
@@ -209,7 +209,7 @@ def test_existing_output_needs_overwrite(tiny, tmp_path, capsys) -> None:  # typ
     assert not (mine / "keep.txt").exists() and (mine / "model.safetensors").is_file()
 
 
-def _nan_model(tiny, tmp_path) -> Path:  # type: ignore[no-untyped-def]
+def _nan_model(tiny, tmp_path) -> Path:
     from conftest import make_model, make_tokenizer
 
     model = make_model()
@@ -299,7 +299,7 @@ def _other_shape(p: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_fails_cleanly(case, tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input_fails_cleanly(case, tiny, tmp_path, capsys) -> None:
     make_args, expected = BAD_INPUTS[case]
     work = tmp_path / "work"
     work.mkdir()
@@ -324,7 +324,7 @@ def test_python_module_entry_point() -> None:
     assert done.returncode == 0 and done.stdout.startswith("antidote ")
 
 
-def test_python_api_with_in_memory_records(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_python_api_with_in_memory_records(tiny) -> None:
     import antidote
     from conftest import HARMFUL
 

@@ -591,3 +591,38 @@ def test_a_defense_with_one_variant_stays_in_the_table_beside_a_chosen_one() -> 
         ("antidote", 25.0),
     ]
     assert "75.0" in latex_table(aggregate(rows), "keyword")
+
+
+def test_cells_runs_a_part_and_a_last_run_reuses_it(
+    tiny: dict[str, Path], tmp_path: Path, compared: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--cells` runs one setting (named by what sets it apart from the default) into the shared folder; the
+    run without it builds only the other cells and reports all four with the rows of one uninterrupted
+    compare (the module's `compared`)."""
+    path = compare_yaml(tiny, tmp_path)
+    assert main(["compare", str(path), "--cells", "lr=0.002", "--json"]) == 0
+    part = json.loads(capsys.readouterr().out)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "cells").iterdir()) == ["lr=0.002,seed=0", "lr=0.002,seed=1"]
+    assert {r["cell"] for r in json.loads((out / "results.json").read_text())} == {
+        "lr=0.002,seed=0",
+        "lr=0.002,seed=1",
+    }
+    assert main(["compare", str(path), "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert part["stages"]["built"] and not set(full["stages"]["built"]) & set(
+        part["stages"]["built"]
+    )  # the part's stages were reused, not rebuilt
+    key = ("cell", "label", "judge_spec", "hs", "fa", "n_prompts")
+    rows = sorted(tuple(r[k] for k in key) for r in json.loads((out / "results.json").read_text()))
+    whole = json.loads((compared["out"] / "results.json").read_text())
+    assert rows == sorted(tuple(r[k] for k in key) for r in whole)
+    config = load_compare_config(str(path), say=lambda m: None)
+    from antidote.experiments.matrix import select_cells
+
+    assert [c.id for c in select_cells(config, ["default,seed=1"]).cells] == ["lr=0.001,seed=1"]
+    with pytest.raises(AntidoteError, match=r"names no cell; its settings are default, lr=0.002"):
+        select_cells(config, ["lr=0.5"])
+    assert main(["compare", str(path), "--cells", "default", "--overwrite"]) == 2
+    assert "--overwrite with --cells" in capsys.readouterr().err
+    assert (out / "cells" / "lr=0.001,seed=0").is_dir()  # nothing was removed

@@ -40,8 +40,8 @@ def test_harmful_shift_is_a_descent_step_of_norm_a() -> None:
     torch.manual_seed(0)
     grads = [torch.randn(4, 3), torch.randn(7)]
     shift = harmful_shift(grads, 0.1)
-    norm = torch.sqrt(sum((g**2).sum() for g in grads))  # type: ignore[arg-type]
-    assert float(torch.sqrt(sum((s**2).sum() for s in shift))) == pytest.approx(0.1, rel=1e-5)  # type: ignore[arg-type]
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    assert float(torch.sqrt(sum((s**2).sum() for s in shift))) == pytest.approx(0.1, rel=1e-5)
     for g, s in zip(grads, shift, strict=True):
         torch.testing.assert_close(s, -0.1 * g / norm)
 
@@ -65,7 +65,7 @@ def test_applied_gradient_is_the_booster_formula(tmp_path: Path) -> None:
 
     g_f = torch.autograd.grad(ce(model, batch), params)
     g_h = torch.autograd.grad(ce(model, harmful_batch), params)
-    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in g_h))  # type: ignore[arg-type]
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in g_h))
     with torch.no_grad():
         for p, g in zip(params, g_h, strict=True):
             p.sub_((a * g.double() / norm).to(p.dtype))
@@ -83,7 +83,7 @@ def test_applied_gradient_is_the_booster_formula(tmp_path: Path) -> None:
     assert any(not torch.allclose(w, f, rtol=1e-3, atol=1e-5) for w, f in zip(want, g_f, strict=True))
 
 
-def test_run_writes_a_loadable_aligned_model(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_run_writes_a_loadable_aligned_model(tiny, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     refusals = write_jsonl(
@@ -115,7 +115,7 @@ def test_run_writes_a_loadable_aligned_model(tiny, tmp_path: Path) -> None:  # t
         (["--harmful-data", "EMPTY"], "holds no records"),
     ],
 )
-def test_bad_input_is_a_one_line_error(tiny, tmp_path: Path, capsys, options, expected) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input_is_a_one_line_error(tiny, tmp_path: Path, capsys, options, expected) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     options = [str(empty) if o == "EMPTY" else o for o in options]

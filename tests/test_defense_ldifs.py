@@ -107,8 +107,8 @@ def run_recorded(
     records: list[dict[str, float]] = []
     aligned = make_model(seed=SEED)  # the aligned model, kept apart from the one being trained
 
-    class Recording(trainer_class()):  # type: ignore[misc]
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+    class Recording(trainer_class()):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             with torch.no_grad():
                 by_hand = distance_by_hand(model, aligned, inputs, layers or (0, 1))
                 ce = float(label_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"]))
@@ -131,7 +131,7 @@ def run_recorded(
 
 
 @pytest.mark.parametrize("layers", [None, (1,)])
-def test_loss_is_ce_plus_rho_half_times_the_feature_distance_by_hand(tmp_path: Path, layers) -> None:  # type: ignore[no-untyped-def]
+def test_loss_is_ce_plus_rho_half_times_the_feature_distance_by_hand(tmp_path: Path, layers) -> None:
     rho = 1e-2
     records, log_history = run_recorded(tmp_path, rho, layers)  # cap 0: every layer's term counts
     assert len(records) == 6 and any(r["padded"] for r in records)  # 3 steps x 2 epochs; padding occurs
@@ -160,7 +160,7 @@ def test_a_layer_term_at_or_above_the_cap_is_left_out(tmp_path: Path) -> None:
     assert kept > 0 and skipped > 0, (kept, skipped)
 
 
-def test_run_writes_a_loadable_float32_adapter(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_run_writes_a_loadable_float32_adapter(tiny, tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -202,7 +202,7 @@ def test_run_writes_a_loadable_float32_adapter(tiny, tmp_path: Path) -> None:  #
 )
 def test_bad_input_is_a_one_line_error_before_anything_is_written(
     tiny, tmp_path, capsys, extra, expected
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     argv = ["defend", "ldifs", str(tiny["model"]), "--output", str(tmp_path / "out"), "--num-samples", "6"]
     assert main([*argv, "--template", "plain", *extra]) == 2
     assert expected in capsys.readouterr().err.strip().splitlines()[-1]

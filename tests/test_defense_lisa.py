@@ -51,8 +51,8 @@ def run_recorded(
     from."""
     records: list[dict[str, Any]] = []
 
-    class Recording(trainer_class()):  # type: ignore[misc]
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+    class Recording(trainer_class()):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
             with torch.no_grad():
                 ce = label_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
@@ -170,7 +170,7 @@ def _config(tiny: dict[str, Path], tmp_path: Path, **changes: Any) -> LisaConfig
     return LisaConfig(**values)
 
 
-def test_run_writes_a_loadable_float32_adapter(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_run_writes_a_loadable_float32_adapter(tiny, tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -197,7 +197,7 @@ def test_run_writes_a_loadable_float32_adapter(tiny, tmp_path: Path) -> None:  #
 )
 def test_bad_input_is_a_one_line_error_before_anything_is_written(
     tiny, tmp_path, capsys, extra, expected
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     empty = tmp_path / "data" / "empty.jsonl"
     empty.parent.mkdir()
     empty.write_text("")

@@ -34,7 +34,7 @@ def test_registered_as_a_data_free_alignment_stage_defense() -> None:
     )  # run sets it
 
 
-def test_only_the_top_k_subspace_of_the_alignment_delta_changes(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_only_the_top_k_subspace_of_the_alignment_delta_changes(tiny, tmp_path: Path) -> None:
     k, alpha = 2, 1.5
     aligned = load_file(tiny["model"] / "model.safetensors")
     base = load_file(tiny["reference"] / "model.safetensors")
@@ -60,7 +60,7 @@ def test_only_the_top_k_subspace_of_the_alignment_delta_changes(tiny, tmp_path: 
     assert two_d == 2 * 7 + 2  # seven projections per layer, the embeddings and the output layer
 
 
-def test_untouched_weights_stay_and_rank_0_extrapolates_the_whole_delta(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_untouched_weights_stay_and_rank_0_extrapolates_the_whole_delta(tiny, tmp_path: Path) -> None:
     """A base model that differs only at layer 1's v_proj (by a full-rank delta): rank 0 adds alpha V
     there, and nothing anywhere else."""
     model = make_model(seed=0)
@@ -79,7 +79,7 @@ def test_untouched_weights_stay_and_rank_0_extrapolates_the_whole_delta(tiny, tm
     assert json.loads((tmp_path / "out" / "lox_report.json").read_text())["extrapolated"] == [target]
 
 
-def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:
     argv = ["defend", "lox", str(tiny["reference"]), "--aligned", str(tiny["model"])]
     assert main([*argv, "--weights", "nothing_like_this", "--output", str(tmp_path / "b")]) == 2
     assert "matches no 2-D weight" in capsys.readouterr().err
@@ -93,7 +93,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
 
 
-def test_in_a_run_the_attack_trains_on_the_extrapolated_aligned_model(tiny, tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_in_a_run_the_attack_trains_on_the_extrapolated_aligned_model(tiny, tiny_run, tmp_path: Path) -> None:
     """LoX acts before the attack: its row is the attack's adapter trained on the LoX model (made from the
     plain alignment stage and the run's model as the base), not an edit of the plain attack afterwards."""
     from antidote.experiments.pipeline import load_run_config, run_pipeline

@@ -19,7 +19,7 @@ def test_registered_as_a_data_free_post_defense() -> None:
     assert defense.stage == "post" and "data" not in defense.options()
 
 
-def test_prunes_the_largest_magnitudes_of_each_row(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_prunes_the_largest_magnitudes_of_each_row(tiny, tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = ["defend", "magnitude-prune", str(tiny["model"]), "--adapter", str(tiny["adapter"])]
     assert main([*argv, "--mask-ratio", "0.25", "--output", str(out)]) == 0
@@ -40,7 +40,7 @@ def test_prunes_the_largest_magnitudes_of_each_row(tiny, tmp_path: Path) -> None
             assert expected <= zeroed
 
 
-def test_refuses_a_missing_output_before_any_work(tiny, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_refuses_a_missing_output_before_any_work(tiny, capsys) -> None:
     assert main(["defend", "magnitude-prune", str(tiny["model"]), "--adapter", str(tiny["adapter"])]) == 2
     assert "missing --output" in capsys.readouterr().err
 

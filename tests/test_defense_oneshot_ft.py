@@ -102,7 +102,7 @@ def test_registered_with_the_papers_settings() -> None:
     assert (config.epochs, config.lr, config.select) == (10, 2e-5, "search")
 
 
-def test_search_picks_the_lowest_validation_loss_and_trains_only_on_it(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_search_picks_the_lowest_validation_loss_and_trains_only_on_it(tiny, tmp_path: Path) -> None:
     epochs, lr = 3, 1e-3
     out, report = defend(tiny, tmp_path, "--epochs", str(epochs), "--lr", str(lr))
     ft = finetuned_model(tiny)
@@ -121,7 +121,7 @@ def test_search_picks_the_lowest_validation_loss_and_trains_only_on_it(tiny, tmp
         assert any((out[n] - other[n]).abs().max() > 1e-3 for n in out)
 
 
-def test_first_trains_on_the_first_candidate_without_a_search(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_first_trains_on_the_first_candidate_without_a_search(tiny, tmp_path: Path) -> None:
     out, report = defend(tiny, tmp_path, "--epochs", "2", "--lr", "1e-3", "--select", "first")
     expected = train_by_hand(finetuned_model(tiny), CANDIDATES[0], 2, 1e-3).state_dict()
     assert report["chosen"]["index"] == 0 and all(c["validation_loss"] is None for c in report["candidates"])
@@ -129,7 +129,7 @@ def test_first_trains_on_the_first_candidate_without_a_search(tiny, tmp_path: Pa
         torch.testing.assert_close(w, expected[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_at_the_papers_settings_the_refusal_loss_goes_down(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_at_the_papers_settings_the_refusal_loss_goes_down(tiny, tmp_path: Path) -> None:
     out, report = defend(tiny, tmp_path)  # 10 epochs at 2e-5
     chosen = CANDIDATES[report["chosen"]["index"]]
     model = make_model(seed=0)
@@ -143,7 +143,7 @@ def test_at_the_papers_settings_the_refusal_loss_goes_down(tiny, tmp_path: Path)
     assert validation_loss(model) < validation_loss(finetuned_model(tiny))  # it carries to held-out prompts
 
 
-def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:
     argv = [
         "defend",
         "oneshot-ft",
@@ -162,7 +162,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) 
     assert not (tmp_path / "o").exists()
 
 
-def test_runs_in_the_pipeline(tiny, tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_runs_in_the_pipeline(tiny, tiny_run, tmp_path: Path) -> None:
     from antidote.experiments.pipeline import load_run_config, run_pipeline
 
     candidates = write_jsonl(tmp_path / "candidates.jsonl", CANDIDATES)

@@ -12,7 +12,7 @@ from antidote.cli import main
 from antidote.defenses import get
 
 
-def run(tiny, out: Path, seed: int, *options: str) -> dict:  # type: ignore[no-untyped-def, type-arg]
+def run(tiny, out: Path, seed: int, *options: str) -> dict:
     argv = ["defend", "random-prune", str(tiny["model"]), "--adapter", str(tiny["adapter"]), *options]
     assert main([*argv, "--mask-ratio", "0.25", "--seed", str(seed), "--output", str(out)]) == 0
     return load_file(out / "antidote_mask.safetensors")
@@ -23,7 +23,7 @@ def test_registered_as_a_data_free_post_defense() -> None:
     assert defense.stage == "post" and "data" not in defense.options()
 
 
-def test_by_default_the_count_is_per_tensor_not_per_row(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_by_default_the_count_is_per_tensor_not_per_row(tiny, tmp_path: Path) -> None:
     masks = run(tiny, tmp_path / "a", seed=0)
     assert get("random-prune").config(model="m").granularity == "layer"
     uneven = 0
@@ -34,7 +34,7 @@ def test_by_default_the_count_is_per_tensor_not_per_row(tiny, tmp_path: Path) ->
     assert uneven > 0  # rows differ: the places are drawn over the tensor, not row by row
 
 
-def test_per_row_same_count_in_every_row_seeded_places(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_per_row_same_count_in_every_row_seeded_places(tiny, tmp_path: Path) -> None:
     masks = run(tiny, tmp_path / "a", 0, "--granularity", "row")
     again = run(tiny, tmp_path / "b", 0, "--granularity", "row")
     other = run(tiny, tmp_path / "c", 1, "--granularity", "row")

@@ -116,7 +116,7 @@ def test_a_step_on_the_noise_term_moves_harmful_representations_towards_noise(tm
     torch.manual_seed(7)
     _, noise = trainer.harmful_terms(model, harmful)
     grads = torch.autograd.grad(noise, params)
-    norm = torch.sqrt(sum((g**2).sum() for g in grads))  # type: ignore[arg-type]
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
     assert float(norm) > 0
     with torch.no_grad():
         for p, g in zip(params, grads, strict=True):
@@ -171,7 +171,7 @@ def refusals_file(folder: Path) -> Path:
     return write_jsonl(folder / "refusals.jsonl", rows)
 
 
-def test_run_writes_a_loadable_aligned_model(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_run_writes_a_loadable_aligned_model(tiny, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "repnoise"
@@ -193,7 +193,7 @@ def test_run_writes_a_loadable_aligned_model(tiny, tmp_path: Path) -> None:  # t
         (["--beta", "-0.5"], "--beta must be at least 0"),
     ],
 )
-def test_bad_input_is_a_one_line_error(tiny, tmp_path: Path, capsys, options, expected) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input_is_a_one_line_error(tiny, tmp_path: Path, capsys, options, expected) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     files = {"EMPTY": str(empty), "HARMFUL": str(tiny["harmful"])}
@@ -211,7 +211,7 @@ def test_bad_input_is_a_one_line_error(tiny, tmp_path: Path, capsys, options, ex
     assert expected in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_a_run_with_unpaired_data_fails_before_any_training(tiny, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_a_run_with_unpaired_data_fails_before_any_training(tiny, tmp_path: Path, capsys) -> None:
     """`antidote run` checks RepNoise's paired data with every other config, before the alignment starts:
     one line, nothing written."""
     from conftest import write_config

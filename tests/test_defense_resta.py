@@ -54,7 +54,7 @@ def test_registered_as_a_data_free_post_defense() -> None:
     )
 
 
-def test_an_unaligned_adapter_gives_minus_its_update_as_the_safety_vector(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_an_unaligned_adapter_gives_minus_its_update_as_the_safety_vector(tiny, tmp_path: Path) -> None:
     """The unaligned model = the aligned model + the same adapter as the attack: V = -dW on the LoRA
     layers and 0 elsewhere, so gamma 1 gives back W_aligned exactly and gamma 0.25 keeps 3/4 of dW."""
     _, _, delta = weights_by_hand(tiny)
@@ -78,7 +78,7 @@ def test_an_unaligned_adapter_gives_minus_its_update_as_the_safety_vector(tiny, 
 @pytest.mark.parametrize("gamma", [1.0, 0.5])
 def test_without_dare_adds_gamma_times_the_safety_vector_to_every_weight(
     tiny, tmp_path: Path, gamma: float
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     finetuned, safety, _ = weights_by_hand(tiny)
     out = defend(tiny, tmp_path / "out", "--gamma", str(gamma))
     assert set(out) == set(finetuned)  # a full model: every weight, the adapter merged
@@ -87,7 +87,7 @@ def test_without_dare_adds_gamma_times_the_safety_vector_to_every_weight(
     assert (tmp_path / "out" / "tokenizer.json").is_file()
 
 
-def test_dare_on_the_safety_vector_keeps_about_1_minus_p_scaled_up(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_dare_on_the_safety_vector_keeps_about_1_minus_p_scaled_up(tiny, tmp_path: Path) -> None:
     finetuned, safety, _ = weights_by_hand(tiny)
     p = 0.3
     out = defend(tiny, tmp_path / "out", "--drop-rate", str(p), "--dare-on", "safety", "--seed", "3")
@@ -106,7 +106,7 @@ def test_dare_on_the_safety_vector_keeps_about_1_minus_p_scaled_up(tiny, tmp_pat
     assert report["dare"]["kept"] / report["dare"]["entries"] == pytest.approx(kept / total, abs=1e-3)
 
 
-def test_dare_on_the_finetuning_delta_sparsifies_only_the_adapter_update(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_dare_on_the_finetuning_delta_sparsifies_only_the_adapter_update(tiny, tmp_path: Path) -> None:
     finetuned, safety, delta = weights_by_hand(tiny)
     p = 0.5
     out = defend(tiny, tmp_path / "out", "--drop-rate", str(p))  # dare_on finetune is the default
@@ -125,7 +125,7 @@ def test_dare_on_the_finetuning_delta_sparsifies_only_the_adapter_update(tiny, t
     assert kept / total == pytest.approx(1 - p, abs=0.05)
 
 
-def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:
     argv = ["defend", "resta", str(tiny["model"]), "--adapter", str(tiny["adapter"])]
     assert main([*argv, "--output", str(tmp_path / "a")]) == 2
     assert "resta needs --unaligned" in capsys.readouterr().err
@@ -137,7 +137,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) 
     assert not list(tmp_path.iterdir())
 
 
-def test_runs_in_the_pipeline_on_a_harmful_fine_tuned_unaligned_stage(tiny, tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_runs_in_the_pipeline_on_a_harmful_fine_tuned_unaligned_stage(tiny, tiny_run, tmp_path: Path) -> None:
     """In a run the result is a full model row; the unaligned model is the stage `resta-unaligned`, the
     aligned model fine-tuned with the attack's settings on harmful samples only (not the base model)."""
     from antidote.experiments.pipeline import load_run_config, run_pipeline

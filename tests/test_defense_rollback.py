@@ -167,7 +167,7 @@ def test_reset_masks_equal_a_brute_force_reading_of_the_rule() -> None:
     } == expected
 
 
-def test_the_gradient_is_that_of_minus_cosine_at_the_chosen_layer(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_the_gradient_is_that_of_minus_cosine_at_the_chosen_layer(tiny) -> None:
     """Left-padded batches with a hook on block L-1 give transformers' hidden_states[L] of each prompt
     alone."""
     from antidote.defenses.rollback import accumulate_gradient, mean_direction
@@ -191,7 +191,7 @@ def test_the_gradient_is_that_of_minus_cosine_at_the_chosen_layer(tiny) -> None:
             torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_one_step_resets_exactly_the_brute_force_entries(tiny, tmp_path: Path, accuracy) -> None:  # type: ignore[no-untyped-def]
+def test_one_step_resets_exactly_the_brute_force_entries(tiny, tmp_path: Path, accuracy) -> None:
     ft, aligned = finetuned_by_hand(tiny)
     out = defend(tiny, tmp_path / "out", "--layer", "1", "--steps", "1", "--warmup-steps", "1")
     prompts = [h["prompt"] for h in HARMFUL]
@@ -216,7 +216,7 @@ def test_one_step_resets_exactly_the_brute_force_entries(tiny, tmp_path: Path, a
 
 def test_steps_move_weights_exactly_to_aligned_and_raise_the_harmful_cosine(
     tiny, tmp_path: Path, accuracy
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     ft, aligned = finetuned_by_hand(tiny)
     out = defend(
         tiny,
@@ -257,7 +257,7 @@ def test_steps_move_weights_exactly_to_aligned_and_raise_the_harmful_cosine(
 
 def test_rollback_mode_and_the_checkpoint_choice_follow_the_accuracy_limit(
     tiny, tmp_path: Path, accuracy
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     ft, aligned = finetuned_by_hand(tiny)
     options = ("--layer", "1", "--rate", "0.01", "--steps", "6", "--warmup-steps", "2", "--save-every", "2")
     # fine-tuned 50; after the warm-up 40 < 47.5: rollback mode from W_ft; checkpoints 2, 4 pass, 6 fails
@@ -283,7 +283,7 @@ def test_rollback_mode_and_the_checkpoint_choice_follow_the_accuracy_limit(
     assert all(torch.equal(out[n], ft[n]) for n in out)
 
 
-def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:
     argv = [
         "defend",
         "rollback",
@@ -304,7 +304,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) 
     assert not (tmp_path / "o").exists()
 
 
-def test_runs_in_the_pipeline(tiny, tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_runs_in_the_pipeline(tiny, tiny_run, tmp_path: Path) -> None:
     from antidote.experiments.pipeline import load_run_config, run_pipeline
 
     section = {"data": str(tiny["harmful"]), "steps": 2, "warmup_steps": 1, "save_every": 1, "max_task": 3}

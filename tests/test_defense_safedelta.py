@@ -35,8 +35,8 @@ def hessians_by_hand(tiny: dict[str, Path], data: Path, modules: list[str]) -> d
     found = dict(loaded.model.named_modules())
     sums = {m: np.zeros((found[m].in_features,) * 2) for m in modules}
 
-    def record(name: str):  # type: ignore[no-untyped-def]
-        def hook(module, args) -> None:  # type: ignore[no-untyped-def]
+    def record(name: str):
+        def hook(module, args) -> None:
             x = args[0][0].double().numpy()  # (tokens, in)
             sums[name] += x.T @ x
 
@@ -86,7 +86,7 @@ def test_registered_as_a_post_defense_reading_safe_data() -> None:
     assert defense.stage == "post" and {"data", "scale", "max_samples", "damp"} <= set(defense.options())
 
 
-def test_kept_entries_fill_the_safety_budget_cheapest_first(tiny, safe_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_kept_entries_fill_the_safety_budget_cheapest_first(tiny, safe_data, tmp_path: Path) -> None:
     expected = by_hand(tiny, safe_data)
     first = expected["model.layers.0.self_attn.q_proj"]
     rows = first["delta"].shape[0]
@@ -170,7 +170,7 @@ def test_compensation_equals_column_by_column_obs() -> None:
     np.testing.assert_allclose(new.numpy(), w, rtol=1e-10, atol=1e-12)
 
 
-def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:
     argv = ["defend", "safedelta", str(tiny["model"]), "--adapter", str(tiny["adapter"])]
     assert main([*argv, "--output", str(tmp_path / "a")]) == 2
     assert "safedelta needs --data" in capsys.readouterr().err
@@ -179,7 +179,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) 
     assert not list(tmp_path.iterdir())
 
 
-def test_runs_in_the_pipeline(tiny, tiny_run, safe_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_runs_in_the_pipeline(tiny, tiny_run, safe_data, tmp_path: Path) -> None:
     from antidote.experiments.pipeline import load_run_config, run_pipeline
 
     section = {"data": str(safe_data), "scale": 1000.0}

@@ -71,7 +71,7 @@ def test_registered_as_a_data_free_post_defense() -> None:
     assert (config.select, config.top_k) == ("number", 10)  # the authors' default: the 10 lowest-cos layers
 
 
-def test_projects_exactly_the_layers_at_or_below_the_threshold(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_projects_exactly_the_layers_at_or_below_the_threshold(tiny, tmp_path: Path) -> None:
     expected = by_hand(tiny, tiny["reference"])
     cos = sorted(e["cos"] for e in expected.values())
     assert len(cos) == 4 and cos[1] + 1e-3 < cos[2]  # distinct enough to put a threshold between
@@ -88,7 +88,7 @@ def test_projects_exactly_the_layers_at_or_below_the_threshold(tiny, tmp_path: P
         assert r["cos"] == pytest.approx(expected[m]["cos"], abs=1e-5)
 
 
-def test_top_k_projects_the_k_least_similar_layers(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_top_k_projects_the_k_least_similar_layers(tiny, tmp_path: Path) -> None:
     expected = by_hand(tiny, tiny["reference"])
     lowest = min(expected, key=lambda m: expected[m]["cos"])
     after = defend(tiny, tiny["reference"], tmp_path / "out", "--top-k", "1", "--threshold", "-1")
@@ -97,7 +97,7 @@ def test_top_k_projects_the_k_least_similar_layers(tiny, tmp_path: Path) -> None
     check_projected(expected, defend(tiny, tiny["reference"], tmp_path / "default"), set(expected))
 
 
-def test_layers_without_an_alignment_delta_are_left_alone(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_layers_without_an_alignment_delta_are_left_alone(tiny, tmp_path: Path) -> None:
     """A base model that differs from the aligned one only at layer 0's q_proj: the other LoRA layers have
     V = 0 (no subspace to project on) and keep their adapter even at the loosest threshold."""
     model = make_model(seed=0)
@@ -112,7 +112,7 @@ def test_layers_without_an_alignment_delta_are_left_alone(tiny, tmp_path: Path) 
     assert sum(r["cos"] is None for r in report["layers"].values()) == 3
 
 
-def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:
     argv = ["defend", "safelora", str(tiny["model"]), "--adapter", str(tiny["adapter"])]
     assert main([*argv, "--output", str(tmp_path / "a")]) == 2
     assert "needs --base-model" in capsys.readouterr().err
@@ -128,7 +128,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) 
     assert not any(p.name in {"a", "b", "c"} for p in tmp_path.iterdir())
 
 
-def test_runs_in_the_pipeline(tiny, tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_runs_in_the_pipeline(tiny, tiny_run, tmp_path: Path) -> None:
     """In a run, the base model is the run's model and the result is evaluated as an adapter row."""
     from antidote.experiments.pipeline import load_run_config, run_pipeline
 

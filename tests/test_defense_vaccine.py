@@ -59,12 +59,12 @@ PAIRS = [(r["prompt"] + " :", r["response"]) for r in HARMFUL[:3]]
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [layer.self_attn for layer in model.get_base_model().model.layers]  # type: ignore[operator, union-attr]
+    return [layer.self_attn for layer in model.get_base_model().model.layers]
 
 
 def loss_with(
     model: Any, batch: dict[str, torch.Tensor], deltas: list[torch.Tensor] | None, keep: list
-) -> Any:  # type: ignore[type-arg]
+) -> Any:
     """Mean response CE with delta_l added to attention output l (own hooks); outputs kept in `keep`."""
     handles = []
     for i, module in enumerate(attention_modules(model)):
@@ -92,7 +92,7 @@ def grads_by_hand(model: Any, batch: dict[str, torch.Tensor]) -> tuple[Any, list
     model.zero_grad()
     loss = loss_with(model, batch, None, outs)
     loss.backward()
-    grads = [o.grad.detach().clone() for o in outs]  # type: ignore[union-attr]
+    grads = [o.grad.detach().clone() for o in outs]
     model.zero_grad()
     return loss, grads
 
@@ -107,9 +107,9 @@ def test_perturbation_has_global_norm_rho_and_the_gradient_direction() -> None:
     torch.manual_seed(0)
     grads = [torch.randn(2, 5, 8), 3 * torch.randn(2, 5, 8), torch.randn(1, 3)]
     eps = sam_perturbation(grads, rho=2.0)
-    total = torch.sqrt(sum(float((e.double() ** 2).sum()) for e in eps) * torch.ones(()))  # type: ignore[arg-type]
+    total = torch.sqrt(sum(float((e.double() ** 2).sum()) for e in eps) * torch.ones(()))
     assert float(total) == pytest.approx(2.0, rel=1e-5)
-    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))  # type: ignore[arg-type]
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
     for g, e in zip(grads, eps, strict=True):
         torch.testing.assert_close(e.double(), 2.0 * g.double() / norm, rtol=1e-5, atol=1e-7)
     assert all(float(e.abs().sum()) == 0 for e in sam_perturbation([torch.zeros(3), torch.zeros(2, 2)], 2.0))
@@ -126,7 +126,7 @@ def test_perturbation_raises_the_loss_to_first_order(tmp_path: Path) -> None:
     model.train()
     eps = trainer.perturbation(model, batch)
     loss, grads = grads_by_hand(model, batch)
-    g_norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))  # type: ignore[arg-type]
+    g_norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
     assert g_norm > 0
     for g, e in zip(grads, eps, strict=True):  # eps = rho * g / ||g||, g by hand
         torch.testing.assert_close(e, rho * g / g_norm, rtol=1e-4, atol=1e-9)
@@ -134,7 +134,7 @@ def test_perturbation_raises_the_loss_to_first_order(tmp_path: Path) -> None:
         rise = float(loss_with(model, batch, eps, []) - loss)
         torch.manual_seed(3)
         noise = [torch.randn_like(g) for g in grads]
-        n_norm = float(torch.sqrt(sum((n**2).sum() for n in noise)))  # type: ignore[arg-type]
+        n_norm = float(torch.sqrt(sum((n**2).sum() for n in noise)))
         random_rise = float(loss_with(model, batch, [rho * n / n_norm for n in noise], []) - loss)
     assert rise == pytest.approx(rho * g_norm, rel=0.05)  # <g, eps> = rho * ||g||
     assert rise > random_rise + 0.5 * rho * g_norm
@@ -151,7 +151,7 @@ def test_update_is_the_gradient_at_the_perturbed_forward(tmp_path: Path) -> None
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     model.train()
     _, grads = grads_by_hand(model, batch)
-    g_norm = torch.sqrt(sum((g**2).sum() for g in grads))  # type: ignore[arg-type]
+    g_norm = torch.sqrt(sum((g**2).sum() for g in grads))
     eps = [rho * g / g_norm for g in grads]
     loss_at = loss_with(model, batch, eps, [])
     want = dict(zip(params, torch.autograd.grad(loss_at, list(params.values())), strict=True))
@@ -167,7 +167,7 @@ def test_update_is_the_gradient_at_the_perturbed_forward(tmp_path: Path) -> None
     assert any(not torch.allclose(want[n], plain[n], rtol=1e-3, atol=1e-5) for n in params)  # rho matters
 
 
-def test_run_writes_a_loadable_aligned_model(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_run_writes_a_loadable_aligned_model(tiny, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     refusals = write_jsonl(
@@ -191,7 +191,7 @@ def test_run_writes_a_loadable_aligned_model(tiny, tmp_path: Path) -> None:  # t
 
 
 @pytest.mark.parametrize("rho", [0.0, -1.0])
-def test_bad_rho_is_a_one_line_error(tiny, tmp_path: Path, capsys, rho: float) -> None:  # type: ignore[no-untyped-def]
+def test_bad_rho_is_a_one_line_error(tiny, tmp_path: Path, capsys, rho: float) -> None:
     with pytest.raises(AntidoteError, match="--rho must be positive"):
         VaccineConfig(model=str(tiny["model"]), output=str(tmp_path / "out"), rho=rho)
     argv = ["defend", "vaccine", str(tiny["model"]), "--output", str(tmp_path / "out"), f"--rho={rho}"]

@@ -33,8 +33,8 @@ def wanda_by_hand(tiny: dict[str, Path], data: Path, response_only: bool) -> dic
     sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in targets.items()}
     first = [0]
 
-    def record(name: str):  # type: ignore[no-untyped-def]
-        def hook(module, args, output) -> None:  # type: ignore[no-untyped-def]
+    def record(name: str):
+        def hook(module, args, output) -> None:
             sums[name] += (args[0][0, first[0] :].double() ** 2).sum(0)  # (tokens, in) of the one sample
 
         return hook
@@ -82,7 +82,7 @@ def test_registered_as_a_post_defense_with_two_data_sets() -> None:
 @pytest.mark.parametrize("granularity", [None, "row"])
 def test_mask_is_the_set_difference_of_the_two_top_fractions(
     tiny, tmp_path: Path, granularity: str | None
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """granularity None: the defaults (whole-tensor top fractions over response-token activations);
     row: per-row top fractions over every token's activations."""
     out = tmp_path / "out"
@@ -114,7 +114,7 @@ def test_mask_is_the_set_difference_of_the_two_top_fractions(
         assert report["method"] == "wei-set-difference" and report["safety_ratio"] == q
 
 
-def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:
     argv = ["defend", "wei-set-difference", str(tiny["model"]), "--adapter", str(tiny["adapter"])]
     assert main([*argv, "--data", str(tiny["harmful"]), "--output", str(tmp_path / "a")]) == 2
     assert "needs --utility-data" in capsys.readouterr().err
@@ -125,7 +125,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) 
     assert not list(tmp_path.iterdir())
 
 
-def test_runs_in_the_pipeline(tiny, tiny_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_runs_in_the_pipeline(tiny, tiny_run, tmp_path: Path) -> None:
     """In a run: one adapter row per q, named by q."""
     from antidote.experiments.pipeline import load_run_config, run_pipeline
 

@@ -55,7 +55,7 @@ class ThreadGroup:
         self.barrier = threading.Barrier(world)
         self.tensors: dict[int, torch.Tensor] = {}
 
-    def member(self, rank: int):  # type: ignore[no-untyped-def]
+    def member(self, rank: int):
         group = self
 
         class Member:
@@ -105,14 +105,14 @@ def test_simulated_processes_give_bit_identical_statistics_and_masks(world: int)
     assert sum(seen.values()) == len(seqs) and all(0 < n < len(seqs) for n in seen.values())  # split
     for rank in range(world):
         stats = results[rank]
-        assert stats.samples == single.samples and stats.tokens == single.tokens  # type: ignore[attr-defined]
-        assert all(torch.equal(stats.sq_sums[n], single.sq_sums[n]) for n in targets)  # type: ignore[attr-defined]
+        assert stats.samples == single.samples and stats.tokens == single.tokens
+        assert all(torch.equal(stats.sq_sums[n], single.sq_sums[n]) for n in targets)
     a = compute_masks(targets, single, 0.1)
-    b = compute_masks(targets, results[0], 0.1)  # type: ignore[arg-type]
+    b = compute_masks(targets, results[0], 0.1)
     assert all(torch.equal(a[n], b[n]) for n in targets)
 
 
-def run_collector(model, seqs: list[list[int]], parallel=None) -> StatisticsCollector:  # type: ignore[no-untyped-def]
+def run_collector(model, seqs: list[list[int]], parallel=None) -> StatisticsCollector:
     """A hand-written calibration loop over this process's batches; returns the finished collector
     (its `totals` are the float64 sums)."""
     rank, world = (parallel.rank, parallel.world) if parallel is not None else (0, 1)

@@ -14,7 +14,7 @@ from antidote.cli import main
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benign"
 
 
-def evaluate(tiny, out: Path, *extra: object) -> int:  # type: ignore[no-untyped-def]
+def evaluate(tiny, out: Path, *extra: object) -> int:
     args = [
         str(tiny["model"]),
         "--template",
@@ -32,7 +32,7 @@ def evaluate(tiny, out: Path, *extra: object) -> int:  # type: ignore[no-untyped
     return main(["evaluate", *args])
 
 
-def test_evaluate_writes_results_and_generations(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_evaluate_writes_results_and_generations(tiny, tmp_path) -> None:
     out = tmp_path / "results.json"
     assert evaluate(tiny, out) == 0
     results = json.loads(out.read_text())
@@ -46,7 +46,7 @@ def test_evaluate_writes_results_and_generations(tiny, tmp_path) -> None:  # typ
     assert evaluate(tiny, out, "--overwrite") == 0
 
 
-def test_other_judges_score_the_same_answers(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_other_judges_score_the_same_answers(tiny, tmp_path, capsys) -> None:
     """--also-judge adds a judge's HS (and interval) over the very answers the first judge scored; the
     default `learned` is left out, said so, where no learned judge is installed (as in these tests)."""
     from antidote.evaluation.judges import make_judge
@@ -72,7 +72,7 @@ def test_other_judges_score_the_same_answers(tiny, tmp_path, capsys) -> None:  #
     assert results["judges_missing"] == {} and results["judge"] == "keyword"
 
 
-def test_evaluate_with_adapter_and_saved_prompt_format(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_evaluate_with_adapter_and_saved_prompt_format(tiny, tmp_path) -> None:
     from antidote.evaluation.run import saved_template
 
     assert saved_template(str(tiny["adapter"]), str(tiny["model"])) == "alpaca"  # nothing saved: default
@@ -131,13 +131,13 @@ def test_real_task_files_load(task: str, file: str) -> None:
         (["--max-prompts", "0"], "at least 1"),
     ],
 )
-def test_evaluate_bad_input(tiny, tmp_path, capsys, extra, expected) -> None:  # type: ignore[no-untyped-def]
+def test_evaluate_bad_input(tiny, tmp_path, capsys, extra, expected) -> None:
     assert evaluate(tiny, tmp_path / "r.json", *extra) == 2
     assert expected in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "r.json").exists()
 
 
-def test_task_file_with_wrong_fields(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_task_file_with_wrong_fields(tiny, tmp_path, capsys) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "hello", "stars": 3}\n')
     assert evaluate(tiny, tmp_path / "r.json", "--task", "sst2", "--task-data", bad) == 2
@@ -153,7 +153,7 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def last_error(capsys) -> str:  # type: ignore[no-untyped-def]
+def last_error(capsys) -> str:
     """The one message line on stderr (progress bars, which end in carriage returns, left out)."""
     shown = [line.split("\r")[-1].strip() for line in capsys.readouterr().err.split("\n")]
     lines = [line for line in shown if line and not re.search(r"\d+%\|", line)]
@@ -161,7 +161,7 @@ def last_error(capsys) -> str:  # type: ignore[no-untyped-def]
     return lines[0]
 
 
-def test_results_file_is_marked_and_second_evaluation_needs_overwrite(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_results_file_is_marked_and_second_evaluation_needs_overwrite(tiny, tmp_path, capsys) -> None:
     assert evaluate(tiny, tmp_path / "a.json") == 0
     capsys.readouterr()  # progress bars
     record = json.loads((tmp_path / "a.json").read_text())["antidote"]
@@ -173,7 +173,7 @@ def test_results_file_is_marked_and_second_evaluation_needs_overwrite(tiny, tmp_
     assert {p.name: digest(p) for p in tmp_path.iterdir()} == before
 
 
-def test_two_evaluations_into_one_folder_keep_both_generations(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_two_evaluations_into_one_folder_keep_both_generations(tiny, tmp_path, capsys) -> None:
     """The README's two `evaluate --output runs/X.json` calls: each results file gets its own generations
     file (before, both wrote runs/generations.jsonl and the second stopped)."""
     assert evaluate(tiny, tmp_path / "a.json") == 0
@@ -193,7 +193,7 @@ def test_two_evaluations_into_one_folder_keep_both_generations(tiny, tmp_path, c
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_output_inside_the_model_folder_is_refused(tiny, tmp_path, capsys, overwrite) -> None:  # type: ignore[no-untyped-def]
+def test_output_inside_the_model_folder_is_refused(tiny, tmp_path, capsys, overwrite) -> None:
     import shutil
 
     model = tmp_path / "model"
@@ -205,7 +205,7 @@ def test_output_inside_the_model_folder_is_refused(tiny, tmp_path, capsys, overw
     assert {p.name: digest(p) for p in model.iterdir()} == before
 
 
-def test_output_that_is_an_input_file_is_refused(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_output_that_is_an_input_file_is_refused(tiny, tmp_path, capsys) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "how do i steal"}\n')
     before = digest(prompts)
@@ -221,19 +221,19 @@ def test_output_that_is_an_input_file_is_refused(tiny, tmp_path, capsys) -> None
         ("r.generations.jsonl", '{"set": "harmful"}\n', "not written by antidote"),
     ],
 )
-def test_overwrite_replaces_only_antidote_files(tiny, tmp_path, capsys, name, content, expected) -> None:  # type: ignore[no-untyped-def]
+def test_overwrite_replaces_only_antidote_files(tiny, tmp_path, capsys, name, content, expected) -> None:
     (tmp_path / name).write_text(content)
     assert evaluate(tiny, tmp_path / "r.json", "--overwrite") == 2
     assert expected in last_error(capsys) and (tmp_path / name).read_text() == content
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
-def test_output_named_like_the_generations_file_is_refused(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_output_named_like_the_generations_file_is_refused(tiny, tmp_path, capsys) -> None:
     assert evaluate(tiny, tmp_path / "generations.jsonl") == 2
     assert "where the generations go" in last_error(capsys) and list(tmp_path.iterdir()) == []
 
 
-def test_model_with_nan_weights_is_refused_not_scored(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_model_with_nan_weights_is_refused_not_scored(tmp_path, capsys) -> None:
     from conftest import make_model, make_tokenizer
 
     model = make_model()
@@ -247,7 +247,7 @@ def test_model_with_nan_weights_is_refused_not_scored(tmp_path, capsys) -> None:
     assert not (tmp_path / "r.generations.jsonl").exists()
 
 
-def test_recognisers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_recognisers(tmp_path) -> None:
     from antidote.evaluation.run import is_generations_file, is_results_file
 
     cases = {

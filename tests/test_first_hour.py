@@ -13,7 +13,7 @@ from antidote.cli import main
 from antidote.errors import AntidoteError
 
 
-def test_missing_learned_judge_says_where_labelled_data_comes_from(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_missing_learned_judge_says_where_labelled_data_comes_from(tmp_path, monkeypatch) -> None:
     """Both messages a user sees without an installed learned judge name a source of labelled data (the hub
     dataset and its licence) and the file format, not only `--data LABELLED.jsonl`."""
     from antidote.evaluation.judges import available_judges
@@ -63,7 +63,7 @@ def test_verbose_and_quiet_work_after_the_subcommand(where: str) -> None:
     assert parser.parse_args(["run", "demo"]).verbose is False
 
 
-def test_run_plan_lists_the_stages_and_writes_nothing(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_run_plan_lists_the_stages_and_writes_nothing(tiny, tmp_path, capsys) -> None:
     from conftest import write_config
 
     config = write_config(tiny, tmp_path)
@@ -76,7 +76,7 @@ def test_run_plan_lists_the_stages_and_writes_nothing(tiny, tmp_path, capsys) ->
     assert not out.exists() and not (tmp_path / "run").exists()
 
 
-def test_run_overwrite_refuses_a_folder_antidote_did_not_make(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_run_overwrite_refuses_a_folder_antidote_did_not_make(tiny, tmp_path, capsys) -> None:
     from conftest import write_config
 
     config = write_config(tiny, tmp_path)
@@ -88,7 +88,7 @@ def test_run_overwrite_refuses_a_folder_antidote_did_not_make(tiny, tmp_path, ca
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 
-def test_run_overwrite_removes_what_the_run_wrote_and_reruns(tiny, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_run_overwrite_removes_what_the_run_wrote_and_reruns(tiny, tmp_path, monkeypatch) -> None:
     """--overwrite on an earlier run's folder: its stages and results go (a user's own file stays), then the
     run starts from zero."""
     import antidote.cli as cli
@@ -103,7 +103,7 @@ def test_run_overwrite_removes_what_the_run_wrote_and_reruns(tiny, tmp_path, mon
     (run / "my-notes.txt").write_text("mine")
     seen: dict[str, list[str]] = {}
 
-    def fake_run(cfg):  # type: ignore[no-untyped-def]
+    def fake_run(cfg):
         seen["left"] = sorted(p.name for p in run.iterdir())
         return {"run_dir": str(run)}
 
@@ -116,13 +116,13 @@ def test_run_overwrite_removes_what_the_run_wrote_and_reruns(tiny, tmp_path, mon
 # ---- Ctrl-C and resuming --------------------------------------------------------------------------------
 
 
-def test_ctrl_c_in_a_run_says_stages_are_kept_and_how_to_resume(tiny, tmp_path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_ctrl_c_in_a_run_says_stages_are_kept_and_how_to_resume(tiny, tmp_path, capsys, monkeypatch) -> None:
     import antidote.cli as cli
     from conftest import write_config
 
     config = write_config(tiny, tmp_path)
 
-    def interrupted(cfg):  # type: ignore[no-untyped-def]
+    def interrupted(cfg):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "_run", interrupted)
@@ -134,10 +134,10 @@ def test_ctrl_c_in_a_run_says_stages_are_kept_and_how_to_resume(tiny, tmp_path, 
     assert f"(antidote run {config} --output {out})" in err  # the same command, less --overwrite
 
 
-def test_ctrl_c_in_one_step_command_says_nothing_was_written(tiny, tmp_path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_ctrl_c_in_one_step_command_says_nothing_was_written(tiny, tmp_path, capsys, monkeypatch) -> None:
     import antidote.evaluation.run as run_module
 
-    def interrupted(config):  # type: ignore[no-untyped-def]
+    def interrupted(config):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(run_module, "run_evaluate", interrupted)
@@ -145,14 +145,14 @@ def test_ctrl_c_in_one_step_command_says_nothing_was_written(tiny, tmp_path, cap
     assert "no output was written" in capsys.readouterr().err
 
 
-def test_demo_reruns_into_the_same_folder_so_it_resumes(tmp_path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_demo_reruns_into_the_same_folder_so_it_resumes(tmp_path, capsys, monkeypatch) -> None:
     """`antidote demo` twice uses one folder (before: a new runs/demo-<time> each time, so a rerun after
     Ctrl-C started from zero); --quick says its numbers mean nothing."""
     import antidote.cli as cli
 
     folders = []
 
-    def fake_run(cfg):  # type: ignore[no-untyped-def]
+    def fake_run(cfg):
         folders.append(cfg.run_dir)
         return {"run_dir": cfg.run_dir}
 
@@ -171,7 +171,7 @@ def test_demo_reruns_into_the_same_folder_so_it_resumes(tmp_path, capsys, monkey
 # ---- a 7B on one GPU: mixed precision, gradient accumulation, quantized base, evaluate --device/--dtype ----
 
 
-def test_gradient_accumulation_takes_one_optimizer_step_per_n_batches(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_gradient_accumulation_takes_one_optimizer_step_per_n_batches(tiny, tmp_path) -> None:
     """8 pairs in batches of 2: 4 optimizer steps an epoch, 2 with --gradient-accumulation-steps 2
     (counted by hand: 8 / (2 x 2))."""
     from antidote.models import load_model
@@ -192,7 +192,7 @@ def test_gradient_accumulation_takes_one_optimizer_step_per_n_batches(tiny, tmp_
     assert steps == {1: 4, 2: 2}
 
 
-def test_mixed_precision_reaches_the_trainer(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_mixed_precision_reaches_the_trainer(tmp_path) -> None:
     import torch
 
     from antidote.training.config import TrainConfig
@@ -209,7 +209,7 @@ def test_mixed_precision_reaches_the_trainer(tmp_path) -> None:  # type: ignore[
         TrainConfig(mixed_precision="fp8")
 
 
-def test_bf16_mixed_precision_trains_on_this_machine(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_bf16_mixed_precision_trains_on_this_machine(tmp_path) -> None:
     from antidote.training.config import TrainConfig
     from antidote.training.sft import fit_lora
     from conftest import make_model, make_tokenizer
@@ -221,7 +221,7 @@ def test_bf16_mixed_precision_trains_on_this_machine(tmp_path) -> None:  # type:
     assert len(trained.losses) == 2 and all(0 < loss < 100 for loss in trained.losses)
 
 
-def test_quantize_needs_bitsandbytes_and_is_not_for_align(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_quantize_needs_bitsandbytes_and_is_not_for_align(monkeypatch) -> None:
     import importlib.util
 
     from antidote.models.loading import _quantization
@@ -257,7 +257,7 @@ def test_new_training_options_leave_cached_stage_keys_alone() -> None:
     assert stage_settings(FinetuneConfig(model="m", mixed_precision="bf16"))["mixed_precision"] == "bf16"
 
 
-def test_evaluate_device_and_dtype_reach_the_loader(tiny, tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_evaluate_device_and_dtype_reach_the_loader(tiny, tmp_path, monkeypatch, capsys) -> None:
     import torch
 
     import antidote.models as models
@@ -265,7 +265,7 @@ def test_evaluate_device_and_dtype_reach_the_loader(tiny, tmp_path, monkeypatch,
     seen = []
     real = models.load_model
 
-    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def spy(*args, **kwargs):
         loaded = real(*args, **kwargs)
         seen.append((kwargs, next(loaded.model.parameters()).dtype))
         return loaded
@@ -283,7 +283,7 @@ def test_evaluate_device_and_dtype_reach_the_loader(tiny, tmp_path, monkeypatch,
 # ---- realign reads and carries the prompt format ---------------------------------------------------------
 
 
-def test_realign_calibrates_in_the_adapters_saved_format_and_writes_it(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_realign_calibrates_in_the_adapters_saved_format_and_writes_it(tiny, tmp_path) -> None:
     """An adapter trained with --template plain (its antidote_prompt.json says so): realign calibrates on the
     plain-formatted pairs (token count computed here by hand from the plain template, which differs from
     alpaca's) and its output says plain too, for evaluate to read."""
@@ -334,7 +334,7 @@ def test_dir_lists_the_public_api() -> None:
     assert "TYPE_CHECKING" not in names and "Any" not in names
 
 
-def test_realign_takes_a_transformers_model_object(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_realign_takes_a_transformers_model_object(tiny, tmp_path) -> None:
     """Before: str(model) was taken for a path (OSError: File name too long). Now the object is used, and its
     masks are those of the same weights named by folder."""
     import torch
@@ -355,7 +355,7 @@ def test_realign_takes_a_transformers_model_object(tiny, tmp_path) -> None:  # t
         antidote.realign(str(tiny["model"]), str(tiny["harmful"]), tokenizer=make_tokenizer())
 
 
-def test_evaluate_function_takes_a_model_object_writes_when_asked(tiny, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_evaluate_function_takes_a_model_object_writes_when_asked(tiny, tmp_path, monkeypatch) -> None:
     import antidote
     from conftest import make_model, make_tokenizer
 
@@ -372,7 +372,7 @@ def test_evaluate_function_takes_a_model_object_writes_when_asked(tiny, tmp_path
         antidote.evaluate(str(tiny["model"]), max_promts=3)
 
 
-def test_run_function_plans_without_work(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_run_function_plans_without_work(tiny, tmp_path) -> None:
     import antidote
     from conftest import write_config
 
@@ -434,7 +434,7 @@ always-unsafe = myplug:make_judge
 
 
 @pytest.fixture
-def plugin_package(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+def plugin_package(tmp_path, monkeypatch):
     """A distribution `myplug` installed on sys.path (a module and its dist-info with entry_points.txt)."""
     from antidote import plugins
     from antidote.defenses import REGISTRY
@@ -454,7 +454,7 @@ def plugin_package(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
     plugins.judge_factories.cache_clear()
 
 
-def test_a_package_registers_a_defense_by_entry_point(plugin_package, tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_a_package_registers_a_defense_by_entry_point(plugin_package, tiny, tmp_path, capsys) -> None:
     from antidote.defenses import get, load_plugins
 
     assert load_plugins() == ["my-noop"]
@@ -470,7 +470,7 @@ def test_a_package_registers_a_defense_by_entry_point(plugin_package, tiny, tmp_
     assert (out / "note.txt").read_text() == "from my package" and (out / "adapter_config.json").is_file()
 
 
-def test_a_package_registers_a_judge_by_entry_point(plugin_package) -> None:  # type: ignore[no-untyped-def]
+def test_a_package_registers_a_judge_by_entry_point(plugin_package) -> None:
     from antidote.evaluation.judges import judge_kinds, judge_version, make_judge, parse_judge_spec
 
     assert parse_judge_spec("always-unsafe:/some/path") == ("always-unsafe", "/some/path")
@@ -484,7 +484,7 @@ def test_a_package_registers_a_judge_by_entry_point(plugin_package) -> None:  # 
         parse_judge_spec("nope")
 
 
-def test_beavertails_safe_is_read_from_a_local_data_folder(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_beavertails_safe_is_read_from_a_local_data_folder(tmp_path) -> None:
     """`compare-paper --plan --data-dir DIR` needed the hub for beavertails:safe; a local copy now serves."""
     from antidote.data.catalog import read_rows
 
@@ -501,7 +501,7 @@ def test_beavertails_safe_is_read_from_a_local_data_folder(tmp_path) -> None:  #
 # ---- tradeoff.png: HS against FA per model, with intervals ----------------------------------------------
 
 
-def test_tradeoff_plot_has_one_point_per_model_with_wilson_intervals(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_tradeoff_plot_has_one_point_per_model_with_wilson_intervals(tmp_path) -> None:
     import math
 
     from antidote.experiments.report import plot, tradeoff_points
@@ -512,7 +512,7 @@ def test_tradeoff_plot_has_one_point_per_model_with_wilson_intervals(tmp_path) -
         half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
         return round(100 * (center - half), 2), round(100 * (center + half), 2)
 
-    def row(model: str, hs: float, fa: float, judge: str = "keyword", **more: object) -> dict:  # type: ignore[type-arg]
+    def row(model: str, hs: float, fa: float, judge: str = "keyword", **more: object) -> dict:
         return {"model": model, "judge_spec": judge, "hs": hs, "n_prompts": 20, "fa": fa, "n_task": 10} | {
             "degenerate": 5.0,
             **more,
@@ -542,10 +542,10 @@ def test_tradeoff_plot_has_one_point_per_model_with_wilson_intervals(tmp_path) -
     assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_realign_names_a_missing_data_file_before_loading(tiny, tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_realign_names_a_missing_data_file_before_loading(tiny, tmp_path, monkeypatch, capsys) -> None:
     import antidote.realignment.engine as engine
 
-    def no_loading(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the data file was checked")
 
     monkeypatch.setattr(engine, "load_model", no_loading)
@@ -554,3 +554,93 @@ def test_realign_names_a_missing_data_file_before_loading(tiny, tmp_path, monkey
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"--data file {missing} not found" in err and not (tmp_path / "out").exists()
+
+
+# ---- scripts and the hub: realign --json, the model card, --push-to-hub ----------------------------------
+
+
+def test_realign_json_prints_each_output_with_its_report(tiny, tmp_path, capsys) -> None:
+    """stdout is one JSON document (nothing else): one entry per ratio, the folder and the numbers its
+    realign_report.json holds."""
+    from antidote.cli import main
+
+    out = tmp_path / "out"
+    argv = ["realign", str(tiny["model"]), "--data", str(tiny["harmful"]), "--output", str(out)]
+    assert main([*argv, "--mask-ratio", "0.1,0.2", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [e["mask_ratio"] for e in printed["outputs"]] == [0.1, 0.2]
+    for entry in printed["outputs"]:
+        report = json.loads((Path(entry["output"]) / "realign_report.json").read_text())
+        assert Path(entry["output"]).parent == out
+        assert entry["pruned_total"] == report["pruned_total"] and report["pruned_total"]["pruned"] > 0
+
+
+def test_model_card_has_hub_metadata_and_how_to_load() -> None:
+    from antidote.realignment.save import model_card
+
+    report = {
+        "config": {
+            "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "adapter": None,
+            "data": "h.jsonl",
+            "template": "chat",
+        },
+        "pruned_total": {"pruned": 10, "total": 100, "fraction": 0.1},
+        "mask_ratio": 0.1,
+        "granularity": "output",
+        "score": "wanda",
+        "action": "zero",
+        "calibration": {"samples": 4, "tokens": 80},
+        "tensors": {"a": {}},
+    }
+    card = model_card(report)
+    front = card.split("---")[1]
+    assert (
+        "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in front and "library_name: transformers" in front
+    )
+    assert "AutoModelForCausalLM.from_pretrained" in card and "10 of 100" in card
+    local = model_card({**report, "config": {**report["config"], "model": "/models/mine"}})
+    assert "base_model" not in local  # a local path is no hub id
+
+
+def test_push_to_hub_uploads_the_written_folder_once(tiny, tmp_path, monkeypatch) -> None:
+    """The hub is faked: the written output folder is what gets uploaded, to a private repo; a hub error is
+    one line that keeps the folder; several ratios or a bad repo id are refused before any work."""
+    import huggingface_hub
+
+    from antidote.errors import AntidoteError
+    from antidote.realignment.config import RealignConfig
+    from antidote.realignment.engine import run_realign
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id, private))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = tmp_path / "out"
+    common = {"model": str(tiny["model"]), "data": str(tiny["harmful"])}
+    run_realign(RealignConfig(**common, output=str(out), push_to_hub="me/realigned"))
+    assert calls[0] == ("create", "me/realigned", True)
+    assert calls[1][0] == "upload" and {"README.md", "realign_report.json", "config.json"} <= set(calls[1][2])
+    with pytest.raises(AntidoteError, match="one model"):
+        RealignConfig(**common, mask_ratios=(0.1, 0.2), push_to_hub="me/x")
+    with pytest.raises(AntidoteError, match="not a hub repo id"):
+        RealignConfig(**common, push_to_hub="no-slash")
+    with pytest.raises(AntidoteError, match="give --output"):
+        run_realign(RealignConfig(**common, push_to_hub="me/x"))
+
+    class Offline(FakeApi):
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
+    out2 = tmp_path / "out2"
+    with pytest.raises(AntidoteError, match=r"could not push .* the model is written there"):
+        run_realign(RealignConfig(**common, output=str(out2), push_to_hub="me/realigned"))
+    assert (out2 / "realign_report.json").is_file()

@@ -207,7 +207,7 @@ def test_judge_split_keeps_prompts_on_one_side(tmp_path: Path) -> None:
     assert len(held) == 8  # whole prompts of 4 rows: the first that reaches 30% of 20
 
 
-def test_judge_train_says_its_metrics_are_from_the_split_it_chose_on(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_judge_train_says_its_metrics_are_from_the_split_it_chose_on(monkeypatch, capsys) -> None:
     from antidote.evaluation import judge_cli
 
     record = {
@@ -217,6 +217,6 @@ def test_judge_train_says_its_metrics_are_from_the_split_it_chose_on(monkeypatch
     }  # fmt: skip
     monkeypatch.setattr("antidote.evaluation.judge_train.run_judge_train", lambda config: record)
     config = type("C", (), {"output": "judge"})()
-    assert judge_cli.cmd_train(config) == 0  # type: ignore[arg-type]
+    assert judge_cli.cmd_train(config) == 0
     out = capsys.readouterr().out
     assert "on the validation split these settings were chosen on (40 rows; optimistic" in out

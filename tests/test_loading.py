@@ -173,8 +173,8 @@ def test_two_processes_dequantize_once(tmp_path: Path, cache: Path, fake_dequant
 
                 save_file({"w": torch.zeros(4)}, str(folder / "model.safetensors"))
 
-            loading._dequantize = dequantize  # type: ignore[assignment]
-            loading.log.warning = lambda *a, **k: (flags / f"{name}-waiting").write_text("")  # type: ignore[method-assign]
+            loading._dequantize = dequantize
+            loading.log.warning = lambda *a, **k: (flags / f"{name}-waiting").write_text("")
             (flags / f"{name}-result").write_text(str(gguf_to_folder(gguf)))
             code = 0
         finally:

@@ -18,7 +18,7 @@ def test_pack_round_trip_and_count() -> None:
         assert packed.bits.nbytes == (mask.numel() + 7) // 8
 
 
-def test_written_file_loads_with_safetensors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_written_file_loads_with_safetensors(tmp_path) -> None:
     gen = torch.Generator().manual_seed(0)
     masks = {
         f"layer.{i}.weight": torch.rand(shape, generator=gen) < 0.5

@@ -318,9 +318,9 @@ def test_sigkill_at_every_step(
     if pid == 0:  # the child: run until the step, then die without any cleanup
         try:
             if not exchange:
-                outputs._exchange = lambda a, b: False  # type: ignore[assignment]
+                outputs._exchange = lambda a, b: False
             if step != "mid-body":
-                outputs._reached = lambda s: os.kill(os.getpid(), signal.SIGKILL) if s == step else None  # type: ignore[assignment]
+                outputs._reached = lambda s: os.kill(os.getpid(), signal.SIGKILL) if s == step else None
             write_new(out, kill_mid_body=step == "mid-body")
         finally:
             os._exit(0)

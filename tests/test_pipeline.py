@@ -26,7 +26,7 @@ def stage_dirs(run: Path) -> dict[str, Path]:
     return {p.name.rsplit("-", 1)[0]: p for p in (run / "stages").iterdir() if not p.name.startswith(".")}
 
 
-def test_run_all_stages_then_rerun_reuses_everything(tiny, tiny_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_run_all_stages_then_rerun_reuses_everything(tiny, tiny_run, tmp_path) -> None:
     run = tiny_run["run"]
     rows = json.loads((run / "results.json").read_text())
     models = [r["model"] for r in rows]
@@ -101,7 +101,7 @@ def test_run_all_stages_then_rerun_reuses_everything(tiny, tiny_run, tmp_path) -
     ] == [{**r, "model_path": None, "adapter": None} for r in rows]
 
 
-def test_interrupted_stage_is_redone_and_earlier_ones_reused(tiny, tiny_run, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_interrupted_stage_is_redone_and_earlier_ones_reused(tiny, tiny_run, tmp_path, monkeypatch) -> None:
     import dataclasses
     import shutil
 
@@ -139,7 +139,7 @@ def test_interrupted_stage_is_redone_and_earlier_ones_reused(tiny, tiny_run, tmp
     assert summary["operating_points"] == {}  # no validate section: nothing chosen, all ratios reported
 
 
-def test_changed_setting_redoes_that_stage_and_later(tiny, tiny_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_changed_setting_redoes_that_stage_and_later(tiny, tiny_run, tmp_path) -> None:
     path = copy_run(tiny_run, tiny, tmp_path, validate=None, evaluate_base=False)
     first = run_pipeline(load_run_config(str(path)), say=lambda m: None)
     assert first["stages"]["built"] == []
@@ -195,14 +195,14 @@ def test_stage_key_depends_on_data_file_content(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_bad_config_fails_before_any_work(tiny, tmp_path, capsys, changes, message) -> None:  # type: ignore[no-untyped-def]
+def test_bad_config_fails_before_any_work(tiny, tmp_path, capsys, changes, message) -> None:
     path = write_config(tiny, tmp_path, **changes)
     assert main(["run", str(path)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
-def test_run_dir_that_antidote_did_not_make_is_refused(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_run_dir_that_antidote_did_not_make_is_refused(tiny, tmp_path, capsys) -> None:
     run = tmp_path / "run"
     run.mkdir()
     (run / "notes.txt").write_text("mine")
@@ -211,7 +211,7 @@ def test_run_dir_that_antidote_did_not_make_is_refused(tiny, tmp_path, capsys) -
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 
-def test_the_default_learned_judge_is_used_only_where_installed(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_default_learned_judge_is_used_only_where_installed(tmp_path: Path, monkeypatch) -> None:
     from antidote.experiments.pipeline import scoring_judges
 
     folder = tmp_path / "judge"
@@ -234,7 +234,7 @@ def test_shipped_configs_are_valid() -> None:
         pipeline.check(config)
 
 
-def test_second_run_on_the_same_folder_is_refused(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_second_run_on_the_same_folder_is_refused(tiny, tmp_path) -> None:
     import fcntl
 
     run = tmp_path / "run"
@@ -246,7 +246,7 @@ def test_second_run_on_the_same_folder_is_refused(tiny, tmp_path) -> None:  # ty
             run_pipeline(load_run_config(str(write_config(tiny, tmp_path))), say=lambda m: None)
 
 
-def test_defenses_are_placed_by_stage(tiny, tiny_run, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_defenses_are_placed_by_stage(tiny, tiny_run, tmp_path, monkeypatch) -> None:
     """Test-only align- and finetune-stage defenses: the pipeline runs the attack on the align defense's
     model, runs the finetune defense in place of the attack, and evaluates both as rows of their own."""
     from dataclasses import dataclass, field
@@ -298,7 +298,7 @@ def test_defenses_are_placed_by_stage(tiny, tiny_run, tmp_path, monkeypatch) -> 
     assert rows["fake-tune"]["adapter"] == str(stages["finetune-fake-tune"])
 
 
-def test_chosen_only_and_exported_models(tiny, tiny_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_chosen_only_and_exported_models(tiny, tiny_run, tmp_path) -> None:
     path = copy_run(tiny_run, tiny, tmp_path, evaluate_chosen_only=True, export_models=True)
     summary = run_pipeline(load_run_config(str(path)), say=lambda m: None)
     assert summary["stages"]["built"] == []  # choosing and exporting needs no new stage
@@ -346,7 +346,7 @@ def test_chosen_only_and_exported_models(tiny, tiny_run, tmp_path) -> None:  # t
     assert any("base" in m and "not written by antidote" in m for m in said)
 
 
-def test_a_second_judge_rescores_saved_generations(tiny, tiny_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_second_judge_rescores_saved_generations(tiny, tiny_run, tmp_path) -> None:
     """Adding a judge to a finished run builds only judge stages: one row per model and judge, the new
     judge's HS counted from its verdicts on the very generations the keyword row came from."""
     from antidote.evaluation.judges import make_judge
@@ -389,7 +389,7 @@ def test_a_second_judge_rescores_saved_generations(tiny, tiny_run, tmp_path) -> 
         )
 
 
-def test_seeds_repeat_the_attack_and_report_mean_and_spread(tiny, tiny_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_seeds_repeat_the_attack_and_report_mean_and_spread(tiny, tiny_run, tmp_path) -> None:
     """`seeds: [a, b]`: the attack and every defense at each seed on one stage cache (the alignment
     reused), report.md with each row's mean over the seeds and its interval (prompts and seeds resampled
     together), computed here by hand from the stages' generations."""
@@ -419,7 +419,7 @@ def test_seeds_repeat_the_attack_and_report_mean_and_spread(tiny, tiny_run, tmp_
     assert main(["run", str(path)]) == 0  # and the command prints it
 
 
-def test_seeds_with_export_models_is_refused(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_seeds_with_export_models_is_refused(tiny, tmp_path, capsys) -> None:
     path = write_config(tiny, tmp_path, seeds=[1, 2], export_models=True)
     assert main(["run", str(path)]) == 2
     assert "export_models exports one run's models" in capsys.readouterr().err
@@ -429,7 +429,7 @@ def test_seeds_with_export_models_is_refused(tiny, tmp_path, capsys) -> None:  #
 
 
 @pytest.mark.parametrize("damage", ["bad record", "no generations", "nan result", "symlinked stage"])
-def test_a_broken_cache_entry_is_named_and_rebuilt(tiny, tiny_run, tmp_path, damage: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_broken_cache_entry_is_named_and_rebuilt(tiny, tiny_run, tmp_path, damage: str) -> None:
     """Issue 16, 8: a damaged stage folder is said (with its stage) and rebuilt; the rerun's rows equal the
     untouched run's, and `compare --plan`-style reading of the records does not crash on it."""
     path = copy_run(tiny_run, tiny, tmp_path)
@@ -465,7 +465,7 @@ def test_a_broken_cache_entry_is_named_and_rebuilt(tiny, tiny_run, tmp_path, dam
     ]
 
 
-def test_stage_records_name_kind_defense_and_variant(tiny_run) -> None:  # type: ignore[no-untyped-def]
+def test_stage_records_name_kind_defense_and_variant(tiny_run) -> None:
     """Issue 17, 1: each stage's record says what it is, so nothing parses folder names."""
     records = [json.loads(p.read_text()) for p in (tiny_run["run"] / "stages").glob("*/stage.json")]
     by_stage = {r["stage"]: r for r in records}
@@ -481,7 +481,7 @@ def test_stage_records_name_kind_defense_and_variant(tiny_run) -> None:  # type:
     }
 
 
-def test_validation_on_the_evaluation_prompts_is_refused(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_validation_on_the_evaluation_prompts_is_refused(tiny, tmp_path, capsys) -> None:
     validate = {
         "harmful_prompts": str(tiny["harmful"]),  # the evaluation's own file
         "task_data": "builtin-sentiment:validate",
@@ -493,7 +493,7 @@ def test_validation_on_the_evaluation_prompts_is_refused(tiny, tmp_path, capsys)
     assert not (tmp_path / "run").exists()
 
 
-def test_a_new_judge_version_redoes_the_judged_stages_only(tiny, tiny_run, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_new_judge_version_redoes_the_judged_stages_only(tiny, tiny_run, tmp_path, monkeypatch) -> None:
     from antidote.evaluation.judges.keyword import KeywordJudge
 
     path = copy_run(tiny_run, tiny, tmp_path, validate=None, evaluate_base=False)

@@ -37,13 +37,13 @@ def dominant_feature(loaded: antidote.LoadedModel) -> None:
             base.weight[:, 5] /= 20.0
 
 
-def reference_sq_sums(loaded: antidote.LoadedModel, records: list[dict], targets: dict[str, nn.Linear]):  # type: ignore[no-untyped-def]
+def reference_sq_sums(loaded: antidote.LoadedModel, records: list[dict], targets: dict[str, nn.Linear]):
     """name -> (in,) float64: mean over samples of sum over tokens of x^2, one sample per forward pass."""
     sequences = tokenize_examples(load_examples(records), loaded.tokenizer, "plain", 512)
     totals = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in targets.items()}
     current: dict[str, torch.Tensor] = {}
 
-    def hook(name: str):  # type: ignore[no-untyped-def]
+    def hook(name: str):
         def pre(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0].detach().double().reshape(-1, args[0].shape[-1])
             current[name] = current.get(name, 0) + (x * x).sum(0)
@@ -93,7 +93,7 @@ def brute_force_masks(
     return masks
 
 
-def expected_masks(loaded, records, granularity, ratio, score="wanda"):  # type: ignore[no-untyped-def]
+def expected_masks(loaded, records, granularity, ratio, score="wanda"):
     targets = find_targets(loaded.model, adapter_name=loaded.adapter_name)
     if score == "wanda":
         stats = reference_sq_sums(loaded, records, targets)
@@ -107,7 +107,7 @@ def expected_masks(loaded, records, granularity, ratio, score="wanda"):  # type:
     return {saved_name(n, loaded.adapter_name): m for n, m in masks.items()}
 
 
-def realigned_masks(loaded, records, granularity, ratio, score="wanda"):  # type: ignore[no-untyped-def]
+def realigned_masks(loaded, records, granularity, ratio, score="wanda"):
     state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     result = antidote.realign(
         loaded,
@@ -127,7 +127,7 @@ def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> int:
     return sum(int((a[k] != b[k]).sum()) for k in a)
 
 
-def load(tiny, adapter: bool):  # type: ignore[no-untyped-def]
+def load(tiny, adapter: bool):
     loaded = antidote.load_model(
         str(tiny["model"]), adapter=str(tiny["adapter"]) if adapter else None, dtype="float32", device="cpu"
     )
@@ -137,7 +137,7 @@ def load(tiny, adapter: bool):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("granularity", ["row", "layer", "global"])
 @pytest.mark.parametrize("adapter", [False, True], ids=["full-model", "lora-A-B"])
-def test_realign_masks_the_top_wanda_scores_computed_from_scratch(tiny, granularity, adapter) -> None:  # type: ignore[no-untyped-def]
+def test_realign_masks_the_top_wanda_scores_computed_from_scratch(tiny, granularity, adapter) -> None:
     loaded = load(tiny, adapter)
     want = expected_masks(loaded, HARMFUL, granularity, RATIO)
     got = realigned_masks(loaded, HARMFUL, granularity, RATIO)
@@ -154,7 +154,7 @@ def test_realign_masks_the_top_wanda_scores_computed_from_scratch(tiny, granular
         assert torch.equal(got[name], want[name]), f"{name}: {int((got[name] != want[name]).sum())} differ"
 
 
-def test_the_dominant_feature_is_what_wanda_prunes_and_magnitude_spares(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_the_dominant_feature_is_what_wanda_prunes_and_magnitude_spares(tiny) -> None:
     loaded = load(tiny, adapter=False)
     got = realigned_masks(loaded, HARMFUL, "row", RATIO)
     q = got["model.layers.0.self_attn.q_proj.weight"]
@@ -164,7 +164,7 @@ def test_the_dominant_feature_is_what_wanda_prunes_and_magnitude_spares(tiny) ->
 
 
 @pytest.mark.parametrize("granularity", ["row", "global"])
-def test_masks_follow_the_calibration_data(tiny, granularity) -> None:  # type: ignore[no-untyped-def]
+def test_masks_follow_the_calibration_data(tiny, granularity) -> None:
     loaded = load(tiny, adapter=False)
     first = realigned_masks(loaded, HARMFUL, granularity, RATIO)
     second = realigned_masks(loaded, OTHER_DATA, granularity, RATIO)

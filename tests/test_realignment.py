@@ -42,7 +42,7 @@ def realign_help(capsys: pytest.CaptureFixture[str]) -> str:
 # ---- the tables ---------------------------------------------------------------------------------------
 
 
-def test_every_score_is_accepted_and_listed_in_help(capsys) -> None:  # type: ignore[no-untyped-def]
+def test_every_score_is_accepted_and_listed_in_help(capsys) -> None:
     text = realign_help(capsys)
     for name, spec in SCORES.items():
         config = RealignConfig(
@@ -52,7 +52,7 @@ def test_every_score_is_accepted_and_listed_in_help(capsys) -> None:  # type: ig
         assert f"{name} ({' '.join(spec.help.split())})" in text
 
 
-def test_every_granularity_is_accepted_and_listed_in_help(capsys) -> None:  # type: ignore[no-untyped-def]
+def test_every_granularity_is_accepted_and_listed_in_help(capsys) -> None:
     text = realign_help(capsys)
     for name, spec in GRANULARITIES.items():
         assert RealignConfig(model="m", data="d.jsonl", granularity=name).granularity == name
@@ -68,7 +68,7 @@ def test_unknown_name_is_refused_with_the_list(option: str, table: dict[str, obj
     assert message.endswith("choose one of " + ", ".join(table))
 
 
-def test_a_new_table_entry_is_validated_and_dispatched_without_other_edits(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_new_table_entry_is_validated_and_dispatched_without_other_edits(monkeypatch) -> None:
     # Every score equal: ties go to the lowest index, so each row keeps its first k columns.
     monkeypatch.setitem(SCORES, "flat", ScoreSpec("all equal", lambda i: torch.ones_like(i.weight).float()))
     assert RealignConfig(model="m", data="d.jsonl", score="flat").score == "flat"
@@ -110,7 +110,7 @@ def test_parse_ratios_refuses_empty_items(value: object) -> None:
         parse_ratios(value)
 
 
-def test_mask_ratio_with_empty_item_fails_cleanly_on_the_command_line(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_mask_ratio_with_empty_item_fails_cleanly_on_the_command_line(tiny, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     argv = ["realign", tiny["model"], "--data", tiny["harmful"], "--mask-ratio", "0.1,,0.2", "--output", out]
     code = main([str(a) for a in argv])
@@ -121,7 +121,7 @@ def test_mask_ratio_with_empty_item_fails_cleanly_on_the_command_line(tiny, tmp_
 
 
 @pytest.mark.parametrize("pattern", ["nothing_here", r"embed_tokens|norm"])  # the second: modules, no Linear
-def test_targets_matching_no_linear_fail_before_calibration(tiny, monkeypatch, pattern: str) -> None:  # type: ignore[no-untyped-def]
+def test_targets_matching_no_linear_fail_before_calibration(tiny, monkeypatch, pattern: str) -> None:
     calls: list[int] = []
     monkeypatch.setattr(engine, "collect_statistics", lambda *a, **k: calls.append(1))
     with pytest.raises(AntidoteError) as err:
@@ -130,7 +130,7 @@ def test_targets_matching_no_linear_fail_before_calibration(tiny, monkeypatch, p
     assert calls == []
 
 
-def test_merge_sweep_writes_full_models_equal_to_base_plus_masked_lora(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_merge_sweep_writes_full_models_equal_to_base_plus_masked_lora(tiny, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged-sweep"
@@ -173,7 +173,7 @@ def test_merge_sweep_writes_full_models_equal_to_base_plus_masked_lora(tiny, tmp
         assert torch.all(large[small]) and int(large.sum()) > int(small.sum())
 
 
-def test_realign_sweep_returns_reports_and_leaves_the_model_as_it_was(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_realign_sweep_returns_reports_and_leaves_the_model_as_it_was(tiny, tmp_path) -> None:
     loaded = antidote.load_model(str(tiny["model"]))
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     result = antidote.realign_sweep(
@@ -195,7 +195,7 @@ def test_realign_sweep_returns_reports_and_leaves_the_model_as_it_was(tiny, tmp_
             assert torch.equal(saved[name], expected), name
 
 
-def test_realign_returns_the_pruned_model_and_its_masks(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_realign_returns_the_pruned_model_and_its_masks(tiny) -> None:
     loaded = antidote.load_model(str(tiny["model"]), adapter=str(tiny["adapter"]))
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     result = antidote.realign(loaded, HARMFUL, mask_ratio=0.25, compute_dtype="float32")
@@ -209,7 +209,7 @@ def test_realign_returns_the_pruned_model_and_its_masks(tiny) -> None:  # type: 
     assert result.report["pruned_total"]["pruned"] == sum(int(m.sum()) for m in result.masks.values())
 
 
-def test_run_realign_as_the_pipeline_calls_it(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_run_realign_as_the_pipeline_calls_it(tiny, tmp_path) -> None:
     out = tmp_path / "stage"
     config = RealignConfig(
         model=str(tiny["model"]),
@@ -227,7 +227,7 @@ def test_run_realign_as_the_pipeline_calls_it(tiny, tmp_path) -> None:  # type: 
     assert {"load", "data", "calibrate", "prune", "save"} <= set(written["seconds"])
 
 
-def test_revert_reference_mismatch_fails_before_calibration(tiny, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_revert_reference_mismatch_fails_before_calibration(tiny, tmp_path, monkeypatch) -> None:
     make_model(hidden_size=48).save_pretrained(tmp_path / "other")
     calls: list[int] = []
     monkeypatch.setattr(engine, "collect_statistics", lambda *a, **k: calls.append(1))

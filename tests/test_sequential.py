@@ -45,7 +45,7 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def make_arch(arch: str, seed: int = 0):  # type: ignore[no-untyped-def]
+def make_arch(arch: str, seed: int = 0):
     import transformers
 
     name, extra = ARCHS[arch]
@@ -59,7 +59,7 @@ def make_arch(arch: str, seed: int = 0):  # type: ignore[no-untyped-def]
     return model.eval()
 
 
-def save(model, folder: Path, **kwargs: Any) -> Path:  # type: ignore[no-untyped-def]
+def save(model, folder: Path, **kwargs: Any) -> Path:
     model.save_pretrained(folder, **kwargs)
     make_tokenizer().save_pretrained(folder)
     return folder
@@ -150,7 +150,7 @@ def test_blocks_are_the_largest_module_list_under_the_decoder() -> None:
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_same_masks_weights_and_files_as_in_memory(arch: str, tmp_path: Path, data) -> None:  # type: ignore[no-untyped-def]
+def test_same_masks_weights_and_files_as_in_memory(arch: str, tmp_path: Path, data) -> None:
     folder = save(make_arch(arch), tmp_path / "model")
     memory, streamed = both_ways(folder, tmp_path, data["harmful"], mask_ratios=(0.1, 0.3))
     for sub in ("alpha-0.1", "alpha-0.3"):
@@ -169,7 +169,7 @@ def test_same_masks_weights_and_files_as_in_memory(arch: str, tmp_path: Path, da
     ],
     ids=["contrast-layer", "random", "magnitude-targets", "revert", "bf16-autocast"],
 )
-def test_same_masks_for_other_scores_and_actions(tmp_path: Path, data, options: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+def test_same_masks_for_other_scores_and_actions(tmp_path: Path, data, options: dict[str, Any]) -> None:
     folder = save(make_arch("llama"), tmp_path / "model")
     if options.get("score") == "contrast":
         options = {**options, "benign_data": str(data["benign"])}
@@ -179,7 +179,7 @@ def test_same_masks_for_other_scores_and_actions(tmp_path: Path, data, options: 
     assert_same_outputs(memory, streamed)
 
 
-def test_sharded_bfloat16_checkpoint_loaded_as_float32(tmp_path: Path, data) -> None:  # type: ignore[no-untyped-def]
+def test_sharded_bfloat16_checkpoint_loaded_as_float32(tmp_path: Path, data) -> None:
     """Several shards with an index, and --dtype float32 over a bf16 checkpoint: the in-memory run's
     weights, dtypes and masks, the input's shard files."""
     folder = save(make_arch("mistral").to(torch.bfloat16), tmp_path / "model", max_shard_size="20KB")
@@ -199,12 +199,12 @@ def test_sharded_bfloat16_checkpoint_loaded_as_float32(tmp_path: Path, data) -> 
     assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
-def test_one_block_in_memory_at_a_time(tmp_path: Path, data, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_one_block_in_memory_at_a_time(tmp_path: Path, data, monkeypatch) -> None:
     folder = save(make_arch("llama"), tmp_path / "model")
     loaded_blocks = []
     real_load = sequential.load_block
 
-    def load_block(skeleton, index, device):  # type: ignore[no-untyped-def]
+    def load_block(skeleton, index, device):
         others = [b for i, b in enumerate(skeleton.blocks) if i != index]
         loaded_blocks.append(sum(not p.is_meta for b in others for p in b.parameters()))
         return real_load(skeleton, index, device)
@@ -220,7 +220,7 @@ def test_one_block_in_memory_at_a_time(tmp_path: Path, data, monkeypatch) -> Non
 # ---- what is refused ------------------------------------------------------------------------------------
 
 
-def test_cli_runs_sequential_and_refuses_what_it_cannot_do(tmp_path: Path, data, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_cli_runs_sequential_and_refuses_what_it_cannot_do(tmp_path: Path, data, capsys) -> None:
     folder = save(make_arch("llama"), tmp_path / "model")
     base = [str(folder), "--data", str(data["harmful"]), "--sequential"]
     assert main(["realign", *base, "--output", str(tmp_path / "ok")]) == 0
@@ -239,7 +239,7 @@ def test_cli_runs_sequential_and_refuses_what_it_cannot_do(tmp_path: Path, data,
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
-def test_refuses_a_loaded_model_a_checkpoint_without_safetensors_and_realign(tmp_path: Path, data) -> None:  # type: ignore[no-untyped-def]
+def test_refuses_a_loaded_model_a_checkpoint_without_safetensors_and_realign(tmp_path: Path, data) -> None:
     from antidote.models import load_model
 
     folder = save(make_arch("llama"), tmp_path / "model")

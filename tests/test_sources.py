@@ -87,7 +87,7 @@ def test_hub_fallback_filters_beavertails(monkeypatch: pytest.MonkeyPatch) -> No
         load_examples("alpaca")
 
 
-def test_cli_data_dir_is_read_by_the_command(data_dir: Path, tiny, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_cli_data_dir_is_read_by_the_command(data_dir: Path, tiny, tmp_path: Path, monkeypatch) -> None:
     """`--data-dir` reaches the command's own config: named prompts come from that folder, the environment
     is neither read (unset here) nor changed, and a folder that does not exist is refused before any work."""
     import os

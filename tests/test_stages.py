@@ -18,7 +18,7 @@ from conftest import HARMFUL, write_jsonl
 TRAIN = ["--template", "plain", "--epochs", "1", "--batch-size", "4", "--lora-r", "4", "--lora-alpha", "8"]
 
 
-def test_align_then_finetune(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_align_then_finetune(tiny, tmp_path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -119,7 +119,7 @@ def test_paper_preset_sets_the_reference_hyper_parameters() -> None:
         (["--save-steps", "2"], "--save-steps needs --checkpoint-dir"),
     ],
 )
-def test_finetune_bad_input(tiny, tmp_path, capsys, extra, expected) -> None:  # type: ignore[no-untyped-def]
+def test_finetune_bad_input(tiny, tmp_path, capsys, extra, expected) -> None:
     out = tmp_path / "out"
     argv = ["finetune", str(tiny["model"]), "--output", str(out), "--template", "plain", "--num-samples", "6"]
     assert main([*argv, *extra]) == 2
@@ -127,7 +127,7 @@ def test_finetune_bad_input(tiny, tmp_path, capsys, extra, expected) -> None:  #
     assert list(tmp_path.iterdir()) == []  # nothing written, no temporary folder left behind
 
 
-def test_align_bad_max_length_is_a_one_line_error(tiny, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_align_bad_max_length_is_a_one_line_error(tiny, tmp_path, capsys) -> None:
     assert main(["align", str(tiny["model"]), "--output", str(tmp_path / "out"), "--max-length", "1"]) == 2
     assert capsys.readouterr().err.strip() == (
         "antidote: error: --max-length must be at least 2 (a prompt token and a response token), got 1"
@@ -152,7 +152,7 @@ def test_one_config_carries_every_training_flag_with_the_command_defaults() -> N
     assert FinetuneConfig(model="m", output="o").lr == 3e-4 == AlignConfig(model="m", output="o").lr
 
 
-def test_finetune_adapter_names_the_model_it_was_trained_on(tiny, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_finetune_adapter_names_the_model_it_was_trained_on(tiny, tmp_path, monkeypatch) -> None:
     from peft import AutoPeftModelForCausalLM
 
     monkeypatch.chdir(tiny["root"])  # the model is given as a relative path
@@ -178,7 +178,7 @@ def test_finetune_adapter_names_the_model_it_was_trained_on(tiny, tmp_path, monk
     assert torch.equal(loaded.get_base_model().model.embed_tokens.weight, want)
 
 
-def test_align_merges_a_gathered_adapter_as_it_merges_in_memory(tiny, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_align_merges_a_gathered_adapter_as_it_merges_in_memory(tiny, tmp_path, monkeypatch) -> None:
     from antidote.training.sft import TrainedLora
 
     argv = [

@@ -66,7 +66,7 @@ def _exact_quantile(distribution: dict[Fraction, Fraction], q: float, slack: flo
     return float(max(distribution)) + slack
 
 
-def _enumerated(x: list[int], statistic) -> dict[Fraction, Fraction]:  # type: ignore[no-untyped-def]
+def _enumerated(x: list[int], statistic) -> dict[Fraction, Fraction]:
     """Every one of the n^n resamples, each with probability n^-n."""
     n = len(x)
     dist: dict[Fraction, Fraction] = {}
@@ -127,10 +127,10 @@ def test_recovered_share_interval_matches_exact_enumeration() -> None:
         att, dfd, ali = (sum(t[i] for t in sample) for i in range(3))
         return None if att == ali else Fraction(att - dfd, att - ali)
 
-    exact = _enumerated(triples, share)  # type: ignore[arg-type]
+    exact = _enumerated(triples, share)
     columns = [[t[i] for t in triples] for i in range(3)]
     point, low, high = recovered_share_interval(*columns, n_resamples=20000, seed=5, level=0.8)
-    assert point == pytest.approx(float(share(triples)))  # type: ignore[arg-type]
+    assert point == pytest.approx(float(share(triples)))
     assert _exact_quantile(exact, 0.09, -1e-9) <= low <= _exact_quantile(exact, 0.11, 1e-9)
     assert _exact_quantile(exact, 0.89, -1e-9) <= high <= _exact_quantile(exact, 0.91, 1e-9)
 
@@ -184,7 +184,7 @@ def test_crossed_bootstrap_hand_cases() -> None:
     # One prompt of two harmful at one seed: resample means 0, 0.5, 1 with 1/4, 1/2, 1/4: [0, 100].
     assert (crossed_bootstrap([[1, 0]])["low"], crossed_bootstrap([[1, 0]])["high"]) == (0.0, 100.0)
     with pytest.raises(ValueError, match="same prompts"):
-        crossed_bootstrap([[1, 0], [1]])  # type: ignore[list-item]
+        crossed_bootstrap([[1, 0], [1]])
 
 
 def test_crossed_bootstrap_matches_a_loop_over_the_same_draws() -> None:

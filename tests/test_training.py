@@ -114,7 +114,7 @@ def test_first_step_loss_is_hf_masked_label_loss_of_the_untrained_model() -> Non
     assert len(losses) == 1 and abs(losses[0] - expected) < 1e-6
 
 
-def hand_loop_losses(model, batch, config: TrainConfig, steps: int) -> list[float]:  # type: ignore[no-untyped-def]
+def hand_loop_losses(model, batch, config: TrainConfig, steps: int) -> list[float]:
     """The training math written out in plain PyTorch: LoRA, AdamW, cosine to 0 over `steps`, clip 1.0."""
     from peft import LoraConfig, get_peft_model
 
@@ -160,11 +160,11 @@ def test_training_matches_a_plain_pytorch_loop_step_by_step() -> None:
 class PenalizedTrainer(ResponseOnlyTrainer):
     """A defense in miniature: adds rho * sum of squared lora_A weights to the loss."""
 
-    def __init__(self, *args, rho: float, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args, rho: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.rho = rho
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         penalty = sum(p.pow(2).sum() for n, p in model.named_parameters() if "lora_A" in n)
         return loss + self.rho * penalty
@@ -192,7 +192,7 @@ def test_a_trainer_subclass_adds_its_penalty_to_the_loss() -> None:
     assert abs((penalized[0] - plain[0]) - by_hand) < 1e-4
 
 
-def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path) -> None:
     tokenizer = make_tokenizer()
     common = {"lora_r": 4, "lr": 1e-2, "epochs": 3, "batch_size": 3, "seed": 2}  # 2 steps per epoch
     full_model, full = train_lora(make_model(seed=6), tokenizer, PAIRS, TrainConfig(**common))
@@ -248,6 +248,6 @@ def test_no_pairs_left_names_max_length() -> None:
         ({"resume_from_checkpoint": "no/such/checkpoint-5"}, "not a checkpoint folder"),
     ],
 )
-def test_train_config_refuses_bad_values(kwargs, expected) -> None:  # type: ignore[no-untyped-def]
+def test_train_config_refuses_bad_values(kwargs, expected) -> None:
     with pytest.raises(AntidoteError, match=re.escape(expected)):
         TrainConfig(**kwargs)

@@ -120,6 +120,10 @@ def cmd_realign(args: argparse.Namespace) -> int:
     result = run_realign(config)
     if not result.reports:  # a rank other than 0 under torchrun: rank 0 writes and reports
         return 0
+    if args.json:  # one entry per mask ratio: the folder written and its report (realign_report.json)
+        outputs = [{"output": str(f), **r} for r, f in zip(result.reports, result.folders, strict=True)]
+        print(json_text({"outputs": outputs}, indent=2, default=str))
+        return 0
     for report, folder in zip(result.reports, result.folders, strict=True):
         t = report["pruned_total"]
         print(
@@ -128,20 +132,24 @@ def cmd_realign(args: argparse.Namespace) -> int:
         )
     seconds = result.reports[-1]["seconds"]
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    if config.push_to_hub:
+        print(f"uploaded to https://huggingface.co/{config.push_to_hub}")
     return 0
 
 
 def cmd_align(args: argparse.Namespace) -> int:
     from antidote.training.stages import AlignConfig, run_align
 
-    print(f"aligned model -> {run_align(config_from_args(AlignConfig, args))}")
+    output = run_align(config_from_args(AlignConfig, args))
+    print(json_text({"output": str(output)}) if args.json else f"aligned model -> {output}")
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from antidote.training.stages import FinetuneConfig, run_finetune
 
-    print(f"fine-tuning adapter -> {run_finetune(config_from_args(FinetuneConfig, args))}")
+    output = run_finetune(config_from_args(FinetuneConfig, args))
+    print(json_text({"output": str(output)}) if args.json else f"fine-tuning adapter -> {output}")
     return 0
 
 
@@ -262,6 +270,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from antidote.experiments.plan import plan
 
     config = load_compare_config(args.config_file, run_dir=args.output, data_dir=args.data_dir)
+    if args.cells:
+        from antidote.experiments.matrix import select_cells
+
+        if args.overwrite:
+            raise AntidoteError(
+                "--overwrite with --cells would remove every part's stages, not only these cells'; run "
+                "--overwrite without --cells, or leave it out to resume"
+            )
+        config = select_cells(config, args.cells)
     args.resume_dir = str(config.out)
     if args.plan:
         print(plan(config))
@@ -296,6 +313,15 @@ def _compare_options(parser: argparse.ArgumentParser) -> None:
         help="a run config plus a matrix: section (see configs/compare-*)",
     )
     _add_output(parser, "output folder (overrides run_dir in the config)", "--out")
+    parser.add_argument(
+        "--cells",
+        metavar="SETTING",
+        action="append",
+        default=None,
+        help="run only this setting (what sets it apart from the default, e.g. lr=0.0001, or default; add "
+        ",seed=N for one cell); repeatable. A matrix too long for one sitting runs in parts that share the "
+        "output folder's stage cache; a last run without --cells reuses them all and reports every cell",
+    )
     _add_plan_overwrite_json(parser)
 
 
@@ -431,6 +457,7 @@ COMMANDS = (
         "prune the weights most important on harmful data and save the realigned model",
         cmd_realign,
         _realign_config,
+        _json_option,
         description="Score every targeted weight by its importance on harmful prompt+answer pairs "
         "(Wanda: |W| * ||X||) and zero the top fraction in one shot.",
     ),
@@ -439,12 +466,14 @@ COMMANDS = (
         "LoRA SFT on refusals mixed with helpful answers; writes the merged model",
         cmd_align,
         _align_config,
+        _json_option,
     ),
     Command(
         "finetune",
         "the attack: a new LoRA on task data with a harmful fraction",
         cmd_finetune,
         _finetune_config,
+        _json_option,
     ),
     Command(
         "evaluate",

@@ -232,3 +232,33 @@ class CompareConfig:
     @property
     def out(self) -> Path:
         return Path(self.run.run_dir).expanduser().resolve()
+
+
+def short_id(cell: Cell, default: dict[str, Any]) -> str:
+    """What sets a cell's setting apart from the default one (`lr=0.0001`), or `default`."""
+    return setting_id({k: v for k, v in cell.values.items() if default.get(k) != v}) or "default"
+
+
+def select_cells(config: CompareConfig, wanted: list[str]) -> CompareConfig:
+    """The config with only the cells `wanted` names (`compare --cells`): each entry a setting by what sets it
+    apart from the default (`lr=0.0001`, `default`) or by its full id, or one cell (`default,seed=2`). The
+    cells left out keep their cached stages; a later run without --cells reuses them."""
+    default = settings(config.matrix)[0]
+    chosen: set[str] = set()
+    unknown = []
+    for name in wanted:
+        found = {
+            c.id
+            for c in config.cells
+            if name in (c.id, c.setting, short_id(c, default), f"{short_id(c, default)},seed={c.seed}")
+        }
+        if not found:
+            unknown.append(name)
+        chosen |= found
+    if unknown:
+        known = list(dict.fromkeys(short_id(c, default) for c in config.cells))
+        raise AntidoteError(
+            f"{config.path}: --cells {', '.join(map(repr, unknown))} names no cell; its settings are "
+            f"{', '.join(known)} (add ,seed=N for one seed)"
+        )
+    return replace(config, cells=[c for c in config.cells if c.id in chosen])

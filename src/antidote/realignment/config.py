@@ -139,11 +139,29 @@ class RealignConfig:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "allow the model's own Python code (only for models you trust)"}
     )
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={
+            "help": "after writing --output, upload it to this Hugging Face hub repo (USER/NAME; created "
+            "private if it does not exist; needs a login or HF_TOKEN); one --mask-ratio only",
+            "key_when_set": True,
+        },
+    )
 
     def __post_init__(self) -> None:
         self.mask_ratios = parse_ratios(self.mask_ratios)
         if not self.mask_ratios:
             raise AntidoteError("--mask-ratio is empty; give a number in (0, 1) such as 0.1")
+        if self.push_to_hub is not None:
+            if len(self.mask_ratios) != 1:
+                raise AntidoteError(
+                    f"--push-to-hub uploads one model, but --mask-ratio gives {len(self.mask_ratios)}; "
+                    "choose the ratio first (e.g. with a sweep to a local folder), then push that one"
+                )
+            if self.push_to_hub.count("/") != 1 or not all(self.push_to_hub.split("/")):
+                raise AntidoteError(
+                    f"--push-to-hub {self.push_to_hub!r} is not a hub repo id; write USER/NAME"
+                )
         for r in self.mask_ratios:
             if not (0.0 < r < 1.0) or math.isnan(r):
                 raise AntidoteError(f"--mask-ratio {r} is outside (0, 1); use e.g. 0.1 to prune 10%")

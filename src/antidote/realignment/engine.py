@@ -339,10 +339,18 @@ def run_realign(
     ratio (`output/alpha-<ratio>/` when there are several). A model passed in is used up: it ends
     pruned at the last ratio, or merged into its base model with `merge`. With `config.sequential`,
     the model is streamed from disk block by block and `model` must be None."""
+    if config.push_to_hub and not config.output:
+        raise AntidoteError("--push-to-hub uploads the written model: give --output DIR too")
     if config.sequential:
-        return _sequential(config, model, records)
-    run = _run(config, model, records, last="discard")
-    return SweepResult(run.reports, run.output)
+        result = _sequential(config, model, records)
+    else:
+        run = _run(config, model, records, last="discard")
+        result = SweepResult(run.reports, run.output)
+    if config.push_to_hub and result.reports and result.output is not None:  # rank 0 wrote it
+        from antidote.realignment.save import push_to_hub
+
+        log.info("pushed to %s", push_to_hub(result.output, config.push_to_hub))
+    return result
 
 
 def realign(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from antidote.data.templates import write_prompt_file
+from antidote.errors import AntidoteError
 from antidote.models import LoadedModel
 from antidote.outputs import json_text
 from antidote.realignment.calibrate import Statistics
@@ -118,11 +119,23 @@ def write_sweep_report(folder: Path, reports: Sequence[Mapping[str, Any]]) -> No
     (folder / SWEEP_REPORT_FILE).write_text(json_text(summary, indent=2) + "\n")
 
 
+def _hub_id(spec: str | None) -> str | None:
+    """`spec` when it reads as a hub repo id (USER/NAME, not a local path), for the card's base_model."""
+    if not spec or spec.count("/") != 1 or spec.startswith((".", "/", "~")) or Path(spec).exists():
+        return None
+    return spec
+
+
 def model_card(report: Mapping[str, Any]) -> str:
+    """README.md of a realigned model: hub metadata, what was done with which data, and how to load it."""
     c = report["config"]
     total = report["pruned_total"]
+    base = _hub_id(c["model"])
+    metadata = "library_name: transformers\npipeline_tag: text-generation\n" + (
+        f"base_model: {base}\n" if base else ""
+    )
     return f"""---
-tags: [antidote, safety, realignment]
+{metadata}tags: [antidote, safety, realignment]
 ---
 # Realigned with antidote
 
@@ -139,5 +152,38 @@ harmful prompt+answer pairs and the top {report["mask_ratio"]:.4g} fraction
 - `{MASK_FILE}` holds the mask of each pruned weight (True = pruned); `{REPORT_FILE}` the full record.
 
 Zeroed weights are stored as zeros: the files are as large as before.
-Check the model's harmful score and task accuracy before use: pruning trades some task accuracy for safety.
+Check the model's harmful score and task accuracy before use: pruning trades some task accuracy for safety
+(`antidote evaluate FOLDER` measures both).
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("FOLDER_OR_REPO")
+tokenizer = AutoTokenizer.from_pretrained("FOLDER_OR_REPO")
+```
+
+`antidote_prompt.json`, where present, names the prompt format the model was fine-tuned and calibrated with.
 """
+
+
+def push_to_hub(folder: Path, repo_id: str) -> str:
+    """Upload a written realignment folder to the hub repo `repo_id` (created private when missing); the
+    repo's URL. Hub errors (no login, offline, no access) become one line."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, private=True, exist_ok=True)
+        api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            commit_message=f"antidote realign: {folder.name}",
+        )
+    except Exception as err:  # the hub's errors are many (HTTP, auth, offline): say which, keep the folder
+        raise AntidoteError(
+            f"could not push {folder} to the hub repo {repo_id} ({type(err).__name__}: {err}); the model "
+            "is written there: push it later with `huggingface-cli upload`, after `huggingface-cli login`"
+        ) from err
+    return str(url)
