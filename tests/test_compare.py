@@ -233,9 +233,10 @@ def test_adding_a_defense_builds_only_its_stages(
     path.write_text(yaml.safe_dump(config))
     plan_before = _plan(path)
     assert "build   antidote" in plan_before and "build   align" not in plan_before
-    # the new evaluations are estimated from the recorded evaluation stages; antidote has no recorded kind
+    # the new evaluations are estimated from the recorded evaluation stages; antidote, of a kind not recorded
+    # in this folder, from the shipped reference rates
     assert "build   evaluate-antidote@?  ~" in plan_before
-    assert "build   antidote  (no estimate)" in plan_before
+    assert "build   antidote  ~" in plan_before and ", 2 from reference rates (" in plan_before
     assert main(["compare", str(path)]) == 0
     rows = json.loads((tmp_path / "out" / "results.json").read_text())
     built = sorted(
@@ -626,3 +627,62 @@ def test_cells_runs_a_part_and_a_last_run_reuses_it(
     assert main(["compare", str(path), "--cells", "default", "--overwrite"]) == 2
     assert "--overwrite with --cells" in capsys.readouterr().err
     assert (out / "cells" / "lr=0.001,seed=0").is_dir()  # nothing was removed
+
+
+def test_plan_scales_recorded_rates_by_each_stages_work(tmp_path: Path) -> None:
+    """Seconds per unit from finished stages (summed seconds / summed units), times the units of the stage to
+    build: a 3-epoch attack of 400 samples after a 1-epoch one of 200 that took 50 s is 300 s; an evaluation
+    of (110 + 50) prompts at 64 new tokens and 200 task items after one of half of each is twice as long; a
+    judge stage counts its evaluation's units; a folder without records falls back to the reference."""
+    from antidote.experiments.plan import _estimate, rate_key, recorded_rates, stage_units
+
+    stages = tmp_path / "stages"
+
+    def record(name: str, kind: str, seconds: float, config: dict[str, Any], **about: Any) -> None:
+        folder = stages / f"{name}-{about.get('key', 'k' + name)}"
+        folder.mkdir(parents=True)
+        spec = {"upstream": about.pop("upstream", None), "config": config}
+        data = {"stage": name, "kind": kind, "method": "plain", "seconds": seconds, "spec": spec, **about}
+        (folder / "stage.json").write_text(json.dumps({"key": "k" + name, **data}))
+
+    evaluate = {"max_prompts": 55, "max_harmless": 25, "max_task": 100, "max_new_tokens": 32}
+    record("finetune", "finetune", 50.0, {"num_samples": 200, "epochs": 1})
+    record("evaluate-attacked", "evaluate", 36.0, evaluate)
+    record(
+        "judge-learned-evaluate-attacked", "judge", 18.0, {}, judge="learned", upstream="kevaluate-attacked"
+    )
+    rates, by_name = recorded_rates(stages)
+    assert rates == {"finetune:plain": 0.25, "evaluate:plain": 0.2, "judge:plain:learned": 0.1}
+    assert by_name["finetune"] == 50.0
+
+    def planned(name: str, kind: str, config: dict[str, Any], **about: Any) -> dict[str, Any]:
+        spec = {"upstream": about.pop("upstream", None), "config": config}
+        return {"name": name, "kind": kind, "method": "plain", "spec": spec, **about}
+
+    attack = planned("finetune", "finetune", {"num_samples": 400, "epochs": 3})
+    assert stage_units(attack, {}) == 1200
+    assert _estimate(attack, 1200, rates, by_name, {}) == (300.0, "folder")
+    big = {"max_prompts": 110, "max_harmless": 50, "max_task": 200, "max_new_tokens": 64}
+    ev = planned("evaluate-antidote@0.1", "evaluate", big)
+    units = stage_units(ev, {})
+    assert units == (110 + 50) * 64 / 32 + 200 == 520
+    assert _estimate(ev, units, rates, by_name, {}) == (pytest.approx(104.0), "folder")
+    judge = planned("judge-learned-evaluate-antidote@0.1", "judge", {}, judge="learned", upstream="abc")
+    assert rate_key(judge) == "judge:plain:learned" and stage_units(judge, {"abc": 520.0}) == 520.0
+    reference = {"rates": {"defense:antidote": 14.0}}
+    defense = {"name": "antidote", "kind": "defense", "method": "antidote", "spec": {"config": {}}}
+    assert _estimate(defense, 1.0, rates, by_name, reference) == (14.0, "reference")
+    assert _estimate(defense, 1.0, rates, by_name, {}) == (None, "none")
+    unknown = planned("evaluate-x", "evaluate", {**big, "max_task": None})  # the whole file: unknown size
+    assert stage_units(unknown, {}) is None
+
+
+def test_plan_of_a_fresh_folder_estimates_every_stage_from_the_reference(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """No recorded stage anywhere: the shipped reference rates give every training, evaluation and data-free
+    defense stage an estimate, and the plan says where the numbers come from."""
+    path = compare_yaml(tiny, tmp_path)
+    text = _plan(path)
+    assert "build   align  ~" in text and "build   finetune  ~" in text and "build   random-prune  ~" in text
+    assert "0 without an estimate" in text and "from reference rates (" in text

@@ -447,9 +447,9 @@ def test_a_broken_cache_entry_is_named_and_rebuilt(tiny, tiny_run, tmp_path, dam
         moved = tmp_path / "elsewhere"
         folder.rename(moved)
         folder.symlink_to(moved, target_is_directory=True)
-    from antidote.experiments.plan import recorded_seconds
+    from antidote.experiments.plan import recorded_rates
 
-    recorded_seconds(stages)  # reads every record: must not raise on the damaged one
+    recorded_rates(stages)  # reads every record: must not raise on the damaged one
     messages: list[str] = []
     summary = run_pipeline(load_run_config(str(path)), say=messages.append)
     if damage == "symlinked stage":

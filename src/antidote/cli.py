@@ -336,8 +336,9 @@ def _add_plan_overwrite_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plan",
         action="store_true",
-        help="print the stages, cached or to build, with a time estimate from stages already recorded in "
-        "the folder; no work",
+        help="print the stages, cached or to build, with a time estimate: from the stages already "
+        "recorded in the folder, per unit of work, else from reference rates measured on 2 CPU cores; no "
+        "work",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="redo everything: remove what an earlier run wrote there"

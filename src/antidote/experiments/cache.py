@@ -214,7 +214,7 @@ class DryRunCache(StageCache):
         self.say = lambda message: None
         self.cached, self.built = [], []
         self.seconds, self.peak_memory = {}, {}
-        self.planned: list[dict[str, Any]] = []  # {name, folder, done, why, **about}
+        self.planned: list[dict[str, Any]] = []  # {name, folder, done, why, spec, **about}
 
     def run(
         self,
@@ -232,7 +232,9 @@ class DryRunCache(StageCache):
             self.cached.append(folder.name)
         elif folder.name not in self.built:
             self.built.append(folder.name)
-        self.planned.append({"name": name, "folder": folder.name, "done": done, "why": why, **(about or {})})
+        self.planned.append(
+            {"name": name, "folder": folder.name, "done": done, "why": why, "spec": spec, **(about or {})}
+        )
         return folder, key
 
     def pending(self, folder: Path) -> bool:
