@@ -93,3 +93,51 @@ def test_compare_paper_chooses_operating_points_on_validation_data() -> None:
     for task, sections in paper["matrix"]["tasks"].items():
         if sections:
             assert sections["validate"]["task_data"] == f"{task}:train" != sections["evaluate"]["task_data"]
+
+
+@needs_shared
+def test_compare_cpu_plans_offline_on_data_that_share_no_prompt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """configs/compare-cpu.yaml: every defense at three seeds per setting; the attack's harmful pool, the
+    calibration data, the validation and the reported prompts share no prompt; the reported prompts cover
+    every CatQA category; the sizes are at least the floor (100 harmful, 200 task, 50 harmless)."""
+    from antidote.defenses import REGISTRY
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = CONFIGS / "compare-cpu.yaml"
+    argv = ["compare", str(path), "--plan", "--data-dir", str(SHARED), "--output", str(tmp_path / "o")]
+    assert main(argv) == 0
+    assert "21 cells" in capsys.readouterr().out and not (tmp_path / "o").exists()
+    config: dict[str, Any] = yaml.safe_load(path.read_text())
+    assert set(config["matrix"]["all_seeds_for"]) == set(config["defenses"]) == {"sft", *REGISTRY}
+    assert config["matrix"]["seeds"] == [1, 2, 3]
+    ev, va = config["evaluate"], config["validate"]
+    assert ev["max_prompts"] >= 100 and ev["max_task"] >= 200 and ev["max_harmless"] >= 50
+
+    def prompts(source: str) -> set[str]:
+        rows = load_examples(source, data_dir=SHARED, require_response=False)
+        return {" ".join(e.prompt.lower().split()) for e in rows}
+
+    sets = {
+        "attack": prompts(config["finetune"]["harmful"]),
+        "calibration": prompts(config["defenses"]["antidote"]["data"]),
+        "validation": prompts(va["harmful_prompts"]),
+        "evaluation": prompts(ev["harmful_prompts"]),
+    }
+    for a in sets:
+        for b in sets:
+            assert a == b or not sets[a] & sets[b], (a, b)
+    from antidote.data.catalog import read_rows
+
+    task = {r["sentence"] for r in read_rows(ev["task_data"], SHARED)}
+    train = {r["sentence"] for r in read_rows(va["task_data"], SHARED)}
+    attack = {r["sentence"] for r in read_rows(config["finetune"]["task_data"], SHARED)}
+    assert len(task) >= 200 and not task & train and not train & attack and not task & attack
+    categories = {
+        e.category
+        for e in load_examples(
+            ev["harmful_prompts"], data_dir=SHARED, require_response=False, category_field="category"
+        )
+    }
+    assert ev["category_field"] == "category" and ev["max_prompts"] == 10 * len(categories)

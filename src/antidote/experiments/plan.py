@@ -107,14 +107,16 @@ def stage_units(stage: dict[str, Any], units_of: dict[str, float | None]) -> flo
         data_dir = config.get("data_dir")
         sizes = [_size(config[data], config.get(n), data_dir) for data, n in ALIGN_SIZES if config.get(data)]
         epochs = config.get("epochs")
-        if not sizes or not all(isinstance(n, int) for n in sizes) or not isinstance(epochs, (int, float)):
+        known = [n for n in sizes if n is not None]
+        if not sizes or len(known) < len(sizes) or not isinstance(epochs, (int, float)):
             return None
-        return float(sum(sizes) * epochs)
+        return float(sum(known) * epochs)
     if kind in ("evaluate", "validate"):
         sizes = [config.get(k) for k in ("max_prompts", "max_harmless", "max_task", "max_new_tokens")]
-        if not all(isinstance(n, int) for n in sizes):
+        numbers = [n for n in sizes if isinstance(n, int)]
+        if len(numbers) < len(sizes):
             return None
-        prompts, harmless, task, tokens = sizes
+        prompts, harmless, task, tokens = numbers
         return (prompts + harmless) * tokens / 32 + task
     if kind == "judge":
         upstream = spec.get("upstream")
