@@ -114,3 +114,87 @@ def test_lock_never_follows_a_link(tmp_path: Path) -> None:
     (run / ".lock").unlink()
     with locked(run), pytest.raises(AntidoteError, match="another antidote run"), locked(run):
         pass
+
+
+# ---- parts of one compare at the same time (compare --cells): a shared folder ----------------------------
+
+_BUILD_IN_A_CHILD = """
+import sys, time
+from pathlib import Path
+from antidote.experiments.cache import StageCache, locked
+
+run_dir, log = Path(sys.argv[1]), Path(sys.argv[2])
+
+def build(out):
+    out.mkdir()
+    with open(log, "a") as f:
+        f.write("built\\n")
+    time.sleep(1.5)  # long enough for the other process to find the stage being built
+    (out / "x.txt").write_text("x")
+
+with locked(run_dir, shared=True):
+    cache = StageCache(run_dir, print, shared=True)
+    folder, _ = cache.run("s", {"a": 1}, build)
+    print("done", folder.name, (folder / "x.txt").read_text(), flush=True)
+"""
+
+
+def test_two_parts_build_a_shared_stage_once_and_both_use_it(tmp_path: Path) -> None:
+    """Two processes on one folder, both wanting stage s: one builds it (the build is logged once) while
+    the other waits for its lock and then reuses the finished folder."""
+    import subprocess
+    import sys
+
+    script, log = tmp_path / "child.py", tmp_path / "builds.log"
+    script.write_text(_BUILD_IN_A_CHILD)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(run_dir), str(log)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert log.read_text() == "built\n"  # once
+    done = [line for out in outs for line in out.splitlines() if line.startswith("done")]
+    assert len(done) == 2 and len(set(done)) == 1 and done[0].endswith(" x")
+    said = "\n".join(outs)
+    assert "another process is building it; waiting to reuse it" in said and "done before, reusing" in said
+
+
+def test_a_shared_cache_leaves_a_live_processs_unfinished_stage_alone(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        stages = tmp_path / "stages"
+        for pid in (live.pid, dead.pid):
+            (stages / f".s-abc.tmp-{pid}").mkdir(parents=True)
+        StageCache(tmp_path, lambda m: None, shared=True)
+        assert sorted(p.name for p in stages.iterdir()) == [f".s-abc.tmp-{live.pid}"]
+        StageCache(tmp_path, lambda m: None)  # a whole run holds the folder alone: every leftover goes
+        assert list(stages.iterdir()) == []
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_parts_share_the_folder_lock_but_never_with_a_whole_run(tmp_path: Path) -> None:
+    with (
+        locked(tmp_path, shared=True),
+        locked(tmp_path, shared=True),
+        pytest.raises(AntidoteError, match="not with a whole run"),
+        locked(tmp_path),
+    ):
+        pass
+    with (
+        locked(tmp_path),
+        pytest.raises(AntidoteError, match="another antidote run is using"),
+        locked(tmp_path, shared=True),
+    ):
+        pass

@@ -686,3 +686,32 @@ def test_plan_of_a_fresh_folder_estimates_every_stage_from_the_reference(
     text = _plan(path)
     assert "build   align  ~" in text and "build   finetune  ~" in text and "build   random-prune  ~" in text
     assert "0 without an estimate" in text and "from reference rates (" in text
+
+
+def test_two_parts_at_once_share_the_alignment_and_match_one_compare(
+    tiny: dict[str, Path], tmp_path: Path, compared: dict[str, Any]
+) -> None:
+    """`--cells` parts in two processes at the same time on one folder: the alignment both need is built
+    once, and a last run without --cells builds nothing and reports the rows of one uninterrupted compare."""
+    import os
+    import subprocess
+
+    path = compare_yaml(tiny, tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "antidote", "compare", str(path), "--json", "--cells"]
+    procs = [
+        subprocess.Popen([*argv, s], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for s in ("default", "lr=0.002")
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    built = [s for out, _ in outs for s in json.loads(out)["stages"]["built"]]
+    assert len(built) == len(set(built)) and sum(s.startswith("align-") for s in built) == 1
+    result = run_compare(load_compare_config(str(path)), say=lambda m: None)
+    assert result.built == []
+    key = ("cell", "label", "judge_spec", "hs", "fa", "n_prompts")
+    rows = sorted(
+        tuple(r[k] for k in key) for r in json.loads((tmp_path / "out" / "results.json").read_text())
+    )
+    whole = json.loads((compared["out"] / "results.json").read_text())
+    assert rows == sorted(tuple(r[k] for k in key) for r in whole)

@@ -113,15 +113,37 @@ def read_record(folder: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def _built_by_a_live_process(entry: Path) -> bool:
+    """True for `.<stage>.tmp-<pid>` of another process that is still running (a part beside this one)."""
+    pid = entry.name.rpartition(".tmp-")[2]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 class StageCache:
-    """Finished stages under `run_dir/stages`; unfinished leftovers are removed when it opens."""
+    """Finished stages under `run_dir/stages`; unfinished leftovers are removed when it opens.
+
+    shared: other processes may use the same folder at once (`compare --cells` parts, which hold the run
+    folder's lock shared): each stage is then built under a lock of its own (`run_dir/.stage-locks/`), so
+    one process builds it and the others wait and reuse it, and another live process's unfinished stage is
+    left alone."""
 
     dry_run = False
 
-    def __init__(self, run_dir: Path, say: Callable[[str], None]) -> None:
+    def __init__(self, run_dir: Path, say: Callable[[str], None], shared: bool = False) -> None:
         self.root = run_dir / "stages"
         self.root.mkdir(parents=True, exist_ok=True)
         self.say = say
+        self.locks = run_dir / ".stage-locks" if shared else None
+        if self.locks is not None:
+            self.locks.mkdir(exist_ok=True)
         self.cached: list[str] = []
         self.built: list[str] = []
         self.seconds: dict[str, float] = {}
@@ -131,6 +153,8 @@ class StageCache:
                 say(f"removing {entry.name}: a link where a stage folder should be")
                 entry.unlink()
             elif entry.name.startswith("."):
+                if shared and _built_by_a_live_process(entry):
+                    continue
                 say(f"removing an unfinished stage from an interrupted run: {entry.name}")
                 shutil.rmtree(entry, ignore_errors=True)
             elif entry.is_dir() and not (entry / RECORD).is_file():
@@ -155,20 +179,58 @@ class StageCache:
         `about`: the stage's identity for its record (kind, defense, variant); `outputs`: files it must hold.
         """
         folder, key = self.folder(name, spec)
-        if folder.exists() or folder.is_symlink():
-            why = broken_reason(folder, name, key, outputs)
-            if why is None:
-                self.say(f"[{name}] done before, reusing {folder.name}")
-                self.cached.append(folder.name)
-                record = json.loads((folder / RECORD).read_text())
-                self.seconds[folder.name] = record.get("seconds", 0.0)
-                self.peak_memory[folder.name] = record.get("peak_memory", {})  # {} from before it was kept
+        with self._stage_lock(name, folder):
+            if self._reuse(name, folder, key, outputs):
                 return folder, key
-            self.say(f"[{name}] the cached stage {folder.name} is broken: {why}; rebuilding it")
-            if folder.is_symlink():
-                folder.unlink()
-            else:
-                shutil.rmtree(folder)
+            return self._build(name, spec, build, about, folder, key)
+
+    @contextlib.contextmanager
+    def _stage_lock(self, name: str, folder: Path) -> Iterator[None]:
+        """In a shared folder, hold this stage's lock (waiting, with a word, while another process has it)."""
+        if self.locks is None:
+            yield
+            return
+        import fcntl
+
+        fd = os.open(self.locks / folder.name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.say(f"[{name}] another process is building it; waiting to reuse it")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _reuse(self, name: str, folder: Path, key: str, outputs: tuple[str, ...]) -> bool:
+        """True when a finished, sound `folder` is there (counted as cached); a broken one is removed."""
+        if not (folder.exists() or folder.is_symlink()):
+            return False
+        why = broken_reason(folder, name, key, outputs)
+        if why is None:
+            self.say(f"[{name}] done before, reusing {folder.name}")
+            self.cached.append(folder.name)
+            record = json.loads((folder / RECORD).read_text())
+            self.seconds[folder.name] = record.get("seconds", 0.0)
+            self.peak_memory[folder.name] = record.get("peak_memory", {})  # {} from before it was kept
+            return True
+        self.say(f"[{name}] the cached stage {folder.name} is broken: {why}; rebuilding it")
+        if folder.is_symlink():
+            folder.unlink()
+        else:
+            shutil.rmtree(folder)
+        return False
+
+    def _build(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        build: Callable[[Path], Any],
+        about: dict[str, Any] | None,
+        folder: Path,
+        key: str,
+    ) -> tuple[Path, str]:
         self.say(f"[{name}] running -> {folder.name}")
         tmp = self.root / f".{folder.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -242,9 +304,11 @@ class DryRunCache(StageCache):
 
 
 @contextlib.contextmanager
-def locked(run_dir: Path) -> Iterator[None]:
-    """One run per run folder at a time (a second one would delete the first one's unfinished stages).
-    The lock file is opened without following a link and without truncating anything."""
+def locked(run_dir: Path, shared: bool = False) -> Iterator[None]:
+    """One run per run folder at a time (a second one would delete the first one's unfinished stages);
+    `shared`: any number of shared holders at once (`compare --cells` parts, whose `StageCache(shared=True)`
+    locks each stage), but never beside a whole run. The lock file is opened without following a link and
+    without truncating anything."""
     import fcntl
 
     path = run_dir / ".lock"
@@ -256,10 +320,11 @@ def locked(run_dir: Path) -> Iterator[None]:
         ) from err
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError as err:
             raise AntidoteError(
-                f"another antidote run is using {run_dir}; wait for it or use another run_dir"
+                f"another antidote run is using {run_dir}; wait for it or use another run_dir (parts run "
+                "with compare --cells may share a folder with each other, not with a whole run)"
             ) from err
         yield
     finally:

@@ -40,7 +40,9 @@ from antidote.experiments.runconfig import RunConfig, check
 from antidote.experiments.utility import UtilityConfig, general_utility
 from antidote.outputs import atomic_write_text
 
-COMPARE_OUTPUTS = ("stages", "cells", "results.csv", "results.json", "report.md", "table.tex", "plots")
+COMPARE_OUTPUTS = (
+    *("stages", "cells", "results.csv", "results.json", "report.md", "table.tex", "plots", ".stage-locks"),
+)
 
 
 @dataclass
@@ -126,13 +128,14 @@ def run_compare(config: CompareConfig, say: Callable[[str], None] = _say) -> Com
     rows: list[ResultRow] = []
     built: list[str] = []
     reused: list[str] = []
-    with locked(out):
+    with locked(out, shared=config.part):
         ensure_default_judge(config.run.judges, resolve_data_dir(config.run.data_dir), say)
         for cell in config.cells:
             say(f"cell {cell.id}")
             folder = out / "cells" / cell.id
             folder.mkdir(parents=True, exist_ok=True)
-            cache = StageCache(out, say)  # one cache folder; a fresh view per cell counts its own stages
+            # one cache folder; a fresh view per cell counts its own stages
+            cache = StageCache(out, say, shared=config.part)
             summary = Pipeline(cell.config, folder, say, cache=cache).run()
             utility = general_utility(summary, cache, config.utility) if config.utility else {}
             rows += cell_rows(cell, summary, cache, utility)

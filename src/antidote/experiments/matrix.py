@@ -228,6 +228,7 @@ class CompareConfig:
     cells: list[Cell]
     path: str
     utility: UtilityConfig | None = None
+    part: bool = False  # only some cells (`select_cells`): other parts may share the folder at once
 
     @property
     def out(self) -> Path:
@@ -242,7 +243,8 @@ def short_id(cell: Cell, default: dict[str, Any]) -> str:
 def select_cells(config: CompareConfig, wanted: list[str]) -> CompareConfig:
     """The config with only the cells `wanted` names (`compare --cells`): each entry a setting by what sets it
     apart from the default (`lr=0.0001`, `default`) or by its full id, or one cell (`default,seed=2`). The
-    cells left out keep their cached stages; a later run without --cells reuses them."""
+    cells left out keep their cached stages; a later run without --cells reuses them. Parts may run at the
+    same time in one folder (`part`: the stage cache then locks each stage)."""
     default = settings(config.matrix)[0]
     chosen: set[str] = set()
     unknown = []
@@ -261,4 +263,4 @@ def select_cells(config: CompareConfig, wanted: list[str]) -> CompareConfig:
             f"{config.path}: --cells {', '.join(map(repr, unknown))} names no cell; its settings are "
             f"{', '.join(known)} (add ,seed=N for one seed)"
         )
-    return replace(config, cells=[c for c in config.cells if c.id in chosen])
+    return replace(config, cells=[c for c in config.cells if c.id in chosen], part=True)

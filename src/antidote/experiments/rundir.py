@@ -3,6 +3,7 @@ a run writes (and `--overwrite` removes, nothing else)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -29,10 +30,19 @@ def prepare_run_dir(run_dir: Path, create: bool = True) -> None:
         raise AntidoteError(f"the parent folder of run_dir {run_dir} does not exist; create it first")
     if not create:
         return
-    run_dir.mkdir(exist_ok=True)
+    marker_text = json_text({"made_by": "antidote run"}) + "\n"
+    if not run_dir.exists():  # made whole, marker inside, so that a part started beside this one never
+        tmp = run_dir.parent / f".{run_dir.name}.tmp-{os.getpid()}"  # sees it without its marker
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        (tmp / RUN_MARKER).write_text(marker_text)
+        try:
+            tmp.rename(run_dir)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
     marker = run_dir / RUN_MARKER
     if not marker.is_file():
-        atomic_write_text(marker, json_text({"made_by": "antidote run"}) + "\n")
+        atomic_write_text(marker, marker_text)
 
 
 RUN_OUTPUTS = (
