@@ -175,8 +175,12 @@ def test_a_shared_cache_leaves_a_live_processs_unfinished_stage_alone(tmp_path: 
         stages = tmp_path / "stages"
         for pid in (live.pid, dead.pid):
             (stages / f".s-abc.tmp-{pid}").mkdir(parents=True)
+            (stages / f".s-abc.tmp-{pid}.tmp-{pid}-1f2e").mkdir()  # the stage writer's own temporary folder
         StageCache(tmp_path, lambda m: None, shared=True)
-        assert sorted(p.name for p in stages.iterdir()) == [f".s-abc.tmp-{live.pid}"]
+        assert sorted(p.name for p in stages.iterdir()) == [
+            f".s-abc.tmp-{live.pid}",
+            f".s-abc.tmp-{live.pid}.tmp-{live.pid}-1f2e",
+        ]
         StageCache(tmp_path, lambda m: None)  # a whole run holds the folder alone: every leftover goes
         assert list(stages.iterdir()) == []
     finally:

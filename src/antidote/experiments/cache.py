@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -114,10 +115,12 @@ def read_record(folder: Path) -> dict[str, Any] | None:
 
 
 def _built_by_a_live_process(entry: Path) -> bool:
-    """True for `.<stage>.tmp-<pid>` of another process that is still running (a part beside this one)."""
-    pid = entry.name.rpartition(".tmp-")[2]
-    if not pid.isdigit() or int(pid) == os.getpid():
+    """True for `.<stage>.tmp-<pid>` (or a temporary folder a stage's own writer made beside it,
+    `.<stage>.tmp-<pid>.tmp-...`) of another process that is still running (a part beside this one)."""
+    found = re.search(r"\.tmp-(\d+)", entry.name)
+    if found is None or int(found.group(1)) == os.getpid():
         return False
+    pid = found.group(1)
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
