@@ -14,6 +14,9 @@ validate, judge, utility), defense and variant where it has them, its settings (
 memory. A finished entry is checked before it is reused: a record that does not parse or names another stage,
 a missing output file, a non-finite number in a JSON output, or a folder replaced by a link, is said (with
 the stage) and the stage rebuilt. `DryRunCache` walks a run without building anything (`compare --plan`).
+
+Several processes may share one cache (`compare --cells` parts at once: `StageCache(shared=True)` under a
+shared `locked`): each stage is then built under its own lock and the others reuse it.
 """
 
 from __future__ import annotations
