@@ -24,13 +24,8 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     measured, folders = argv[0], argv[1:]
-    seconds: dict[str, float] = {}
-    for folder in folders:
-        rates, _ = recorded_rates(Path(folder) / "stages")
-        for key, rate in rates.items():  # one folder's rate per key; several folders: their mean
-            seconds.setdefault(key, 0.0)
-            seconds[key] += rate / len(folders)
-    rates = {k: round(v, 4) for k, v in sorted(seconds.items())}
+    rates, _ = recorded_rates(*(Path(folder) / "stages" for folder in folders))
+    rates = {k: round(v, 4) for k, v in sorted(rates.items())}
     print(json.dumps({"measured": measured, "rates": rates}, indent=2))
     return 0
 

@@ -123,17 +123,22 @@ import sys, time
 from pathlib import Path
 from antidote.experiments.cache import StageCache, locked
 
-run_dir, log = Path(sys.argv[1]), Path(sys.argv[2])
+run_dir, log, me = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 
 def build(out):
     out.mkdir()
     with open(log, "a") as f:
         f.write("built\\n")
-    time.sleep(1.5)  # long enough for the other process to find the stage being built
+    for _ in range(600):  # hold the stage until the other process is about to ask for it
+        if len(list(run_dir.parent.glob("ready-*"))) == 2:
+            break
+        time.sleep(0.1)
+    time.sleep(1.0)
     (out / "x.txt").write_text("x")
 
 with locked(run_dir, shared=True):
     cache = StageCache(run_dir, print, shared=True)
+    (run_dir.parent / f"ready-{me}").touch()
     folder, _ = cache.run("s", {"a": 1}, build)
     print("done", folder.name, (folder / "x.txt").read_text(), flush=True)
 """
@@ -151,9 +156,9 @@ def test_two_parts_build_a_shared_stage_once_and_both_use_it(tmp_path: Path) -> 
     run_dir.mkdir()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(run_dir), str(log)], stdout=subprocess.PIPE, text=True
+            [sys.executable, str(script), str(run_dir), str(log), str(n)], stdout=subprocess.PIPE, text=True
         )
-        for _ in range(2)
+        for n in range(2)
     ]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]

@@ -752,3 +752,20 @@ def test_report_gives_each_defenses_worst_case_from_the_table(compared: dict[str
     section = report.split("## Worst case over the attack settings (judge: keyword")[1].split("##")[0]
     line = next(x for x in section.splitlines() if x.startswith("| sft |"))
     assert f"| {means[at][0]:.1f}" in line and f"| {at} |" in line
+
+
+def test_plan_counts_rows_only_of_local_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An align section without max_samples takes its whole data: the plan counts a local file's rows, and
+    never reads the hub for a named set the data folder does not hold (the size is then unknown)."""
+    from antidote.experiments.plan import _rows
+
+    monkeypatch.delenv("ANTIDOTE_DATA_DIR", raising=False)
+    local = tmp_path / "pairs.jsonl"
+    local.write_text('{"prompt": "a", "response": "b"}\n' * 7)
+    assert _rows(str(local), None) == 7
+    empty = tmp_path / "data"
+    empty.mkdir()
+    assert _rows("advbench", str(empty)) is None and _rows("beavertails:calibrate", None) is None
+    (empty / "harmful_prompts").mkdir()
+    (empty / "harmful_prompts" / "advbench_harmful_behaviors.jsonl").write_text('{"goal": "g"}\n' * 3)
+    assert _rows("advbench", str(empty)) == 3

@@ -634,6 +634,13 @@ def test_push_to_hub_uploads_the_written_folder_once(tiny, tmp_path, monkeypatch
         RealignConfig(**common, push_to_hub="no-slash")
     with pytest.raises(AntidoteError, match="give --output"):
         run_realign(RealignConfig(**common, push_to_hub="me/x"))
+    # a run's antidote stage writes into its stage cache: pushing is for `antidote realign` only
+    from antidote.experiments.pipeline import load_run_config
+    from conftest import write_config
+
+    defenses = {"antidote": {"data": str(tiny["harmful"]), "push_to_hub": "me/x"}}
+    with pytest.raises(AntidoteError, match="push_to_hub"):
+        load_run_config(str(write_config(tiny, tmp_path, defenses=defenses)))
 
     class Offline(FakeApi):
         def upload_folder(self, folder_path, repo_id, commit_message):

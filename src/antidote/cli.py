@@ -122,7 +122,8 @@ def cmd_realign(args: argparse.Namespace) -> int:
         return 0
     if args.json:  # one entry per mask ratio: the folder written and its report (realign_report.json)
         outputs = [{"output": str(f), **r} for r, f in zip(result.reports, result.folders, strict=True)]
-        print(json_text({"outputs": outputs}, indent=2, default=str))
+        hub = {"pushed_to": f"https://huggingface.co/{config.push_to_hub}"} if config.push_to_hub else {}
+        print(json_text({"outputs": outputs, **hub}, indent=2, default=str))
         return 0
     for report, folder in zip(result.reports, result.folders, strict=True):
         t = report["pruned_total"]

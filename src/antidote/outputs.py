@@ -199,7 +199,8 @@ def check_output_file(
 # ---- recovery -----------------------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (this process counts as alive)."""
     if pid == os.getpid():
         return True
     try:
@@ -233,7 +234,7 @@ def _stale_siblings(output: Path, pattern: re.Pattern[str]) -> list[Path]:
         for p in entries
         if p.name.startswith(prefix)
         and (m := pattern.fullmatch(p.name[len(prefix) :])) is not None
-        and not _pid_alive(int(m.group(1)))
+        and not pid_alive(int(m.group(1)))
     ]
 
 

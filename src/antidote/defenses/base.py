@@ -29,8 +29,10 @@ STAGES = ("align", "finetune", "post")
 RESERVED = {
     "align": ("model", "aligned", "output", "overwrite", "data_dir"),
     "finetune": ("model", "output", "overwrite", "data_dir"),
-    "post": ("model", "adapter", "base_model", "output", "overwrite", "data_dir"),
+    "post": ("model", "adapter", "base_model", "output", "overwrite", "data_dir", "push_to_hub"),
 }
+# Of those, the ones the pipeline leaves at their defaults (push_to_hub: for `antidote realign`, not a stage).
+NOT_FILLED = ("overwrite", "push_to_hub")
 
 
 @dataclass(frozen=True)

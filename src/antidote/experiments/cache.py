@@ -34,7 +34,7 @@ from typing import Any
 
 from antidote.errors import AntidoteError
 from antidote.memory import read_peak_memory, release_memory, reset_peak_memory
-from antidote.outputs import json_text
+from antidote.outputs import json_text, pid_alive
 
 # Bump when a stage's code changes what it writes: old cache entries are then not reused.
 # 3: one tokenization of a pair (BOS in training), each task's own answer length at evaluation.
@@ -121,16 +121,7 @@ def _built_by_a_live_process(entry: Path) -> bool:
     """True for `.<stage>.tmp-<pid>` (or a temporary folder a stage's own writer made beside it,
     `.<stage>.tmp-<pid>.tmp-...`) of another process that is still running (a part beside this one)."""
     found = re.search(r"\.tmp-(\d+)", entry.name)
-    if found is None or int(found.group(1)) == os.getpid():
-        return False
-    pid = found.group(1)
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
+    return found is not None and int(found.group(1)) != os.getpid() and pid_alive(int(found.group(1)))
 
 
 class StageCache:
@@ -225,7 +216,7 @@ class StageCache:
         if folder.is_symlink():
             folder.unlink()
         else:
-            shutil.rmtree(folder)
+            shutil.rmtree(folder, ignore_errors=True)  # a part starting beside this one may remove it too
         return False
 
     def _build(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}.png")  # parts at once
     fig.savefig(tmp, dpi=120)
     _pyplot().close(fig)
     os.replace(tmp, path)

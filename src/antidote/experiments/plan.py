@@ -127,17 +127,51 @@ def stage_units(stage: dict[str, Any], units_of: dict[str, float | None]) -> flo
 ALIGN_SIZES = (("data", "max_samples"), ("helpful_data", "max_helpful"), ("task_data", "max_task"))
 
 
-@functools.lru_cache(maxsize=256)
 def _rows(source: str, data_dir: str | None) -> int | None:
-    """How many records a local data file or named set holds; None for the hub or the built-in sets."""
-    from antidote.data.catalog import read_rows
+    """How many records a local data file or named set holds; None for the hub or the built-in sets (a plan
+    never downloads)."""
+    from antidote.data.catalog import is_named, resolve_data_dir
 
     if source.startswith(("hf:", "builtin")):
         return None
+    if is_named(source):
+        folder = resolve_data_dir(data_dir)
+        files = None if folder is None else _local_files(source, folder)
+    else:
+        files = [Path(source).expanduser()] if Path(source).expanduser().is_file() else None
+    if not files:
+        return None
+    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)  # re-read when changed
+    return _count(source, data_dir, stamp)
+
+
+@functools.lru_cache(maxsize=256)
+def _count(source: str, data_dir: str | None, stamp: tuple[Any, ...]) -> int | None:
+    from antidote.data.catalog import read_rows
+
     try:
         return len(read_rows(source, data_dir))
     except Exception:  # an estimate only: a source that cannot be read here is reported when it runs
         return None
+
+
+def _local_files(source: str, folder: Path) -> list[Path] | None:
+    """The data folder's files of the named set `source` and of every set it excludes rows of; None when
+    one of them is not there."""
+    from antidote.data.catalog import NAMED
+
+    name, _, split = source.partition(":")
+    named = NAMED.get(name)
+    entry = None if named is None else named.splits.get(split or named.default or "")
+    if entry is None or entry.file is None or not (folder / entry.file).is_file():
+        return None
+    files = [folder / entry.file]
+    for other in entry.exclude:
+        more = _local_files(other, folder)
+        if more is None:
+            return None
+        files += more
+    return files
 
 
 def _size(source: str, most: Any, data_dir: str | None) -> int | None:
@@ -149,11 +183,14 @@ def _size(source: str, most: Any, data_dir: str | None) -> int | None:
     return rows
 
 
-def recorded_rates(root: Path) -> tuple[dict[str, float], dict[str, float]]:
+def recorded_rates(*roots: Path) -> tuple[dict[str, float], dict[str, float]]:
     """Seconds per unit (`stage_units`) for each `rate_key`, summed seconds over summed units, and mean
-    seconds per stage name, over the finished stages in `root` (a record that does not parse is left out)."""
+    seconds per stage name, over the finished stages in the stage folders `roots` (a record that does not
+    parse is left out)."""
     records = []
-    if root.is_dir():
+    for root in roots:
+        if not root.is_dir():
+            continue
         for path in sorted(root.glob(f"*/{RECORD}")):
             data = read_record(path.parent)
             if data is None or not isinstance(data.get("stage"), str):

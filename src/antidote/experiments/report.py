@@ -4,6 +4,7 @@ markdown table and the trade-off plot. Pure functions of the result rows."""
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.set_title("Harm against task accuracy per model (95% intervals); broken ringed red")
     ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}.png")  # parts at once
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)

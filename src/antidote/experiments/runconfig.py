@@ -12,6 +12,7 @@ from typing import Any
 from antidote.configfile import config_from_mapping, read_yaml_mapping, values_from_mapping
 from antidote.data.catalog import check_data_dir_size
 from antidote.defenses import RESERVED, Defense, get
+from antidote.defenses.base import NOT_FILLED
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import available_judges, check_judge
 from antidote.evaluation.run import EvaluateConfig
@@ -160,7 +161,7 @@ def build_config(cls: type, values: dict[str, Any], config: RunConfig, fixed: di
 
 
 def placeholders(defense: Defense) -> dict[str, Any]:
-    return {name: f"<{name}>" for name in RESERVED[defense.stage] if name != "overwrite"}
+    return {name: f"<{name}>" for name in RESERVED[defense.stage] if name not in NOT_FILLED}
 
 
 def defense_config(

@@ -20,6 +20,10 @@ def prepare_run_dir(run_dir: Path, create: bool = True) -> None:
     reason = protected_reason(run_dir)
     if reason is not None:
         raise AntidoteError(f"run_dir {run_dir} {reason}; choose a new folder for the run")
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise AntidoteError(
+            f"run_dir {run_dir} is a link to nothing; remove the link or choose another folder"
+        )
     if run_dir.exists() and not run_dir.is_dir():
         raise AntidoteError(f"run_dir {run_dir} exists and is a file; choose a folder path")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / RUN_MARKER).is_file():
@@ -38,8 +42,11 @@ def prepare_run_dir(run_dir: Path, create: bool = True) -> None:
         (tmp / RUN_MARKER).write_text(marker_text)
         try:
             tmp.rename(run_dir)
-        except OSError:  # another process made it first
+        except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            if not run_dir.is_dir() or run_dir.is_symlink():  # not another part's folder: something else
+                raise AntidoteError(f"cannot create run_dir {run_dir} ({err.strerror})") from err
+
     marker = run_dir / RUN_MARKER
     if not marker.is_file():
         atomic_write_text(marker, marker_text)
