@@ -145,7 +145,7 @@ def test_one_config_carries_every_training_flag_with_the_command_defaults() -> N
             **{
                 k: v
                 for k, v in vars(args).items()
-                if k not in ("command", "func", "verbose", "quiet", "config", "data_dir")
+                if k not in ("command", "func", "verbose", "quiet", "config", "data_dir", "json")
             }
         )
         assert isinstance(config, TrainConfig) and config.lr == 1e-3 and config.target_modules == ("q_proj",)
