@@ -769,3 +769,22 @@ def test_plan_counts_rows_only_of_local_files(tmp_path: Path, monkeypatch: pytes
     (empty / "harmful_prompts").mkdir()
     (empty / "harmful_prompts" / "advbench_harmful_behaviors.jsonl").write_text('{"goal": "g"}\n' * 3)
     assert _rows("advbench", str(empty)) == 3
+
+
+def test_reverse_builds_the_same_stages_from_the_other_end(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """`--reverse` keeps every stage (same folders, so the parts share them) and turns the defenses' order."""
+    path = compare_yaml(tiny, tmp_path)
+
+    def builds(*extra: str) -> list[str]:
+        import contextlib
+        import io
+
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            assert main(["compare", str(path), "--plan", "--cells", "lr=0.001,seed=0", *extra]) == 0
+        return [x.split()[1] for x in buffer.getvalue().splitlines() if x.startswith("  build")]
+
+    forward, backward = builds(), builds("--reverse")
+    assert sorted(forward) == sorted(backward) and forward != backward
+    first = forward.index("random-prune") < forward.index("magnitude-prune")
+    assert (backward.index("random-prune") < backward.index("magnitude-prune")) != first

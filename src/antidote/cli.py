@@ -280,6 +280,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 "--overwrite without --cells, or leave it out to resume"
             )
         config = select_cells(config, args.cells)
+    if args.reverse:
+        from antidote.experiments.matrix import reverse_defenses
+
+        if args.overwrite:
+            raise AntidoteError("--overwrite with --reverse would remove the other part's stages; drop one")
+        config = reverse_defenses(config)
     args.resume_dir = str(config.out)
     if args.plan:
         print(plan(config))
@@ -322,6 +328,12 @@ def _compare_options(parser: argparse.ArgumentParser) -> None:
         help="run only this setting (what sets it apart from the default, e.g. lr=0.0001, or default; add "
         ",seed=N for one cell); repeatable. A matrix too long for one sitting runs in parts that share the "
         "output folder's stage cache; a last run without --cells reuses them all and reports every cell",
+    )
+    parser.add_argument(
+        "--reverse",
+        action="store_true",
+        help="build each cell's defenses in reverse order: a second process on the same cells starts from "
+        "the other end (the same stages; parts share the folder), so two cores finish one cell sooner",
     )
     _add_plan_overwrite_json(parser)
 

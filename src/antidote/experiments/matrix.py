@@ -264,3 +264,14 @@ def select_cells(config: CompareConfig, wanted: list[str]) -> CompareConfig:
             f"{', '.join(known)} (add ,seed=N for one seed)"
         )
     return replace(config, cells=[c for c in config.cells if c.id in chosen], part=True)
+
+
+def reverse_defenses(config: CompareConfig) -> CompareConfig:
+    """The config with each cell's defenses in reverse order (`compare --reverse`): the same stages, built in
+    the opposite order, so a second process on the same cells starts from the other end and the two meet
+    in the middle."""
+    cells = [
+        replace(c, config=replace(c.config, defenses=dict(reversed(list(c.config.defenses.items())))))
+        for c in config.cells
+    ]
+    return replace(config, cells=cells, part=True)
