@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,11 @@ def test_key_follows_file_and_folder_content(tmp_path: Path) -> None:
     before = stage_key({"data": str(data)})
     data.write_text("ab\n")
     assert stage_key({"data": str(data)}) != before
+    # Same size, mtime put back: the bytes alone tell the change.
+    stat = data.stat()
+    data.write_text("ba\n")
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert stage_key({"data": str(data)}) not in (before, stage_key({"data": str(tmp_path / "none")}))
     # Paths inside the run's own stages are keyed by their upstream keys, not by content.
     stages = tmp_path / "stages"
     (stages / "align-1").mkdir(parents=True)
@@ -42,6 +48,25 @@ def test_key_follows_file_and_folder_content(tmp_path: Path) -> None:
     k = stage_key(inside, skip=stages.resolve())
     (stages / "align-1" / RECORD).write_text("{}")
     assert stage_key(inside, skip=stages.resolve()) == k
+
+
+def test_a_data_folder_copied_again_or_touched_keeps_its_key(tmp_path: Path) -> None:
+    """New mtimes on the same bytes (a fresh copy of the data, a container started again) must not throw
+    the finished stages away; the keys follow the bytes."""
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "sub" / "a.jsonl").write_text('{"prompt": "x"}\n')
+    (data / "b.csv").write_text("p,r\n")
+    key = stage_key({"data_dir": str(data), "file": str(data / "b.csv")})
+    for path in (data / "sub" / "a.jsonl", data / "b.csv"):
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns + 10**12, stat.st_mtime_ns + 10**12))
+    assert stage_key({"data_dir": str(data), "file": str(data / "b.csv")}) == key
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)  # new inodes and mtimes, the same bytes: the same fingerprint
+    shutil.rmtree(data)
+    copy.rename(data)
+    assert stage_key({"data_dir": str(data), "file": str(data / "b.csv")}) == key
 
 
 def test_stage_is_built_once_with_its_record_inside(tmp_path: Path) -> None:

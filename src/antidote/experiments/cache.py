@@ -1,9 +1,11 @@
 """The stage cache of `antidote run`: RUN_DIR/stages/<stage>-<key>, one folder per finished stage.
 
-A stage's key hashes everything it depends on: its settings, the keys of the stages before it, and the content
-of every file or folder its settings name (for a file: size and mtime; for a folder, e.g. a model or the data
-folder: the relative name, size and mtime of every file in it). A model folder or data file changed in place
-therefore changes the key, and the stage and those after it are redone.
+A stage's key hashes everything it depends on: its settings, the keys of the stages before it, and the
+content of every file or folder its settings name (for a file: its size and the sha256 of its bytes; for a
+folder, e.g. a model or the data folder: the relative name, size and sha256 of every file in it). A model
+folder or data file changed in place therefore changes the key, and the stage and those after it are redone;
+a data folder copied again or touched (new mtimes, same bytes) keeps its stages. Each file is read once per
+process (per path, size, mtime and inode): about a second per GB, once, for a large local model.
 
 A stage is built in a temporary sibling folder (`.<stage>-<key>.tmp-<pid>`); its record `stage.json` is
 written inside that folder, and the folder is renamed into place last. So a folder named `<stage>-<key>`
@@ -42,8 +44,33 @@ STAGE_VERSION = 3
 RECORD = "stage.json"
 
 
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}  # (path, size, mtime_ns, inode) -> sha256, per process
+
+
+def file_digest(path: Path, stat: os.stat_result) -> str:
+    """The sha256 (hex) of a regular file's bytes, read once per process per (path, size, mtime, inode);
+    a link (`stat` from lstat: a dangling one), a special file or an unreadable file gets a label instead."""
+    import stat as stat_module
+
+    if stat_module.S_ISLNK(stat.st_mode):
+        return f"link to {os.readlink(path)}"
+    if not stat_module.S_ISREG(stat.st_mode):
+        return "not a regular file"
+    memo = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if memo not in _DIGESTS:
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+        except OSError as err:
+            return f"unreadable ({err.strerror})"
+        _DIGESTS[memo] = digest.hexdigest()
+    return _DIGESTS[memo]
+
+
 def _folder_fingerprint(folder: Path) -> list[Any]:
-    """(relative name, size, mtime) of every file below `folder`, sorted; hidden entries left out."""
+    """(relative name, size, sha256) of every file below `folder`, sorted; hidden entries left out."""
     out = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -52,7 +79,7 @@ def _folder_fingerprint(folder: Path) -> list[Any]:
                 continue
             path = Path(root) / name
             stat = path.stat() if path.exists() else path.lstat()  # a dangling link: the link itself
-            out.append([str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns])
+            out.append([str(path.relative_to(folder)), stat.st_size, file_digest(path, stat)])
     return out
 
 
@@ -65,7 +92,7 @@ def fingerprint(value: Any, skip: Path | None = None) -> Any:
             return str(path.resolve().relative_to(skip))  # relative: a run folder can be moved or copied
         if path.is_file():
             stat = path.stat()
-            return [value, stat.st_size, stat.st_mtime_ns]
+            return [value, stat.st_size, file_digest(path, stat)]
         if path.is_dir():
             return [value, _folder_fingerprint(path)]
         return value
