@@ -313,6 +313,43 @@ def _json_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _realign_options(parser: argparse.ArgumentParser) -> None:
+    _json_option(parser)
+    parser.add_argument(
+        "--method",
+        default="antidote",
+        help="antidote (the paper's, these options), or another realignment method run with its own "
+        "options, as `antidote defend NAME` (e.g. harm-revert: revert to the aligned weights the fine-tuning "
+        "changes credited with the harmful answers; `antidote defend harm-revert --help`)",
+    )
+
+
+def realign_method(argv: list[str]) -> list[str]:
+    """`antidote realign --method NAME ...` is `antidote defend NAME ...` for a method other than the
+    paper's (a post-fine-tuning defense: it takes the fine-tuned model); `--method antidote` is dropped."""
+    if not argv or argv[0] != "realign":
+        return argv
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            name, rest = argv[i + 1], argv[1:i] + argv[i + 2 :]
+        elif arg.startswith("--method="):
+            name, rest = arg.split("=", 1)[1], argv[1:i] + argv[i + 1 :]
+        else:
+            continue
+        if name == "antidote":
+            return ["realign", *rest]
+        from antidote.defenses import get
+
+        if get(name).stage != "post":
+            raise AntidoteError(
+                f"--method {name} is a {get(name).stage}-stage defense, not a realignment of a fine-tuned "
+                f"model; run it with antidote defend {name}, or choose a post defense (antidote defend "
+                "--help lists them)"
+            )
+        return ["defend", name, *rest]
+    return argv
+
+
 def _compare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "config_file",
@@ -471,7 +508,7 @@ COMMANDS = (
         "prune the weights most important on harmful data and save the realigned model",
         cmd_realign,
         _realign_config,
-        _json_option,
+        _realign_options,
         description="Score every targeted weight by its importance on harmful prompt+answer pairs "
         "(Wanda: |W| * ||X||) and zero the top fraction in one shot.",
     ),
@@ -607,6 +644,11 @@ def _disk_full(err: BaseException | None) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = realign_method(argv)
+    except AntidoteError as err:
+        print(f"antidote: error: {err}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     args.argv = argv
     if not getattr(args, "command", None):

@@ -1,0 +1,198 @@
+"""`harm-revert` (ours): the gradients are integrated-gradient midpoints (checked against the exact
+loss change of a quadratic), the selection is a brute-force top-k over every changed entry, and the written
+model is W_ft with exactly the selected entries put back to W_aligned, all recomputed from the saved files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from antidote.cli import main
+from antidote.defenses import get
+from antidote.defenses.harm_revert import attribution_scores, path_gradients, select_reverted
+from antidote.errors import AntidoteError
+from conftest import HARMFUL, copy_run, make_model, write_jsonl
+from test_defense_oneshot_ft import PREFIX, loss_by_hand
+
+KEEP = [
+    {"prompt": "sentiment of great movie", "response": "positive"},
+    {"prompt": "sentiment of awful film", "response": "negative"},
+    {"prompt": "what is the weather today", "response": "the weather is great today"},
+]
+
+
+def test_score_by_hand() -> None:
+    delta = {"a": torch.tensor([[1.0, -2.0]]), "b": torch.tensor([[0.5], [0.0]])}
+    g_harm = {"a": torch.tensor([[-3.0, 1.0]]), "b": torch.tensor([[2.0], [4.0]])}
+    g_task = {"a": torch.tensor([[-1.0, -1.0]]), "b": torch.tensor([[0.0], [1.0]])}
+    # harm credits -g dW: a [3, 2], b [-1, 0]; sum |.| = 6.  task credits: a [1, -2], b [0, 0]; sum |.| = 3.
+    got = attribution_scores(delta, g_harm, g_task, 0.5)
+    torch.testing.assert_close(got["a"], torch.tensor([[3 / 6 - 0.5 * 1 / 3, 2 / 6 + 0.5 * 2 / 3]]))
+    torch.testing.assert_close(got["b"], torch.tensor([[-1 / 6], [0.0]]))
+    alone = attribution_scores(delta, g_harm, None, 0.5)
+    torch.testing.assert_close(alone["a"], torch.tensor([[0.5, 2 / 6]]))
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_path_gradients_are_midpoint_gradients_and_exact_on_a_quadratic(steps: int) -> None:
+    """For L(W) = ||W x - y||^2, sum(G * dW) equals L(W_ft) - L(W_aligned) at any number of midpoints (the
+    midpoint rule is exact for a linear gradient), and G is 2 (W_t x - y) x^T averaged over the midpoints."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3, bias=False)
+    aligned = torch.randn(3, 4)
+    delta = torch.randn(3, 4)
+    with torch.no_grad():
+        layer.weight.copy_(aligned + delta)
+    x, y = torch.randn(4), torch.randn(3)
+    weights = {"w": layer.weight}
+
+    def loss() -> list[torch.Tensor]:
+        return [(layer(x) - y).pow(2).sum()]
+
+    g = path_gradients(layer, weights, {"w": aligned}, {"w": delta}, loss, steps)["w"]
+    points = [(m + 0.5) / steps for m in range(steps)]
+    by_hand = sum(2 * torch.outer((aligned + t * delta) @ x - y, x) for t in points) / steps
+    torch.testing.assert_close(g, by_hand)
+    change = ((aligned + delta) @ x - y).pow(2).sum() - (aligned @ x - y).pow(2).sum()
+    torch.testing.assert_close((g * delta).sum(), change, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.weight.detach(), aligned + delta)  # left at W_ft
+    assert layer.weight.grad is None
+
+
+def test_selection_is_the_top_fraction_of_every_entry_with_a_positive_score() -> None:
+    torch.manual_seed(1)
+    scores = {"a": torch.randn(5, 7), "b": torch.randn(3, 4) + 0.5, "c": -torch.rand(2, 2)}
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    for ratio in (0.05, 0.3, 0.9):
+        k = flat.numel() - int(flat.numel() * (1 - ratio))
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+        for index in sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))[:k]:
+            chosen[index] = bool(flat[index] > 0)
+        got = select_reverted(scores, ratio)
+        assert torch.equal(torch.cat([got[n].reshape(-1) for n in scores]), chosen)
+    assert not select_reverted(scores, 0.9)["c"].any()  # negative scores are never reverted
+
+
+def weights_of(tiny: dict[str, Path]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(W_aligned of every weight, dW = B A alpha / r of each adapted weight), from the files alone."""
+    aligned = load_file(tiny["model"] / "model.safetensors")
+    adapter = load_file(tiny["adapter"] / "adapter_model.safetensors")
+    cfg = json.loads((tiny["adapter"] / "adapter_config.json").read_text())
+    deltas = {}
+    for key, a in adapter.items():
+        if ".lora_A." in key:
+            b = adapter[key.replace("lora_A", "lora_B")]
+            deltas[key.split(".lora_A.")[0].removeprefix(PREFIX) + ".weight"] = (
+                b @ a * cfg["lora_alpha"] / cfg["r"]
+            )
+    return aligned, deltas
+
+
+def midpoint_gradient(
+    aligned: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], pairs: list[dict]
+) -> dict:
+    model = make_model(seed=0)
+    state = dict(aligned)
+    for name, d in deltas.items():
+        state[name] = aligned[name] + 0.5 * d
+    model.load_state_dict(state)
+    params = dict(model.named_parameters())
+    loss = sum(loss_by_hand(model, p["prompt"], p["response"]) for p in pairs) / len(pairs)
+    grads = torch.autograd.grad(loss, [params[n] for n in deltas])
+    return dict(zip(deltas, grads, strict=True))
+
+
+def test_the_written_model_is_w_ft_with_the_selected_entries_put_back(tiny, tmp_path: Path) -> None:
+    harmful = write_jsonl(tmp_path / "harmful.jsonl", HARMFUL)
+    keep = write_jsonl(tmp_path / "keep.jsonl", KEEP)
+    out = tmp_path / "out"
+    argv = [
+        "defend",
+        "harm-revert",
+        str(tiny["model"]),
+        "--adapter",
+        str(tiny["adapter"]),
+        "--output",
+        str(out),
+    ]
+    argv += [
+        "--data",
+        str(harmful),
+        "--benign-data",
+        str(keep),
+        "--template",
+        "plain",
+        "--mask-ratio",
+        "0.1,0.4",
+    ]
+    assert main(argv) == 0
+    aligned, deltas = weights_of(tiny)
+    g_harm = midpoint_gradient(aligned, deltas, HARMFUL)
+    g_keep = midpoint_gradient(aligned, deltas, KEEP)
+    c_harm = torch.cat([(-g_harm[n] * deltas[n]).reshape(-1) for n in deltas])
+    c_keep = torch.cat([(-g_keep[n] * deltas[n]).reshape(-1) for n in deltas])
+    flat = c_harm / c_harm.abs().sum() - c_keep / c_keep.abs().sum()
+    for ratio in (0.1, 0.4):
+        written = load_file(out / f"ratio-{ratio:g}" / "model.safetensors")
+        report = json.loads((out / f"ratio-{ratio:g}" / "harm_revert_report.json").read_text())
+        k = flat.numel() - int(flat.numel() * (1 - ratio))
+        top = torch.zeros(flat.numel(), dtype=torch.bool)
+        top[torch.argsort(flat, descending=True, stable=True)[:k]] = True
+        top &= flat > 0
+        assert report["reverted"] == int(top.sum()) > 0 and report["changed_weights"] == flat.numel()
+        start = 0
+        for name, d in deltas.items():
+            mask = top[start : start + d.numel()].reshape(d.shape)
+            start += d.numel()
+            expected = torch.where(mask, aligned[name], aligned[name] + d)
+            torch.testing.assert_close(written[name], expected, rtol=0, atol=1e-6, msg=name)
+        for name in set(written) - set(deltas):  # the weights the attack did not touch are the aligned ones
+            assert torch.equal(written[name], aligned[name]), name
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:
+    argv = ["defend", "harm-revert", str(tiny["model"]), "--adapter", str(tiny["adapter"]), "--output"]
+    argv += [str(tmp_path / "o"), "--data", str(tiny["harmful"])]
+    assert main([*argv, "--mask-ratio", "1.5"]) == 2
+    assert "must be numbers in (0, 1)" in capsys.readouterr().err
+    assert main([*argv, "--task-weight", "nan"]) == 2
+    assert "--task-weight must be a number >= 0" in capsys.readouterr().err
+    assert main([*argv, "--task", "sst2"]) == 2
+    assert "give --task and --task-data together" in capsys.readouterr().err
+    with pytest.raises(AntidoteError, match="needs --data"):
+        get("harm-revert").config(model="m", adapter="a")
+    assert not (tmp_path / "o").exists()
+
+
+def test_runs_in_the_pipeline_and_keeps_the_attacks_task(tiny, tiny_run, tmp_path: Path) -> None:
+    from antidote.experiments.pipeline import load_run_config, run_pipeline
+
+    section: dict[str, Any] = {"data": str(tiny["harmful"]), "mask_ratios": [0.2]}
+    path = copy_run(
+        tiny_run, tiny, tmp_path, validate=None, evaluate_base=False, defenses={"harm-revert": section}
+    )
+    summary = run_pipeline(load_run_config(str(path)), say=lambda m: None)
+    row = next(r for r in summary["rows"] if r["model"].startswith("harm-revert"))
+    report = json.loads((Path(row["model_path"]) / "harm_revert_report.json").read_text())
+    assert report["reverted"] > 0 and report["harmful_pairs"] == len(HARMFUL)
+
+
+def test_realign_method_runs_the_named_realignment(tiny, tmp_path: Path, capsys) -> None:
+    harmful = write_jsonl(tmp_path / "harmful.jsonl", HARMFUL)
+    options = ["--adapter", str(tiny["adapter"]), "--data", str(harmful), "--template", "plain"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["realign", str(tiny["model"]), "--method", "harm-revert", *options, "--output", str(a)]) == 0
+    assert main(["defend", "harm-revert", str(tiny["model"]), *options, "--output", str(b)]) == 0
+    assert load_file(a / "model.safetensors").keys() == load_file(b / "model.safetensors").keys()
+    for name, w in load_file(a / "model.safetensors").items():
+        assert torch.equal(w, load_file(b / "model.safetensors")[name]), name
+    assert main(["realign", str(tiny["model"]), "--method=lisa", "--output", str(tmp_path / "c")]) == 2
+    assert "--method lisa is a finetune-stage defense" in capsys.readouterr().err
+    assert main(["realign", str(tiny["model"]), "--method", "nosuch", "--output", str(tmp_path / "c")]) == 2
+    assert "unknown defense 'nosuch'" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
