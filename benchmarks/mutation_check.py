@@ -93,6 +93,18 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
         "            return value",
         ["tests/test_cache.py"],
     ),
+    "harm-revert gradients at the end point": (
+        "src/antidote/defenses/harm_revert.py",
+        "    return [(m + 0.5) / steps for m in range(steps)]",
+        "    return [(m + 1.0) / steps for m in range(steps)]",
+        ["tests/test_defense_harm_revert.py"],
+    ),
+    "harm-revert task credit added": (
+        "src/antidote/defenses/harm_revert.py",
+        "            scores[name] -= task_weight * c",
+        "            scores[name] += task_weight * c",
+        ["tests/test_defense_harm_revert.py"],
+    ),
 }
 
 
