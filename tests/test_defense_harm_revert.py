@@ -54,7 +54,7 @@ def test_path_gradients_are_midpoint_gradients_and_exact_on_a_quadratic(steps: i
     def loss() -> list[torch.Tensor]:
         return [(layer(x) - y).pow(2).sum()]
 
-    g = path_gradients(layer, weights, {"w": aligned}, {"w": delta}, loss, steps)["w"]
+    g = path_gradients(weights, {"w": aligned}, {"w": delta}, loss, steps)["w"]
     points = [(m + 0.5) / steps for m in range(steps)]
     by_hand = sum(2 * torch.outer((aligned + t * delta) @ x - y, x) for t in points) / steps
     torch.testing.assert_close(g, by_hand)

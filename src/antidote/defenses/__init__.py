@@ -12,8 +12,8 @@ From a package of your own, without editing antidote: point an `antidote.defense
 # One line per method (importing a module registers it).
 from antidote.defenses import antidote as _antidote  # noqa: F401
 from antidote.defenses import booster as _booster  # noqa: F401
-from antidote.defenses import ldifs as _ldifs  # noqa: F401
 from antidote.defenses import harm_revert as _harm_revert  # noqa: F401
+from antidote.defenses import ldifs as _ldifs  # noqa: F401
 from antidote.defenses import lisa as _lisa  # noqa: F401
 from antidote.defenses import lox as _lox  # noqa: F401
 from antidote.defenses import magnitude_prune as _magnitude_prune  # noqa: F401

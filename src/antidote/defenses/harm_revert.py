@@ -100,7 +100,6 @@ def attribution_scores(
 
 
 def path_gradients(
-    model: nn.Module,
     weights: Mapping[str, nn.Parameter],
     aligned: Mapping[str, torch.Tensor],
     deltas: Mapping[str, torch.Tensor],
@@ -130,7 +129,6 @@ def path_gradients(
         with torch.no_grad():
             for name, w in weights.items():
                 w.copy_(finetuned[name])
-    del model
     return total
 
 
@@ -329,12 +327,11 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
     model.eval()
     loading = time.perf_counter() - start
     harm_grad = path_gradients(
-        model, weights, aligned, deltas, _mean_loss_terms(model, harm_pairs, config.batch_size), config.steps
+        weights, aligned, deltas, _mean_loss_terms(model, harm_pairs, config.batch_size), config.steps
     )
     task_grad = None
     if keep_pairs and config.task_weight > 0:
         task_grad = path_gradients(
-            model,
             weights,
             aligned,
             deltas,
