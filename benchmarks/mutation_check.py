@@ -89,7 +89,7 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "stage cache ignores a changed input": (
         "src/antidote/experiments/cache.py",
-        "            return [value, stat.st_size, stat.st_mtime_ns]",
+        "            return [value, stat.st_size, file_digest(path, stat)]",
         "            return value",
         ["tests/test_cache.py"],
     ),
