@@ -788,3 +788,32 @@ def test_reverse_builds_the_same_stages_from_the_other_end(tiny: dict[str, Path]
     assert sorted(forward) == sorted(backward) and forward != backward
     first = forward.index("random-prune") < forward.index("magnitude-prune")
     assert (backward.index("random-prune") < backward.index("magnitude-prune")) != first
+
+
+def test_the_hs_fa_plot_draws_each_table_rows_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The table's rows get error bars from their own 95% intervals; a variant row outside the table, and a
+    row without an interval, get none."""
+    import dataclasses
+
+    from antidote.experiments import compare_plots
+    from antidote.experiments.rows import TableEntry
+
+    def entry(label: str, in_table: bool, low: float | None) -> TableEntry:
+        values: dict[str, Any] = {f.name: None for f in dataclasses.fields(TableEntry)}
+        stat = {"mean": 50.0, "low": low, "high": None if low is None else 60.0, "n": 3}
+        values.update(judge_spec="keyword", judge="keyword", label=label, defense=label, in_table=in_table)
+        values.update(hs=stat, fa={**stat, "mean": 80.0, "high": None if low is None else 85.0})
+        values.update(degenerate={"mean": 0.0}, over_refusal={"mean": 5.0}, broken="", on_front=False)
+        return TableEntry(**values)
+
+    figures: list[Any] = []
+    monkeypatch.setattr(compare_plots, "_save", lambda fig, path: figures.append(fig))
+    entries = [entry("a", True, 40.0), entry("b@0.1", False, 40.0), entry("c", True, None)]
+    compare_plots.hs_vs_fa(entries, tmp_path / "p.png")
+    bars = [c for c in figures[0].axes[0].containers if type(c).__name__ == "ErrorbarContainer"]
+    assert len(bars) == 1
+    (x_segments, y_segments) = (bars[0].lines[2][0].get_segments(), bars[0].lines[2][1].get_segments())
+    assert [list(map(list, s)) for s in x_segments] == [[[40.0, 50.0], [85.0, 50.0]]]  # FA 40..85 at HS 50
+    assert [list(map(list, s)) for s in y_segments] == [[[80.0, 40.0], [80.0, 60.0]]]  # HS 40..60 at FA 80

@@ -114,6 +114,18 @@ def hs_vs_fa(entries: list[TableEntry], path: Path) -> Path:
         pts = [t for t in entries if t.label == label]
         style = {"color": "gray", "marker": "x"} if label in REFERENCE else _style(i)
         ax.scatter([t.fa["mean"] for t in pts], [t.hs["mean"] for t in pts], label=label, **style)
+        for t in pts:  # the table's rows carry their 95% intervals (over prompts, and seeds where several)
+            if t.in_table and None not in (t.hs.get("low"), t.fa.get("low")):
+                ax.errorbar(
+                    t.fa["mean"],
+                    t.hs["mean"],
+                    xerr=[[t.fa["mean"] - t.fa["low"]], [t.fa["high"] - t.fa["mean"]]],
+                    yerr=[[t.hs["mean"] - t.hs["low"]], [t.hs["high"] - t.hs["mean"]]],
+                    fmt="none",
+                    ecolor=style["color"],
+                    elinewidth=0.6,
+                    alpha=0.5,
+                )
         degenerate = [t.degenerate["mean"] for t in pts]
         side.scatter([t.over_refusal["mean"] for t in pts], degenerate, **style)
     _ring(ax, entries, "fa", "hs")
@@ -123,7 +135,7 @@ def hs_vs_fa(entries: list[TableEntry], path: Path) -> Path:
     side.set_title("What a low HS may hide", fontsize=9)
     ax.set_xlabel("fine-tuning accuracy FA (%)")
     ax.set_ylabel(f"harmful score HS (%, {entries[0].judge} judge)")
-    ax.set_title("Harm against task accuracy, every defense and setting")
+    ax.set_title("Harm against task accuracy, every defense and setting (bars: 95% intervals)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     _save(fig, path)
