@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -197,6 +198,15 @@ def check_output_file(
 
 
 # ---- recovery -----------------------------------------------------------------------------------------
+
+
+def sha256_file(path: PathLike) -> str:
+    """The sha256 (hex) of a file's bytes, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def pid_alive(pid: int) -> bool:

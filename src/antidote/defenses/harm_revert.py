@@ -46,6 +46,7 @@ from antidote.defenses.weight_edit import (
     config_record,
     fold_adapter,
     load_finetuned,
+    lora_layers,
     save_full_model,
     write_report,
 )
@@ -305,19 +306,18 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
     template = saved_template(config.adapter, config.model) if config.template == "auto" else config.template
     loaded = load_finetuned(config)
     harm_pairs, keep_pairs = _pairs(config, loaded.tokenizer, template)
+    # W_aligned of the adapted layers only (the rest of the model is not edited), then W_ft and dW
+    aligned = {
+        f"{name}.weight": layer.base_layer.weight.detach().cpu().clone()
+        for name, layer in lora_layers(loaded).items()
+    }
     deltas: dict[str, torch.Tensor] = {}
 
     def keep_delta(name: str, delta: torch.Tensor) -> torch.Tensor:
         deltas[name] = delta.detach().cpu().clone()
         return delta
 
-    from antidote.defenses.weight_edit import dense_parameters
-
-    dense = dense_parameters(loaded)
-    aligned_all = {name: p.detach().cpu().clone() for name, p in dense.items()}
-    model = fold_adapter(loaded, keep_delta)  # W_ft; deltas now holds dW of every fine-tuned layer
-    aligned = {name: aligned_all[name] for name in deltas}
-    del aligned_all
+    model = fold_adapter(loaded, keep_delta)
     params = dict(model.named_parameters())
     for p in params.values():
         p.requires_grad_(False)
@@ -345,11 +345,11 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
     gradients = time.perf_counter() - start - loading
     folders: dict[str, Path] = {}
     total = sum(s.numel() for s in scores.values())
+    finetuned = {name: w.detach().clone() for name, w in weights.items()}  # put back after each ratio
     with atomic_output_dir(out, config.overwrite) as tmp:
         for ratio in config.mask_ratios:
             masks = select_reverted(scores, ratio)
             with torch.no_grad():
-                finetuned = {n: weights[n].detach().clone() for n in masks}
                 for name, mask in masks.items():
                     w = weights[name]
                     w[mask.to(w.device)] = aligned[name].to(w.device, w.dtype)[mask.to(w.device)]

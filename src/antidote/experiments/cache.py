@@ -36,7 +36,7 @@ from typing import Any
 
 from antidote.errors import AntidoteError
 from antidote.memory import read_peak_memory, release_memory, reset_peak_memory
-from antidote.outputs import json_text, pid_alive
+from antidote.outputs import json_text, pid_alive, sha256_file
 
 # Bump when a stage's code changes what it writes: old cache entries are then not reused.
 # 3: one tokenization of a pair (BOS in training), each task's own answer length at evaluation.
@@ -58,14 +58,10 @@ def file_digest(path: Path, stat: os.stat_result) -> str:
         return "not a regular file"
     memo = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
     if memo not in _DIGESTS:
-        digest = hashlib.sha256()
         try:
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    digest.update(chunk)
+            _DIGESTS[memo] = sha256_file(path)
         except OSError as err:
             return f"unreadable ({err.strerror})"
-        _DIGESTS[memo] = digest.hexdigest()
     return _DIGESTS[memo]
 
 
