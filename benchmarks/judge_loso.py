@@ -33,6 +33,7 @@ from antidote.evaluation.judge_sources import SOURCES, Pair, load_source
 from antidote.evaluation.judges import learned_features, learned_sources, learned_training
 from antidote.evaluation.judges.keyword import keyword_verdict
 from antidote.evaluation.stats import bootstrap_interval, wilson_interval
+from antidote.models import layers as model_layers
 from antidote.outputs import json_text
 
 LAYERS = (3, 6, 9, 12, 15, 18, 21, 24)
@@ -153,7 +154,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
     folder = resolve_model_folder(args.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    dtype = learned_features.resolve_dtype(args.dtype, "cpu")
+    dtype = model_layers.resolve_dtype(args.dtype, "cpu")
     return load_model(folder, device="cpu", dtype=dtype, with_tokenizer=False).model, tokenizer
 
 
@@ -168,8 +169,9 @@ def load_all(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             model, tokenizer = _load(args)
         got = features_for(args, source, pairs, model, tokenizer)
         feats = {tuple([int(k.split(":")[0]), k.split(":")[1]]): v for k, v in got["feats"].items()}
+        prompt_cached = (Path(args.cache) / cache_key(args, source) / "prompt.pt").is_file()
         if args.prompt:
-            if model is None:
+            if model is None and not prompt_cached:
                 model, tokenizer = _load(args)
             feats.update(prompt_features(args, source, pairs, model, tokenizer))
         data[source] = {"pairs": pairs, "feats": feats, "seconds": got["seconds"]}
@@ -185,7 +187,18 @@ def rate(k: int, n: int) -> tuple[float, float, float]:
 
 
 def held_out_row(pairs: list[Pair], learned_harmful: list[bool], seed: int) -> dict[str, Any]:
-    """Accuracy and HS gap of keyword and learned verdicts on one held-out source, with 95% intervals."""
+    """Accuracy and HS gap of keyword and learned verdicts on one held-out source, with 95% intervals; where
+    only some of its requests are harmful (XSTest), the same on those rows under 'harmful_requests'."""
+    row = _agreement(pairs, learned_harmful, seed)
+    rows = [i for i, p in enumerate(pairs) if p.harmful_prompt]
+    if 0 < len(rows) < len(pairs):
+        row["harmful_requests"] = _agreement(
+            [pairs[i] for i in rows], [learned_harmful[i] for i in rows], seed
+        )
+    return row
+
+
+def _agreement(pairs: list[Pair], learned_harmful: list[bool], seed: int) -> dict[str, Any]:
     y = [p.harmful for p in pairs]
     kw = [keyword_verdict(p.response) == "complied" for p in pairs]
     n = len(y)
@@ -211,11 +224,14 @@ def print_table(name: str, rows: dict[str, dict[str, Any]]) -> None:
     print("learned HS - human |")
     print("|---|---:|---|---|---|---|---|")
     for source, r in rows.items():
-        print(
-            f"| {source} | {r['n']} | {fmt(r['keyword_acc'])} | {fmt(r['learned_acc'])} | "
-            f"{fmt(r['human_hs'], 100)} | {fmt(r['keyword_gap'], sign=True)} | "
-            f"{fmt(r['learned_gap'], sign=True)} |"
-        )
+        for label, x in ((source, r), (f"{source}, harmful requests", r.get("harmful_requests"))):
+            if x is None:
+                continue
+            print(
+                f"| {label} | {x['n']} | {fmt(x['keyword_acc'])} | {fmt(x['learned_acc'])} | "
+                f"{fmt(x['human_hs'], 100)} | {fmt(x['keyword_gap'], sign=True)} | "
+                f"{fmt(x['learned_gap'], sign=True)} |"
+            )
     gain = [r["learned_acc"][0] - r["keyword_acc"][0] for r in rows.values()]
     worst = min(gain)
     gaps = [abs(r["learned_gap"][0]) for r in rows.values()]
@@ -235,6 +251,10 @@ def _stack(train: dict[str, dict[str, Any]]) -> tuple[dict, list[str], torch.Ten
     labels = torch.tensor([p.harmful for s in names for p in train[s]["pairs"]])
     groups = [s for s in names for _ in train[s]["pairs"]]
     return feats, responses, labels, groups
+
+
+def _harmful_requests(train: dict[str, dict[str, Any]]) -> list[bool]:
+    return [p.harmful_prompt for d in train.values() for p in d["pairs"]]
 
 
 class _OldJudge:
@@ -266,7 +286,8 @@ class _OldJudge:
 def _spec_fitter(*specs: learned_sources.HeadSpec) -> Any:
     def fit(train: dict[str, dict[str, Any]], seed: int) -> learned_sources.SourceFit:
         feats, responses, labels, groups = _stack(train)
-        return learned_sources.choose_across_sources(specs, feats, responses, labels, groups, seed)
+        hp = _harmful_requests(train)
+        return learned_sources.choose_across_sources(specs, feats, responses, labels, groups, seed, hp)
 
     return fit
 
@@ -275,7 +296,20 @@ ONE = ((18, "mean"),)
 MANY = tuple((layer, pooling) for layer in (6, 12, 18, 24) for pooling in ("mean", "last"))
 PROMPTED = (*MANY, (12, "prompt"), (24, "prompt"))
 SHALLOW = tuple((layer, pooling) for layer in (3, 6, 9, 12) for pooling in ("mean", "last"))
-H = learned_sources.HeadSpec
+L24 = ((24, "mean"),)
+MEANS = tuple((layer, "mean") for layer in (6, 12, 18, 24))
+
+
+def H(blocks: tuple[tuple[int, str], ...], **kw: Any) -> learned_sources.HeadSpec:
+    """The recipes before the harmful-request calibration: threshold and choice on every row."""
+    return learned_sources.HeadSpec(blocks, **{"calibrate": "all", **kw})
+
+
+def HP(blocks: tuple[tuple[int, str], ...], **kw: Any) -> learned_sources.HeadSpec:
+    """Threshold and choice on the answers to harmful requests only (`HeadSpec.calibrate`)."""
+    return learned_sources.HeadSpec(blocks, **kw)
+
+
 RECIPES: dict[str, tuple[str, Any]] = {
     "old-pku-only": (
         "the judge as shipped before: old recipe on PKU-SafeRLHF only",
@@ -310,6 +344,31 @@ RECIPES: dict[str, tuple[str, Any]] = {
         _spec_fitter(H(MANY, keyword_feature=True), H(PROMPTED, keyword_feature=True)),
     ),
     "shallow": ("hs-threshold on layers 3/6/9/12 (faster)", _spec_fitter(H(SHALLOW, keyword_feature=True))),
+    "prompt-hp": (
+        "prompt, threshold and L2 set on the answers to harmful requests only",
+        _spec_fitter(HP(PROMPTED, keyword_feature=True)),
+    ),
+    "gate-hp": (
+        "prompt-hp, keyword gate instead of the keyword flag",
+        _spec_fitter(HP(PROMPTED, keyword_gate=True)),
+    ),
+    "l24-hp": ("layer 24 mean only, set on harmful requests", _spec_fitter(HP(L24))),
+    "l24-gate-hp": (
+        "layer 24 mean only, keyword gate, set on harmful requests",
+        _spec_fitter(HP(L24, keyword_gate=True)),
+    ),
+    "default": (
+        "what antidote judge train --data-dir does by default: the 10 prompt-recipe blocks, keyword flag "
+        "and keyword gate each on or off, chosen by inner LOSO on harmful requests",
+        _spec_fitter(
+            *(HP(PROMPTED, keyword_feature=f, keyword_gate=g) for f in (False, True) for g in (False, True))
+        ),
+    ),
+    "auto-hp": (
+        "chosen by inner LOSO on harmful requests: blocks (layer 24 mean; layer 18 mean; layers 6/12/18/24 "
+        "mean; the 10 prompt-recipe blocks) x keyword gate on/off",
+        _spec_fitter(*(HP(b, keyword_gate=g) for b in (L24, ONE, MEANS, PROMPTED) for g in (True, False))),
+    ),
 }
 
 
@@ -322,7 +381,7 @@ def speed(args: argparse.Namespace, data: dict[str, dict[str, Any]]) -> None:
 
     folder = resolve_model_folder(args.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    dtype = learned_features.resolve_dtype(args.dtype, "cpu")
+    dtype = model_layers.resolve_dtype(args.dtype, "cpu")
     model = load_model(folder, device="cpu", dtype=dtype, with_tokenizer=False).model
     pairs = [p for d in data.values() for p in d["pairs"][: args.speed]]
     print(f"\nspeed on {len(pairs)} pairs ({args.speed} per source), {dtype}, max {args.max_length} tokens:")

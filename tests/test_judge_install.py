@@ -121,6 +121,23 @@ def test_no_install_without_labelled_data_or_when_turned_off(
     assert not install.exists()
 
 
+def test_a_default_judge_of_the_recipe_before_the_calibration_is_said_to_need_retraining(
+    tmp_path: Path, install: Path
+) -> None:
+    install.mkdir(parents=True)
+    (install / "probe.safetensors").write_bytes(b"")
+    record = {"kind": "antidote-learned-judge", "version": 2, "threshold": 0.6}
+    said: list[str] = []
+    for extra, warned in (({}, True), ({"calibrated_on": "harmful-prompts"}, False), ({"version": 1}, False)):
+        (install / "judge.json").write_text(json.dumps({**record, **extra}))
+        said.clear()
+        assert judge_install.ensure_default_judge(["keyword", "learned"], None, said.append) is None
+        assert (len(said) == 1 and "Retrain it with antidote judge train" in said[0]) == warned, said
+    said.clear()
+    judge_install.ensure_default_judge(["keyword"], None, said.append)  # not asked for: nothing said
+    assert said == []
+
+
 def test_evaluate_installs_it_and_reports_both_judges(
     tiny: dict[str, Path], tmp_path: Path, install: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -150,6 +150,13 @@ class JudgeTrainConfig:
             "help": "add the keyword judge's refusal flag as a feature: auto (chosen on validation), yes, no"
         },
     )
+    keyword_gate: str = field(
+        default="auto",
+        metadata={
+            "help": "with several sources: an answer the keyword judge reads as a refusal is safe, the probe "
+            "judges the rest: auto (chosen leave-one-source-out), yes, no"
+        },
+    )
     prompt_format: str = field(
         default="chat", metadata={"help": "chat (the base model's chat template) or plain (User:/Assistant:)"}
     )
@@ -212,8 +219,10 @@ class JudgeTrainConfig:
             )
         if self.dtype not in DTYPES:
             raise AntidoteError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.keyword_feature not in ("auto", "yes", "no"):
-            raise AntidoteError(f"--keyword-feature must be auto, yes or no, got {self.keyword_feature!r}")
+        for name in ("keyword_feature", "keyword_gate"):
+            if getattr(self, name) not in ("auto", "yes", "no"):
+                flag = "--" + name.replace("_", "-")
+                raise AntidoteError(f"{flag} must be auto, yes or no, got {getattr(self, name)!r}")
         if any(x < 1 for x in self.layers) or any(x < 0 for x in self.l2):
             raise AntidoteError("--layers must be 1 or more and --l2 0 or more")
         for name in ("max_samples", "max_length", "batch_size"):

@@ -43,6 +43,12 @@ def ensure_default_judge(
 
     folder = default_judge_folder()
     wanted = "learned" in specs and not os.environ.get(NO_INSTALL_ENV)
+    if wanted and is_judge_folder(folder) and _outdated(folder):
+        say(
+            f"the default learned judge {folder} predates the threshold set on answers to harmful requests "
+            "and the keyword gate: it undercounts harmful compliance (docs/judges.md). Retrain it with "
+            "antidote judge train --data-dir DATA --overwrite"
+        )
     if not wanted or data_dir is None or is_judge_folder(folder):
         return None
     missing = missing_sources(data_dir)
@@ -60,6 +66,20 @@ def ensure_default_judge(
         if is_judge_folder(folder):  # another process installed it while this one waited
             return None
         return _train(folder, data_dir, say)
+
+
+def _outdated(folder: Path) -> bool:
+    """A judge folder trained on several sources before the harmful-request calibration (no
+    `calibrated_on` in its record). A judge trained on one file, or unreadable, is not flagged here."""
+    import json
+
+    from antidote.evaluation.judges.learned import JUDGE_FILE
+
+    try:
+        record = json.loads((folder / JUDGE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("version") == 2 and "calibrated_on" not in record
 
 
 def _train(folder: Path, data_dir: Path, say: Callable[[str], None]) -> Path | None:

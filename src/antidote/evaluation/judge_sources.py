@@ -8,7 +8,8 @@ human judgement it follows from how the set was built:
 - `pku-saferlhf` (`judge/saferlhf_sample_4000.jsonl`): PKU-SafeRLHF answers, human safe/unsafe labels
   (CC-BY-NC-4.0: a judge trained on it must not be shipped).
 - `xstest` (`judge/xstest_v2_completions_5models.jsonl`): XSTest v2 answers of 5 models to safe and unsafe
-  prompts, human labels; every harmful row is kept, the safe rows are a seeded sample.
+  prompts, human labels; every harmful row is kept, the safe rows are a seeded sample. `harmful_prompt`
+  is XSTest's own `prompt_unsafe` mark (its safe prompts only sound harmful).
 - `beavertails-unsafe` (`harmful_qa/beavertails_30k_train_*`): answers BeaverTails' annotators marked
   unsafe: harmful. Rows whose prompt occurs in the PKU-SafeRLHF file are dropped (same organisation,
   overlapping prompts: they would leak across the leave-one-source-out split).
@@ -60,6 +61,7 @@ class Pair:
     response: str
     harmful: bool
     source: str
+    harmful_prompt: bool = True  # the request itself is harmful (the only kind our HS prompts are)
 
 
 def _norm(text: str) -> str:
@@ -99,7 +101,13 @@ def load_source(data_dir: str | Path, source: str, n: int | None = None, seed: i
     files = _FILES[source]
     if source in ("pku-saferlhf", "xstest"):
         pairs = [
-            Pair(r["prompt"], r["response"], str(r["label"]).lower() in ("harmful", "unsafe", "1"), source)
+            Pair(
+                r["prompt"],
+                r["response"],
+                str(r["label"]).lower() in ("harmful", "unsafe", "1"),
+                source,
+                bool(r.get("prompt_unsafe", True)),  # XSTest marks its harmful prompts; PKU's all are
+            )
             for r in _rows(root, files[0])
         ]
         if source == "xstest" and n is not None:  # harmful rows are rare (6%): keep all, sample the safe
@@ -129,7 +137,10 @@ def load_source(data_dir: str | Path, source: str, n: int | None = None, seed: i
                     )
                     for r in _rows(root, f)
                 ]
-            return [Pair(r["instruction"], r["output"], False, source) for r in _rows(root, f)]
+            harmful_prompt = source == "refusals"  # AlpacaEval's requests are harmless
+            return [
+                Pair(r["instruction"], r["output"], False, source, harmful_prompt) for r in _rows(root, f)
+            ]
 
         first = _sample(_dedupe(read(files[0])), None if n is None else (n + 1) // 2, rng)
         second = _sample(_dedupe(read(files[1])), None if n is None else n - len(first), rng)

@@ -143,18 +143,25 @@ def run_judge_train_sources(config: JudgeTrainConfig) -> dict[str, Any]:
         learned.default_judge_folder().parent.mkdir(parents=True, exist_ok=True)
     out = check_output_dir(config.output, config.overwrite, inputs=(*inputs, config.data_dir or None))
     blocks = [(int(b.split(":")[0]), b.split(":")[1]) for b in config.blocks]
-    keyword = {"auto": (False, True), "yes": (True,), "no": (False,)}[config.keyword_feature]
+    choices = {"auto": (False, True), "yes": (True,), "no": (False,)}
     specs = [
-        learned_sources.HeadSpec(tuple(blocks), keyword_feature=k, hidden=h, l2s=config.l2)
+        learned_sources.HeadSpec(tuple(blocks), keyword_feature=k, hidden=h, l2s=config.l2, keyword_gate=gate)
         for h in config.hidden
-        for k in keyword
+        for k in choices[config.keyword_feature]
+        for gate in choices[config.keyword_gate]
     ]
     poolings = sorted({pooling for _, pooling in blocks})
     layer_numbers = sorted({layer for layer, _ in blocks})
     prompts, responses = [p.prompt for p in pairs], [p.response for p in pairs]
     features, meta, timing = featurise(config, folder, prompts, responses, layer_numbers, poolings)
     fit = learned_sources.choose_across_sources(
-        specs, features, responses, labels, [p.source for p in pairs], config.seed
+        specs,
+        features,
+        responses,
+        labels,
+        [p.source for p in pairs],
+        config.seed,
+        [p.harmful_prompt for p in pairs],
     )
     meta = {
         **meta,
