@@ -809,7 +809,7 @@ def test_the_hs_fa_plot_draws_each_table_rows_interval(
         return TableEntry(**values)
 
     figures: list[Any] = []
-    monkeypatch.setattr(compare_plots, "_save", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr(compare_plots, "save_figure", lambda fig, path: figures.append(fig))
     entries = [entry("a", True, 40.0), entry("b@0.1", False, 40.0), entry("c", True, None)]
     compare_plots.hs_vs_fa(entries, tmp_path / "p.png")
     bars = [c for c in figures[0].axes[0].containers if type(c).__name__ == "ErrorbarContainer"]

@@ -335,6 +335,17 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as PNG under a unique temporary name, close it, then rename it into place:
+    parts of a plot written at once (two processes) never mix, and a reader never sees half a file."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def write_marker(folder: Path, what: str) -> None:
     """Mark `folder` as an antidote output: the tool, its version, what wrote it and when."""
     from antidote import __version__

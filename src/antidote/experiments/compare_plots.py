@@ -13,9 +13,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import torch
 from antidote.experiments.front import value
 from antidote.experiments.matrix import SFT
 from antidote.experiments.rows import ResultRow, TableEntry
+from antidote.outputs import save_figure
 
 REFERENCE = ("base", "aligned")
 MASK_FILE = "antidote_mask.safetensors"
@@ -38,13 +37,6 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _save(fig: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}.png")  # parts at once
-    fig.savefig(tmp, dpi=120)
-    _pyplot().close(fig)
-    os.replace(tmp, path)
 
 
 def write_all(
@@ -138,7 +130,7 @@ def hs_vs_fa(entries: list[TableEntry], path: Path) -> Path:
     ax.set_title("Harm against task accuracy, every defense and setting (bars: 95% intervals)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return path
 
 
@@ -159,7 +151,7 @@ def hs_against(entries: list[TableEntry], key: str, path: Path) -> Path:
     ax.set_title(f"HS against the attack's {key} (other settings at default)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return path
 
 
@@ -188,7 +180,7 @@ def mask_ratio_plot(entries: list[TableEntry], path: Path) -> Path | None:
     ax.set_title("Antidote: harm and accuracy against the share pruned")
     ax.legend()
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return path
 
 
@@ -249,5 +241,5 @@ def mask_heatmap(stage: Path, path: Path) -> Path | None:
     ax.set_title(f"Antidote: % pruned per layer and module (ratio {ratio:g})", fontsize=9)
     fig.colorbar(image, ax=ax, label="% of weights pruned")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return path

@@ -3,13 +3,12 @@ markdown table and the trade-off plot. Pure functions of the result rows."""
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from antidote.experiments.front import Margins, broken_reasons, flag, rule
+from antidote.outputs import save_figure
 
 
 def choose_operating_point(
@@ -187,7 +186,4 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.set_title("Harm against task accuracy per model (95% intervals); broken ringed red")
     ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}.png")  # parts at once
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
