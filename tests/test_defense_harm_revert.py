@@ -159,7 +159,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) 
     argv = ["defend", "harm-revert", str(tiny["model"]), "--adapter", str(tiny["adapter"]), "--output"]
     argv += [str(tmp_path / "o"), "--data", str(tiny["harmful"])]
     assert main([*argv, "--mask-ratio", "1.5"]) == 2
-    assert "must be numbers in (0, 1)" in capsys.readouterr().err
+    assert "--mask-ratio 1.5 is outside (0, 1)" in capsys.readouterr().err
+    assert main([*argv, "--mask-ratio", "0.1,0.1"]) == 2
+    assert "--mask-ratio lists a value twice" in capsys.readouterr().err
     assert main([*argv, "--task-weight", "nan"]) == 2
     assert "--task-weight must be a number >= 0" in capsys.readouterr().err
     assert main([*argv, "--task", "sst2"]) == 2

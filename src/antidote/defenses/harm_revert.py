@@ -51,7 +51,7 @@ from antidote.defenses.weight_edit import (
     write_report,
 )
 from antidote.errors import AntidoteError
-from antidote.realignment.config import parse_ratios
+from antidote.realignment.config import check_ratios
 
 if TYPE_CHECKING:
     import torch
@@ -202,11 +202,7 @@ class HarmRevertConfig(WeightEditConfig):
         super().__post_init__()
         from antidote.data.templates import check_template
 
-        self.mask_ratios = parse_ratios(self.mask_ratios)
-        if not self.mask_ratios or any(not (0.0 < r < 1.0) for r in self.mask_ratios):
-            raise AntidoteError(f"--mask-ratio {self.mask_ratios} must be numbers in (0, 1), e.g. 0.05")
-        if len(set(self.mask_ratios)) != len(self.mask_ratios):
-            raise AntidoteError(f"--mask-ratio lists a value twice: {self.mask_ratios}")
+        self.mask_ratios = check_ratios(self.mask_ratios)
         if not self.data:
             raise AntidoteError("harm-revert needs --data: harmful prompt+answer pairs (e.g. beavertails)")
         if (self.task is None) != (self.task_data is None):

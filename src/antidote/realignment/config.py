@@ -16,6 +16,19 @@ ACTIONS = ("zero", "revert")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def check_ratios(value: Any) -> tuple[float, ...]:
+    """`parse_ratios`, then refused in one line: none, one outside (0, 1) or NaN, one given twice."""
+    ratios = parse_ratios(value)
+    if not ratios:
+        raise AntidoteError("--mask-ratio is empty; give a number in (0, 1) such as 0.1")
+    for r in ratios:
+        if not (0.0 < r < 1.0) or math.isnan(r):
+            raise AntidoteError(f"--mask-ratio {r} is outside (0, 1); use e.g. 0.1 to prune 10%")
+    if len(set(ratios)) != len(ratios):
+        raise AntidoteError(f"--mask-ratio lists a value twice: {ratios}")
+    return ratios
+
+
 def parse_ratios(value: Any) -> tuple[float, ...]:
     """0.1, "0.1", "0.01,0.05,0.1" or [0.01, 0.05] -> a tuple of floats. Empty items are refused."""
     if isinstance(value, (int, float)):
@@ -149,9 +162,7 @@ class RealignConfig:
     )
 
     def __post_init__(self) -> None:
-        self.mask_ratios = parse_ratios(self.mask_ratios)
-        if not self.mask_ratios:
-            raise AntidoteError("--mask-ratio is empty; give a number in (0, 1) such as 0.1")
+        self.mask_ratios = check_ratios(self.mask_ratios)
         if self.push_to_hub is not None:
             if len(self.mask_ratios) != 1:
                 raise AntidoteError(
@@ -162,11 +173,6 @@ class RealignConfig:
                 raise AntidoteError(
                     f"--push-to-hub {self.push_to_hub!r} is not a hub repo id; write USER/NAME"
                 )
-        for r in self.mask_ratios:
-            if not (0.0 < r < 1.0) or math.isnan(r):
-                raise AntidoteError(f"--mask-ratio {r} is outside (0, 1); use e.g. 0.1 to prune 10%")
-        if len(set(self.mask_ratios)) != len(self.mask_ratios):
-            raise AntidoteError(f"--mask-ratio lists a value twice: {self.mask_ratios}")
         _one_of("--score", self.score, SCORES)
         _one_of("--granularity", self.granularity, GRANULARITIES)
         _one_of("--action", self.action, ACTIONS)
