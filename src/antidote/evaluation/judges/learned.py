@@ -327,6 +327,8 @@ class LearnedJudge(Judge):
     """`learned:PATH` (or `learned`, the default folder): verdicts 'unsafe' / 'safe' from the probe,
     'degenerate' for garbage."""
 
+    version = 2  # 2: reads the keyword gate (a judge folder with it is judged differently by version 1)
+
     @classmethod
     def load(cls, path: str | None, *, default: str | None, device: str, dtype: str) -> LearnedJudge:
         return cls(str(judge_folder(path)), device=device)
