@@ -105,6 +105,18 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
         "            scores[name] += task_weight * c",
         ["tests/test_defense_harm_revert.py"],
     ),
+    "learned judge: the keyword gate left out of the inner predictions": (
+        "src/antidote/evaluation/judges/learned_sources.py",
+        "        p = gated(p, responses, spec.keyword_gate)\n",
+        "",
+        ["tests/test_judges_learned_sources.py"],
+    ),
+    "learned judge: threshold over every row, not the harmful requests": (
+        "src/antidote/evaluation/judges/learned_sources.py",
+        "            return hs_threshold(p[scored], y[scored], sg)",
+        "            return hs_threshold(p, y, g)",
+        ["tests/test_judges_learned_sources.py"],
+    ),
 }
 
 
