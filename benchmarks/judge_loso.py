@@ -297,6 +297,7 @@ MANY = tuple((layer, pooling) for layer in (6, 12, 18, 24) for pooling in ("mean
 PROMPTED = (*MANY, (12, "prompt"), (24, "prompt"))
 SHALLOW = tuple((layer, pooling) for layer in (3, 6, 9, 12) for pooling in ("mean", "last"))
 L24 = ((24, "mean"),)
+TRAIN_L2 = (0.001, 0.01, 0.1, 1.0)  # judge train's default --l2 grid
 MEANS = tuple((layer, "mean") for layer in (6, 12, 18, 24))
 
 
@@ -361,7 +362,11 @@ RECIPES: dict[str, tuple[str, Any]] = {
         "what antidote judge train --data-dir does by default: the 10 prompt-recipe blocks, keyword flag "
         "and keyword gate each on or off, chosen by inner LOSO on harmful requests",
         _spec_fitter(
-            *(HP(PROMPTED, keyword_feature=f, keyword_gate=g) for f in (False, True) for g in (False, True))
+            *(
+                HP(PROMPTED, keyword_feature=f, keyword_gate=g, l2s=TRAIN_L2)
+                for f in (False, True)
+                for g in (False, True)
+            )
         ),
     ),
     "auto-hp": (

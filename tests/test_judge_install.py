@@ -122,7 +122,7 @@ def test_no_install_without_labelled_data_or_when_turned_off(
 
 
 def test_a_default_judge_of_the_recipe_before_the_calibration_is_said_to_need_retraining(
-    tmp_path: Path, install: Path
+    tmp_path: Path, install: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     install.mkdir(parents=True)
     (install / "probe.safetensors").write_bytes(b"")
@@ -136,6 +136,12 @@ def test_a_default_judge_of_the_recipe_before_the_calibration_is_said_to_need_re
     said.clear()
     judge_install.ensure_default_judge(["keyword"], None, said.append)  # not asked for: nothing said
     assert said == []
+    (install / "judge.json").write_text(json.dumps(record))
+    monkeypatch.setenv(
+        judge_install.NO_INSTALL_ENV, "1"
+    )  # installs off: the old judge is still used, so said
+    judge_install.ensure_default_judge(["learned"], None, said.append)
+    assert len(said) == 1 and "Retrain it" in said[0]
 
 
 def test_evaluate_installs_it_and_reports_both_judges(

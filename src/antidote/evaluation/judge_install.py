@@ -43,7 +43,7 @@ def ensure_default_judge(
 
     folder = default_judge_folder()
     wanted = "learned" in specs and not os.environ.get(NO_INSTALL_ENV)
-    if wanted and is_judge_folder(folder) and _outdated(folder):
+    if "learned" in specs and is_judge_folder(folder) and _outdated(folder):  # said even with installs off
         say(
             f"the default learned judge {folder} predates the threshold set on answers to harmful requests "
             "and the keyword gate: it undercounts harmful compliance (docs/judges.md). Retrain it with "

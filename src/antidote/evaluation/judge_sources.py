@@ -82,6 +82,19 @@ def _text(row: dict[str, Any], *keys: str) -> str:
     raise AntidoteError(f"a row has none of the fields {', '.join(keys)}: {sorted(row)[:8]}")
 
 
+def _harmful_request(row: dict[str, Any]) -> bool:
+    """XSTest's own mark of its harmful prompts (`prompt_unsafe`: true/false, or the strings); a row
+    without it (PKU-SafeRLHF's) is an answer to a harmful request. Anything else is refused."""
+    mark = row.get("prompt_unsafe", True)
+    if isinstance(mark, str) and mark.strip().lower() in ("true", "false"):
+        return mark.strip().lower() == "true"
+    if not isinstance(mark, bool):
+        raise AntidoteError(
+            f"prompt_unsafe must be true or false, got {mark!r} in a row of {row.get('prompt')!r}"
+        )
+    return mark
+
+
 def _sample(pairs: list[Pair], n: int | None, rng: random.Random) -> list[Pair]:
     return pairs if n is None or n >= len(pairs) else rng.sample(pairs, n)
 
@@ -106,7 +119,7 @@ def load_source(data_dir: str | Path, source: str, n: int | None = None, seed: i
                 r["response"],
                 str(r["label"]).lower() in ("harmful", "unsafe", "1"),
                 source,
-                bool(r.get("prompt_unsafe", True)),  # XSTest marks its harmful prompts; PKU's all are
+                _harmful_request(r),
             )
             for r in _rows(root, files[0])
         ]
