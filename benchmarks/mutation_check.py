@@ -107,7 +107,7 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "learned judge: the keyword gate left out of the inner predictions": (
         "src/antidote/evaluation/judges/learned_sources.py",
-        "        p = gated(p, responses, spec.keyword_gate)\n",
+        "        p = gated(p, mask)\n",
         "",
         ["tests/test_judges_learned_sources.py"],
     ),

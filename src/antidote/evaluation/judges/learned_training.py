@@ -90,12 +90,18 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 MIN_CUT = 1e-9
 
 
-def best_threshold(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(threshold, accuracy): the cut t maximising accuracy of `probs >= t`, as a midpoint between
-    neighbouring distinct probabilities (ties: the one nearest 0.5)."""
+def candidate_cuts(probs: torch.Tensor) -> torch.Tensor:
+    """Every distinct way to cut `probs >= t`: the midpoints between neighbouring distinct probabilities,
+    and just below / above the extremes, clamped to [MIN_CUT, 1] (float64)."""
     values = probs.double().unique()
     cuts = torch.cat([values[:1] - 1e-6, (values[1:] + values[:-1]) / 2, values[-1:] + 1e-6])
-    cuts = cuts.clamp(MIN_CUT, 1)
+    return cuts.clamp(MIN_CUT, 1)
+
+
+def best_threshold(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(threshold, accuracy): the cut t maximising accuracy of `probs >= t`, among `candidate_cuts` (ties:
+    the one nearest 0.5)."""
+    cuts = candidate_cuts(probs)
     y = labels.bool()
     acc = ((probs.double()[None, :] >= cuts[:, None]) == y[None, :]).double().mean(1)
     best = acc.max()
