@@ -817,3 +817,54 @@ def test_the_hs_fa_plot_draws_each_table_rows_interval(
     (x_segments, y_segments) = (bars[0].lines[2][0].get_segments(), bars[0].lines[2][1].get_segments())
     assert [list(map(list, s)) for s in x_segments] == [[[40.0, 50.0], [85.0, 50.0]]]  # FA 40..85 at HS 50
     assert [list(map(list, s)) for s in y_segments] == [[[80.0, 40.0], [80.0, 60.0]]]  # HS 40..60 at FA 80
+
+
+def test_each_setting_and_judge_gets_its_own_hs_fa_plot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With two settings and two judges: the combined plot, then one plot per (judge, setting) holding only
+    that judge's rows at that setting."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from antidote.experiments import compare_plots
+    from antidote.experiments.rows import TableEntry
+
+    def entry(judge: str, setting: str, label: str, hs: float) -> TableEntry:
+        values: dict[str, Any] = {f.name: None for f in dataclasses.fields(TableEntry)}
+        values.update(
+            judge_spec=judge, judge=judge, setting=setting, label=label, defense=label, in_table=True
+        )
+        values.update(
+            hs={"mean": hs, "low": None, "high": None}, fa={"mean": 80.0, "low": None, "high": None}
+        )
+        values.update(degenerate={"mean": 0.0}, over_refusal={"mean": 5.0}, broken="", on_front=False)
+        return TableEntry(**values)
+
+    settings = ("lr=0.0005,epochs=1", "lr=0.002,epochs=1")
+    table = [
+        entry(j, s, d, hs)
+        for j in ("keyword", "learned")
+        for s in settings
+        for d, hs in (("sft", 90.0), ("x", 50.0))
+    ]
+    table.append(entry("keyword", settings[1], "antidote", 40.0))
+    saved: dict[str, Any] = {}
+    monkeypatch.setattr(compare_plots, "save_figure", lambda fig, path: saved.__setitem__(path.name, fig))
+    config = SimpleNamespace(matrix=SimpleNamespace(lr=None, epochs=None))
+    written = compare_plots.write_all(config, [], table, {}, tmp_path, tmp_path, "keyword")
+    assert [p.name for p in written] == [
+        "hs_vs_fa.png",
+        "hs_vs_fa-keyword-lr0.0005_epochs1.png",
+        "hs_vs_fa-keyword-lr0.002_epochs1.png",
+        "hs_vs_fa-learned-lr0.0005_epochs1.png",
+        "hs_vs_fa-learned-lr0.002_epochs1.png",
+    ]
+
+    def hs_plotted(name: str) -> list[float]:
+        axis = saved[name].axes[0]
+        return sorted(float(y) for c in axis.collections for _, y in c.get_offsets())
+
+    assert hs_plotted("hs_vs_fa.png") == [40.0, 50.0, 50.0, 90.0, 90.0]  # the first judge, every setting
+    assert hs_plotted("hs_vs_fa-keyword-lr0.002_epochs1.png") == [40.0, 50.0, 90.0]
+    assert hs_plotted("hs_vs_fa-learned-lr0.0005_epochs1.png") == [50.0, 90.0]

@@ -2,6 +2,8 @@
 - hs_vs_fa.png: HS against FA, one marker per defense (variant) and setting; a broken entry (`front.py`:
   degenerate or over-refusal past its margin) circled in red, an entry on the front boxed in black; a second
   panel: each entry's degenerate rate against its over-refusal;
+- hs_vs_fa-JUDGE-SETTING.png, when the matrix has several settings: the same for one setting and one judge
+  (every judge that scored), so each setting's front (drawn within the setting) reads on its own;
 - hs_vs_lr.png, hs_vs_epochs.png: HS against the attack's learning rate / epochs, one line per defense, the
   other matrix keys at their default (only for keys that the matrix varies); broken points circled in red;
 - antidote_mask_ratio.png: Antidote's HS, FA, degenerate and over-refusal rates against its mask ratio (0: the
@@ -54,6 +56,13 @@ def write_all(
     entries = [t for t in table if t.judge_spec == judge]
     at_default = [t for t in entries if all(t.setting_value(k) == v for k, v in default.items())]
     written = [hs_vs_fa(entries, folder / "hs_vs_fa.png")]
+    setting_names = list(dict.fromkeys(t.setting for t in table))
+    if len(setting_names) > 1:
+        for spec in dict.fromkeys(t.judge_spec for t in table):
+            for setting in setting_names:
+                some = [t for t in table if t.judge_spec == spec and t.setting == setting]
+                name = f"hs_vs_fa-{_slug(spec)}-{_slug(setting)}.png"
+                written.append(hs_vs_fa(some, folder / name, title=f"{setting} (95% intervals)"))
     for key in ("lr", "epochs"):
         values = getattr(config.matrix, key) or []
         if len(values) > 1:
@@ -98,7 +107,12 @@ def _ring(ax: Any, entries: list[TableEntry], x: str, y: str) -> None:
             ax.scatter(xs, ys, facecolors="none", linewidths=1.2, **style)
 
 
-def hs_vs_fa(entries: list[TableEntry], path: Path) -> Path:
+def _slug(text: str) -> str:
+    """A file-name-safe form of a judge spec or setting ('lr=0.002,epochs=1' -> 'lr0.002_epochs1')."""
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text.replace("=", "")).strip("_")[:80]
+
+
+def hs_vs_fa(entries: list[TableEntry], path: Path, title: str = "") -> Path:
     plt = _pyplot()
     fig, (ax, side) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     labels = list(dict.fromkeys(t.label for t in entries))
@@ -127,7 +141,9 @@ def hs_vs_fa(entries: list[TableEntry], path: Path) -> Path:
     side.set_title("What a low HS may hide", fontsize=9)
     ax.set_xlabel("fine-tuning accuracy FA (%)")
     ax.set_ylabel(f"harmful score HS (%, {entries[0].judge} judge)")
-    ax.set_title("Harm against task accuracy, every defense and setting (bars: 95% intervals)")
+    ax.set_title(
+        title or "Harm against task accuracy, every defense and setting (bars: 95% intervals)", fontsize=9
+    )
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     save_figure(fig, path)
