@@ -151,6 +151,13 @@ def test_disjoint_parts_of_the_real_data() -> None:
     train = read_rows("sst2:train", d)
     fit, heldout = read_rows("sst2:train-fit", d), read_rows("sst2:train-heldout", d)
     assert fit + heldout == train and len(heldout) == 500  # two consecutive parts of the one file
+    news = read_rows("agnews:train", d)
+    news_fit, news_heldout = read_rows("agnews:train-fit", d), read_rows("agnews:train-heldout", d)
+    assert news_fit + news_heldout == news and len(news_heldout) == 500
+    # the first 200 test articles (the AG News reports') are not in the train file (5 of 7600 further on are)
+    seen = {" ".join(r["text"].lower().split()) for r in news}
+    first = read_rows("agnews:test", d)[:200]
+    assert not {" ".join(r["description"].lower().split()) for r in first} & seen
     unsafe = {_text_key(r) for r in read_rows("beavertails:unsafe", d)}
     sample = read_rows("beavertails:sample140", d)
     kept = read_rows("beavertails:calibrate", d)

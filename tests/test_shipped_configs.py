@@ -96,21 +96,27 @@ def test_compare_paper_chooses_operating_points_on_validation_data() -> None:
 
 
 @needs_shared
+@pytest.mark.parametrize(
+    ("name", "cells", "stage"), [("compare-cpu.yaml", 21, "*"), ("compare-cpu-agnews.yaml", 3, "post")]
+)
 def test_compare_cpu_plans_offline_on_data_that_share_no_prompt(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any, name: str, cells: int, stage: str
 ) -> None:
-    """configs/compare-cpu.yaml: every defense at three seeds per setting; the attack's harmful pool, the
-    calibration data, the validation and the reported prompts share no prompt; the reported prompts cover
-    every CatQA category; the sizes are at least the floor (100 harmful, 200 task, 50 harmless)."""
+    """configs/compare-cpu.yaml (SST-2) and compare-cpu-agnews.yaml (AG News): every defense (the AG News
+    one: all but the alignment-stage ones) at three seeds per setting; the attack's harmful pool, the
+    calibration data, the validation and the reported prompts share no prompt, nor the task's three parts
+    their items; the reported prompts cover every CatQA category; the sizes are at least the floor (100
+    harmful, 200 task, 50 harmless)."""
     from antidote.defenses import REGISTRY
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    path = CONFIGS / "compare-cpu.yaml"
+    path = CONFIGS / name
     argv = ["compare", str(path), "--plan", "--data-dir", str(SHARED), "--output", str(tmp_path / "o")]
     assert main(argv) == 0
-    assert "21 cells" in capsys.readouterr().out and not (tmp_path / "o").exists()
+    assert f"{cells} cells" in capsys.readouterr().out and not (tmp_path / "o").exists()
     config: dict[str, Any] = yaml.safe_load(path.read_text())
-    assert set(config["matrix"]["all_seeds_for"]) == set(config["defenses"]) == {"sft", *REGISTRY}
+    wanted = {d for d, cls in REGISTRY.items() if stage == "*" or cls.stage != "align"}
+    assert set(config["matrix"]["all_seeds_for"]) == set(config["defenses"]) == {"sft", *wanted}
     assert config["matrix"]["seeds"] == [1, 2, 3]
     ev, va = config["evaluate"], config["validate"]
     assert ev["max_prompts"] >= 100 and ev["max_task"] >= 200 and ev["max_harmless"] >= 50
@@ -128,11 +134,15 @@ def test_compare_cpu_plans_offline_on_data_that_share_no_prompt(
     for a in sets:
         for b in sets:
             assert a == b or not sets[a] & sets[b], (a, b)
-    from antidote.data.catalog import read_rows
 
-    task = {r["sentence"] for r in read_rows(ev["task_data"], SHARED)}
-    train = {r["sentence"] for r in read_rows(va["task_data"], SHARED)}
-    attack = {r["sentence"] for r in read_rows(config["finetune"]["task_data"], SHARED)}
+    from antidote.tasks import load_task_items
+
+    def items(split: str, first: int | None = None) -> set[str]:
+        return {x for _, x, _ in load_task_items(ev["task"], split, data_dir=str(SHARED))[:first]}
+
+    task = items(ev["task_data"], ev["max_task"])
+    train = items(va["task_data"])
+    attack = items(config["finetune"]["task_data"])
     assert len(task) >= 200 and not task & train and not train & attack and not task & attack
     categories = {
         e.category

@@ -110,6 +110,13 @@ NAMED: dict[str, Named] = {
         "AG News articles (text or title+description, label)",
         {
             "train": Split("benign/agnews_train_sub5000.jsonl", ("fancyzhx/ag_news", None, "train")),
+            # as sst2's: one part to train on, one to validate on
+            "train-fit": Split(
+                "benign/agnews_train_sub5000.jsonl", ("fancyzhx/ag_news", None, "train"), rows=(0, 4500)
+            ),
+            "train-heldout": Split(
+                "benign/agnews_train_sub5000.jsonl", ("fancyzhx/ag_news", None, "train"), rows=(4500, 5000)
+            ),
             "test": Split("benign/agnews_test.jsonl", ("fancyzhx/ag_news", None, "test")),
         },
     ),
