@@ -868,3 +868,13 @@ def test_each_setting_and_judge_gets_its_own_hs_fa_plot(
     assert hs_plotted("hs_vs_fa.png") == [40.0, 50.0, 50.0, 90.0, 90.0]  # the first judge, every setting
     assert hs_plotted("hs_vs_fa-keyword-lr0.002_epochs1.png") == [40.0, 50.0, 90.0]
     assert hs_plotted("hs_vs_fa-learned-lr0.0005_epochs1.png") == [50.0, 90.0]
+
+    # one setting, two judges whose specs slug alike: each still gets a file of its own
+    saved.clear()
+    alike = [
+        entry(j, settings[0], "sft", hs) for j, hs in (("learned:/j/b-c", 90.0), ("learned:/j/b_c", 80.0))
+    ]
+    written = compare_plots.write_all(config, [], alike, {}, tmp_path, tmp_path, "learned:/j/b-c")
+    names = [p.name for p in written]
+    assert len(names) == len(set(names)) == 3 and names[1] == "hs_vs_fa-learned_j_b_c-lr0.0005_epochs1.png"
+    assert [hs_plotted(n) for n in names[1:]] == [[90.0], [80.0]]

@@ -2,8 +2,8 @@
 - hs_vs_fa.png: HS against FA, one marker per defense (variant) and setting; a broken entry (`front.py`:
   degenerate or over-refusal past its margin) circled in red, an entry on the front boxed in black; a second
   panel: each entry's degenerate rate against its over-refusal;
-- hs_vs_fa-JUDGE-SETTING.png, when the matrix has several settings: the same for one setting and one judge
-  (every judge that scored), so each setting's front (drawn within the setting) reads on its own;
+- hs_vs_fa-JUDGE-SETTING.png, when there are several settings or judges: the same for one setting and one
+  judge (every judge that scored), so each setting's front (drawn within the setting) reads on its own;
 - hs_vs_lr.png, hs_vs_epochs.png: HS against the attack's learning rate / epochs, one line per defense, the
   other matrix keys at their default (only for keys that the matrix varies); broken points circled in red;
 - antidote_mask_ratio.png: Antidote's HS, FA, degenerate and over-refusal rates against its mask ratio (0: the
@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -57,12 +58,19 @@ def write_all(
     at_default = [t for t in entries if all(t.setting_value(k) == v for k, v in default.items())]
     written = [hs_vs_fa(entries, folder / "hs_vs_fa.png")]
     setting_names = list(dict.fromkeys(t.setting for t in table))
-    if len(setting_names) > 1:
-        for spec in dict.fromkeys(t.judge_spec for t in table):
+    specs = list(dict.fromkeys(t.judge_spec for t in table))
+    if len(setting_names) > 1 or len(specs) > 1:
+        used: set[str] = set()
+        for spec in specs:
             for setting in setting_names:
                 some = [t for t in table if t.judge_spec == spec and t.setting == setting]
-                name = f"hs_vs_fa-{_slug(spec)}-{_slug(setting)}.png"
-                written.append(hs_vs_fa(some, folder / name, title=f"{setting} (95% intervals)"))
+                if not some:  # a judge left out of one setting
+                    continue
+                name = f"hs_vs_fa-{_slug(spec)}-{_slug(setting)}"
+                if name in used:  # two specs or settings alike once slugged: keep both files apart
+                    name += "-" + hashlib.sha1(f"{spec}\n{setting}".encode()).hexdigest()[:8]
+                used.add(name)
+                written.append(hs_vs_fa(some, folder / f"{name}.png", title=f"{setting} (95% intervals)"))
     for key in ("lr", "epochs"):
         values = getattr(config.matrix, key) or []
         if len(values) > 1:
