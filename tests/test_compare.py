@@ -848,7 +848,9 @@ def test_each_setting_and_judge_gets_its_own_hs_fa_plot(
         for s in settings
         for d, hs in (("sft", 90.0), ("x", 50.0))
     ]
-    table.append(entry("keyword", settings[1], "antidote", 40.0))
+    table.insert(
+        2, entry("keyword", settings[1], "antidote", 40.0)
+    )  # first in its setting, absent in the other
     saved: dict[str, Any] = {}
     monkeypatch.setattr(compare_plots, "save_figure", lambda fig, path: saved.__setitem__(path.name, fig))
     config = SimpleNamespace(matrix=SimpleNamespace(lr=None, epochs=None))
@@ -868,6 +870,15 @@ def test_each_setting_and_judge_gets_its_own_hs_fa_plot(
     assert hs_plotted("hs_vs_fa.png") == [40.0, 50.0, 50.0, 90.0, 90.0]  # the first judge, every setting
     assert hs_plotted("hs_vs_fa-keyword-lr0.002_epochs1.png") == [40.0, 50.0, 90.0]
     assert hs_plotted("hs_vs_fa-learned-lr0.0005_epochs1.png") == [50.0, 90.0]
+
+    def color(name: str, label: str) -> Any:
+        axis = saved[name].axes[0]
+        return next(c.get_facecolor()[0].tolist() for c in axis.collections if c.get_label() == label)
+
+    # "antidote" exists in one setting only; "x" must keep its style in both
+    assert color("hs_vs_fa-keyword-lr0.0005_epochs1.png", "x") == color(
+        "hs_vs_fa-keyword-lr0.002_epochs1.png", "x"
+    )
 
     # one setting, two judges whose specs slug alike: each still gets a file of its own
     saved.clear()

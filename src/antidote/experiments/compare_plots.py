@@ -61,6 +61,7 @@ def write_all(
     specs = list(dict.fromkeys(t.judge_spec for t in table))
     if len(setting_names) > 1 or len(specs) > 1:
         used: set[str] = set()
+        order = list(dict.fromkeys(t.label for t in table))  # one style per label across these plots
         for spec in specs:
             for setting in setting_names:
                 some = [t for t in table if t.judge_spec == spec and t.setting == setting]
@@ -70,7 +71,8 @@ def write_all(
                 if name in used:  # two specs or settings alike once slugged: keep both files apart
                     name += "-" + hashlib.sha1(f"{spec}\n{setting}".encode()).hexdigest()[:8]
                 used.add(name)
-                written.append(hs_vs_fa(some, folder / f"{name}.png", title=f"{setting} (95% intervals)"))
+                title = f"{setting} (95% intervals)"
+                written.append(hs_vs_fa(some, folder / f"{name}.png", title=title, order=order))
     for key in ("lr", "epochs"):
         values = getattr(config.matrix, key) or []
         if len(values) > 1:
@@ -120,13 +122,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", text.replace("=", "")).strip("_")[:80]
 
 
-def hs_vs_fa(entries: list[TableEntry], path: Path, title: str = "") -> Path:
+def hs_vs_fa(entries: list[TableEntry], path: Path, title: str = "", order: list[str] | None = None) -> Path:
+    """`order`: the labels whose positions pick each label's color and marker (default: the order in
+    `entries`), so that plots drawn from parts of one table style each defense alike."""
     plt = _pyplot()
     fig, (ax, side) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     labels = list(dict.fromkeys(t.label for t in entries))
     for i, label in enumerate(labels):
         pts = [t for t in entries if t.label == label]
-        style = {"color": "gray", "marker": "x"} if label in REFERENCE else _style(i)
+        index = order.index(label) if order and label in order else i
+        style = {"color": "gray", "marker": "x"} if label in REFERENCE else _style(index)
         ax.scatter([t.fa["mean"] for t in pts], [t.hs["mean"] for t in pts], label=label, **style)
         for t in pts:  # the table's rows carry their 95% intervals (over prompts, and seeds where several)
             if t.in_table and None not in (t.hs.get("low"), t.fa.get("low")):
