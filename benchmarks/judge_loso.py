@@ -19,6 +19,7 @@ training sources only: the held-out source is never looked at before it is score
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 
+from antidote.evaluation.judge_config import JudgeTrainConfig
 from antidote.evaluation.judge_sources import SOURCES, Pair, load_source
 from antidote.evaluation.judges import learned_features, learned_sources, learned_training
 from antidote.evaluation.judges.keyword import keyword_verdict
@@ -297,7 +299,7 @@ MANY = tuple((layer, pooling) for layer in (6, 12, 18, 24) for pooling in ("mean
 PROMPTED = (*MANY, (12, "prompt"), (24, "prompt"))
 SHALLOW = tuple((layer, pooling) for layer in (3, 6, 9, 12) for pooling in ("mean", "last"))
 L24 = ((24, "mean"),)
-TRAIN_L2 = (0.001, 0.01, 0.1, 1.0)  # judge train's default --l2 grid
+TRAIN_L2 = next(f.default for f in dataclasses.fields(JudgeTrainConfig) if f.name == "l2")  # judge train's
 MEANS = tuple((layer, "mean") for layer in (6, 12, 18, 24))
 
 

@@ -56,12 +56,12 @@ def write_all(
     `judge`: the judge spec whose rows are plotted."""
     entries = [t for t in table if t.judge_spec == judge]
     at_default = [t for t in entries if all(t.setting_value(k) == v for k, v in default.items())]
-    written = [hs_vs_fa(entries, folder / "hs_vs_fa.png")]
+    order = list(dict.fromkeys(t.label for t in table))  # one style per label across every HS-FA plot
+    written = [hs_vs_fa(entries, folder / "hs_vs_fa.png", order=order)]
     setting_names = list(dict.fromkeys(t.setting for t in table))
     specs = list(dict.fromkeys(t.judge_spec for t in table))
     if len(setting_names) > 1 or len(specs) > 1:
         used: set[str] = set()
-        order = list(dict.fromkeys(t.label for t in table))  # one style per label across these plots
         for spec in specs:
             for setting in setting_names:
                 some = [t for t in table if t.judge_spec == spec and t.setting == setting]
@@ -123,15 +123,16 @@ def _slug(text: str) -> str:
 
 
 def hs_vs_fa(entries: list[TableEntry], path: Path, title: str = "", order: list[str] | None = None) -> Path:
-    """`order`: the labels whose positions pick each label's color and marker (default: the order in
+    """`order`: every label, whose positions pick each label's color and marker (default: the order in
     `entries`), so that plots drawn from parts of one table style each defense alike."""
     plt = _pyplot()
     fig, (ax, side) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     labels = list(dict.fromkeys(t.label for t in entries))
-    for i, label in enumerate(labels):
+    for label in labels:
         pts = [t for t in entries if t.label == label]
-        index = order.index(label) if order and label in order else i
-        style = {"color": "gray", "marker": "x"} if label in REFERENCE else _style(index)
+        style = (
+            {"color": "gray", "marker": "x"} if label in REFERENCE else _style((order or labels).index(label))
+        )
         ax.scatter([t.fa["mean"] for t in pts], [t.hs["mean"] for t in pts], label=label, **style)
         for t in pts:  # the table's rows carry their 95% intervals (over prompts, and seeds where several)
             if t.in_table and None not in (t.hs.get("low"), t.fa.get("low")):
