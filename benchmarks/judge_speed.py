@@ -2,8 +2,8 @@
 
 Usage: python benchmarks/judge_speed.py --data-dir DATA [--judge PATH] [--per-source 40] [--threads 2]
 
-Takes the first --per-source pairs of every labelled source (docs/data-folder.md), loads the judge once (load
-time printed apart), then times its verdicts three ways in one run:
+Takes a seeded sample of --per-source pairs of every labelled source (docs/data-folder.md), loads the judge
+once (load time printed apart), then times its verdicts three ways in one run:
   - as the HS meets them: answers cut to 64 words, the keyword gate on where the judge has one;
   - the same answers with every pair sent through the model (no gate), the worst case;
   - whole answers (up to the judge's max_length tokens), the gate as recorded.
