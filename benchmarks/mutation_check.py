@@ -105,6 +105,18 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
         "            scores[name] += task_weight * c",
         ["tests/test_defense_harm_revert.py"],
     ),
+    "harm-revert component credit without its singular value": (
+        "src/antidote/defenses/harm_revert.py",
+        "        units = {name: s for name, (_, s, _) in parts.items()}",
+        "        units = {name: s * 0 + 1 for name, (_, s, _) in parts.items()}",
+        ["tests/test_defense_harm_revert.py"],
+    ),
+    "harm-revert component taken out along the wrong side": (
+        "src/antidote/defenses/harm_revert.py",
+        "    return ((u.T @ grad.float()) * v.T).sum(1)",
+        "    return ((u.T @ grad.float()) * v.T.flip(0)).sum(1)",
+        ["tests/test_defense_harm_revert.py"],
+    ),
     "learned judge: the keyword gate left out of the inner predictions": (
         "src/antidote/evaluation/judges/learned_sources.py",
         "        p = gated(p, mask)\n",

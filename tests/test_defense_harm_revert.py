@@ -129,6 +129,10 @@ def test_the_written_model_is_w_ft_with_the_selected_entries_put_back(tiny, tmp_
         "plain",
         "--mask-ratio",
         "0.1,0.4",
+        "--granularity",
+        "entry",
+        "--task-weight",
+        "1",
     ]
     assert main(argv) == 0
     aligned, deltas = weights_of(tiny)
@@ -155,6 +159,46 @@ def test_the_written_model_is_w_ft_with_the_selected_entries_put_back(tiny, tmp_
             assert torch.equal(written[name], aligned[name]), name
 
 
+def test_component_granularity_takes_out_exactly_the_top_rank_one_components(tiny, tmp_path: Path) -> None:
+    """Each layer's change is split by its SVD; a component's credit is the sum of its entries' credits
+    -G * s_i u_i v_i^T (computed here entry by entry, not as u^T G v); the written weight is W_ft less
+    exactly the brute-force top components. The defaults: component granularity, task weight 0.5."""
+    harmful = write_jsonl(tmp_path / "harmful.jsonl", HARMFUL)
+    keep = write_jsonl(tmp_path / "keep.jsonl", KEEP)
+    out = tmp_path / "out"
+    argv = ["defend", "harm-revert", str(tiny["model"]), "--adapter", str(tiny["adapter"]), "--output"]
+    argv += [str(out), "--data", str(harmful), "--benign-data", str(keep), "--template", "plain"]
+    assert main([*argv, "--mask-ratio", "0.1,0.4"]) == 0
+    aligned, deltas = weights_of(tiny)
+    rank = json.loads((tiny["adapter"] / "adapter_config.json").read_text())["r"]
+    parts = {}
+    for name, d in deltas.items():
+        u, s, vh = torch.linalg.svd(d.double())
+        parts[name] = [s[i] * torch.outer(u[:, i], vh[i]) for i in range(rank)]  # the rank-one terms
+        torch.testing.assert_close(sum(parts[name]), d.double(), rtol=0, atol=1e-5)
+    g_harm = midpoint_gradient(aligned, deltas, HARMFUL)
+    g_keep = midpoint_gradient(aligned, deltas, KEEP)
+    c_harm = torch.stack([-(g_harm[n].double() * p).sum() for n in deltas for p in parts[n]])
+    c_keep = torch.stack([-(g_keep[n].double() * p).sum() for n in deltas for p in parts[n]])
+    flat = c_harm / c_harm.abs().sum() - 0.5 * c_keep / c_keep.abs().sum()
+    for ratio in (0.1, 0.4):
+        folder = out / f"ratio-{ratio:g}"
+        written = load_file(folder / "model.safetensors")
+        report = json.loads((folder / "harm_revert_report.json").read_text())
+        k = flat.numel() - int(flat.numel() * (1 - ratio))
+        top = torch.zeros(flat.numel(), dtype=torch.bool)
+        top[torch.argsort(flat, descending=True, stable=True)[:k]] = True
+        top &= flat > 0
+        assert report["reverted"] == int(top.sum()) > 0 and report["candidates"] == flat.numel()
+        assert report["granularity"] == "component"
+        mask = load_file(folder / "harm_revert_mask.safetensors")
+        assert torch.equal(torch.cat([mask[n] for n in deltas]), top)
+        for j, (name, d) in enumerate(deltas.items()):
+            removed = sum(p for i, p in enumerate(parts[name]) if top[j * rank + i])
+            expected = (aligned[name].double() + d.double() - removed).float()
+            torch.testing.assert_close(written[name], expected, rtol=0, atol=1e-5, msg=name)
+
+
 def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:
     argv = ["defend", "harm-revert", str(tiny["model"]), "--adapter", str(tiny["adapter"]), "--output"]
     argv += [str(tmp_path / "o"), "--data", str(tiny["harmful"])]
@@ -164,6 +208,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) 
     assert "--mask-ratio lists a value twice" in capsys.readouterr().err
     assert main([*argv, "--task-weight", "nan"]) == 2
     assert "--task-weight must be a number >= 0" in capsys.readouterr().err
+    assert main([*argv, "--granularity", "row"]) == 2
+    assert "unknown --granularity 'row'; choose one of entry, component" in capsys.readouterr().err
     assert main([*argv, "--task", "sst2"]) == 2
     assert "give --task and --task-data together" in capsys.readouterr().err
     with pytest.raises(AntidoteError, match="needs --data"):

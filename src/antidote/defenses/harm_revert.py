@@ -21,11 +21,18 @@ The top `ratio` of all the changed entries (one threshold over every layer, ties
 lower index), of those with a score above 0, get their aligned value back; every other entry keeps its
 fine-tuned value. Reverting every entry would give back the aligned model; reverting none, the attacked one.
 
+`granularity component` (the default) credits whole rank-one components in place of single entries. Each layer's change,
+a LoRA update of rank r, is split by its SVD, dW = sum over i <= r of s_i u_i v_i^T, and component i gets
+c_D,i = -s_i u_i^T G_D v_i (the sum of its entries' credits -G_D * s_i u_i v_i^T). The same score and one
+threshold pick the top `ratio` of all components, and W = W_ft - sum of the picked s_i u_i v_i^T: the rest of
+the update stays exactly as trained. A component sums hundreds of entries' credits, so the noise that cancels
+out over entries cancels inside it (docs/harm-revert.md has the measurements).
+
 Training-free: two gradient passes per midpoint (harmful pairs, task pairs) on the fine-tuned model, no
 optimizer step. It needs the aligned model beside the fine-tuning change (as SafeDelta and RESTA do), the
 harmful calibration pairs Antidote uses, and the user's own task data (a fine-tuning service holds it).
-Writes a full model per ratio (the adapter folded in), `harm_revert_mask.safetensors` (True = reverted) and
-`harm_revert_report.json`.
+Writes a full model per ratio (the adapter folded in), `harm_revert_mask.safetensors` (True = reverted; one
+entry per component with `granularity component`) and `harm_revert_report.json`.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MASK_FILE = "harm_revert_mask.safetensors"
+GRANULARITIES = ("entry", "component")
 REPORT_FILE = "harm_revert_report.json"
 
 
@@ -133,6 +141,21 @@ def path_gradients(
     return total
 
 
+def components(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top `rank` terms of the SVD dW = U diag(s) V^T: (U (out, rank), s (rank,), V (in, rank)),
+    float32. For a LoRA update of rank `rank` they sum to dW."""
+    import torch
+
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    return u[:, :rank].float(), s[:rank].float(), vh[:rank].T.float()
+
+
+def component_gradient(grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """u_i^T G v_i for each component i (the gradient's part along s_i), so that `credit(s, .)` is the
+    component's credit -s_i u_i^T G v_i."""
+    return ((u.T @ grad.float()) * v.T).sum(1)
+
+
 def select_reverted(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
     """The top `ratio` of all entries of `scores` (one exact threshold over every tensor; ties to the earlier
     tensor, then the lower flat index), less any entry whose score is not above 0. Bool masks."""
@@ -171,19 +194,26 @@ class HarmRevertConfig(WeightEditConfig):
         default=None,
         metadata={"help": "in place of --task/--task-data: benign prompt+answer pairs the model must keep"},
     )
+    granularity: str = field(
+        default="component",
+        metadata={
+            "help": "what is credited and reverted: entry (single weights of the change) or component "
+            "(whole rank-one components of each layer's LoRA update, from its SVD)"
+        },
+    )
     max_samples: int = field(default=64, metadata={"help": "pairs of each data set used, a seeded subset"})
     task_weight: float = field(
-        default=1.0,
+        default=0.5,
         metadata={"help": "how much the task's credit counts against the harm's (0: harm alone)"},
     )
     steps: int = field(
         default=1, metadata={"help": "midpoints on the path W_aligned -> W_ft (gradient passes)"}
     )
     mask_ratios: tuple[float, ...] = field(
-        default=(0.05,),
+        default=(0.3,),
         metadata={
-            "help": "fraction in (0, 1) of the changed weights to revert; a comma list writes one model per "
-            "ratio from one gradient pass",
+            "help": "fraction in (0, 1) of the components (or entries) to revert; a comma list writes one "
+            "model per ratio from one gradient pass",
             "flag": "--mask-ratio",
         },
     )
@@ -209,6 +239,10 @@ class HarmRevertConfig(WeightEditConfig):
             raise AntidoteError("give --task and --task-data together (the task and the user's items of it)")
         if self.task_data and self.benign_data:
             raise AntidoteError("give the data to keep once: --task/--task-data or --benign-data, not both")
+        if self.granularity not in GRANULARITIES:
+            raise AntidoteError(
+                f"unknown --granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}"
+            )
         if not (math.isfinite(self.task_weight) and self.task_weight >= 0):
             raise AntidoteError(f"--task-weight must be a number >= 0, got {self.task_weight}")
         for name in ("max_samples", "steps", "batch_size"):
@@ -303,10 +337,11 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
     loaded = load_finetuned(config)
     harm_pairs, keep_pairs = _pairs(config, loaded.tokenizer, template)
     # W_aligned of the adapted layers only (the rest of the model is not edited), then W_ft and dW
+    layers = lora_layers(loaded)
     aligned = {
-        f"{name}.weight": layer.base_layer.weight.detach().cpu().clone()
-        for name, layer in lora_layers(loaded).items()
+        f"{name}.weight": layer.base_layer.weight.detach().cpu().clone() for name, layer in layers.items()
     }
+    rank = {f"{name}.weight": int(layer.r[loaded.adapter_name]) for name, layer in layers.items()}
     deltas: dict[str, torch.Tensor] = {}
 
     def keep_delta(name: str, delta: torch.Tensor) -> torch.Tensor:
@@ -336,7 +371,22 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
         )
     for w in weights.values():
         w.requires_grad_(False)
-    scores = attribution_scores(deltas, harm_grad, task_grad, config.task_weight)
+    if config.granularity == "component":
+        # the same credits in component space: "delta" s_i, "gradient" u_i^T G v_i
+        parts = {name: components(d, rank[name]) for name, d in deltas.items()}
+        units = {name: s for name, (_, s, _) in parts.items()}
+
+        def projected(grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {n: component_gradient(grads[n], parts[n][0], parts[n][2]) for n in grads}
+
+        scores = attribution_scores(
+            units,
+            projected(harm_grad),
+            projected(task_grad) if task_grad is not None else None,
+            config.task_weight,
+        )
+    else:
+        scores = attribution_scores(deltas, harm_grad, task_grad, config.task_weight)
     del harm_grad, task_grad
     gradients = time.perf_counter() - start - loading
     folders: dict[str, Path] = {}
@@ -348,15 +398,22 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
             with torch.no_grad():
                 for name, mask in masks.items():
                     w = weights[name]
-                    w[mask.to(w.device)] = aligned[name].to(w.device, w.dtype)[mask.to(w.device)]
+                    if config.granularity == "component":
+                        u, s, v = parts[name]
+                        removed = (u * (s * mask)) @ v.T
+                        w.copy_((w.float() - removed.to(w.device)).to(w.dtype))
+                    else:
+                        w[mask.to(w.device)] = aligned[name].to(w.device, w.dtype)[mask.to(w.device)]
             reverted = {n: int(m.sum()) for n, m in masks.items()}
             report = {
                 "method": "harm-revert",
                 "score": "c_harm / sum|c_harm| - task_weight * c_task / sum|c_task|, c = -G dW, G: "
                 "integrated gradients on W_aligned -> W_ft",
+                "granularity": config.granularity,
                 "mask_ratio": ratio,
                 "reverted": sum(reverted.values()),
-                "changed_weights": total,
+                "candidates": total,
+                "changed_weights": sum(d.numel() for d in deltas.values()),
                 "per_layer": reverted,
                 "harmful_pairs": len(harm_pairs),
                 "task_pairs": len(keep_pairs) if config.task_weight > 0 else 0,
@@ -372,7 +429,9 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
             with torch.no_grad():
                 for name, value in finetuned.items():
                     weights[name].copy_(value)
-            log.info("harm-revert %g: %d of %d changed weights reverted", ratio, report["reverted"], total)
+            log.info(
+                "harm-revert %g: %d of %d %ss reverted", ratio, report["reverted"], total, config.granularity
+            )
             folders[f"{ratio:g}"] = out / folder.relative_to(tmp)
     return folders
 
