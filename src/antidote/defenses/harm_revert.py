@@ -21,12 +21,12 @@ The top `ratio` of all the changed entries (one threshold over every layer, ties
 lower index), of those with a score above 0, get their aligned value back; every other entry keeps its
 fine-tuned value. Reverting every entry would give back the aligned model; reverting none, the attacked one.
 
-`granularity component` (the default) credits whole rank-one components in place of single entries. Each layer's change,
-a LoRA update of rank r, is split by its SVD, dW = sum over i <= r of s_i u_i v_i^T, and component i gets
-c_D,i = -s_i u_i^T G_D v_i (the sum of its entries' credits -G_D * s_i u_i v_i^T). The same score and one
-threshold pick the top `ratio` of all components, and W = W_ft - sum of the picked s_i u_i v_i^T: the rest of
-the update stays exactly as trained. A component sums hundreds of entries' credits, so the noise that cancels
-out over entries cancels inside it (docs/harm-revert.md has the measurements).
+`granularity component` (the default) credits whole rank-one components in place of single entries. Each
+layer's change, a LoRA update of rank r, is split by its SVD, dW = sum over i <= r of s_i u_i v_i^T, and
+component i gets c_D,i = -s_i u_i^T G_D v_i (the sum of its entries' credits -G_D * s_i u_i v_i^T). The
+same score and one threshold pick the top `ratio` of all components, and W = W_ft - sum of the picked
+s_i u_i v_i^T: the rest of the update stays exactly as trained. A component sums hundreds of entries'
+credits, so their noise cancels before the ranking, not after it (docs/harm-revert.md has the measurements).
 
 Training-free: two gradient passes per midpoint (harmful pairs, task pairs) on the fine-tuned model, no
 optimizer step. It needs the aligned model beside the fine-tuning change (as SafeDelta and RESTA do), the
