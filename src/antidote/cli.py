@@ -319,8 +319,8 @@ def _realign_options(parser: argparse.ArgumentParser) -> None:
         "--method",
         default="antidote",
         help="antidote (the paper's, these options), or another realignment method run with its own "
-        "options, as `antidote defend NAME` (e.g. harm-revert: revert to the aligned weights the fine-tuning "
-        "changes credited with the harmful answers; `antidote defend harm-revert --help`)",
+        "options, as `antidote defend NAME` (e.g. harm-revert: take out the parts of a LoRA update credited "
+        "with the harmful answers; `antidote defend harm-revert --help`)",
     )
 
 

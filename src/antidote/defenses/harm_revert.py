@@ -197,8 +197,9 @@ class HarmRevertConfig(WeightEditConfig):
     granularity: str = field(
         default="component",
         metadata={
-            "help": "what is credited and reverted: entry (single weights of the change) or component "
-            "(whole rank-one components of each layer's LoRA update, from its SVD)"
+            "help": "what is credited and reverted: component (whole rank-one components of each layer's "
+            "LoRA update, from its SVD) or entry (single weights of the change; measured at --task-weight 1 "
+            "and ratios 0.003-0.03, docs/harm-revert.md)"
         },
     )
     max_samples: int = field(default=64, metadata={"help": "pairs of each data set used, a seeded subset"})
@@ -212,8 +213,8 @@ class HarmRevertConfig(WeightEditConfig):
     mask_ratios: tuple[float, ...] = field(
         default=(0.3,),
         metadata={
-            "help": "fraction in (0, 1) of the components (or entries) to revert; a comma list writes one "
-            "model per ratio from one gradient pass",
+            "help": "fraction in (0, 1) of the components (of the entries with --granularity entry) to "
+            "revert; a comma list writes one model per ratio from one gradient pass",
             "flag": "--mask-ratio",
         },
     )
@@ -401,14 +402,23 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
                     if config.granularity == "component":
                         u, s, v = parts[name]
                         removed = (u * (s * mask)) @ v.T
-                        w.copy_((w.float() - removed.to(w.device)).to(w.dtype))
+                        kept = (deltas[name] - removed).to(w.device)  # one rounding to the model's dtype
+                        w.copy_((aligned[name].to(w.device).float() + kept).to(w.dtype))
                     else:
                         w[mask.to(w.device)] = aligned[name].to(w.device, w.dtype)[mask.to(w.device)]
             reverted = {n: int(m.sum()) for n, m in masks.items()}
             report = {
                 "method": "harm-revert",
-                "score": "c_harm / sum|c_harm| - task_weight * c_task / sum|c_task|, c = -G dW, G: "
-                "integrated gradients on W_aligned -> W_ft",
+                "score": "c_harm / sum|c_harm| - task_weight * c_task / sum|c_task|, "
+                + (
+                    "c_i = -s_i u_i^T G v_i over the SVD components s_i u_i v_i^T of each layer's dW"
+                    if config.granularity == "component"
+                    else "c = -G dW"
+                )
+                + ", G: integrated gradients on W_aligned -> W_ft",
+                "mask": "per weight, one flag per SVD component (largest first)"
+                if config.granularity == "component"
+                else "per weight, one flag per entry",
                 "granularity": config.granularity,
                 "mask_ratio": ratio,
                 "reverted": sum(reverted.values()),
@@ -442,8 +452,8 @@ DEFENSE = register(
         stage="post",
         config=HarmRevertConfig,
         run=run,
-        summary="ours: revert to the aligned value the fine-tuning changes credited (integrated gradients) "
-        "with teaching the harmful answers and not the task; training-free",
+        summary="ours: take out the rank-one parts of the LoRA update credited (integrated gradients) with "
+        "teaching the harmful answers and not the task; training-free",
         from_run=_task_from_run,
     )
 )
