@@ -143,11 +143,17 @@ def path_gradients(
 
 def components(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top `rank` terms of the SVD dW = U diag(s) V^T: (U (out, rank), s (rank,), V (in, rank)),
-    float32. For a LoRA update of rank `rank` they sum to dW."""
+    float32. For a LoRA update of rank `rank` they sum to dW. The SVD is taken in the range of dW (a seeded
+    Gaussian sketch of 2 * rank columns, exact for any dW of rank <= 2 * rank), so its cost grows with
+    out * in * rank, not with out * in * min(out, in)."""
     import torch
 
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    return u[:, :rank].float(), s[:rank].float(), vh[:rank].T.float()
+    d = delta.double()
+    k = min(2 * rank, *d.shape)
+    sketch = torch.randn(d.shape[1], k, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    q, _ = torch.linalg.qr(d @ sketch)  # an orthonormal basis of dW's column space
+    u, s, vh = torch.linalg.svd(q.T @ d, full_matrices=False)
+    return (q @ u)[:, :rank].float(), s[:rank].float(), vh[:rank].T.float()
 
 
 def component_gradient(grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
