@@ -199,6 +199,36 @@ def test_component_granularity_takes_out_exactly_the_top_rank_one_components(tin
             torch.testing.assert_close(written[name], expected, rtol=0, atol=1e-5, msg=name)
 
 
+def test_each_layer_counts_its_own_rank(tiny, tmp_path: Path) -> None:
+    """An adapter whose layers have different ranks (rank_pattern): each layer offers as many components as
+    its own rank, and the written change of a layer keeps exactly its rank less the components taken out."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2})
+    peft_model = get_peft_model(make_model(seed=0), config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    harmful = write_jsonl(tmp_path / "harmful.jsonl", HARMFUL)
+    keep = write_jsonl(tmp_path / "keep.jsonl", KEEP)
+    out = tmp_path / "out"
+    argv = ["defend", "harm-revert", str(tiny["model"]), "--adapter", str(adapter), "--output", str(out)]
+    assert main([*argv, "--data", str(harmful), "--benign-data", str(keep), "--template", "plain"]) == 0
+    report = json.loads((out / "harm_revert_report.json").read_text())
+    mask = load_file(out / "harm_revert_mask.safetensors")
+    rank = {name: 2 if "v_proj" in name else 8 for name in mask}
+    assert {n: m.numel() for n, m in mask.items()} == rank and report["candidates"] == sum(rank.values())
+    aligned = load_file(tiny["model"] / "model.safetensors")
+    written = load_file(out / "model.safetensors")
+    assert 0 < report["reverted"] < report["candidates"]
+    for name, m in mask.items():
+        kept = torch.linalg.matrix_rank((written[name] - aligned[name]).double(), atol=1e-5, rtol=0)
+        assert int(kept) == rank[name] - int(m.sum()), name
+
+
 def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) -> None:
     argv = ["defend", "harm-revert", str(tiny["model"]), "--adapter", str(tiny["adapter"]), "--output"]
     argv += [str(tmp_path / "o"), "--data", str(tiny["harmful"])]
