@@ -107,6 +107,14 @@ def midpoint_gradient(
     return dict(zip(deltas, grads, strict=True))
 
 
+def brute_force_top(flat: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The top `ratio` of `flat` by a full sort (ties to the lower index), less the scores not above 0."""
+    k = flat.numel() - int(flat.numel() * (1 - ratio))
+    top = torch.zeros(flat.numel(), dtype=torch.bool)
+    top[torch.argsort(flat, descending=True, stable=True)[:k]] = True
+    return top & (flat > 0)
+
+
 def test_the_written_model_is_w_ft_with_the_selected_entries_put_back(tiny, tmp_path: Path) -> None:
     harmful = write_jsonl(tmp_path / "harmful.jsonl", HARMFUL)
     keep = write_jsonl(tmp_path / "keep.jsonl", KEEP)
@@ -144,10 +152,7 @@ def test_the_written_model_is_w_ft_with_the_selected_entries_put_back(tiny, tmp_
     for ratio in (0.1, 0.4):
         written = load_file(out / f"ratio-{ratio:g}" / "model.safetensors")
         report = json.loads((out / f"ratio-{ratio:g}" / "harm_revert_report.json").read_text())
-        k = flat.numel() - int(flat.numel() * (1 - ratio))
-        top = torch.zeros(flat.numel(), dtype=torch.bool)
-        top[torch.argsort(flat, descending=True, stable=True)[:k]] = True
-        top &= flat > 0
+        top = brute_force_top(flat, ratio)
         assert report["reverted"] == int(top.sum()) > 0 and report["changed_weights"] == flat.numel()
         start = 0
         for name, d in deltas.items():
@@ -185,10 +190,7 @@ def test_component_granularity_takes_out_exactly_the_top_rank_one_components(tin
         folder = out / f"ratio-{ratio:g}"
         written = load_file(folder / "model.safetensors")
         report = json.loads((folder / "harm_revert_report.json").read_text())
-        k = flat.numel() - int(flat.numel() * (1 - ratio))
-        top = torch.zeros(flat.numel(), dtype=torch.bool)
-        top[torch.argsort(flat, descending=True, stable=True)[:k]] = True
-        top &= flat > 0
+        top = brute_force_top(flat, ratio)
         assert report["reverted"] == int(top.sum()) > 0 and report["candidates"] == flat.numel()
         assert report["granularity"] == "component"
         mask = load_file(folder / "harm_revert_mask.safetensors")

@@ -378,7 +378,8 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
         )
     for w in weights.values():
         w.requires_grad_(False)
-    if config.granularity == "component":
+    by_component = config.granularity == "component"
+    if by_component:
         # the same credits in component space: "delta" s_i, "gradient" u_i^T G v_i
         parts = {name: components(d, rank[name]) for name, d in deltas.items()}
         units = {name: s for name, (_, s, _) in parts.items()}
@@ -396,6 +397,14 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
         scores = attribution_scores(deltas, harm_grad, task_grad, config.task_weight)
     del harm_grad, task_grad
     gradients = time.perf_counter() - start - loading
+    credit_text, mask_text = (
+        (
+            "c_i = -s_i u_i^T G v_i over the SVD components s_i u_i v_i^T of each layer's dW",
+            "one flag per SVD component (largest first)",
+        )
+        if by_component
+        else ("c = -G dW", "one flag per entry")
+    )
     folders: dict[str, Path] = {}
     total = sum(s.numel() for s in scores.values())
     finetuned = {name: w.detach().clone() for name, w in weights.items()}  # put back after each ratio
@@ -405,7 +414,7 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
             with torch.no_grad():
                 for name, mask in masks.items():
                     w = weights[name]
-                    if config.granularity == "component":
+                    if by_component:
                         u, s, v = parts[name]
                         removed = (u * (s * mask)) @ v.T
                         kept = (deltas[name] - removed).to(w.device)  # one rounding to the model's dtype
@@ -415,16 +424,9 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
             reverted = {n: int(m.sum()) for n, m in masks.items()}
             report = {
                 "method": "harm-revert",
-                "score": "c_harm / sum|c_harm| - task_weight * c_task / sum|c_task|, "
-                + (
-                    "c_i = -s_i u_i^T G v_i over the SVD components s_i u_i v_i^T of each layer's dW"
-                    if config.granularity == "component"
-                    else "c = -G dW"
-                )
-                + ", G: integrated gradients on W_aligned -> W_ft",
-                "mask": "per weight, one flag per SVD component (largest first)"
-                if config.granularity == "component"
-                else "per weight, one flag per entry",
+                "score": f"c_harm / sum|c_harm| - task_weight * c_task / sum|c_task|, {credit_text}, G: "
+                "integrated gradients on W_aligned -> W_ft",
+                "mask": f"per weight, {mask_text}",
                 "granularity": config.granularity,
                 "mask_ratio": ratio,
                 "reverted": sum(reverted.values()),
