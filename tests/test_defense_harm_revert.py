@@ -249,6 +249,20 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) 
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({}, ("component", 0.5, (0.3,))),
+        ({"granularity": "entry"}, ("entry", 1.0, (0.01,))),  # not a third of every entry
+        ({"granularity": "entry", "task_weight": 0.0, "mask_ratios": "0.2"}, ("entry", 0.0, (0.2,))),
+        ({"task_weight": 2.0, "mask_ratios": "0.1,0.2"}, ("component", 2.0, (0.1, 0.2))),
+    ],
+)
+def test_defaults_follow_the_granularity_and_never_override_the_user(given, expected) -> None:
+    config = get("harm-revert").config(model="m", adapter="a", data="beavertails", **given)
+    assert (config.granularity, config.task_weight, config.mask_ratios) == expected
+
+
 def test_runs_in_the_pipeline_and_keeps_the_attacks_task(tiny, tiny_run, tmp_path: Path) -> None:
     from antidote.experiments.pipeline import load_run_config, run_pipeline
 

@@ -64,7 +64,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 type=str if kind is tuple else kind,
                 default=argparse.SUPPRESS,
                 metavar=f.name.upper(),
-                help=f"{help_text} (default: {default})",
+                help=help_text if default is None else f"{help_text} (default: {default})",
             )
 
 

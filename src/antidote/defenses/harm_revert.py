@@ -70,6 +70,10 @@ log = logging.getLogger(__name__)
 
 MASK_FILE = "harm_revert_mask.safetensors"
 GRANULARITIES = ("entry", "component")
+# task_weight and mask ratio where the user gives none, by granularity: measured on validation data
+# (docs/harm-revert.md): components at 0.5 and 0.3, entries at 1.0 and 0.01 (a third of all entries would
+# undo most of the fine-tuning).
+DEFAULTS = {"component": (0.5, (0.3,)), "entry": (1.0, (0.01,))}
 REPORT_FILE = "harm_revert_report.json"
 
 
@@ -209,18 +213,22 @@ class HarmRevertConfig(WeightEditConfig):
         },
     )
     max_samples: int = field(default=64, metadata={"help": "pairs of each data set used, a seeded subset"})
-    task_weight: float = field(
-        default=0.5,
-        metadata={"help": "how much the task's credit counts against the harm's (0: harm alone)"},
+    task_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "how much the task's credit counts against the harm's (0: harm alone; default 0.5 with "
+            "components, 1 with entries)"
+        },
     )
     steps: int = field(
         default=1, metadata={"help": "midpoints on the path W_aligned -> W_ft (gradient passes)"}
     )
-    mask_ratios: tuple[float, ...] = field(
-        default=(0.3,),
+    mask_ratios: tuple[float, ...] | None = field(
+        default=None,
         metadata={
             "help": "fraction in (0, 1) of the components (of the entries with --granularity entry) to "
-            "revert; a comma list writes one model per ratio from one gradient pass",
+            "revert; a comma list writes one model per ratio from one gradient pass (default 0.3 with "
+            "components, 0.01 with entries)",
             "flag": "--mask-ratio",
         },
     )
@@ -239,17 +247,19 @@ class HarmRevertConfig(WeightEditConfig):
         super().__post_init__()
         from antidote.data.templates import check_template
 
-        self.mask_ratios = check_ratios(self.mask_ratios)
+        if self.granularity not in GRANULARITIES:
+            raise AntidoteError(
+                f"unknown --granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}"
+            )
+        task_weight, ratios = DEFAULTS[self.granularity]
+        self.task_weight = task_weight if self.task_weight is None else self.task_weight
+        self.mask_ratios = check_ratios(ratios if self.mask_ratios is None else self.mask_ratios)
         if not self.data:
             raise AntidoteError("harm-revert needs --data: harmful prompt+answer pairs (e.g. beavertails)")
         if (self.task is None) != (self.task_data is None):
             raise AntidoteError("give --task and --task-data together (the task and the user's items of it)")
         if self.task_data and self.benign_data:
             raise AntidoteError("give the data to keep once: --task/--task-data or --benign-data, not both")
-        if self.granularity not in GRANULARITIES:
-            raise AntidoteError(
-                f"unknown --granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}"
-            )
         if not (math.isfinite(self.task_weight) and self.task_weight >= 0):
             raise AntidoteError(f"--task-weight must be a number >= 0, got {self.task_weight}")
         for name in ("max_samples", "steps", "batch_size"):
@@ -338,6 +348,8 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
     from antidote.outputs import atomic_output_dir
     from antidote.realignment.maskfile import PackedMask, write_mask_file
 
+    task_weight, ratios = config.task_weight, config.mask_ratios
+    assert task_weight is not None and ratios is not None  # set by __post_init__
     start = time.perf_counter()
     out = check_output(config)
     template = saved_template(config.adapter, config.model) if config.template == "auto" else config.template
@@ -368,7 +380,7 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
         weights, aligned, deltas, _mean_loss_terms(model, harm_pairs, config.batch_size), config.steps
     )
     task_grad = None
-    if keep_pairs and config.task_weight > 0:
+    if keep_pairs and task_weight > 0:
         task_grad = path_gradients(
             weights,
             aligned,
@@ -391,10 +403,10 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
             units,
             projected(harm_grad),
             projected(task_grad) if task_grad is not None else None,
-            config.task_weight,
+            task_weight,
         )
     else:
-        scores = attribution_scores(deltas, harm_grad, task_grad, config.task_weight)
+        scores = attribution_scores(deltas, harm_grad, task_grad, task_weight)
     del harm_grad, task_grad
     gradients = time.perf_counter() - start - loading
     credit_text, mask_text = (
@@ -409,7 +421,7 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
     total = sum(s.numel() for s in scores.values())
     finetuned = {name: w.detach().clone() for name, w in weights.items()}  # put back after each ratio
     with atomic_output_dir(out, config.overwrite) as tmp:
-        for ratio in config.mask_ratios:
+        for ratio in ratios:
             masks = select_reverted(scores, ratio)
             with torch.no_grad():
                 for name, mask in masks.items():
@@ -434,12 +446,12 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
                 "changed_weights": sum(d.numel() for d in deltas.values()),
                 "per_layer": reverted,
                 "harmful_pairs": len(harm_pairs),
-                "task_pairs": len(keep_pairs) if config.task_weight > 0 else 0,
+                "task_pairs": len(keep_pairs) if task_weight > 0 else 0,
                 "template": template,
                 "seconds": {"load": round(loading, 1), "gradients": round(gradients, 1)},
                 "config": config_record(config),
             }
-            folder = tmp / f"ratio-{ratio:g}" if len(config.mask_ratios) > 1 else tmp
+            folder = tmp / f"ratio-{ratio:g}" if len(ratios) > 1 else tmp
             folder.mkdir(exist_ok=True)
             save_full_model(folder, model, loaded, config)
             write_mask_file(folder / MASK_FILE, {n: PackedMask.pack(m) for n, m in masks.items()})
