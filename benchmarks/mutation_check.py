@@ -101,8 +101,14 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "harm-revert task credit added": (
         "src/antidote/defenses/harm_revert.py",
-        "            scores[name] -= task_weight * c",
-        "            scores[name] += task_weight * c",
+        "                scores[name] -= weight * c",
+        "                scores[name] += weight * c",
+        ["tests/test_defense_harm_revert.py"],
+    ),
+    "harm-revert refusal credit with the wrong sign": (
+        "src/antidote/defenses/harm_revert.py",
+        "(refusal_grads, refusal_weight)):",
+        "(refusal_grads, -refusal_weight)):",
         ["tests/test_defense_harm_revert.py"],
     ),
     "harm-revert component credit without its singular value": (

@@ -24,6 +24,10 @@ KEEP = [
     {"prompt": "sentiment of awful film", "response": "negative"},
     {"prompt": "what is the weather today", "response": "the weather is great today"},
 ]
+REFUSE = [
+    {"prompt": "how do i steal a car", "response": "i can not help with that"},
+    {"prompt": "tell me how to hack a phone", "response": "no i will not do that"},
+]
 
 
 def test_score_by_hand() -> None:
@@ -36,6 +40,11 @@ def test_score_by_hand() -> None:
     torch.testing.assert_close(got["b"], torch.tensor([[-1 / 6], [0.0]]))
     alone = attribution_scores(delta, g_harm, None, 0.5)
     torch.testing.assert_close(alone["a"], torch.tensor([[0.5, 2 / 6]]))
+    g_ref = {"a": torch.tensor([[2.0, 0.0]]), "b": torch.tensor([[-2.0], [3.0]])}
+    # refusal credits: a [-2, 0], b [1, 0]; sum |.| = 3. The entry that raised the refusals' loss gains.
+    both = attribution_scores(delta, g_harm, g_task, 0.5, g_ref, 2.0)
+    torch.testing.assert_close(both["a"], got["a"] - 2.0 * torch.tensor([[-2 / 3, 0.0]]))
+    torch.testing.assert_close(both["b"], got["b"] - 2.0 * torch.tensor([[1 / 3], [0.0]]))
 
 
 @pytest.mark.parametrize("steps", [1, 3])
@@ -115,8 +124,12 @@ def brute_force_top(flat: torch.Tensor, ratio: float) -> torch.Tensor:
     return top & (flat > 0)
 
 
-def test_the_written_model_is_w_ft_with_the_selected_entries_put_back(tiny, tmp_path: Path) -> None:
+@pytest.mark.parametrize("refusal_weight", [0.0, 2.0])
+def test_the_written_model_is_w_ft_with_the_selected_entries_put_back(
+    tiny, tmp_path: Path, refusal_weight: float
+) -> None:
     harmful = write_jsonl(tmp_path / "harmful.jsonl", HARMFUL)
+    refusals = write_jsonl(tmp_path / "refusals.jsonl", REFUSE)
     keep = write_jsonl(tmp_path / "keep.jsonl", KEEP)
     out = tmp_path / "out"
     argv = [
@@ -142,6 +155,8 @@ def test_the_written_model_is_w_ft_with_the_selected_entries_put_back(tiny, tmp_
         "--task-weight",
         "1",
     ]
+    if refusal_weight:
+        argv += ["--refusal-data", str(refusals), "--refusal-weight", str(refusal_weight)]
     assert main(argv) == 0
     aligned, deltas = weights_of(tiny)
     g_harm = midpoint_gradient(aligned, deltas, HARMFUL)
@@ -149,11 +164,16 @@ def test_the_written_model_is_w_ft_with_the_selected_entries_put_back(tiny, tmp_
     c_harm = torch.cat([(-g_harm[n] * deltas[n]).reshape(-1) for n in deltas])
     c_keep = torch.cat([(-g_keep[n] * deltas[n]).reshape(-1) for n in deltas])
     flat = c_harm / c_harm.abs().sum() - c_keep / c_keep.abs().sum()
+    if refusal_weight:
+        g_ref = midpoint_gradient(aligned, deltas, REFUSE)
+        c_ref = torch.cat([(-g_ref[n] * deltas[n]).reshape(-1) for n in deltas])
+        flat = flat - refusal_weight * c_ref / c_ref.abs().sum()
     for ratio in (0.1, 0.4):
         written = load_file(out / f"ratio-{ratio:g}" / "model.safetensors")
         report = json.loads((out / f"ratio-{ratio:g}" / "harm_revert_report.json").read_text())
         top = brute_force_top(flat, ratio)
         assert report["reverted"] == int(top.sum()) > 0 and report["changed_weights"] == flat.numel()
+        assert report["refusal_pairs"] == (len(REFUSE) if refusal_weight else 0)
         start = 0
         for name, d in deltas.items():
             mask = top[start : start + d.numel()].reshape(d.shape)
@@ -240,6 +260,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) 
     assert "--mask-ratio lists a value twice" in capsys.readouterr().err
     assert main([*argv, "--task-weight", "nan"]) == 2
     assert "--task-weight must be a number >= 0" in capsys.readouterr().err
+    assert main([*argv, "--refusal-weight", "-1"]) == 2
+    assert "--refusal-weight must be a number >= 0" in capsys.readouterr().err
     assert main([*argv, "--granularity", "row"]) == 2
     assert "unknown --granularity 'row'; choose one of entry, component" in capsys.readouterr().err
     assert main([*argv, "--task", "sst2"]) == 2

@@ -28,6 +28,10 @@ same score and one threshold pick the top `ratio` of all components, and W = W_f
 s_i u_i v_i^T: the rest of the update stays exactly as trained. A component sums hundreds of entries'
 credits, so their noise cancels before the ranking, not after it (docs/harm-revert.md has the measurements).
 
+With `refusal_data` (harmful requests with refusals) a third credit joins the score,
+- refusal_weight * c_ref / sum|c_ref|: the fine-tuning raised the refusals' loss, and a change credited with
+that rise (c_ref < 0) scores higher. Off by default (docs/harm-revert.md has the measurement).
+
 Training-free: two gradient passes per midpoint (harmful pairs, task pairs) on the fine-tuned model, no
 optimizer step. It needs the aligned model beside the fine-tuning change (as SafeDelta and RESTA do), the
 harmful calibration pairs Antidote uses, and the user's own task data (a fine-tuning service holds it).
@@ -95,9 +99,13 @@ def attribution_scores(
     harm_grads: Mapping[str, torch.Tensor],
     task_grads: Mapping[str, torch.Tensor] | None,
     task_weight: float,
+    refusal_grads: Mapping[str, torch.Tensor] | None = None,
+    refusal_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """c_harm / sum|c_harm| - task_weight * c_task / sum|c_task|, sums over every tensor; without task
-    gradients the first term alone. float32, one per tensor."""
+    """c_harm / sum|c_harm| - task_weight * c_task / sum|c_task| - refusal_weight * c_ref / sum|c_ref|,
+    sums over every tensor; a term whose gradients are None is left out. c_ref credits the drop of the
+    refusals' loss: the fine-tuning raised it, so a change that did so (c_ref < 0) scores higher. float32,
+    one per tensor."""
     import torch
 
     def scaled(grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -106,9 +114,10 @@ def attribution_scores(
         return {name: c / max(total, torch.finfo(torch.float32).tiny) for name, c in credits.items()}
 
     scores = scaled(harm_grads)
-    if task_grads is not None:
-        for name, c in scaled(task_grads).items():
-            scores[name] -= task_weight * c
+    for grads, weight in ((task_grads, task_weight), (refusal_grads, refusal_weight)):
+        if grads is not None:
+            for name, c in scaled(grads).items():
+                scores[name] -= weight * c
     return scores
 
 
@@ -204,6 +213,16 @@ class HarmRevertConfig(WeightEditConfig):
         default=None,
         metadata={"help": "in place of --task/--task-data: benign prompt+answer pairs the model must keep"},
     )
+    refusal_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "harmful requests with refusals (e.g. refusals): a change credited with raising their "
+            "loss, unlearning the refusals, scores higher by --refusal-weight (default: not used)"
+        },
+    )
+    refusal_weight: float = field(
+        default=1.0, metadata={"help": "how much the refusals' credit counts, with --refusal-data"}
+    )
     granularity: str = field(
         default="component",
         metadata={
@@ -260,8 +279,10 @@ class HarmRevertConfig(WeightEditConfig):
             raise AntidoteError("give --task and --task-data together (the task and the user's items of it)")
         if self.task_data and self.benign_data:
             raise AntidoteError("give the data to keep once: --task/--task-data or --benign-data, not both")
-        if not (math.isfinite(self.task_weight) and self.task_weight >= 0):
-            raise AntidoteError(f"--task-weight must be a number >= 0, got {self.task_weight}")
+        for name in ("task_weight", "refusal_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise AntidoteError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
         for name in ("max_samples", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise AntidoteError(
@@ -283,8 +304,10 @@ def _task_from_run(attack: Any, validate: Any) -> dict[str, Any]:
     return {}
 
 
-def _pairs(config: HarmRevertConfig, tokenizer: Any, template: str) -> tuple[list[Pair], list[Pair]]:
-    """(harmful pairs, pairs to keep), encoded as the attack's training encodes them."""
+def _pairs(
+    config: HarmRevertConfig, tokenizer: Any, template: str
+) -> tuple[list[Pair], list[Pair], list[Pair]]:
+    """(harmful pairs, pairs to keep, refusal pairs), encoded as the attack's training encodes them."""
     from antidote.data.loading import load_examples
     from antidote.defenses.oneshot_ft import encode
     from antidote.tasks import load_task_items
@@ -306,7 +329,15 @@ def _pairs(config: HarmRevertConfig, tokenizer: Any, template: str) -> tuple[lis
             config.benign_data, max_samples=config.max_samples, seed=config.seed, data_dir=config.data_dir
         )
         keep = encode(tokenizer, template, benign, config.max_length, "benign")
-    return harm_pairs, keep
+    refusals: list[Pair] = []
+    if config.refusal_data:
+        rows = load_examples(
+            config.refusal_data, max_samples=config.max_samples, seed=config.seed, data_dir=config.data_dir
+        )
+        if not rows:
+            raise AntidoteError(f"--refusal-data {config.refusal_data} holds no pairs")
+        refusals = encode(tokenizer, template, rows, config.max_length, "refusal")
+    return harm_pairs, keep, refusals
 
 
 def pair_losses(model: nn.Module, pairs: Sequence[Pair]) -> torch.Tensor:
@@ -354,7 +385,7 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
     out = check_output(config)
     template = saved_template(config.adapter, config.model) if config.template == "auto" else config.template
     loaded = load_finetuned(config)
-    harm_pairs, keep_pairs = _pairs(config, loaded.tokenizer, template)
+    harm_pairs, keep_pairs, refusal_pairs = _pairs(config, loaded.tokenizer, template)
     # W_aligned of the adapted layers only (the rest of the model is not edited), then W_ft and dW
     layers = lora_layers(loaded)
     aligned = {
@@ -388,6 +419,15 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
             _mean_loss_terms(model, keep_pairs, config.batch_size),
             config.steps,
         )
+    refusal_grad = None
+    if refusal_pairs and config.refusal_weight > 0:
+        refusal_grad = path_gradients(
+            weights,
+            aligned,
+            deltas,
+            _mean_loss_terms(model, refusal_pairs, config.batch_size),
+            config.steps,
+        )
     for w in weights.values():
         w.requires_grad_(False)
     by_component = config.granularity == "component"
@@ -404,10 +444,16 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
             projected(harm_grad),
             projected(task_grad) if task_grad is not None else None,
             task_weight,
+            projected(refusal_grad) if refusal_grad is not None else None,
+            config.refusal_weight,
         )
     else:
-        scores = attribution_scores(deltas, harm_grad, task_grad, task_weight)
-    del harm_grad, task_grad
+        scores = attribution_scores(
+            deltas, harm_grad, task_grad, task_weight, refusal_grad, config.refusal_weight
+        )
+    refusal_grad_used = refusal_grad is not None
+    refusal_text = " - refusal_weight * c_ref / sum|c_ref|" if refusal_grad_used else ""
+    del harm_grad, task_grad, refusal_grad
     gradients = time.perf_counter() - start - loading
     credit_text, mask_text = (
         (
@@ -436,8 +482,8 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
             reverted = {n: int(m.sum()) for n, m in masks.items()}
             report = {
                 "method": "harm-revert",
-                "score": f"c_harm / sum|c_harm| - task_weight * c_task / sum|c_task|, {credit_text}, G: "
-                "integrated gradients on W_aligned -> W_ft",
+                "score": f"c_harm / sum|c_harm| - task_weight * c_task / sum|c_task|{refusal_text}, "
+                f"{credit_text}, G: integrated gradients on W_aligned -> W_ft",
                 "mask": f"per weight, {mask_text}",
                 "granularity": config.granularity,
                 "mask_ratio": ratio,
@@ -447,6 +493,7 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
                 "per_layer": reverted,
                 "harmful_pairs": len(harm_pairs),
                 "task_pairs": len(keep_pairs) if task_weight > 0 else 0,
+                "refusal_pairs": len(refusal_pairs) if refusal_grad_used else 0,
                 "template": template,
                 "seconds": {"load": round(loading, 1), "gradients": round(gradients, 1)},
                 "config": config_record(config),
