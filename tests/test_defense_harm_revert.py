@@ -312,3 +312,28 @@ def test_realign_method_runs_the_named_realignment(tiny, tmp_path: Path, capsys)
     assert main(["realign", str(tiny["model"]), "--method", "nosuch", "--output", str(tmp_path / "c")]) == 2
     assert "unknown defense 'nosuch'" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_a_bfloat16_model_gets_its_components_taken_out_in_bfloat16(tiny, tmp_path: Path) -> None:
+    """--dtype bfloat16: the written weights are bfloat16, and each is W_aligned + dW less the components its
+    own mask file names (dense SVD here, in float64), rounded once: within bfloat16's rounding of W_ft."""
+    harmful = write_jsonl(tmp_path / "harmful.jsonl", HARMFUL)
+    keep = write_jsonl(tmp_path / "keep.jsonl", KEEP)
+    out = tmp_path / "out"
+    argv = ["defend", "harm-revert", str(tiny["model"]), "--adapter", str(tiny["adapter"]), "--output"]
+    argv += [str(out), "--data", str(harmful), "--benign-data", str(keep), "--template", "plain"]
+    assert main([*argv, "--dtype", "bfloat16", "--mask-ratio", "0.4"]) == 0
+    aligned, deltas = weights_of(tiny)
+    rank = json.loads((tiny["adapter"] / "adapter_config.json").read_text())["r"]
+    written = load_file(out / "model.safetensors")
+    mask = load_file(out / "harm_revert_mask.safetensors")
+    assert sum(int(m.sum()) for m in mask.values()) > 0
+    for name, d in deltas.items():
+        u, s, vh = torch.linalg.svd(d.double())
+        removed = sum(s[i] * torch.outer(u[:, i], vh[i]) for i in range(rank) if mask[name][i])
+        expected = aligned[name].double() + d.double() - removed
+        assert written[name].dtype == torch.bfloat16, name
+        scale = expected.abs().max()
+        torch.testing.assert_close(written[name].double(), expected, rtol=0, atol=float(scale) * 2**-7)
+        if mask[name].any():  # a layer with components taken out moved away from W_ft
+            assert (written[name].double() - (aligned[name] + d).double()).abs().max() > scale * 2**-7
