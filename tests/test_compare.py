@@ -889,3 +889,46 @@ def test_each_setting_and_judge_gets_its_own_hs_fa_plot(
     names = [p.name for p in written]
     assert len(names) == len(set(names)) == 3 and names[1] == "hs_vs_fa-learned_j_b_c-lr0.0005_epochs1.png"
     assert [hs_plotted(n) for n in names[1:]] == [[90.0], [80.0]]
+
+
+def test_hs_is_drawn_against_the_harmful_ratio_when_the_matrix_varies_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A matrix over harmful_ratio (lr at its default) gets hs_vs_harmful_ratio.png, one line per defense
+    through its HS at each ratio, in ratio order; a key the matrix holds once, or whose results are all at one
+    value (epochs here), gets no plot."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from antidote.experiments import compare_plots
+    from antidote.experiments.rows import TableEntry
+
+    def entry(label: str, lr: float, ratio: float, epochs: int, hs: float) -> TableEntry:
+        values: dict[str, Any] = {f.name: None for f in dataclasses.fields(TableEntry)}
+        values.update(judge_spec="keyword", judge="keyword", setting=f"lr={lr},ratio={ratio}", label=label)
+        values.update(defense=label, in_table=True, lr=lr, harmful_ratio=ratio, epochs=epochs)
+        values.update(
+            hs={"mean": hs, "low": None, "high": None}, fa={"mean": 80.0, "low": None, "high": None}
+        )
+        values.update(degenerate={"mean": 0.0}, over_refusal={"mean": 5.0}, broken="", on_front=False)
+        return TableEntry(**values)
+
+    table = [
+        entry("antidote", 5e-4, 0.5, 1, 50.0),
+        entry("antidote", 5e-4, 0.05, 1, 58.0),
+        entry("antidote", 5e-4, 0.2, 1, 53.0),
+        entry("antidote", 2e-3, 0.2, 1, 70.0),  # another lr: not on the harmful-ratio line
+    ]
+    saved: dict[str, Any] = {}
+    monkeypatch.setattr(compare_plots, "save_figure", lambda fig, path: saved.__setitem__(path.name, fig))
+    config = SimpleNamespace(
+        matrix=SimpleNamespace(lr=[5e-4, 2e-3], epochs=[1, 3], harmful_ratio=[0.2, 0.05, 0.5])
+    )
+    default = {"lr": 5e-4, "epochs": 1, "harmful_ratio": 0.2}
+    written = [
+        p.name for p in compare_plots.write_all(config, [], table, default, tmp_path, tmp_path, "keyword")
+    ]
+    assert "hs_vs_harmful_ratio.png" in written and "hs_vs_lr.png" in written
+    assert "hs_vs_epochs.png" not in written and "hs_vs_num_samples.png" not in written
+    (line,) = saved["hs_vs_harmful_ratio.png"].axes[0].get_lines()
+    assert list(line.get_xdata()) == [0.05, 0.2, 0.5] and list(line.get_ydata()) == [58.0, 53.0, 50.0]

@@ -4,8 +4,9 @@
   panel: each entry's degenerate rate against its over-refusal;
 - hs_vs_fa-JUDGE-SETTING.png, when there are several settings or judges: the same for one setting and one
   judge (every judge that scored), so each setting's front (drawn within the setting) reads on its own;
-- hs_vs_lr.png, hs_vs_epochs.png: HS against the attack's learning rate / epochs, one line per defense, the
-  other matrix keys at their default (only for keys that the matrix varies); broken points circled in red;
+- hs_vs_lr.png, hs_vs_epochs.png, hs_vs_harmful_ratio.png, hs_vs_num_samples.png: HS against that setting of
+  the attack, one line per defense, the other matrix keys at their default (only for keys that the matrix
+  varies and that have results at two or more values); broken points circled in red;
 - antidote_mask_ratio.png: Antidote's HS, FA, degenerate and over-refusal rates against its mask ratio (0: the
   attacked model), when two or more ratios were evaluated;
 - antidote_mask_layers.png: the share of weights Antidote pruned per layer and module type (its mask file
@@ -28,6 +29,12 @@ from antidote.experiments.rows import ResultRow, TableEntry
 from antidote.outputs import save_figure
 
 REFERENCE = ("base", "aligned")
+AXES = {  # matrix keys drawn as HS against the attack's setting, with their axis labels
+    "lr": "fine-tuning learning rate",
+    "epochs": "fine-tuning epochs",
+    "harmful_ratio": "share of harmful samples in the fine-tuning data",
+    "num_samples": "fine-tuning samples",
+}
 MASK_FILE = "antidote_mask.safetensors"
 _NOT_MODULE = {"weight", "bias", "lora_A", "lora_B", "default", "base_layer", "lora_magnitude_vector"}
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
@@ -73,12 +80,13 @@ def write_all(
                 used.add(name)
                 title = f"{setting} (95% intervals)"
                 written.append(hs_vs_fa(some, folder / f"{name}.png", title=title, order=order))
-    for key in ("lr", "epochs"):
-        values = getattr(config.matrix, key) or []
+    for key in AXES:
+        values = getattr(config.matrix, key, None) or []
         if len(values) > 1:
             others = {k: v for k, v in default.items() if k != key}
             line = [t for t in entries if all(t.setting_value(k) == v for k, v in others.items())]
-            written.append(hs_against(line, key, folder / f"hs_vs_{key}.png"))
+            if len({t.setting_value(key) for t in line}) > 1:
+                written.append(hs_against(line, key, folder / f"hs_vs_{key}.png"))
     ratio = mask_ratio_plot(at_default, folder / "antidote_mask_ratio.png")
     if ratio is not None:
         written.append(ratio)
@@ -174,9 +182,9 @@ def hs_against(entries: list[TableEntry], key: str, path: Path) -> Path:
         xs, ys = [t.setting_value(key) for t in pts], [t.hs["mean"] for t in pts]
         ax.plot(xs, ys, linestyle=_LINES[i // 10 % 3], label=label, **style)
     _ring(ax, [t for t in entries if t.broken], key, "hs")
-    if key == "lr":
+    if key in ("lr", "harmful_ratio"):
         ax.set_xscale("log")
-    ax.set_xlabel({"lr": "fine-tuning learning rate", "epochs": "fine-tuning epochs"}[key])
+    ax.set_xlabel(AXES[key])
     ax.set_ylabel(f"harmful score HS (%, {entries[0].judge} judge)" if entries else "HS (%)")
     ax.set_title(f"HS against the attack's {key} (other settings at default)")
     ax.legend(fontsize=6, ncol=2)
