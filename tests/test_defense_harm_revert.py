@@ -184,7 +184,10 @@ def test_the_written_model_is_w_ft_with_the_selected_entries_put_back(
             assert torch.equal(written[name], aligned[name]), name
 
 
-def test_component_granularity_takes_out_exactly_the_top_rank_one_components(tiny, tmp_path: Path) -> None:
+@pytest.mark.parametrize("refusal_weight", [0.0, 2.0])
+def test_component_granularity_takes_out_exactly_the_top_rank_one_components(
+    tiny, tmp_path: Path, refusal_weight: float
+) -> None:
     """Each layer's change is split by its SVD; a component's credit is the sum of its entries' credits
     -G * s_i u_i v_i^T (computed here entry by entry, not as u^T G v); the written weight is W_ft less
     exactly the brute-force top components. The defaults: component granularity, task weight 0.5."""
@@ -193,6 +196,9 @@ def test_component_granularity_takes_out_exactly_the_top_rank_one_components(tin
     out = tmp_path / "out"
     argv = ["defend", "harm-revert", str(tiny["model"]), "--adapter", str(tiny["adapter"]), "--output"]
     argv += [str(out), "--data", str(harmful), "--benign-data", str(keep), "--template", "plain"]
+    if refusal_weight:
+        refusals = write_jsonl(tmp_path / "refusals.jsonl", REFUSE)
+        argv += ["--refusal-data", str(refusals), "--refusal-weight", str(refusal_weight)]
     assert main([*argv, "--mask-ratio", "0.1,0.4"]) == 0
     aligned, deltas = weights_of(tiny)
     rank = json.loads((tiny["adapter"] / "adapter_config.json").read_text())["r"]
@@ -206,6 +212,10 @@ def test_component_granularity_takes_out_exactly_the_top_rank_one_components(tin
     c_harm = torch.stack([-(g_harm[n].double() * p).sum() for n in deltas for p in parts[n]])
     c_keep = torch.stack([-(g_keep[n].double() * p).sum() for n in deltas for p in parts[n]])
     flat = c_harm / c_harm.abs().sum() - 0.5 * c_keep / c_keep.abs().sum()
+    if refusal_weight:
+        g_ref = midpoint_gradient(aligned, deltas, REFUSE)
+        c_ref = torch.stack([-(g_ref[n].double() * p).sum() for n in deltas for p in parts[n]])
+        flat = flat - refusal_weight * c_ref / c_ref.abs().sum()
     for ratio in (0.1, 0.4):
         folder = out / f"ratio-{ratio:g}"
         written = load_file(folder / "model.safetensors")
@@ -260,7 +270,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path: Path, capsys) 
     assert "--mask-ratio lists a value twice" in capsys.readouterr().err
     assert main([*argv, "--task-weight", "nan"]) == 2
     assert "--task-weight must be a number >= 0" in capsys.readouterr().err
-    assert main([*argv, "--refusal-weight", "-1"]) == 2
+    assert main([*argv, "--refusal-weight", "1"]) == 2
+    assert "--refusal-weight needs --refusal-data" in capsys.readouterr().err
+    assert main([*argv, "--refusal-data", str(tiny["harmful"]), "--refusal-weight", "-1"]) == 2
     assert "--refusal-weight must be a number >= 0" in capsys.readouterr().err
     assert main([*argv, "--granularity", "row"]) == 2
     assert "unknown --granularity 'row'; choose one of entry, component" in capsys.readouterr().err
@@ -316,7 +328,7 @@ def test_realign_method_runs_the_named_realignment(tiny, tmp_path: Path, capsys)
 
 def test_a_bfloat16_model_gets_its_components_taken_out_in_bfloat16(tiny, tmp_path: Path) -> None:
     """--dtype bfloat16: the written weights are bfloat16, and each is W_aligned + dW less the components its
-    own mask file names (dense SVD here, in float64), rounded once: within bfloat16's rounding of W_ft."""
+    own mask file names (dense SVD here, in float64), to within bfloat16's rounding."""
     harmful = write_jsonl(tmp_path / "harmful.jsonl", HARMFUL)
     keep = write_jsonl(tmp_path / "keep.jsonl", KEEP)
     out = tmp_path / "out"

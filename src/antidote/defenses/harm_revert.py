@@ -32,7 +32,8 @@ With `refusal_data` (harmful requests with refusals) a third credit joins the sc
 - refusal_weight * c_ref / sum|c_ref|: the fine-tuning raised the refusals' loss, and a change credited with
 that rise (c_ref < 0) scores higher. Off by default (docs/harm-revert.md has the measurement).
 
-Training-free: two gradient passes per midpoint (harmful pairs, task pairs) on the fine-tuned model, no
+Training-free: two gradient passes per midpoint (harmful pairs, task pairs; a third, refusal pairs, with
+`refusal_data`) on the fine-tuned model, no
 optimizer step. It needs the aligned model beside the fine-tuning change (as SafeDelta and RESTA do), the
 harmful calibration pairs Antidote uses, and the user's own task data (a fine-tuning service holds it).
 Writes a full model per ratio (the adapter folded in), `harm_revert_mask.safetensors` (True = reverted; one
@@ -213,15 +214,21 @@ class HarmRevertConfig(WeightEditConfig):
         default=None,
         metadata={"help": "in place of --task/--task-data: benign prompt+answer pairs the model must keep"},
     )
+    # added after the comparison's stages were built: part of a stage's key only when set
     refusal_data: str | None = field(
         default=None,
         metadata={
             "help": "harmful requests with refusals (e.g. refusals): a change credited with raising their "
-            "loss, unlearning the refusals, scores higher by --refusal-weight (default: not used)"
+            "loss, unlearning the refusals, scores higher by --refusal-weight (default: not used)",
+            "key_when_set": True,
         },
     )
-    refusal_weight: float = field(
-        default=1.0, metadata={"help": "how much the refusals' credit counts, with --refusal-data"}
+    refusal_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "how much the refusals' credit counts (default 1 with --refusal-data)",
+            "key_when_set": True,
+        },
     )
     granularity: str = field(
         default="component",
@@ -279,9 +286,13 @@ class HarmRevertConfig(WeightEditConfig):
             raise AntidoteError("give --task and --task-data together (the task and the user's items of it)")
         if self.task_data and self.benign_data:
             raise AntidoteError("give the data to keep once: --task/--task-data or --benign-data, not both")
+        if self.refusal_weight is not None and not self.refusal_data:
+            raise AntidoteError("--refusal-weight needs --refusal-data: harmful requests with refusals")
+        if self.refusal_data and self.refusal_weight is None:
+            self.refusal_weight = 1.0
         for name in ("task_weight", "refusal_weight"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
+            if value is not None and not (math.isfinite(value) and value >= 0):
                 raise AntidoteError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
         for name in ("max_samples", "steps", "batch_size"):
             if getattr(self, name) < 1:
@@ -381,6 +392,7 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
 
     task_weight, ratios = config.task_weight, config.mask_ratios
     assert task_weight is not None and ratios is not None  # set by __post_init__
+    refusal_weight = config.refusal_weight or 0.0
     start = time.perf_counter()
     out = check_output(config)
     template = saved_template(config.adapter, config.model) if config.template == "auto" else config.template
@@ -420,7 +432,7 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
             config.steps,
         )
     refusal_grad = None
-    if refusal_pairs and config.refusal_weight > 0:
+    if refusal_pairs and refusal_weight > 0:
         refusal_grad = path_gradients(
             weights,
             aligned,
@@ -445,12 +457,10 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
             projected(task_grad) if task_grad is not None else None,
             task_weight,
             projected(refusal_grad) if refusal_grad is not None else None,
-            config.refusal_weight,
+            refusal_weight,
         )
     else:
-        scores = attribution_scores(
-            deltas, harm_grad, task_grad, task_weight, refusal_grad, config.refusal_weight
-        )
+        scores = attribution_scores(deltas, harm_grad, task_grad, task_weight, refusal_grad, refusal_weight)
     refusal_grad_used = refusal_grad is not None
     refusal_text = " - refusal_weight * c_ref / sum|c_ref|" if refusal_grad_used else ""
     del harm_grad, task_grad, refusal_grad
