@@ -324,30 +324,21 @@ def _pairs(
     from antidote.tasks import load_task_items
     from antidote.training.data import encode_pairs, format_pairs, subset
 
-    harmful = load_examples(
-        config.data, max_samples=config.max_samples, seed=config.seed, data_dir=config.data_dir
-    )
-    if not harmful:
-        raise AntidoteError(f"--data {config.data} holds no pairs")
-    harm_pairs = encode(tokenizer, template, harmful, config.max_length, "harmful")
+    def pairs_of(spec: str, flag: str, what: str) -> list[Pair]:
+        rows = load_examples(spec, max_samples=config.max_samples, seed=config.seed, data_dir=config.data_dir)
+        if not rows:
+            raise AntidoteError(f"{flag} {spec} holds no pairs")
+        return encode(tokenizer, template, rows, config.max_length, what)
+
+    harm_pairs = pairs_of(config.data, "--data", "harmful")
     keep: list[Pair] = []
     if config.task is not None:
         items = load_task_items(config.task, config.task_data, training=True, data_dir=config.data_dir)
         triples = subset(list(items), config.max_samples, config.seed)
         keep = encode_pairs(tokenizer, format_pairs(tokenizer, template, triples), config.max_length)
     elif config.benign_data:
-        benign = load_examples(
-            config.benign_data, max_samples=config.max_samples, seed=config.seed, data_dir=config.data_dir
-        )
-        keep = encode(tokenizer, template, benign, config.max_length, "benign")
-    refusals: list[Pair] = []
-    if config.refusal_data:
-        rows = load_examples(
-            config.refusal_data, max_samples=config.max_samples, seed=config.seed, data_dir=config.data_dir
-        )
-        if not rows:
-            raise AntidoteError(f"--refusal-data {config.refusal_data} holds no pairs")
-        refusals = encode(tokenizer, template, rows, config.max_length, "refusal")
+        keep = pairs_of(config.benign_data, "--benign-data", "benign")
+    refusals = pairs_of(config.refusal_data, "--refusal-data", "refusal") if config.refusal_data else []
     return harm_pairs, keep, refusals
 
 
@@ -419,27 +410,14 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
         w.requires_grad_(True)
     model.eval()
     loading = time.perf_counter() - start
-    harm_grad = path_gradients(
-        weights, aligned, deltas, _mean_loss_terms(model, harm_pairs, config.batch_size), config.steps
-    )
-    task_grad = None
-    if keep_pairs and task_weight > 0:
-        task_grad = path_gradients(
-            weights,
-            aligned,
-            deltas,
-            _mean_loss_terms(model, keep_pairs, config.batch_size),
-            config.steps,
-        )
-    refusal_grad = None
-    if refusal_pairs and refusal_weight > 0:
-        refusal_grad = path_gradients(
-            weights,
-            aligned,
-            deltas,
-            _mean_loss_terms(model, refusal_pairs, config.batch_size),
-            config.steps,
-        )
+
+    def gradients_of(pairs: Sequence[Pair]) -> dict[str, torch.Tensor]:
+        terms = _mean_loss_terms(model, pairs, config.batch_size)
+        return path_gradients(weights, aligned, deltas, terms, config.steps)
+
+    harm_grad = gradients_of(harm_pairs)
+    task_grad = gradients_of(keep_pairs) if keep_pairs and task_weight > 0 else None
+    refusal_grad = gradients_of(refusal_pairs) if refusal_pairs and refusal_weight > 0 else None
     for w in weights.values():
         w.requires_grad_(False)
     by_component = config.granularity == "component"
@@ -451,13 +429,10 @@ def run(config: HarmRevertConfig) -> dict[str, Path]:
         def projected(grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return {n: component_gradient(grads[n], parts[n][0], parts[n][2]) for n in grads}
 
+        task_units = projected(task_grad) if task_grad is not None else None
+        refusal_units = projected(refusal_grad) if refusal_grad is not None else None
         scores = attribution_scores(
-            units,
-            projected(harm_grad),
-            projected(task_grad) if task_grad is not None else None,
-            task_weight,
-            projected(refusal_grad) if refusal_grad is not None else None,
-            refusal_weight,
+            units, projected(harm_grad), task_units, task_weight, refusal_units, refusal_weight
         )
     else:
         scores = attribution_scores(deltas, harm_grad, task_grad, task_weight, refusal_grad, refusal_weight)
