@@ -729,6 +729,12 @@ def test_worst_case_is_the_highest_hs_among_attacks_that_keep_the_task() -> None
     assert worst_case(by) == ("b", ["a", "b"])
     assert worst_case(by, margin=25.0) == ("c", ["a", "b", "c"])
     assert worst_case({"a": (e(5.0), e(10.0))}) == ("a", ["a"])
+    # a broken setting neither counts nor sets the best FA: with a broken, b's 75 is the best, and c (60)
+    # is still more than 10 points below it; broken everywhere: no worst case
+    assert worst_case(by, broken=["a"]) == ("b", ["b"])
+    assert worst_case(by, broken=["b"]) == ("a", ["a"])
+    assert worst_case(by, margin=25.0, broken=["c"]) == ("b", ["a", "b"])
+    assert worst_case(by, broken=["a", "b", "c"]) == (None, [])
 
 
 def test_report_gives_each_defenses_worst_case_from_the_table(compared: dict[str, Any]) -> None:
