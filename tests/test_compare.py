@@ -796,6 +796,47 @@ def test_reverse_builds_the_same_stages_from_the_other_end(tiny: dict[str, Path]
     assert (backward.index("random-prune") < backward.index("magnitude-prune")) != first
 
 
+def test_a_defense_label_says_where_no_variant_kept_the_fa_budget() -> None:
+    """Hand-built table entries: a defense chosen at 0.4 in two settings, once by the fallback (no variant
+    within the FA budget), once within it, says so in its label; one never over budget says nothing; a
+    defense with nothing to choose keeps its name; rows from runs before the flag (None) count as within."""
+    from types import SimpleNamespace
+
+    from antidote.experiments.compare_report import _shown
+
+    def e(chosen: list[str], over: int) -> Any:
+        return SimpleNamespace(chosen_variants=chosen, chosen_over_budget=over)
+
+    grid = {("antidote", "a"): e(["0.4"], 1), ("antidote", "b"): e(["0.1"], 0), ("sft", "a"): e([], 0)}
+    grid |= {("hr", "a"): e(["0.3", "0.3"], 0)}
+    assert _shown(grid, "antidote", ["a", "b"]) == (
+        "antidote (chosen: 0.4, 0.1; no variant within the FA budget in 1 of 2 cells)"
+    )
+    assert _shown(grid, "hr", ["a", "b"]) == "hr (chosen: 0.3)"
+    assert _shown(grid, "sft", ["a", "b"]) == "sft"
+
+
+def test_chosen_rows_carry_whether_the_choice_kept_the_fa_budget() -> None:
+    """`chosen_rows` copies the operating point's `within_budget` onto the defense's row; the aggregate counts
+    the chosen rows the fallback chose, over seeds."""
+    import dataclasses
+
+    from antidote.experiments.rows import ResultRow, chosen_rows
+
+    base: dict[str, Any] = {
+        f.name: None for f in dataclasses.fields(ResultRow) if f.default is dataclasses.MISSING
+    }
+    rows = [
+        ResultRow(**{**base, "defense": "antidote", "variant": v, "label": f"antidote@{v}"})
+        for v in ("0.1", "0.4")
+    ]
+    out = chosen_rows(rows, {"antidote": {"variant": "0.4", "within_budget": False}})
+    assert [(r.label, r.chosen_variant, r.chosen_within_budget) for r in out] == [("antidote", "0.4", False)]
+    assert not any(r.in_table for r in rows)
+    old = chosen_rows(rows, {"antidote": {"variant": "0.1"}})  # a summary written before the key
+    assert old[0].chosen_within_budget is None
+
+
 def test_the_hs_fa_plot_draws_each_table_rows_interval(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,8 +15,10 @@ def test_operating_point_is_lowest_hs_within_the_fa_budget() -> None:
     ]
     chosen, why = choose_operating_point(sweep, attacked_fa=90.0, max_fa_drop=5.0)
     assert chosen["variant"] == "0.1" and "at most 5.0 FA points" in why  # 0.2 loses 40; tie -> first
+    assert [s["within_budget"] for s in sweep] == [True, True, True, False]  # FA >= 85
     chosen, why = choose_operating_point(sweep, attacked_fa=99.0, max_fa_drop=5.0)
     assert chosen["variant"] == "0.2" and why.startswith("no variant kept")
+    assert not any(s["within_budget"] for s in sweep)  # FA >= 94: none, so the fallback chose
 
 
 def test_operating_point_refuses_a_broken_variant() -> None:
@@ -32,6 +34,7 @@ def test_operating_point_refuses_a_broken_variant() -> None:
     chosen, why = choose_operating_point(sweep, 90.0, 5.0, aligned, Margins(10.0, 10.0))
     assert chosen["variant"] == "0.1" and "not broken" in why
     assert [s["broken"] for s in sweep] == ["", "", "over-refusal +30.0", "degenerate +70.0"]
+    assert [s["within_budget"] for s in sweep] == [True, True, False, False]  # broken is never within it
     # Without the aligned model's row nothing is broken: the old rule, the lowest HS within the FA budget.
     chosen, _ = choose_operating_point(sweep, 90.0, 5.0)
     assert chosen["variant"] == "0.5"

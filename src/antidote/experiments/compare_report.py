@@ -51,10 +51,15 @@ def _hs_fa_cells(
 
 
 def _shown(grid: dict[tuple[str, str], TableEntry], label: str, setting_ids: list[str]) -> str:
-    """A row's label; for a defense reported at its validation-chosen variant, which variants were chosen."""
-    entries = [grid.get((label, s)) for s in setting_ids]
-    chosen = [v for t in entries if t is not None for v in t.chosen_variants]
-    return f"{label} (chosen: {', '.join(dict.fromkeys(chosen))})" if chosen else label
+    """A row's label; for a defense reported at its validation-chosen variant, which variants were chosen,
+    and in how many cells the choice fell back because no variant kept the FA budget."""
+    entries = [t for t in (grid.get((label, s)) for s in setting_ids) if t is not None]
+    chosen = [v for t in entries for v in t.chosen_variants]
+    if not chosen:
+        return label
+    over = sum(t.chosen_over_budget for t in entries)
+    fallback = f"; no variant within the FA budget in {over} of {len(chosen)} cells" if over else ""
+    return f"{label} (chosen: {', '.join(dict.fromkeys(chosen))}{fallback})"
 
 
 def _mean(entry: dict[str, Any]) -> str:

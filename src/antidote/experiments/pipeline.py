@@ -331,6 +331,7 @@ class Pipeline:
             summary["operating_points"][name] = {
                 "variant": best["variant"],
                 "why": why,
+                "within_budget": best["within_budget"],
                 "judge": first,
                 "sweep_validation": [
                     {"variant": "aligned", **_numbers(val_aligned)},

@@ -22,11 +22,13 @@ def choose_operating_point(
     broken (`front.broken_reasons`: degenerate or over-refusal rising more than `margins` over the `aligned`
     model's validation row) (ties: the first in `sweep`, i.e. the smaller ratio). If none qualifies: the
     lowest HS among the variants that are not broken, else the lowest HS of all, said so. Each sweep entry
-    gets `broken` (the reasons, "" when not broken)."""
+    gets `broken` (the reasons, "" when not broken) and `within_budget` (within the FA budget and not
+    broken: False on the chosen one means the fallback chose it)."""
     margins = margins or Margins()
     for s in sweep:
         s["broken"] = "; ".join(broken_reasons(s, aligned, margins)) if aligned is not None else ""
-    allowed = [s for s in sweep if s["fa"] >= attacked_fa - max_fa_drop and not s["broken"]]
+        s["within_budget"] = s["fa"] >= attacked_fa - max_fa_drop and not s["broken"]
+    allowed = [s for s in sweep if s["within_budget"]]
     if allowed:
         best = min(allowed, key=lambda s: s["hs"])
         return best, (

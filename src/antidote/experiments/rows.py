@@ -27,7 +27,7 @@ CSV_FIELDS = (
     "hs_high", "degenerate", "fa", "fa_low", "fa_high", "over_refusal", "broken", "on_front", "seconds",
     "pipeline_seconds", "peak_rss_mib", "peak_cuda_allocated_mib", "lr", "epochs", "harmful_ratio",
     "num_samples", "task", "prompt_set", "n_prompts", "eval_task", "n_task", "general_utility",
-    "chosen_variant",
+    "chosen_variant", "chosen_within_budget",
 )  # fmt: skip
 MEASURED = ("seconds", "pipeline_seconds", "peak_rss_mib", "peak_cuda_allocated_mib")
 
@@ -74,6 +74,7 @@ class ResultRow:
     # a defense chosen on validation is reported at that variant alone: a row labelled by the defense, with
     # `chosen_variant` saying which; its variant rows stay for the plots and files but leave the tables
     chosen_variant: str | None = None
+    chosen_within_budget: bool | None = None  # False: no variant kept the FA budget, the fallback chose it
     in_table: bool = True
     # `front.marks` against the aligned row of the same judge and cell (set by `mark_rows`)
     broken: str = ""  # why the row is broken (degenerate or over-refusal past its margin); "" when not
@@ -177,7 +178,14 @@ def chosen_rows(rows: list[ResultRow], points: dict[str, Any]) -> list[ResultRow
         r.in_table = False
         if r.variant == point["variant"]:
             chosen.append(
-                dataclasses.replace(r, label=r.defense, variant="", chosen_variant=r.variant, in_table=True)
+                dataclasses.replace(
+                    r,
+                    label=r.defense,
+                    variant="",
+                    chosen_variant=r.variant,
+                    chosen_within_budget=point.get("within_budget"),  # None: a run from before the key
+                    in_table=True,
+                )
             )
     return chosen
 
@@ -216,6 +224,7 @@ class TableEntry:
     seeds: list[int]
     in_table: bool
     chosen_variants: list[str]
+    chosen_over_budget: int  # of the chosen rows, how many the fallback chose (no variant kept the FA budget)
     hs: dict[str, Any]
     fa: dict[str, Any]
     degenerate: dict[str, Any]
@@ -278,6 +287,7 @@ def aggregate(rows: list[ResultRow]) -> list[TableEntry]:
                 seeds=[g.seed for g in group],
                 in_table=first.in_table,
                 chosen_variants=[g.chosen_variant for g in group if g.chosen_variant is not None],
+                chosen_over_budget=sum(g.chosen_within_budget is False for g in group),
                 hs=crossed_bootstrap([g.hs_flags for g in group]),
                 fa=crossed_bootstrap([g.fa_flags for g in group]),
                 degenerate=mean_entry([g.degenerate for g in group]),
