@@ -504,3 +504,41 @@ def test_a_new_judge_version_redoes_the_judged_stages_only(tiny, tiny_run, tmp_p
     built = sorted(n.rsplit("-", 1)[0] for n in summary["stages"]["built"])
     assert built and all(n.startswith("evaluate-") for n in built)  # the keyword judge scores as it generates
     assert not any(n.startswith(("align", "finetune", "antidote")) for n in built)
+
+
+def test_a_variant_runs_its_method_under_its_own_name(tiny, tiny_run, tmp_path) -> None:
+    """`defenses: {NAME: {method: antidote, ...}}` runs Antidote's code with the entry's options as a row,
+    stages and operating point of its own; the base entry's stages are reused, not redone."""
+    before = {p.name for p in (tiny_run["run"] / "stages").iterdir()}
+    antidote = {"data": str(tiny["harmful"]), "mask_ratios": [0.1, 0.3]}
+    half = {"method": "antidote", "data": str(tiny["harmful"]), "mask_ratios": [0.5]}
+    path = copy_run(tiny_run, tiny, tmp_path, defenses={"antidote": antidote, "antidote-half": half})
+    summary = run_pipeline(load_run_config(str(path)), say=lambda m: None)
+    rows = {r["model"]: r for r in summary["rows"]}
+    # its own row, at its own ratio (the variant label is the mask ratio its run wrote)
+    assert summary["post_variants"] == {"antidote": ["0.1", "0.3"], "antidote-half": ["0.5"]}
+    assert "antidote-half" in summary["operating_points"]
+    assert set(rows["antidote-half@0.5"]["own_stages"]) == {"antidote-half"}
+    assert {"antidote@0.1", "antidote@0.3"} <= set(rows)
+    new = {p.name for p in (tmp_path / "run" / "stages").iterdir()} - before
+    assert any(n.startswith("antidote-half-") for n in new)  # its own defense stage ...
+    assert not any(n.startswith("antidote-") and not n.startswith("antidote-half") for n in new)
+    record = json.loads(next((tmp_path / "run" / "stages").glob("antidote-half-*/stage.json")).read_text())
+    assert record["method"] == "antidote" and record["defense"] == "antidote-half"
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"antidote": {"method": "antidote"}}, "needs a name of its own"),
+        ({"Bad Name": {"method": "antidote"}}, "lower-case letters"),
+        ({"mine": {"method": "no-such"}}, "unknown defense 'no-such'"),
+        ({"mine": {"method": 3}}, "must be a registered defense's name"),
+        ({"mine": {"method": "antidote", "no_such_option": 1}}, "no_such_option"),
+    ],
+)
+def test_a_bad_variant_is_refused_before_any_work(tiny, tmp_path, capsys, entry, message) -> None:
+    path = write_config(tiny, tmp_path, defenses=entry)
+    assert main(["run", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -155,3 +155,34 @@ def test_compare_cpu_plans_offline_on_data_that_share_no_prompt(
         )
     }
     assert ev["category_field"] == "category" and ev["max_prompts"] == 10 * len(categories)
+
+
+@needs_shared
+def test_the_ablation_config_is_compare_cpu_default_setting_with_variants(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """configs/compare-cpu-ablation.yaml: compare-cpu's data, attack, evaluation, validation and judges
+    (so its rows sit beside compare-cpu's default setting), three seeds, and every variant a registered
+    method under a name of its own."""
+    from antidote.defenses import REGISTRY
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = CONFIGS / "compare-cpu-ablation.yaml"
+    argv = ["compare", str(path), "--plan", "--data-dir", str(SHARED), "--output", str(tmp_path / "o")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "3 cells" in out and "validate-antidote-contrast" in out and not (tmp_path / "o").exists()
+    ablation: dict[str, Any] = yaml.safe_load(path.read_text())
+    full: dict[str, Any] = yaml.safe_load((CONFIGS / "compare-cpu.yaml").read_text())
+    for key in ("model", "judges", "max_fa_drop", "align", "finetune", "evaluate", "validate"):
+        assert ablation[key] == full[key], key
+    assert ablation["matrix"]["seeds"] == [1, 2, 3]
+    assert set(ablation["matrix"]["all_seeds_for"]) == set(ablation["defenses"])
+    for name, options in ablation["defenses"].items():
+        method = (options or {}).get("method")
+        if method is None:
+            assert name in REGISTRY or name == "sft"
+        else:
+            assert name not in REGISTRY and method in REGISTRY
+        if name in full["defenses"]:
+            assert options == full["defenses"][name], name  # the shipped defenses as compare-cpu runs them

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from antidote.errors import AntidoteError
-from antidote.tasks import TASKS, Task, get_task, load_task_items, task_help
+from antidote.tasks import TASKS, Task, get_task, load_pairs, load_task_items, task_help
 from antidote.tasks.agnews import AGNEWS_INSTRUCTION, AGNEWS_LABELS, agnews_correct
 from antidote.tasks.gsm8k import gsm8k_correct, gsm8k_prediction, gsm8k_training_answer
 from antidote.tasks.sentiment import SST2_INSTRUCTION, sst2_correct
@@ -234,3 +234,25 @@ def test_help_texts_list_exactly_the_registered_tasks() -> None:
     (task_data,) = [f for f in fields(EvaluateConfig) if f.name == "task_data"]
     found = re.search(r"needed for (\w+(?:, \w+)*)\)", task_data.metadata["help"])
     assert found and set(found[1].split(", ")) == data
+
+
+def test_a_tasks_data_set_reads_as_its_prompt_and_answer_pairs(tmp_path: Path) -> None:
+    """`load_pairs("sst2:train")` (a sentence and a 0/1 label per row) gives SST-2's items as the fine-tuning
+    reads them: the instruction, the sentence as input, the label word as the answer; seeded subsets."""
+    rows = [{"sentence": f"film number {i}", "label": i % 2} for i in range(6)]
+    (tmp_path / "benign").mkdir()
+    (tmp_path / "benign" / "sst2_train_sub5000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_pairs("sst2:train", data_dir=tmp_path)
+    assert [(e.prompt, e.input, e.response) for e in got] == [
+        (SPEC_SST2, f"film number {i}", "positive" if i % 2 else "negative") for i in range(6)
+    ]
+    two = load_pairs("sst2:train", data_dir=tmp_path, max_samples=2, seed=3)
+    assert len(two) == 2 and two == load_pairs("sst2:train", data_dir=tmp_path, max_samples=2, seed=3)
+    assert {e.input for e in two} < {e.input for e in got}
+    (tmp_path / "benign" / "sst2_train_sub5000.jsonl").write_text(json.dumps({"text": "no label"}) + "\n")
+    with pytest.raises(AntidoteError, match="does not look like sst2 data"):
+        load_pairs("sst2:train", data_dir=tmp_path)
+    # anything else is read as prompt/response records, as before
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    assert [(e.prompt, e.response) for e in load_pairs(str(pairs))] == [("p", "r")]

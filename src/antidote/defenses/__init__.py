@@ -26,7 +26,16 @@ from antidote.defenses import safedelta as _safedelta  # noqa: F401
 from antidote.defenses import safelora as _safelora  # noqa: F401
 from antidote.defenses import vaccine as _vaccine  # noqa: F401
 from antidote.defenses import wei_set_difference as _wei_set_difference  # noqa: F401
-from antidote.defenses.base import REGISTRY, RESERVED, STAGES, Defense, get, register
+from antidote.defenses.base import (
+    REGISTRY,
+    RESERVED,
+    STAGES,
+    Defense,
+    entry,
+    entry_options,
+    get,
+    register,
+)
 
 
 def load_plugins() -> list[str]:
@@ -52,4 +61,14 @@ def load_plugins() -> list[str]:
 
 load_plugins()
 
-__all__ = ["REGISTRY", "RESERVED", "STAGES", "Defense", "get", "load_plugins", "register"]
+__all__ = [
+    "REGISTRY",
+    "RESERVED",
+    "STAGES",
+    "Defense",
+    "entry",
+    "entry_options",
+    "get",
+    "load_plugins",
+    "register",
+]

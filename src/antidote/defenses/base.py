@@ -17,6 +17,7 @@ Every `run` returns `{variant label: folder}`; the label is "" when there is one
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,13 @@ class Defense:
     # task): given the attack's FinetuneConfig and the validate section's EvaluateConfig (None without
     # one), option -> value; what the defense's own section sets wins.
     from_run: Callable[[Any, Any], dict[str, Any]] | None = None
+    # Where this entry is a variant (`entry`): the registered defense it runs under its own name.
+    method: str | None = None
+
+    @property
+    def method_name(self) -> str:
+        """The registered defense whose code this runs (its own name unless it is a variant)."""
+        return self.method or self.name
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -90,3 +98,37 @@ def get(name: str) -> Defense:
             f"unknown defense {name!r}; known defenses: {', '.join(sorted(REGISTRY))}{broken_note()}"
         )
     return REGISTRY[name]
+
+
+VARIANT_KEY = "method"
+_VARIANT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def entry(name: str, options: Any) -> Defense:
+    """The defense a run config's `defenses:` entry runs: the registered defense NAME, or, where its
+    options hold `method: REGISTERED`, a variant: that defense's code and options under the entry's own
+    name, so it gets its own stages, rows and operating point (`antidote-contrast: {method: antidote,
+    score: contrast, ...}` beside `antidote:` in one table)."""
+    base = options.get(VARIANT_KEY) if isinstance(options, dict) else None
+    if base is None:
+        return get(name)
+    if not isinstance(base, str):
+        raise AntidoteError(f"defenses: {name}: method must be a registered defense's name, got {base!r}")
+    if name in REGISTRY:
+        raise AntidoteError(
+            f"defenses: {name}: a variant (method: {base}) needs a name of its own, and {name!r} is a "
+            f"registered defense; rename the entry, e.g. {base}-mine"
+        )
+    if not _VARIANT_NAME.fullmatch(name):
+        raise AntidoteError(
+            f"defenses: {name!r}: a variant's name is lower-case letters, digits, '.', '_' and '-' "
+            "(up to 64, starting with a letter or digit): it names folders"
+        )
+    return dataclasses.replace(get(base), name=name, method=base)
+
+
+def entry_options(options: Any) -> Any:
+    """An entry's options without the variant's `method:` key (the defense's config never sees it)."""
+    if isinstance(options, dict) and VARIANT_KEY in options:
+        return {k: v for k, v in options.items() if k != VARIANT_KEY}
+    return options

@@ -20,7 +20,7 @@ from typing import Any
 
 from antidote.configfile import config_from_mapping, read_yaml_mapping
 from antidote.data.catalog import resolve_data_dir
-from antidote.defenses import get
+from antidote.defenses import entry
 from antidote.errors import AntidoteError
 from antidote.evaluation.judge_install import ensure_default_judge
 from antidote.experiments.cache import StageCache, locked
@@ -91,8 +91,8 @@ def load_compare_config(path: str, say: Callable[[str], None] = _say, **override
                 f"choose from {', '.join([SFT, *run.defenses])}"
             )
     if not data.get("align"):
-        for name in run.defenses:
-            if get(name).needs_base:
+        for name, options in run.defenses.items():
+            if entry(name, options).needs_base:
                 raise AntidoteError(
                     f"{path}: defense {name} needs the base -> aligned pair, but the config has no align: "
                     "section; add one (the alignment to build) or drop the defense"

@@ -29,7 +29,7 @@ from typing import Any
 
 from antidote.data.catalog import resolve_data_dir
 from antidote.data.templates import PROMPT_FILE
-from antidote.defenses import Defense, get
+from antidote.defenses import Defense, entry
 from antidote.errors import AntidoteError
 from antidote.evaluation.judge_install import ensure_default_judge
 from antidote.evaluation.judges import HARMFUL_VERDICTS, judge_source, judge_version, parse_judge_spec
@@ -111,7 +111,7 @@ class Pipeline:
             say(f"judge {spec} left out: {why}")
         self.judges = JudgeSet(self.judge_specs)
         self.flags: dict[tuple[str, str, str], list[bool]] = {}  # (section, row, judge) -> harmful per prompt
-        self.defenses = [get(name) for name in config.defenses]
+        self.defenses = [entry(name, options) for name, options in config.defenses.items()]
         self.margins = front.Margins(config.max_degenerate_rise, config.max_over_refusal_rise)
 
     def stage(
@@ -225,7 +225,7 @@ class Pipeline:
             cfg,
             upstream,
             lambda out: defense.run(replace(cfg, output=str(out))),
-            {"kind": "align", "defense": defense.name, "method": defense.name},
+            {"kind": "align", "defense": defense.name, "method": defense.method_name},
         )
         attack_cfg = replace(ft_cfg, model=str(aligned))
         attack, attack_key = self.stage(
@@ -253,7 +253,7 @@ class Pipeline:
             cfg,
             align_key,
             lambda out: defense.run(replace(cfg, output=str(out))),
-            {"kind": "finetune", "defense": defense.name, "method": defense.name},
+            {"kind": "finetune", "defense": defense.name, "method": defense.method_name},
         )
         own = {f"finetune-{defense.name}": attack.name}
         recipe = [aligned.name, attack.name]
@@ -284,7 +284,7 @@ class Pipeline:
             cfg,
             upstream,
             lambda out: _record_variants(out, defense.run(replace(cfg, output=str(out)))),
-            {"kind": "defense", "defense": defense.name, "method": defense.name},
+            {"kind": "defense", "defense": defense.name, "method": defense.method_name},
             outputs=("variants.json",),
         )
         own[defense.name] = folder.name

@@ -11,7 +11,7 @@ from typing import Any
 
 from antidote.configfile import config_from_mapping, read_yaml_mapping, values_from_mapping
 from antidote.data.catalog import check_data_dir_size
-from antidote.defenses import RESERVED, Defense, get
+from antidote.defenses import RESERVED, Defense, entry, entry_options
 from antidote.defenses.base import NOT_FILLED
 from antidote.errors import AntidoteError
 from antidote.evaluation.judges import available_judges, check_judge
@@ -111,8 +111,8 @@ def check(config: RunConfig, path: str = "the config") -> None:
     for name in SECTIONS:
         if getattr(config, name) is not None:
             stage_config(config, name, path, model="<model>", output="<output>")
-    for name in config.defenses:
-        defense = get(name)
+    for name, entry_section in config.defenses.items():
+        defense = entry(name, entry_section)
         fixed = placeholders(defense)
         fixed.pop("data_dir", None)  # the run's own data folder: a preflight reads the defense's data
         options = defense_config(config, defense, fixed, path)
@@ -170,7 +170,7 @@ def defense_config(
     """A defense's config: for align/finetune defenses the stage's section under the defense's own keys."""
     reserved = RESERVED[defense.stage]
     where = f"{path}: defenses: {defense.name}"
-    values = section_values(defense.config, config.defenses[defense.name], where, reserved)
+    values = section_values(defense.config, entry_options(config.defenses[defense.name]), where, reserved)
     if defense.from_run is not None:
         fill = {"model": "<model>", "output": "<output>"}
         attack = stage_config(config, "finetune", path, **fill)

@@ -24,6 +24,7 @@ from antidote.realignment.calibrate import Statistics
 from antidote.realignment.config import RealignConfig
 from antidote.realignment.save import ratio_folder
 from antidote.realignment.scores import GRANULARITIES, SCORES, ScoreInputs, tensor_seed
+from antidote.tasks import load_pairs
 
 Records = Sequence[Mapping[str, Any]]
 
@@ -210,17 +211,22 @@ def load_sequences(
     at all for a data-free score."""
     if not SCORES[config.score].needs_data:
         return [], None
-    examples = load_examples(
-        config.data if records is None else records,
-        filters=config.filters,
-        max_samples=config.max_samples,
-        seed=config.seed,
-        data_dir=config.data_dir,
-    )
+    if records is None and not config.filters:  # a task's data set (sst2:train) reads as its pairs
+        examples = load_pairs(
+            config.data, max_samples=config.max_samples, seed=config.seed, data_dir=config.data_dir
+        )
+    else:
+        examples = load_examples(
+            config.data if records is None else records,
+            filters=config.filters,
+            max_samples=config.max_samples,
+            seed=config.seed,
+            data_dir=config.data_dir,
+        )
     sequences = tokenize_examples(examples, tokenizer, config.template, config.max_length)
     benign_sequences = None
     if SCORES[config.score].needs_benign and config.benign_data:
-        benign = load_examples(
+        benign = load_pairs(
             config.benign_data, max_samples=config.max_samples, seed=config.seed, data_dir=config.data_dir
         )
         benign_sequences = tokenize_examples(benign, tokenizer, config.template, config.max_length)

@@ -7,8 +7,10 @@ list task names are built from TASKS (`task_help`).
 from __future__ import annotations
 
 import os
+import random
 
 from antidote.data.catalog import read_rows
+from antidote.data.loading import Example, load_examples
 from antidote.errors import AntidoteError
 from antidote.tasks.agnews import AGNEWS
 from antidote.tasks.base import Task, TaskExample
@@ -64,4 +66,32 @@ def load_task_items(
     return found.items(read_rows(source, data_dir), training=training, source=source)
 
 
-__all__ = ["TASKS", "Task", "TaskExample", "get_task", "load_task_items", "task_help", "task_names"]
+def load_pairs(
+    source: str,
+    *,
+    max_samples: int | None = None,
+    seed: int = 0,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> list[Example]:
+    """Prompt/answer pairs of `source` (`load_examples`), where a data set of a data task (`sst2:train-fit`:
+    a sentence and a 0/1 label per row) gives that task's items: its instruction, the row as input and the
+    expected output in its training form, as the fine-tuning read them."""
+    task = TASKS.get(source.partition(":")[0]) if ":" in source else None
+    if task is None or not task.needs_data:
+        return load_examples(source, max_samples=max_samples, seed=seed, data_dir=data_dir)
+    items = load_task_items(task.name, source, training=True, data_dir=data_dir)
+    if max_samples is not None and max_samples < len(items):
+        items = [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), max_samples))]
+    return [Example(prompt, answer, text) for prompt, text, answer in items]
+
+
+__all__ = [
+    "TASKS",
+    "Task",
+    "TaskExample",
+    "get_task",
+    "load_pairs",
+    "load_task_items",
+    "task_help",
+    "task_names",
+]
