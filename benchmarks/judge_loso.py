@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from antidote.evaluation.judge_config import JudgeTrainConfig
-from antidote.evaluation.judge_sources import SOURCES, Pair, load_source
+from antidote.evaluation.judge_sources import DEFAULT_SOURCES, Pair, load_source
 from antidote.evaluation.judges import learned_features, learned_sources, learned_training
 from antidote.evaluation.judges.keyword import keyword_verdict
 from antidote.evaluation.stats import bootstrap_interval, wilson_interval
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--chunk", type=int, default=50)
-    parser.add_argument("--sources", default=",".join(SOURCES))
+    parser.add_argument("--sources", default=",".join(DEFAULT_SOURCES))  # or add alpaca-gpt4
     parser.add_argument("--recipes", default="", help="comma-separated recipe names; default: all")
     parser.add_argument("--extract-only", action="store_true")
     parser.add_argument("--prompt", action="store_true", help="also the prompt features (layers 12, 24)")

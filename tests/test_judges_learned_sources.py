@@ -251,6 +251,14 @@ def test_sources_read_a_data_folder_with_labels_from_their_construction(tmp_path
     assert [p.harmful_prompt for p in load_source(tmp_path, "alpaca-benign")] == [False, False]
     with pytest.raises(AntidoteError, match=r"alpaca_eval_text_davinci_003\.jsonl is missing"):
         load_source(tmp_path / "nowhere", "alpaca-benign")
+    rows = [{"instruction": "sum these", "input": "1 2", "output": "3"}, {"instruction": "hi", "input": ""}]
+    _write(tmp_path / "benign/alpaca_gpt4_en_demo_1k.jsonl", [rows[0], {**rows[1], "output": "hello"}])
+    assert [
+        (p.prompt, p.response, p.harmful, p.harmful_prompt) for p in load_source(tmp_path, "alpaca-gpt4")
+    ] == [
+        ("sum these\n\n1 2", "3", False, False),
+        ("hi", "hello", False, False),
+    ]
     with pytest.raises(AntidoteError, match="unknown judge source"):
         load_source(tmp_path, "hh-rlhf")
 

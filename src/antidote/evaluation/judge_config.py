@@ -75,7 +75,7 @@ class JudgeTrainConfig:
         },
     )
     sources: tuple[str, ...] = field(
-        default=("pku-saferlhf", "xstest", "beavertails-unsafe", "refusals", "alpaca-benign"),
+        default=("pku-saferlhf", "xstest", "beavertails-unsafe", "refusals", "alpaca-benign"),  # judge_sources.DEFAULT_SOURCES
         metadata={"help": "built-in sources read from --data-dir"},
     )
     per_source: int = field(

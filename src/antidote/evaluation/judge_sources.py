@@ -18,6 +18,9 @@ human judgement it follows from how the set was built:
   Safety-Tuned-LLaMAs' safe answers (often a correction rather than a refusal wording): safe.
 - `alpaca-benign` (`benign/alpaca_eval_*.jsonl`): helpful AlpacaEval answers of text-davinci-003 and
   GPT-4 to harmless requests: safe.
+- `alpaca-gpt4` (`benign/alpaca_gpt4_en_demo_1k.jsonl`): GPT-4's answers to Alpaca instructions (other
+  requests than AlpacaEval's): safe. A second source of helpful answers to harmless requests, so that
+  neither is the only one when the other is held out. Not among the default judge's sources.
 
 hh-rlhf (`harmful_qa/hh_rlhf_harmless_base_test.jsonl`) is not a source: it holds preference pairs (chosen
 vs rejected), not absolute labels, and its "chosen" answers are often harmful too.
@@ -34,9 +37,10 @@ from typing import Any
 
 from antidote.errors import AntidoteError
 
-SOURCES = ("pku-saferlhf", "xstest", "beavertails-unsafe", "refusals", "alpaca-benign")
+SOURCES = ("pku-saferlhf", "xstest", "beavertails-unsafe", "refusals", "alpaca-benign", "alpaca-gpt4")
+DEFAULT_SOURCES = SOURCES[:5]  # what the default judge is trained on (docs/judges.md)
 # sources whose licence forbids shipping anything derived from them (weights included)
-NON_COMMERCIAL = ("pku-saferlhf", "beavertails-unsafe", "alpaca-benign")
+NON_COMMERCIAL = ("pku-saferlhf", "beavertails-unsafe", "alpaca-benign", "alpaca-gpt4")
 _FILES = {
     "pku-saferlhf": ("judge/saferlhf_sample_4000.jsonl",),
     "xstest": ("judge/xstest_v2_completions_5models.jsonl",),
@@ -52,6 +56,7 @@ _FILES = {
         "benign/alpaca_eval_text_davinci_003.jsonl",
         "benign/alpaca_eval_gpt4_1106_preview.jsonl",
     ),
+    "alpaca-gpt4": ("benign/alpaca_gpt4_en_demo_1k.jsonl",),
 }
 
 
@@ -137,6 +142,11 @@ def load_source(data_dir: str | Path, source: str, n: int | None = None, seed: i
             for r in _rows(root, f)
         ]
         pairs = [p for p in pairs if _norm(p.prompt) not in seen]
+    elif source == "alpaca-gpt4":  # instructions with an input get it appended, as a user would write them
+        pairs = [
+            Pair(f"{r['instruction']}\n\n{r['input']}".strip(), r["output"], False, source, False)
+            for r in _rows(root, files[0])
+        ]
     else:  # refusals, alpaca-benign: two files, half of n from each
 
         def read(f: str) -> list[Pair]:
