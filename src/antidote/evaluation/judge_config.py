@@ -75,7 +75,8 @@ class JudgeTrainConfig:
         },
     )
     sources: tuple[str, ...] = field(
-        default=("pku-saferlhf", "xstest", "beavertails-unsafe", "refusals", "alpaca-benign"),  # judge_sources.DEFAULT_SOURCES
+        # judge_sources.DEFAULT_SOURCES
+        default=("pku-saferlhf", "xstest", "beavertails-unsafe", "refusals", "alpaca-benign"),
         metadata={"help": "built-in sources read from --data-dir"},
     )
     per_source: int = field(
