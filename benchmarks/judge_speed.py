@@ -29,11 +29,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=0, help="pairs per forward (default: the judge's)")
     args = parser.parse_args(argv)
 
-    from antidote.evaluation.judge_sources import SOURCES, load_source
+    from antidote.evaluation.judge_sources import DEFAULT_SOURCES, load_source
     from antidote.evaluation.judges.learned import LearnedJudge, judge_folder
 
     torch.set_num_threads(args.threads)
-    pairs = [p for s in SOURCES for p in load_source(args.data_dir, s, args.per_source, seed=0)]
+    pairs = [p for s in DEFAULT_SOURCES for p in load_source(args.data_dir, s, args.per_source, seed=0)]
     prompts = [p.prompt for p in pairs]
     short = [" ".join(p.response.split()[:64]) for p in pairs]
     whole = [p.response for p in pairs]
