@@ -198,7 +198,8 @@ def test_stage_key_depends_on_data_file_content(tmp_path: Path) -> None:
 def test_bad_config_fails_before_any_work(tiny, tmp_path, capsys, changes, message) -> None:
     path = write_config(tiny, tmp_path, **changes)
     assert main(["run", str(path)]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err  # the problem, and the config it is in
     assert not (tmp_path / "run").exists()
 
 
@@ -525,6 +526,15 @@ def test_a_variant_runs_its_method_under_its_own_name(tiny, tiny_run, tmp_path) 
     assert not any(n.startswith("antidote-") and not n.startswith("antidote-half") for n in new)
     record = json.loads(next((tmp_path / "run" / "stages").glob("antidote-half-*/stage.json")).read_text())
     assert record["method"] == "antidote" and record["defense"] == "antidote-half"
+    # another method with the same options is another stage, never the cached one under the same name
+    other = {**half, "method": "random-prune", "mask_ratios": [0.5]}
+    other.pop("data")
+    path = copy_run(tiny_run, tiny, tmp_path / "again", defenses={"antidote-half": other})
+    summary = run_pipeline(load_run_config(str(path)), say=lambda m: None)
+    again = json.loads(
+        next((tmp_path / "again" / "run" / "stages").glob("antidote-half-*/stage.json")).read_text()
+    )
+    assert again["method"] == "random-prune" and again["key"] != record["key"]
 
 
 @pytest.mark.parametrize(
@@ -535,10 +545,13 @@ def test_a_variant_runs_its_method_under_its_own_name(tiny, tiny_run, tmp_path) 
         ({"mine": {"method": "no-such"}}, "unknown defense 'no-such'"),
         ({"mine": {"method": 3}}, "must be a registered defense's name"),
         ({"mine": {"method": "antidote", "no_such_option": 1}}, "no_such_option"),
+        ({"aligned": {"method": "antidote"}}, "the pipeline's own rows"),
+        ({"finetune-x": {"method": "antidote"}}, "the pipeline's own rows"),
     ],
 )
 def test_a_bad_variant_is_refused_before_any_work(tiny, tmp_path, capsys, entry, message) -> None:
     path = write_config(tiny, tmp_path, defenses=entry)
     assert main(["run", str(path)]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err  # the problem, and the config it is in
     assert not (tmp_path / "run").exists()

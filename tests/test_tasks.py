@@ -249,6 +249,10 @@ def test_a_tasks_data_set_reads_as_its_prompt_and_answer_pairs(tmp_path: Path) -
     two = load_pairs("sst2:train", data_dir=tmp_path, max_samples=2, seed=3)
     assert len(two) == 2 and two == load_pairs("sst2:train", data_dir=tmp_path, max_samples=2, seed=3)
     assert {e.input for e in two} < {e.input for e in got}
+    others = [load_pairs("sst2:train", data_dir=tmp_path, max_samples=2, seed=s) for s in range(8)]
+    assert len({tuple(e.input for e in o) for o in others}) > 1  # the seed chooses the subset
+    with pytest.raises(AntidoteError, match="at least 1"):
+        load_pairs("sst2:train", data_dir=tmp_path, max_samples=0)
     (tmp_path / "benign" / "sst2_train_sub5000.jsonl").write_text(json.dumps({"text": "no label"}) + "\n")
     with pytest.raises(AntidoteError, match="does not look like sst2 data"):
         load_pairs("sst2:train", data_dir=tmp_path)

@@ -102,6 +102,7 @@ def get(name: str) -> Defense:
 
 VARIANT_KEY = "method"
 _VARIANT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_PIPELINE_ROWS = ("base", "aligned", "attacked", "sft")
 
 
 def entry(name: str, options: Any) -> Defense:
@@ -114,10 +115,20 @@ def entry(name: str, options: Any) -> Defense:
         return get(name)
     if not isinstance(base, str):
         raise AntidoteError(f"defenses: {name}: method must be a registered defense's name, got {base!r}")
+    if base not in REGISTRY:
+        raise AntidoteError(
+            f"defenses: {name}: method: unknown defense {base!r}; "
+            f"known defenses: {', '.join(sorted(REGISTRY))}"
+        )
     if name in REGISTRY:
         raise AntidoteError(
             f"defenses: {name}: a variant (method: {base}) needs a name of its own, and {name!r} is a "
             f"registered defense; rename the entry, e.g. {base}-mine"
+        )
+    if name in _PIPELINE_ROWS or name.startswith(("align-", "finetune-")):
+        raise AntidoteError(
+            f"defenses: {name}: the pipeline's own rows and stages use that name; rename the entry, "
+            f"e.g. {base}-mine"
         )
     if not _VARIANT_NAME.fullmatch(name):
         raise AntidoteError(

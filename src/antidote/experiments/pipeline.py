@@ -127,6 +127,8 @@ class Pipeline:
         judge), defense (None for the plain pipeline), method (the code it runs: "plain" or the defense's),
         and for evaluations the row and variant. `outputs`: the files it must hold (checked on reuse)."""
         spec = {"upstream": upstream, "data_dir": self.data_dir, "config": stage_settings(settings)}
+        if about.get("method") not in ("plain", about.get("defense")):  # a variant: its method is in the key
+            spec["method"] = about["method"]
         return self.cache.run(name, spec, build, about, outputs)
 
     def run(self) -> dict[str, Any]:

@@ -112,7 +112,10 @@ def check(config: RunConfig, path: str = "the config") -> None:
         if getattr(config, name) is not None:
             stage_config(config, name, path, model="<model>", output="<output>")
     for name, entry_section in config.defenses.items():
-        defense = entry(name, entry_section)
+        try:
+            defense = entry(name, entry_section)
+        except AntidoteError as err:
+            raise AntidoteError(f"{path}: {err}") from None
         fixed = placeholders(defense)
         fixed.pop("data_dir", None)  # the run's own data folder: a preflight reads the defense's data
         options = defense_config(config, defense, fixed, path)

@@ -79,6 +79,8 @@ def load_pairs(
     task = TASKS.get(source.partition(":")[0]) if ":" in source else None
     if task is None or not task.needs_data:
         return load_examples(source, max_samples=max_samples, seed=seed, data_dir=data_dir)
+    if max_samples is not None and max_samples < 1:
+        raise AntidoteError(f"--max-samples must be at least 1, got {max_samples}")
     items = load_task_items(task.name, source, training=True, data_dir=data_dir)
     if max_samples is not None and max_samples < len(items):
         items = [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), max_samples))]
