@@ -236,3 +236,30 @@ def test_revert_reference_mismatch_fails_before_calibration(tiny, tmp_path, monk
             str(tiny["model"]), str(tiny["harmful"]), action="revert", reference=str(tmp_path / "other")
         )
     assert calls == []
+
+
+def test_calibration_on_a_tasks_data_set_reads_its_pairs(tiny, tmp_path) -> None:
+    """realign --data sst2:train (and --benign-data): each calibration sequence is the SST-2 instruction,
+    the sentence and the label word, as the fine-tuning formats them; not the raw sentence/label record."""
+    from transformers import AutoTokenizer
+
+    from antidote.realignment.steps import load_sequences
+
+    (tmp_path / "benign").mkdir()
+    rows = [{"sentence": "a quietly great film", "label": 1}, {"sentence": "a dull mess", "label": 0}]
+    (tmp_path / "benign" / "sst2_train_sub5000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    config = RealignConfig(
+        model="m",
+        data="sst2:train",
+        benign_data="sst2:train",
+        score="contrast",
+        template="plain",
+        data_dir=str(tmp_path),
+    )
+    harmful, benign = load_sequences(config, tokenizer)
+    assert benign == harmful and len(harmful) == 2
+    # the tiny tokenizer knows few words: the instruction's and the label words are among them
+    texts = [" ".join(tokenizer.decode(seq).split()) for seq in harmful]
+    assert all("sentiment" in t for t in texts)
+    assert "great" in texts[0] and texts[0].endswith("positive </s>") and texts[1].endswith("negative </s>")
