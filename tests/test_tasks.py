@@ -253,6 +253,8 @@ def test_a_tasks_data_set_reads_as_its_prompt_and_answer_pairs(tmp_path: Path) -
     assert len({tuple(e.input for e in o) for o in others}) > 1  # the seed chooses the subset
     with pytest.raises(AntidoteError, match="at least 1"):
         load_pairs("sst2:train", data_dir=tmp_path, max_samples=0)
+    positive = load_pairs("sst2:train", data_dir=tmp_path, filters=["response=positive"])
+    assert [e.input for e in positive] == ["film number 1", "film number 3", "film number 5"]
     (tmp_path / "benign" / "sst2_train_sub5000.jsonl").write_text(json.dumps({"text": "no label"}) + "\n")
     with pytest.raises(AntidoteError, match="does not look like sst2 data"):
         load_pairs("sst2:train", data_dir=tmp_path)

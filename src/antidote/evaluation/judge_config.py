@@ -8,6 +8,7 @@ from typing import Any
 
 from antidote.configfile import check_finite_fields
 from antidote.errors import AntidoteError
+from antidote.evaluation.judge_sources import DEFAULT_SOURCES, SOURCES
 from antidote.evaluation.judges import HARMFUL_LABELS, SAFE_LABELS, judge_help, parse_judge_spec
 
 _LABEL_HELP = {
@@ -75,8 +76,7 @@ class JudgeTrainConfig:
         },
     )
     sources: tuple[str, ...] = field(
-        # judge_sources.DEFAULT_SOURCES
-        default=("pku-saferlhf", "xstest", "beavertails-unsafe", "refusals", "alpaca-benign"),
+        default=DEFAULT_SOURCES,
         metadata={"help": "built-in sources read from --data-dir"},
     )
     per_source: int = field(
@@ -182,7 +182,6 @@ class JudgeTrainConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
 
     def __post_init__(self) -> None:
-        from antidote.evaluation.judge_sources import SOURCES
         from antidote.evaluation.judges.learned_features import POOLINGS, PROMPT_FORMATS
         from antidote.models.layers import DTYPES
 

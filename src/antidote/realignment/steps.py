@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from antidote.data import load_examples, tokenize_examples
+from antidote.data import tokenize_examples
 from antidote.errors import AntidoteError
 from antidote.outputs import check_output_dir
 from antidote.realignment.calibrate import Statistics
@@ -211,18 +211,13 @@ def load_sequences(
     at all for a data-free score."""
     if not SCORES[config.score].needs_data:
         return [], None
-    if records is None and not config.filters:  # a task's data set (sst2:train) reads as its pairs
-        examples = load_pairs(
-            config.data, max_samples=config.max_samples, seed=config.seed, data_dir=config.data_dir
-        )
-    else:
-        examples = load_examples(
-            config.data if records is None else records,
-            filters=config.filters,
-            max_samples=config.max_samples,
-            seed=config.seed,
-            data_dir=config.data_dir,
-        )
+    examples = load_pairs(  # a task's data set (sst2:train) reads as that task's pairs
+        config.data if records is None else records,
+        filters=config.filters,
+        max_samples=config.max_samples,
+        seed=config.seed,
+        data_dir=config.data_dir,
+    )
     sequences = tokenize_examples(examples, tokenizer, config.template, config.max_length)
     benign_sequences = None
     if SCORES[config.score].needs_benign and config.benign_data:

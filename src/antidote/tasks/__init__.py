@@ -7,7 +7,8 @@ list task names are built from TASKS (`task_help`).
 from __future__ import annotations
 
 import os
-import random
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from antidote.data.catalog import read_rows
 from antidote.data.loading import Example, load_examples
@@ -67,24 +68,21 @@ def load_task_items(
 
 
 def load_pairs(
-    source: str,
+    source: str | Sequence[Mapping[str, Any]],
     *,
+    filters: Sequence[str] = (),
     max_samples: int | None = None,
     seed: int = 0,
     data_dir: str | os.PathLike[str] | None = None,
 ) -> list[Example]:
-    """Prompt/answer pairs of `source` (`load_examples`), where a data set of a data task (`sst2:train-fit`:
-    a sentence and a 0/1 label per row) gives that task's items: its instruction, the row as input and the
-    expected output in its training form, as the fine-tuning read them."""
-    task = TASKS.get(source.partition(":")[0]) if ":" in source else None
-    if task is None or not task.needs_data:
-        return load_examples(source, max_samples=max_samples, seed=seed, data_dir=data_dir)
-    if max_samples is not None and max_samples < 1:
-        raise AntidoteError(f"--max-samples must be at least 1, got {max_samples}")
-    items = load_task_items(task.name, source, training=True, data_dir=data_dir)
-    if max_samples is not None and max_samples < len(items):
-        items = [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), max_samples))]
-    return [Example(prompt, answer, text) for prompt, text, answer in items]
+    """`load_examples`, where a data set of a data task (`sst2:train-fit`: a sentence and a 0/1 label per
+    row) gives that task's items as pairs: its instruction, the row as input and the expected output in its
+    training form, as the fine-tuning read them (filters then match those fields)."""
+    task = TASKS.get(source.partition(":")[0]) if isinstance(source, str) else None
+    if isinstance(source, str) and task is not None and task.needs_data:
+        items = load_task_items(task.name, source, training=True, data_dir=data_dir)
+        source = [{"prompt": p, "input": x, "response": r} for p, x, r in items]
+    return load_examples(source, filters=filters, max_samples=max_samples, seed=seed, data_dir=data_dir)
 
 
 __all__ = [
