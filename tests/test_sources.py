@@ -11,6 +11,7 @@ import pytest
 from antidote.data import catalog, load_examples
 from antidote.errors import AntidoteError
 from antidote.tasks import load_task_items
+from conftest import HARMFUL, write_config
 
 # ../shared/data beside the checkout (or beside the folder of worktrees)
 SHARED = next(
@@ -176,3 +177,42 @@ def test_builtin_names_need_no_folder(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [e.response for e in load_examples("builtin-refusals:eval")] == [
         h.refusal for h in harmful_split("eval")
     ]
+
+
+def test_every_defense_reading_data_by_name_takes_the_runs_data_folder(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A defense whose options name data sets reads them from the data folder the run (or `--data-dir`)
+    gives it, never only from the environment: wei-set-difference and safedelta once lacked the option,
+    and in a comparison on a data folder they failed with "only read from a local data folder"."""
+    import dataclasses
+
+    from antidote.cli import main
+    from antidote.defenses.base import REGISTRY
+    from antidote.experiments.runconfig import defense_config, load_run_config
+
+    monkeypatch.delenv(catalog.DATA_DIR_ENV, raising=False)
+    readers = [
+        d
+        for d in REGISTRY.values()
+        if any(f.name == "data" or f.name.endswith("_data") for f in dataclasses.fields(d.config))
+    ]
+    assert {"antidote", "wei-set-difference", "safedelta", "rollback", "booster"} <= {d.name for d in readers}
+    run = load_run_config(str(write_config(tiny, tmp_path)), data_dir=str(tmp_path))
+    for defense in readers:
+        fixed = {"model": "m", "adapter": "a", "base_model": "b", "aligned": "al", "output": ""}
+        values = {"data": "refusals", "utility_data": "refusals"}
+        options = {k: v for k, v in values.items() if k in defense.options()}
+        config = defense_config(dataclasses.replace(run, defenses={defense.name: options}), defense, fixed)
+        assert config.data_dir == str(tmp_path), defense.name
+
+    # and it reads there: `refusals` is local-only (no hub copy), so only the folder can serve it
+    rows = [{"instruction": r["prompt"], "output": "i can not help with that"} for r in HARMFUL]
+    _write(tmp_path, catalog.NAMED["refusals"].splits["train"].file or "", rows)
+    model = [str(tiny["model"]), "--adapter", str(tiny["adapter"]), "--template", "plain"]
+    wei = ["defend", "wei-set-difference", *model, "--utility-data", str(tiny["benign"])]
+    safedelta = ["defend", "safedelta", *model, "--dtype", "float32"]
+    for argv, report in ((wei, "realign_report.json"), (safedelta, "safedelta_report.json")):
+        out = tmp_path / argv[1]
+        assert main([*argv, "--data", "refusals", "--data-dir", str(tmp_path), "--output", str(out)]) == 0
+        assert json.loads((out / report).read_text())["calibration"]["samples"] == len(rows)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from antidote.data.catalog import data_dir_field
 from antidote.defenses.base import Defense, register
 from antidote.errors import AntidoteError
 from antidote.realignment.config import RealignConfig
@@ -282,6 +283,7 @@ class SafeDeltaConfig:
     dtype: str = field(default="auto", metadata=_help("dtype"))
     device: str = field(default="auto", metadata=_help("device"))
     trust_remote_code: bool = field(default=False, metadata=_help("trust_remote_code"))
+    data_dir: str | None = data_dir_field()
 
     def __post_init__(self) -> None:
         if not self.adapter:
@@ -337,7 +339,11 @@ def run(config: SafeDeltaConfig) -> dict[str, Path]:
     loaded = load_finetuned(config)
     layers = lora_layers(loaded)
     examples = load_examples(
-        config.data, filters=config.filters, max_samples=config.max_samples, seed=config.seed
+        config.data,
+        filters=config.filters,
+        max_samples=config.max_samples,
+        seed=config.seed,
+        data_dir=config.data_dir,
     )
     sequences = tokenize_examples(examples, loaded.tokenizer, config.template, config.max_length)
     model = loaded.model

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from antidote.data.catalog import data_dir_field
 from antidote.defenses.base import Defense, register
 from antidote.errors import AntidoteError
 from antidote.realignment.config import RealignConfig, parse_ratios
@@ -122,6 +123,7 @@ class WeiConfig:
     dtype: str = field(default="auto", metadata=_help("dtype"))
     device: str = field(default="auto", metadata=_help("device"))
     trust_remote_code: bool = field(default=False, metadata=_help("trust_remote_code"))
+    data_dir: str | None = data_dir_field()
 
     def __post_init__(self) -> None:
         if not self.data:
