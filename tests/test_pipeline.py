@@ -226,12 +226,17 @@ def test_the_default_learned_judge_is_used_only_where_installed(tmp_path: Path, 
     assert scoring_judges(["keyword", "learned"]) == (["keyword", "learned"], {})
 
 
-def test_shipped_configs_are_valid() -> None:
-    root = Path(__file__).resolve().parents[1] / "configs"
-    shipped = [root / "shared-data.yaml", *(pipeline.packaged_config(n) for n in ("demo", "demo-quick"))]
-    for path in shipped:
-        config = load_run_config(str(path))
-        pipeline.check(config)
+def test_shipped_configs_are_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for path in (pipeline.packaged_config(n) for n in ("demo", "demo-quick")):
+        pipeline.check(load_run_config(str(path)))
+    # shared-data.yaml reads named sets from data/ where it runs: refused where there is none, before any work
+    shared_data = Path(__file__).resolve().parents[1] / "configs" / "shared-data.yaml"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ANTIDOTE_DATA_DIR", raising=False)
+    with pytest.raises(
+        AntidoteError, match="align: data: data folder data is not a folder; point --data-dir"
+    ):
+        load_run_config(str(shared_data))
 
 
 def test_second_run_on_the_same_folder_is_refused(tiny, tmp_path) -> None:

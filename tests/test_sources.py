@@ -216,3 +216,31 @@ def test_every_defense_reading_data_by_name_takes_the_runs_data_folder(
         out = tmp_path / argv[1]
         assert main([*argv, "--data", "refusals", "--data-dir", str(tmp_path), "--output", str(out)]) == 0
         assert json.loads((out / report).read_text())["calibration"]["samples"] == len(rows)
+
+
+def test_named_data_missing_from_the_data_folder_is_refused_before_any_work(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's check reads no rows but finds a named set with no hub copy that its stage cannot reach:
+    no data folder, or one without the file. The message names the config's section and option."""
+    from antidote.experiments.runconfig import load_run_config
+
+    monkeypatch.delenv(catalog.DATA_DIR_ENV, raising=False)
+    path = str(write_config(tiny, tmp_path, defenses={"safedelta": {"data": "refusals"}}))
+    where = "defenses: safedelta: data: refusals"
+    with pytest.raises(
+        AntidoteError, match=f"{where} is only read from a local data folder; pass --data-dir"
+    ):
+        load_run_config(path)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    with pytest.raises(AntidoteError, match=f"{where}: .*safety_tuned_llamas_safety_only.jsonl not found"):
+        load_run_config(path, data_dir=str(folder))
+    _write(
+        folder, catalog.NAMED["refusals"].splits["train"].file or "", [{"instruction": "a", "output": "b"}]
+    )
+    assert load_run_config(path, data_dir=str(folder)).defenses == {"safedelta": {"data": "refusals"}}
+    evaluate = {"harmful_prompts": "catqa", "max_prompts": 1}  # a section's option, too
+    path = str(write_config(tiny, tmp_path, evaluate=evaluate))
+    with pytest.raises(AntidoteError, match=r"evaluate: harmful_prompts: catqa: .* not found"):
+        load_run_config(path, data_dir=str(folder))

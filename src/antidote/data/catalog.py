@@ -313,22 +313,37 @@ def _text_key(row: dict[str, Any], fields: tuple[str, ...] = _PROMPT_FIELDS) -> 
     return ""
 
 
-def _read_split(source: str, entry: Split, data_dir: str | os.PathLike[str] | None) -> list[dict[str, Any]]:
+def check_local(source: str, data_dir: str | os.PathLike[str] | None = None) -> None:
+    """Fail now, before any work, when the named set `source` (or a set it excludes rows of) has no hub copy
+    and the data folder (`data_dir`, else $ANTIDOTE_DATA_DIR) does not hold its file. A bad split or a
+    set the hub serves is left to the read."""
+    name, _, split = source.partition(":")
+    named = NAMED[name]
+    entry = named.splits.get(split or named.default or "")
+    if entry is None or entry.builtin is not None:
+        return
     folder = resolve_data_dir(data_dir)
-    if folder is not None and entry.file is not None:
-        path = folder / entry.file
-        if path.is_file():
-            rows = read_file(path)
-            return rows
-        if entry.hub is None:
-            raise AntidoteError(
-                f"{source}: {path} not found; --data-dir must hold it there (layout: docs/data-folder.md)"
-            )
-    if entry.hub is None:
+    if entry.hub is None and (folder is None or entry.file is None):
         raise AntidoteError(
             f"{source} is only read from a local data folder; pass --data-dir DIR (layout: "
             f"docs/data-folder.md) or set {DATA_DIR_ENV}"
         )
+    if entry.hub is None and folder is not None and not (folder / str(entry.file)).is_file():
+        raise AntidoteError(
+            f"{source}: {folder / str(entry.file)} not found; --data-dir must hold it there "
+            "(layout: docs/data-folder.md)"
+        )
+    for excluded in entry.exclude:
+        check_local(excluded, data_dir)
+
+
+def _read_split(source: str, entry: Split, data_dir: str | os.PathLike[str] | None) -> list[dict[str, Any]]:
+    folder = resolve_data_dir(data_dir)
+    if folder is not None and entry.file is not None and (folder / entry.file).is_file():
+        return read_file(folder / entry.file)
+    if entry.hub is None:
+        check_local(source, data_dir)  # raises: the folder's message
+    assert entry.hub is not None
     repo, config, hub_split = entry.hub
     rows = load_hub_rows(repo, config, hub_split, source=source, fix="pass --data-dir DIR with a local copy")
     for key, value in entry.filters:

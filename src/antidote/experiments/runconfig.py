@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from antidote.configfile import config_from_mapping, read_yaml_mapping, values_from_mapping
-from antidote.data.catalog import check_data_dir_size
+from antidote.data.catalog import check_data_dir_size, check_local, is_named
 from antidote.defenses import RESERVED, Defense, entry, entry_options
 from antidote.defenses.base import NOT_FILLED
 from antidote.errors import AntidoteError
@@ -110,7 +110,8 @@ def check(config: RunConfig, path: str = "the config") -> None:
         check_judge(spec)  # a named judge folder must be one; the default may be absent
     for name in SECTIONS:
         if getattr(config, name) is not None:
-            stage_config(config, name, path, model="<model>", output="<output>")
+            built = stage_config(config, name, path, model="<model>", output="<output>")
+            check_named_data(built, f"{path}: {name}")
     for name, entry_section in config.defenses.items():
         try:
             defense = entry(name, entry_section)
@@ -119,6 +120,7 @@ def check(config: RunConfig, path: str = "the config") -> None:
         fixed = placeholders(defense)
         fixed.pop("data_dir", None)  # the run's own data folder: a preflight reads the defense's data
         options = defense_config(config, defense, fixed, path)
+        check_named_data(options, f"{path}: defenses: {name}")
         if defense.preflight is not None:
             try:
                 defense.preflight(options)
@@ -139,6 +141,19 @@ def check(config: RunConfig, path: str = "the config") -> None:
         raise AntidoteError(f"{path}: seeds repeats a value: {config.seeds}")
     if config.seeds and config.export_models:
         raise AntidoteError(f"{path}: export_models exports one run's models; drop it or give one seed")
+
+
+def check_named_data(stage: Any, where: str) -> None:
+    """Every named data set a stage's config reads, reachable from the data folder that stage is given:
+    a set with no hub copy (refusals, catqa, ...) missing there fails the check, not the stage hours in."""
+    for f in dataclasses.fields(stage):
+        value = getattr(stage, f.name)
+        for source in value if isinstance(value, (list, tuple)) else [value]:
+            if f.name != "task" and isinstance(source, str) and is_named(source):
+                try:
+                    check_local(source, getattr(stage, "data_dir", None))
+                except AntidoteError as err:
+                    raise AntidoteError(f"{where}: {f.name}: {err}") from None
 
 
 def section_values(
