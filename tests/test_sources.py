@@ -189,15 +189,14 @@ def test_every_defense_reading_data_by_name_takes_the_runs_data_folder(
 
     from antidote.cli import main
     from antidote.defenses.base import REGISTRY
-    from antidote.experiments.runconfig import defense_config, load_run_config
+    from antidote.experiments.runconfig import defense_config, is_data_field, load_run_config
 
     monkeypatch.delenv(catalog.DATA_DIR_ENV, raising=False)
     readers = [
-        d
-        for d in REGISTRY.values()
-        if any(f.name == "data" or f.name.endswith("_data") for f in dataclasses.fields(d.config))
+        d for d in REGISTRY.values() if any(is_data_field(f.name) for f in dataclasses.fields(d.config))
     ]
-    assert {"antidote", "wei-set-difference", "safedelta", "rollback", "booster"} <= {d.name for d in readers}
+    assert {"antidote", "wei-set-difference", "safedelta", "oneshot-ft", "lisa"} <= {d.name for d in readers}
+    assert all("data_dir" in {f.name for f in dataclasses.fields(d.config)} for d in readers)
     run = load_run_config(str(write_config(tiny, tmp_path)), data_dir=str(tmp_path))
     for defense in readers:
         fixed = {"model": "m", "adapter": "a", "base_model": "b", "aligned": "al", "output": ""}
@@ -205,6 +204,17 @@ def test_every_defense_reading_data_by_name_takes_the_runs_data_folder(
         options = {k: v for k, v in values.items() if k in defense.options()}
         config = defense_config(dataclasses.replace(run, defenses={defense.name: options}), defense, fixed)
         assert config.data_dir == str(tmp_path), defense.name
+
+    # the two that gained the option later keep their stage keys where no folder is given
+    from antidote.experiments.pipeline import stage_settings
+
+    files = {"data": str(tiny["harmful"]), "utility_data": str(tiny["benign"])}
+    for name in ("wei-set-difference", "safedelta"):
+        config_class = REGISTRY[name].config
+        options = {k: v for k, v in files.items() if k in {f.name for f in dataclasses.fields(config_class)}}
+        options["adapter"] = str(tiny["adapter"])
+        assert "data_dir" not in stage_settings(config_class(model="m", **options))
+        assert stage_settings(config_class(model="m", data_dir="/d", **options))["data_dir"] == "/d"
 
     # and it reads there: `refusals` is local-only (no hub copy), so only the folder can serve it
     rows = [{"instruction": r["prompt"], "output": "i can not help with that"} for r in HARMFUL]
@@ -240,6 +250,9 @@ def test_named_data_missing_from_the_data_folder_is_refused_before_any_work(
         folder, catalog.NAMED["refusals"].splits["train"].file or "", [{"instruction": "a", "output": "b"}]
     )
     assert load_run_config(path, data_dir=str(folder)).defenses == {"safedelta": {"data": "refusals"}}
+    bad_split = write_config(tiny, tmp_path, defenses={"safedelta": {"data": "refusals:tain"}})
+    with pytest.raises(AntidoteError, match="safedelta: data: refusals:tain: choose a split of refusals"):
+        load_run_config(str(bad_split), data_dir=str(folder))
     evaluate = {"harmful_prompts": "catqa", "max_prompts": 1}  # a section's option, too
     path = str(write_config(tiny, tmp_path, evaluate=evaluate))
     with pytest.raises(AntidoteError, match=r"evaluate: harmful_prompts: catqa: .* not found"):

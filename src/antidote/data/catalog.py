@@ -225,17 +225,17 @@ def _check_data_folder_size(folder: str, given: str) -> None:
             )
 
 
-def data_dir_field() -> Any:
-    """The `data_dir` option of every config that reads data by name (its --data-dir flag and YAML key)."""
+def data_dir_field(key_when_set: bool = False) -> Any:
+    """The `data_dir` option of every config that reads data by name (its --data-dir flag and YAML key).
+    key_when_set: a config that gained it later, whose stages built without a folder keep their keys."""
     import dataclasses
 
-    return dataclasses.field(
-        default=None,
-        metadata={
-            "help": "data folder (layout: docs/data-folder.md) for data given by name (advbench, sst2:train, "
-            f"beavertails:unsafe, ...); default: ${DATA_DIR_ENV}, else the hub"
-        },
+    help_text = (
+        "data folder (layout: docs/data-folder.md) for data given by name (advbench, sst2:train, "
+        f"beavertails:unsafe, ...); default: ${DATA_DIR_ENV}, else the hub"
     )
+    metadata = {"help": help_text, **({"key_when_set": True} if key_when_set else {})}
+    return dataclasses.field(default=None, metadata=metadata)
 
 
 def is_named(source: str) -> bool:
@@ -314,27 +314,41 @@ def _text_key(row: dict[str, Any], fields: tuple[str, ...] = _PROMPT_FIELDS) -> 
 
 
 def check_local(source: str, data_dir: str | os.PathLike[str] | None = None) -> None:
-    """Fail now, before any work, when the named set `source` (or a set it excludes rows of) has no hub copy
-    and the data folder (`data_dir`, else $ANTIDOTE_DATA_DIR) does not hold its file. A bad split or a
-    set the hub serves is left to the read."""
+    """Fail now, before any work, when the named set `source` names no split of it, or when it (or a set it
+    excludes rows of) has no hub copy and the data folder (`data_dir`, else $ANTIDOTE_DATA_DIR) does not
+    hold its file. A hub-served set itself is left to the read."""
     name, _, split = source.partition(":")
-    named = NAMED[name]
-    entry = named.splits.get(split or named.default or "")
-    if entry is None or entry.builtin is not None:
+    named = NAMED.get(name)
+    if named is None:
         return
-    folder = resolve_data_dir(data_dir)
-    if entry.hub is None and (folder is None or entry.file is None):
+    entry = named.splits.get(split or named.default or "")
+    if entry is None:
         raise AntidoteError(
+            f"{source}: choose a split of {name}: {', '.join(f'{name}:{s}' for s in named.splits)}"
+        )
+    if entry.builtin is not None:
+        return
+    error = _local_error(source, entry, data_dir)
+    if error is not None:
+        raise AntidoteError(error)
+    for excluded in entry.exclude:
+        check_local(excluded, data_dir)
+
+
+def _local_error(source: str, entry: Split, data_dir: str | os.PathLike[str] | None) -> str | None:
+    """Why a set with no hub copy cannot be read from the data folder (None: it can, or the hub has it)."""
+    if entry.hub is not None:
+        return None
+    folder = resolve_data_dir(data_dir)
+    if folder is None or entry.file is None:
+        return (
             f"{source} is only read from a local data folder; pass --data-dir DIR (layout: "
             f"docs/data-folder.md) or set {DATA_DIR_ENV}"
         )
-    if entry.hub is None and folder is not None and not (folder / str(entry.file)).is_file():
-        raise AntidoteError(
-            f"{source}: {folder / str(entry.file)} not found; --data-dir must hold it there "
-            "(layout: docs/data-folder.md)"
-        )
-    for excluded in entry.exclude:
-        check_local(excluded, data_dir)
+    if not (folder / entry.file).is_file():
+        path = folder / entry.file
+        return f"{source}: {path} not found; --data-dir must hold it there (layout: docs/data-folder.md)"
+    return None
 
 
 def _read_split(source: str, entry: Split, data_dir: str | os.PathLike[str] | None) -> list[dict[str, Any]]:
@@ -342,8 +356,7 @@ def _read_split(source: str, entry: Split, data_dir: str | os.PathLike[str] | No
     if folder is not None and entry.file is not None and (folder / entry.file).is_file():
         return read_file(folder / entry.file)
     if entry.hub is None:
-        check_local(source, data_dir)  # raises: the folder's message
-    assert entry.hub is not None
+        raise AntidoteError(_local_error(source, entry, data_dir) or f"{source}: not in the data folder")
     repo, config, hub_split = entry.hub
     rows = load_hub_rows(repo, config, hub_split, source=source, fix="pass --data-dir DIR with a local copy")
     for key, value in entry.filters:

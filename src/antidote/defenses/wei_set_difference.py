@@ -123,7 +123,7 @@ class WeiConfig:
     dtype: str = field(default="auto", metadata=_help("dtype"))
     device: str = field(default="auto", metadata=_help("device"))
     trust_remote_code: bool = field(default=False, metadata=_help("trust_remote_code"))
-    data_dir: str | None = data_dir_field()
+    data_dir: str | None = data_dir_field(key_when_set=True)  # added later: older stages keep keys
 
     def __post_init__(self) -> None:
         if not self.data:

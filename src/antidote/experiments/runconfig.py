@@ -143,13 +143,20 @@ def check(config: RunConfig, path: str = "the config") -> None:
         raise AntidoteError(f"{path}: export_models exports one run's models; drop it or give one seed")
 
 
+def is_data_field(name: str) -> bool:
+    """The options that name data sets (`data`, `task_data`, `harmful_prompts`, `candidates`, ...), not the
+    ones whose values may only look like a set's name (`template: alpaca`)."""
+    return name in ("data", "harmful", "candidates", "validation") or name.endswith(("_data", "_prompts"))
+
+
 def check_named_data(stage: Any, where: str) -> None:
-    """Every named data set a stage's config reads, reachable from the data folder that stage is given:
-    a set with no hub copy (refusals, catqa, ...) missing there fails the check, not the stage hours in."""
+    """Every named data set a stage's config names, reachable from the data folder that stage is given:
+    a bad split, or a set with no hub copy (refusals, catqa, ...) missing there, fails the check, not the
+    stage hours in."""
     for f in dataclasses.fields(stage):
         value = getattr(stage, f.name)
         for source in value if isinstance(value, (list, tuple)) else [value]:
-            if f.name != "task" and isinstance(source, str) and is_named(source):
+            if is_data_field(f.name) and isinstance(source, str) and is_named(source):
                 try:
                     check_local(source, getattr(stage, "data_dir", None))
                 except AntidoteError as err:
