@@ -328,35 +328,34 @@ def check_local(source: str, data_dir: str | os.PathLike[str] | None = None) -> 
         )
     if entry.builtin is not None:
         return
-    error = _local_error(source, entry, data_dir)
-    if error is not None:
-        raise AntidoteError(error)
+    if entry.hub is None:
+        _local_file(source, entry, data_dir)
     for excluded in entry.exclude:
         check_local(excluded, data_dir)
 
 
-def _local_error(source: str, entry: Split, data_dir: str | os.PathLike[str] | None) -> str | None:
-    """Why a set with no hub copy cannot be read from the data folder (None: it can, or the hub has it)."""
-    if entry.hub is not None:
-        return None
+def _local_file(source: str, entry: Split, data_dir: str | os.PathLike[str] | None) -> Path:
+    """The data folder's file of a set with no hub copy; an error that says how to provide it when absent."""
     folder = resolve_data_dir(data_dir)
     if folder is None or entry.file is None:
-        return (
+        raise AntidoteError(
             f"{source} is only read from a local data folder; pass --data-dir DIR (layout: "
             f"docs/data-folder.md) or set {DATA_DIR_ENV}"
         )
-    if not (folder / entry.file).is_file():
-        path = folder / entry.file
-        return f"{source}: {path} not found; --data-dir must hold it there (layout: docs/data-folder.md)"
-    return None
+    path = folder / entry.file
+    if not path.is_file():
+        raise AntidoteError(
+            f"{source}: {path} not found; --data-dir must hold it there (layout: docs/data-folder.md)"
+        )
+    return path
 
 
 def _read_split(source: str, entry: Split, data_dir: str | os.PathLike[str] | None) -> list[dict[str, Any]]:
+    if entry.hub is None:
+        return read_file(_local_file(source, entry, data_dir))
     folder = resolve_data_dir(data_dir)
     if folder is not None and entry.file is not None and (folder / entry.file).is_file():
         return read_file(folder / entry.file)
-    if entry.hub is None:
-        raise AntidoteError(_local_error(source, entry, data_dir) or f"{source}: not in the data folder")
     repo, config, hub_split = entry.hub
     rows = load_hub_rows(repo, config, hub_split, source=source, fix="pass --data-dir DIR with a local copy")
     for key, value in entry.filters:

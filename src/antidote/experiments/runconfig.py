@@ -153,10 +153,10 @@ def check_named_data(stage: Any, where: str) -> None:
     """Every named data set a stage's config names, reachable from the data folder that stage is given:
     a bad split, or a set with no hub copy (refusals, catqa, ...) missing there, fails the check, not the
     stage hours in."""
-    for f in dataclasses.fields(stage):
+    for f in (f for f in dataclasses.fields(stage) if is_data_field(f.name)):
         value = getattr(stage, f.name)
         for source in value if isinstance(value, (list, tuple)) else [value]:
-            if is_data_field(f.name) and isinstance(source, str) and is_named(source):
+            if isinstance(source, str) and is_named(source):
                 try:
                     check_local(source, getattr(stage, "data_dir", None))
                 except AntidoteError as err:
