@@ -123,6 +123,24 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
         "    return ((u.T @ grad.float()) * v.T.flip(0)).sum(1)",
         ["tests/test_defense_harm_revert.py"],
     ),
+    "harm-filter harm term with the wrong sign": (
+        "src/antidote/defenses/harm_filter.py",
+        "    chol = torch.linalg.cholesky(keep + strength * c_harm)",
+        "    chol = torch.linalg.cholesky(keep - strength * c_harm)",
+        ["tests/test_defense_harm_filter.py"],
+    ),
+    "harm-filter M transposed": (
+        "src/antidote/defenses/harm_filter.py",
+        "    return torch.cholesky_solve(keep @ a.T, chol).T",
+        "    return torch.cholesky_solve(a.T, chol).T @ keep",
+        ["tests/test_defense_harm_filter.py"],
+    ),
+    "harm-filter moments per sequence, not per token": (
+        "src/antidote/defenses/harm_filter.py",
+        "h * (len(sequences) / (2.0 * tokens))",
+        "h * 0.5",
+        ["tests/test_defense_harm_filter.py"],
+    ),
     "learned judge: the keyword gate left out of the inner predictions": (
         "src/antidote/evaluation/judges/learned_sources.py",
         "        p = gated(p, mask)\n",

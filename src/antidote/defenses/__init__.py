@@ -12,6 +12,7 @@ From a package of your own, without editing antidote: point an `antidote.defense
 # One line per method (importing a module registers it).
 from antidote.defenses import antidote as _antidote  # noqa: F401
 from antidote.defenses import booster as _booster  # noqa: F401
+from antidote.defenses import harm_filter as _harm_filter  # noqa: F401
 from antidote.defenses import harm_revert as _harm_revert  # noqa: F401
 from antidote.defenses import ldifs as _ldifs  # noqa: F401
 from antidote.defenses import lisa as _lisa  # noqa: F401

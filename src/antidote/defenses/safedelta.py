@@ -203,6 +203,7 @@ def collect_hessians(
     *,
     batch_size: int,
     pad_id: int,
+    desc: str = "safedelta hessians",
 ) -> dict[str, torch.Tensor]:
     """H (in, in) float64 per target from one forward pass over `sequences` (token ids) as `model` is."""
     import torch
@@ -214,9 +215,7 @@ def collect_hessians(
     device = model.get_input_embeddings().weight.device  # type: ignore[operator]
     handles = [m.register_forward_pre_hook(acc.hook(name)) for name, m in targets.items()]
     with hooks_removed_after(handles), torch.no_grad():
-        for batch in tqdm(
-            make_batches(sequences, batch_size), desc="safedelta hessians", unit="batch", leave=False
-        ):
+        for batch in tqdm(make_batches(sequences, batch_size), desc=desc, unit="batch", leave=False):
             width = max(len(sequences[i]) for i in batch)
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
