@@ -131,8 +131,8 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
     ),
     "harm-filter M transposed": (
         "src/antidote/defenses/harm_filter.py",
-        "    return torch.cholesky_solve(keep @ a.T, chol).T",
-        "    return torch.cholesky_solve(a.T, chol).T @ keep",
+        "    return lambda a: torch.cholesky_solve(keep @ a.double().T, chol).T",
+        "    return lambda a: torch.cholesky_solve(a.double().T, chol).T @ keep",
         ["tests/test_defense_harm_filter.py"],
     ),
     "harm-filter moments per sequence, not per token": (
@@ -140,6 +140,18 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
         "h * (len(sequences) / (2.0 * tokens))",
         "h * 0.5",
         ["tests/test_defense_harm_filter.py"],
+    ),
+    "harm-filter report: B^T B off its diagonal dropped": (
+        "src/antidote/defenses/harm_filter.py",
+        "    gram = b.T @ b",
+        "    gram = (b.T @ b).diag().diag()",
+        ["tests/test_defense_harm_filter.py"],
+    ),
+    "x x^T sums count padding tokens": (
+        "src/antidote/defenses/safedelta.py",
+        "                rows = rows[self.real.reshape(-1).to(x.device)]",
+        "                pass",
+        ["tests/test_defense_harm_filter.py", "tests/test_defense_safedelta.py"],
     ),
     "learned judge: the keyword gate left out of the inner predictions": (
         "src/antidote/evaluation/judges/learned_sources.py",

@@ -36,7 +36,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -62,21 +62,28 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "harm_filter_report.json"
 
 
-def filtered(
-    a: torch.Tensor, c_task: torch.Tensor, c_harm: torch.Tensor, strength: float, ridge: float
-) -> torch.Tensor:
-    """a M with M = (C_task + r I)(C_task + strength C_harm + r I)^-1, r = ridge * trace(C_task) / d, in
-    float64: a Cholesky solve with a's rows as right-hand sides (a keep K^-1 = (K^-1 keep a^T)^T, K and
-    keep symmetric)."""
+def filter_for(
+    c_task: torch.Tensor, c_harm: torch.Tensor, strength: float, ridge: float
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """a -> a M with M = (C_task + r I)(C_task + strength C_harm + r I)^-1, r = ridge * trace(C_task) / d,
+    in float64: a Cholesky solve with a's rows as right-hand sides (a keep K^-1 = (K^-1 keep a^T)^T, K and
+    keep symmetric). K is factored once, for every layer that reads this input (q/k/v, gate/up)."""
     import torch
 
-    c_task, c_harm, a = c_task.double(), c_harm.double(), a.double()
+    c_task, c_harm = c_task.double(), c_harm.double()
     d = c_task.shape[0]
     keep = c_task + ridge * (torch.trace(c_task) / d) * torch.eye(
         d, dtype=torch.float64, device=c_task.device
     )
     chol = torch.linalg.cholesky(keep + strength * c_harm)
-    return torch.cholesky_solve(keep @ a.T, chol).T
+    return lambda a: torch.cholesky_solve(keep @ a.double().T, chol).T
+
+
+def filtered(
+    a: torch.Tensor, c_task: torch.Tensor, c_harm: torch.Tensor, strength: float, ridge: float
+) -> torch.Tensor:
+    """a M for one layer (see filter_for)."""
+    return filter_for(c_task, c_harm, strength, ridge)(a)
 
 
 def second_moments(
@@ -95,8 +102,9 @@ def second_moments(
     desc = f"harm-filter: {what} inputs"
     sums = collect_hessians(model, layers, widths, sequences, batch_size=batch_size, pad_id=pad_id, desc=desc)
     tokens = sum(len(s) for s in sequences)
-    # collect_hessians gives 2 / N * sum x x^T with N the number of sequences
-    return {name: h * (len(sequences) / (2.0 * tokens)) for name, h in sums.items()}
+    # collect_hessians gives 2 / N * sum x x^T with N the number of sequences, one tensor per distinct input
+    scaled = {id(h): h * (len(sequences) / (2.0 * tokens)) for h in sums.values()}
+    return {name: scaled[id(h)] for name, h in sums.items()}
 
 
 @dataclass
@@ -193,9 +201,11 @@ class HarmFilterConfig(WeightEditConfig):
 
 def _action_kept(b: torch.Tensor, a: torch.Tensor, new_a: torch.Tensor, c: torch.Tensor) -> float:
     """||B A' X||^2 / ||B A X||^2 = tr(B A' C A'^T B^T) / tr(B A C A^T B^T): how much of what the update
-    does to inputs with second moments C is left (1 where the update does nothing to them)."""
-    before = float(((b @ a) @ c * (b @ a)).sum())
-    return float(((b @ new_a) @ c * (b @ new_a)).sum()) / before if before > 0 else 1.0
+    does to inputs with second moments C is left (1 where the update does nothing to them). Computed as
+    sum((B^T B) * (A C A^T)), rank x rank, not through the (out, in) update."""
+    gram = b.T @ b
+    before = float((gram * (a @ c @ a.T)).sum())
+    return float((gram * (new_a @ c @ new_a.T)).sum()) / before if before > 0 else 1.0
 
 
 def _mean(values: Any) -> float:
@@ -267,13 +277,14 @@ def run(config: HarmFilterConfig) -> dict[str, Path]:
     with atomic_output_dir(out, config.overwrite) as tmp:
         for strength in config.strengths:
             kept: dict[str, dict[str, float]] = {}
+            solvers: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
             with torch.no_grad():
                 for name, layer in layers.items():
                     a = trained[name]
-                    new_a = filtered(
-                        a.to(c_task[name].device), c_task[name], c_harm[name], strength, config.ridge
-                    )
-                    new_a = new_a.to(a.device)
+                    key = (id(c_task[name]), id(c_harm[name]))  # layers reading one input share it
+                    if key not in solvers:
+                        solvers[key] = filter_for(c_task[name], c_harm[name], strength, config.ridge)
+                    new_a = solvers[key](a.to(c_task[name].device)).to(a.device)
                     b = layer.lora_B[adapter].weight.double()
                     kept[name] = {
                         "task": _action_kept(b, a.double(), new_a, c_task[name]),

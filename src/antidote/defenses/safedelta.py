@@ -162,7 +162,7 @@ class _Hessians:
         self.sums: dict[str, torch.Tensor] = {}
         self.owner: dict[str, str] = {}
         self.widths = widths
-        self.lengths: list[int] = []
+        self.real: torch.Tensor | None = None  # (batch, seq) bool: the batch's real tokens
         self._last: tuple[Any, str] | None = None
 
     def hook(self, name: str) -> Any:
@@ -176,23 +176,25 @@ class _Hessians:
             self._last = (x, name)
             if self.owner[name] != name:
                 return
-            if x.dim() == 3 and x.shape[0] == len(self.lengths):
-                real = torch.cat([x[b, :n] for b, n in enumerate(self.lengths)]).double()
-            else:  # not (batch, seq, in): every row counts, padding included
-                real = x.reshape(-1, x.shape[-1]).double()
+            rows = x.reshape(-1, x.shape[-1])
+            if x.dim() == 3 and self.real is not None and tuple(x.shape[:2]) == tuple(self.real.shape):
+                rows = rows[self.real.reshape(-1).to(x.device)]
+            # else not (batch, seq, in): every row counts, padding included
+            real = rows.double()
             acc = self.sums.setdefault(
                 name, torch.zeros(self.widths[name], self.widths[name], dtype=torch.float64, device=x.device)
             )
-            acc += real.T @ real
+            acc.addmm_(real.T, real)
 
         return pre_hook
 
     def end_batch(self) -> None:
         self._last = None
 
-    def hessian(self, name: str, samples: int) -> torch.Tensor:
-        """H = 2 / N * sum x x^T for target `name`."""
-        return self.sums[self.owner[name]] * (2.0 / samples)
+    def hessians(self, samples: int) -> dict[str, torch.Tensor]:
+        """H = 2 / N * sum x x^T per target; targets that read one input share one tensor."""
+        scaled = {owner: total * (2.0 / samples) for owner, total in self.sums.items()}
+        return {name: scaled[owner] for name, owner in self.owner.items()}
 
 
 def collect_hessians(
@@ -205,14 +207,20 @@ def collect_hessians(
     pad_id: int,
     desc: str = "safedelta hessians",
 ) -> dict[str, torch.Tensor]:
-    """H (in, in) float64 per target from one forward pass over `sequences` (token ids) as `model` is."""
+    """H (in, in) float64 per target from one forward pass over `sequences` (token ids) as `model` is.
+    Targets that read the same input (q/k/v) get the same tensor object. Where every target lies in the
+    decoder body, the output head is not run (the logits are not needed)."""
     import torch
     from tqdm.auto import tqdm
 
+    from antidote.models.layers import decoder_layers
     from antidote.realignment.calibrate import hooks_removed_after, make_batches
 
     acc = _Hessians(widths)
     device = model.get_input_embeddings().weight.device  # type: ignore[operator]
+    body = decoder_layers(model)[0]
+    inside = {id(m) for m in body.modules()}
+    runner = body if all(id(m) in inside for m in targets.values()) else model
     handles = [m.register_forward_pre_hook(acc.hook(name)) for name, m in targets.items()]
     with hooks_removed_after(handles), torch.no_grad():
         for batch in tqdm(make_batches(sequences, batch_size), desc=desc, unit="batch", leave=False):
@@ -222,10 +230,10 @@ def collect_hessians(
             for row, i in enumerate(batch):
                 ids[row, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
                 mask[row, : len(sequences[i])] = 1
-            acc.lengths = [len(sequences[i]) for i in batch]
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            acc.real = mask.bool()
+            runner(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             acc.end_batch()
-    return {name: acc.hessian(name, len(sequences)) for name in targets}
+    return acc.hessians(len(sequences))
 
 
 # ---- the defense ------------------------------------------------------------------------------------------
