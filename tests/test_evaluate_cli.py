@@ -192,6 +192,22 @@ def test_two_evaluations_into_one_folder_keep_both_generations(tiny, tmp_path, c
     assert len([r for r in rows if r["set"] == "harmful"]) == 3
 
 
+def test_generations_file_names_keep_dots_that_are_not_the_json_suffix() -> None:
+    """`--output x-0.2-eval` and `--output x-0.4-eval` (a sweep's ratios in the name) once both wrote
+    x-0.generations.jsonl, and the second evaluation stopped on the first one's file."""
+    from antidote.evaluation.run import generations_path
+
+    names = {
+        "runs/results.json": "runs/generations.jsonl",
+        "runs/a.json": "runs/a.generations.jsonl",
+        "runs/x-0.2.json": "runs/x-0.2.generations.jsonl",
+        "runs/x-0.2-eval": "runs/x-0.2-eval.generations.jsonl",
+        "runs/x-0.4-eval": "runs/x-0.4-eval.generations.jsonl",
+        "runs/plain": "runs/plain.generations.jsonl",
+    }
+    assert {k: str(generations_path(k)) for k in names} == names
+
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_output_inside_the_model_folder_is_refused(tiny, tmp_path, capsys, overwrite) -> None:
     import shutil

@@ -310,11 +310,14 @@ def run_evaluate(config: EvaluateConfig, judge: Any = None, loaded: Any = None) 
 def generations_path(results_file: str | Path) -> Path:
     """Where `antidote evaluate` writes the generations of a results file: `NAME.generations.jsonl` beside
     `NAME.json`, so that evaluations of several models into one folder keep each one's answers;
-    `generations.jsonl` beside `results.json` (the default name, and the pipeline's stage folders)."""
+    `generations.jsonl` beside `results.json` (the default name, and the pipeline's stage folders). Only a
+    `.json` suffix is dropped: `x-0.2-eval` and `x-0.4-eval` keep their own (not both
+    `x-0.generations.jsonl`)."""
     path = Path(results_file)
     if path.name == "results.json":
         return path.with_name(GENERATIONS_FILE)
-    return path.with_name(f"{path.stem}.generations.jsonl")
+    name = path.name[: -len(".json")] if path.suffix == ".json" else path.name
+    return path.with_name(f"{name}.generations.jsonl")
 
 
 def check_evaluate_outputs(config: EvaluateConfig) -> tuple[Path, Path]:
