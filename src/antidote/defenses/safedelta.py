@@ -218,7 +218,10 @@ def collect_hessians(
 
     acc = _Hessians(widths)
     device = model.get_input_embeddings().weight.device  # type: ignore[operator]
-    body = decoder_layers(model)[0]
+    try:
+        body = decoder_layers(model)[0]
+    except AntidoteError:  # no recognisable block list: run the whole model
+        body = model
     inside = {id(m) for m in body.modules()}
     runner = body if all(id(m) in inside for m in targets.values()) else model
     handles = [m.register_forward_pre_hook(acc.hook(name)) for name, m in targets.items()]
